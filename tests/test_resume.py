@@ -1,5 +1,6 @@
 """A killed run resumes from its run directory: completed phases are skipped, epochs add up."""
 
+import dataclasses
 import json
 
 import keras
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kcls.config import ModelConfig, TrainConfig, apply_overrides
+from kcls.config import ConfigError, ModelConfig, TrainConfig, apply_overrides
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
 from kcls.run import run_recipe
@@ -61,44 +62,55 @@ def classifier(seed: int) -> keras.Model:
     return build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 4, 32)
 
 
-def fit(model: keras.Model, run_dir, callbacks: list[keras.callbacks.Callback]) -> dict:
+def fit(model: keras.Model, run_dir, callbacks: list[keras.callbacks.Callback],
+        config: TrainConfig = CONFIG) -> dict:
     train, validation = data()
-    return fit_phases(model, train, validation, 2, CONFIG, callbacks=callbacks, verbose=0,
+    return fit_phases(model, train, validation, 2, config, callbacks=callbacks, verbose=0,
                       run_dir=run_dir)
 
 
-@pytest.mark.parametrize("kill_epoch", [CONFIG.frozen_epochs, CONFIG.frozen_epochs + 1],
-                         ids=["start_of_phase_2", "middle_of_phase_2"])
-def test_killed_run_resumes_and_ends_with_the_same_epochs(tmp_path, kill_epoch):
-    kill, first_log = KillAt(kill_epoch), EpochLog()
+def test_run_killed_twice_resumes_and_ends_with_the_same_epochs(tmp_path):
+    start_of_phase_2 = CONFIG.frozen_epochs
+    # Process 1 is killed as phase 2 starts, process 2 in the middle of phase 2.
+    first_kill, first_log = KillAt(start_of_phase_2), EpochLog()
     with pytest.raises(KilledError):
-        fit(classifier(seed=0), tmp_path, [first_log, kill])
+        fit(classifier(seed=0), tmp_path, [first_log, first_kill])
     first_logs = json.loads((tmp_path / BACKUP_DIR / "progress.json").read_text())["epochs"]
-    assert sorted(map(int, first_logs)) == list(range(kill_epoch))
+    assert sorted(map(int, first_logs)) == list(range(start_of_phase_2))
 
-    # A new process: a differently initialised model, the same run directory.
+    with pytest.raises(ConfigError, match="unfrozen_epochs changed"):
+        fit(classifier(seed=1), tmp_path, [], dataclasses.replace(CONFIG, unfrozen_epochs=4))
+
+    # Every process starts from a differently initialised model, in the same run directory.
+    second_kill, second_log = KillAt(start_of_phase_2 + 1), EpochLog()
+    with pytest.raises(KilledError):
+        fit(classifier(seed=1), tmp_path, [second_log, second_kill])
+    assert second_log.epochs == [start_of_phase_2, start_of_phase_2 + 1]  # phase 1 skipped
+    for expected, actual in zip(first_kill.weights_at_kill,
+                                second_log.weights[start_of_phase_2]):
+        np.testing.assert_array_equal(expected, actual)
+
     log = EpochLog()
-    model = classifier(seed=1)
+    model = classifier(seed=2)
     result = fit(model, tmp_path, [log])
-
-    assert log.epochs == list(range(kill_epoch, TOTAL_EPOCHS))
-    for expected, actual in zip(kill.weights_at_kill, log.weights[kill_epoch]):
+    assert log.epochs == list(range(start_of_phase_2 + 1, TOTAL_EPOCHS))
+    for expected, actual in zip(second_kill.weights_at_kill, log.weights[start_of_phase_2 + 1]):
         np.testing.assert_array_equal(expected, actual)
     assert len(result["history"]["loss"]) == TOTAL_EPOCHS
-    assert result["history"]["loss"][:kill_epoch] == [
-        first_logs[str(epoch)]["loss"] for epoch in range(kill_epoch)]
+    assert result["history"]["loss"][:start_of_phase_2] == [
+        first_logs[str(epoch)]["loss"] for epoch in range(start_of_phase_2)]
     assert result["resumed"] is True
     assert [(p["name"], p["first_epoch"], p["epochs"], p["skipped_on_resume"])
             for p in result["phases"]] == [("frozen", 0, 2, True), ("unfrozen", 2, 3, False)]
     assert not (tmp_path / BACKUP_DIR).exists()
 
-    # The best checkpoint spans both processes: the weights of the lowest val_loss epoch,
+    # The best checkpoint spans the processes: the weights of the lowest val_loss epoch,
     # i.e. the ones the next epoch began with.
     assert result["best_weights"] == str(tmp_path / BEST_WEIGHTS_FILE)
     best_epoch = int(np.argmin(result["history"]["val_loss"]))
-    began_with = {**first_log.weights, **log.weights}
+    began_with = {**first_log.weights, **second_log.weights, **log.weights}
     end_of_best = began_with.get(best_epoch + 1, model.get_weights())
-    reloaded = classifier(seed=1)
+    reloaded = classifier(seed=3)
     reloaded.load_weights(result["best_weights"])
     for expected, actual in zip(end_of_best, reloaded.get_weights()):
         np.testing.assert_array_equal(expected, actual)

@@ -155,9 +155,9 @@ def test_ema_weights_replace_the_raw_ones_at_the_end_of_a_phase():
 def test_early_stopping_ends_a_phase_and_the_next_starts_after_it():
     classifier = tiny_classifier()
     # A learning rate too small to change float32 weights: val_loss never improves.
-    config = TrainConfig(frozen_epochs=4, unfrozen_epochs=1, learning_rate=1e-12,
+    config = TrainConfig(frozen_epochs=4, unfrozen_epochs=1, unfreeze="1", learning_rate=1e-12,
                          early_stopping_patience=1, jit_compile=False)
-    result = fit_phases(classifier, batches(), batches(16, repeat=False), 2, config, verbose=0)
+    result = fit_phases(classifier, batches(), batches(16, repeat=False), 1, config, verbose=0)
     assert [(p["name"], p["first_epoch"], p["epochs"]) for p in result["phases"]] == [
         ("frozen", 0, 2), ("unfrozen", 2, 1)]
     assert len(result["history"]["val_loss"]) == 3

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -38,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import TrainConfig
+from kcls.config import ConfigError, TrainConfig
 from kcls.train.schedule import Phase, make_optimizer, plan_phases, set_backbone_trainable
 
 BEST_WEIGHTS_FILE = "best.weights.h5"
@@ -110,7 +111,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     strategy = strategy or tf.distribute.get_strategy()
     run_dir = Path(run_dir) if run_dir is not None else None
     backup_dir = run_dir / BACKUP_DIR if run_dir is not None else None
-    progress = _Progress.load(backup_dir)
+    progress = _Progress.load(backup_dir, {**dataclasses.asdict(config),
+                                           "steps_per_epoch": steps_per_epoch})
     resumed = progress.started
     monitor = "val_loss" if validation_batches is not None else "loss"
     checkpoint = None
@@ -182,6 +184,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         progress.complete(phase, record)
         epoch = end
 
+    if pending_weights is not None:  # killed after the last phase, before cleaning up
+        classifier.load_weights(pending_weights)
     if backup_dir is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)
     best = run_dir / BEST_WEIGHTS_FILE if run_dir is not None else None
@@ -221,18 +225,30 @@ class _ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
 class _Progress:
     """Per-epoch logs and completed phases, mirrored to `<backup_dir>/progress.json`."""
 
-    def __init__(self, path: Path | None, state: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, state: dict[str, Any],
+                 schedule: dict[str, Any]) -> None:
         self.path = path
+        self.schedule = schedule
         self.epochs: dict[int, dict[str, float]] = {
             int(epoch): logs for epoch, logs in state.get("epochs", {}).items()}
         self.completed: dict[str, dict[str, Any]] = state.get("completed", {})
 
     @classmethod
-    def load(cls, backup_dir: Path | None) -> _Progress:
+    def load(cls, backup_dir: Path | None, schedule: dict[str, Any]) -> _Progress:
+        """The saved progress of the run in `backup_dir`, which must have had `schedule`."""
         if backup_dir is None:
-            return cls(None, {})
+            return cls(None, {}, schedule)
         path = backup_dir / PROGRESS_FILE
-        return cls(path, json.loads(path.read_text()) if path.is_file() else {})
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        if state and state.get("schedule") != schedule:
+            changed = sorted(key for key in schedule
+                             if state.get("schedule", {}).get(key) != schedule[key])
+            raise ConfigError(
+                f"{backup_dir.parent} holds an interrupted run with a different training "
+                f"schedule ({', '.join(changed)} changed), which cannot be resumed. Resume with "
+                f"the same settings, or start afresh in a new run directory (or delete "
+                f"{backup_dir}).")
+        return cls(path, state, schedule)
 
     @property
     def started(self) -> bool:
@@ -269,8 +285,8 @@ class _Progress:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"epochs": {str(epoch): logs for epoch, logs in sorted(self.epochs.items())},
-                 "completed": self.completed}
+        state = {"schedule": self.schedule, "completed": self.completed,
+                 "epochs": {str(epoch): logs for epoch, logs in sorted(self.epochs.items())}}
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state, indent=1))
         temporary.replace(self.path)
