@@ -29,7 +29,12 @@ import tensorflow as tf  # noqa: E402
 from kcls.config import ModelConfig, TrainConfig  # noqa: E402
 from kcls.models.classifier import build_classifier  # noqa: E402
 from kcls.train.runner import Trainer  # noqa: E402
-from kcls.train.schedule import make_optimizer, plan_phases, set_backbone_trainable  # noqa: E402
+from kcls.train.schedule import (  # noqa: E402
+    learning_rate_schedule,
+    make_optimizer,
+    plan_phases,
+    set_backbone_trainable,
+)
 
 NUM_CLASSES = 10
 
@@ -45,7 +50,8 @@ def images_per_second(backbone: str, image_size: int, batch_size: int, steps: in
     (phase,) = plan_phases(config)
     set_backbone_trainable(classifier, True)
     trainer = Trainer(classifier)
-    trainer.compile(optimizer=make_optimizer(phase, config, steps),
+    trainer.compile(optimizer=make_optimizer(
+                        learning_rate_schedule(phase.learning_rate, steps, 0.1), config),
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True,
                                                               label_smoothing=0.1),
                     jit_compile=jit_compile)

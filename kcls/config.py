@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ Optimizer = Literal["adamw", "sgd"]
 Strategy = Literal["auto", "mirrored", "multiworker", "default"]
 AugmentPolicy = Literal["none", "light", "randaugment", "strong"]
 ResizeMode = Literal["resize", "center_crop", "pad"]
+ClassWeights = Literal["none", "balanced"]
 
 
 class ConfigError(ValueError):
@@ -135,7 +137,7 @@ class TrainConfig:
             (see `kcls.models.backbones.backbone_blocks` for what a block is per family).
         train_batchnorm: let the BatchNorm layers of the unfrozen blocks train in phase 2
             (batch statistics, updated moving averages); off keeps them in inference mode.
-        optimizer: `adamw`, or `sgd` with momentum 0.9; both decay weights decoupled.
+        optimizer: `adamw`, or `sgd` with Nesterov momentum 0.9; both decay weights decoupled.
         learning_rate: peak learning rate of phase 1.
         unfrozen_lr_factor: phase 2 peak learning rate as a fraction of phase 1's.
         warmup_fraction: share of each phase spent in linear warm-up before cosine decay.
@@ -144,7 +146,15 @@ class TrainConfig:
         ema: keep an exponential moving average of the weights (momentum 0.99) and write
             it into the model at the end of each phase, so evaluation and export use it.
         label_smoothing: label smoothing of the cross-entropy loss.
+        class_weights: `balanced` weighs each training example's loss by
+            `n / (classes * n_class)` (scikit-learn's formula: every class counts as
+            much in total, the mean weight stays 1) so rare classes are not ignored;
+            `none` weighs all examples alike. Training loss and accuracy are then weighted.
         steps_per_epoch: cap on training steps per epoch; `None` uses the whole split.
+        time_budget: wall-clock budget from the first training step to the end of the
+            export (`480`, `90s`, `8m`, `1.5h`, `1h30m`): the epochs of each phase are then
+            planned from the measured step time, the configured epochs only set the phases'
+            shares of the time (see `kcls.train.budget`). `None`: epochs as configured.
         early_stopping_patience: end a phase after this many epochs without a better
             validation loss, keeping the best weights; 0 turns early stopping off.
         precision: `auto` picks mixed precision where the device has fast low-precision math.
@@ -167,7 +177,9 @@ class TrainConfig:
     clipnorm: Optional[float] = None
     ema: bool = False
     label_smoothing: float = 0.1
+    class_weights: ClassWeights = "none"
     steps_per_epoch: Optional[int] = None
+    time_budget: Optional[str] = None
     early_stopping_patience: int = 0
     precision: Precision = "auto"
     jit_compile: bool = True
@@ -196,6 +208,11 @@ class TrainConfig:
                  "'all' or a positive number of top backbone blocks")
         _require(self.clipnorm is None or self.clipnorm > 0, "train.clipnorm", self.clipnorm,
                  "a positive number or none")
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as error:
+                raise ConfigError(f"Invalid value for 'train.time_budget': {error}.") from None
         _require(self.early_stopping_patience >= 0, "train.early_stopping_patience",
                  self.early_stopping_patience, "0 (off) or a positive number of epochs")
 
@@ -226,12 +243,15 @@ class ExportConfig:
         base_dir: TF Serving base path; versions land in `<base_dir>/<model_name>/<N>/`.
         model_name: name of the served model; `None` uses the recipe name.
         top_k: number of classes the signatures return.
+        flip_tta: serve the average of the probabilities of each image and its mirror
+            (what `evaluate.flip_tta` measures), at twice the inference cost.
     """
 
     enabled: bool = True
     base_dir: str = "saved_models"
     model_name: Optional[str] = None
     top_k: int = 5
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, "export.top_k", self.top_k, "a positive integer")
@@ -356,6 +376,28 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
     if annotation is str:
         return raw
     raise AssertionError(f"unsupported config field type {annotation!r} for {key}")
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `text`: `90`, `90s`, `8m`, `1.5h`, `1h30m`.
+
+    >>> parse_duration("8m"), parse_duration("1h30m"), parse_duration("90")
+    (480.0, 5400.0, 90.0)
+
+    Raises:
+        ValueError: text that is not a positive duration.
+    """
+    match = _DURATION.match(text.strip().lower())
+    if match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration like 480, 480s, 8m, 1.5h or 1h30m")
+    hours, minutes, seconds = (float(group or 0) for group in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return total
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:

@@ -52,11 +52,14 @@ def predict_probabilities(classifier: keras.Model, batches: tf.data.Dataset,
     Returns:
         `(probabilities float32 [N, C], labels int64 [N])`.
     """
-    images = batches.map(lambda images, labels: images[:, :, ::-1] if flip else images)
-    logits = classifier.predict(images, verbose=0)
-    labels = np.concatenate([np.argmax(one_hot, axis=-1)
-                             for _, one_hot in batches.as_numpy_iterator()])
-    return tf.nn.softmax(logits.astype(np.float32)).numpy(), labels.astype(np.int64)
+    # One pass, batch by batch: `predict()` would read the data twice (images, then
+    # labels) and warn that a dataset of unknown length "ran out of data".
+    logits, labels = [], []
+    for images, one_hot in batches:
+        logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
+        labels.append(np.argmax(one_hot, axis=-1))
+    logits = np.concatenate(logits).astype(np.float32)
+    return tf.nn.softmax(logits).numpy(), np.concatenate(labels).astype(np.int64)
 
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,

@@ -14,6 +14,9 @@
   `scores` (float32 `[N, k]`).
 - `assets/labels.txt` (one class name per line) and `kcls.json` (recipe, metrics, versions).
 
+With `export.flip_tta` every signature averages the probabilities of each image and its
+horizontal mirror (the test-time augmentation `evaluate.flip_tta` measures).
+
 After each export, `<base_dir>/models.config` lists every model under `base_dir` for
 `tensorflow_model_server --model_config_file`, with base paths under `/models`, the
 folder the README's `docker run -v "$PWD/saved_models:/models"` mounts `base_dir` at.
@@ -83,7 +86,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
     try:
         archive = _serving_archive(_float32_copy(classifier, recipe, len(class_names)),
                                    class_names, recipe.data.image_size, recipe.export.top_k,
-                                   recipe.data.resize)
+                                   recipe.data.resize, recipe.export.flip_tta)
         archive.write_out(str(temporary), verbose=False)
         _set_method_name(temporary, CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME)
         (temporary / LABELS_FILE).parent.mkdir(exist_ok=True)
@@ -319,12 +322,16 @@ def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> 
 
 
 def _serving_archive(model: keras.Model, class_names: list[str], image_size: int,
-                     top_k: int, resize: str = "resize") -> keras.export.ExportArchive:
+                     top_k: int, resize: str = "resize",
+                     flip_tta: bool = False) -> keras.export.ExportArchive:
     top_k = min(top_k, len(class_names))
     label_table = tf.constant(class_names)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.nn.softmax(model(images, training=False))
+        if flip_tta:
+            mirrored = tf.nn.softmax(model(tf.reverse(images, axis=[2]), training=False))
+            probabilities = (probabilities + mirrored) / 2.0
         scores, classes = tf.math.top_k(probabilities, k=top_k)
         return {"probabilities": probabilities, "classes": classes, "scores": scores,
                 "labels": tf.gather(label_table, classes)}

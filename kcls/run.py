@@ -31,14 +31,20 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import Recipe, to_json
+from kcls.config import Recipe, parse_duration, to_json
 from kcls.data.augment import build_augmentation
-from kcls.data.pipeline import eval_pipeline, prepare_image, train_pipeline
-from kcls.data.sources import Splits, load_splits
+from kcls.data.pipeline import (
+    balanced_class_weights,
+    eval_pipeline,
+    prepare_image,
+    train_pipeline,
+)
+from kcls.data.sources import Splits, load_splits, train_class_counts
 from kcls.evaluate import Evaluation, class_balance_warning, evaluate_classifier
 from kcls.export import RUN_WEIGHTS_FILE, export_saved_model
 from kcls.models.classifier import build_classifier
 from kcls.report import confident_mistakes, write_report
+from kcls.train.budget import TimeBudget
 from kcls.train.compute import (
     describe_devices,
     describe_strategy,
@@ -48,6 +54,10 @@ from kcls.train.compute import (
 from kcls.train.runner import fit_phases
 
 SAMPLE_IMAGES = 8
+# With a time budget: seconds kept after training for the work that does not scale with
+# the test images (weights, report plots, samples, SavedModel export; measured ~10-15 s
+# on a 2-core CPU for a small network).
+AFTER_TRAINING_SECONDS = 20.0
 
 
 @dataclass
@@ -114,12 +124,25 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     steps_per_epoch = max(splits.sizes["train"] // recipe.data.batch_size, 1)
     if recipe.train.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, recipe.train.steps_per_epoch)
+    class_weights = None
+    if recipe.train.class_weights == "balanced":
+        class_weights = balanced_class_weights(train_class_counts(splits))
+        log("class weights (balanced): " + ", ".join(
+            f"{name} {weight:.2f}" for name, weight in zip(splits.class_names, class_weights)))
+    time_budget = None
+    if recipe.train.time_budget is not None:
+        time_budget = TimeBudget(
+            parse_duration(recipe.train.time_budget),
+            evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1),
+            fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
+            else AFTER_TRAINING_SECONDS / 2)
     training = fit_phases(
         classifier,
-        train_pipeline(splits.train, num_classes, recipe.data, augmentation.host),
+        train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
+                       class_weights),
         eval_pipeline(splits.validation, num_classes, recipe.data) if splits.validation else None,
         steps_per_epoch, recipe.train, augmentation.device, verbose=verbose, run_dir=run_dir,
-        strategy=strategy)
+        strategy=strategy, time_budget=time_budget)
     if training["resumed"]:
         log("resumed an interrupted run: " + ", ".join(
             f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
@@ -159,6 +182,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         "precision": precision, "jit_compile": training["jit_compile"],
         "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
         "global_batch_size": recipe.data.batch_size,
+        "class_weights": None if class_weights is None else dict(
+            zip(splits.class_names, np.round(class_weights, 4).tolist())),
         "phases": training["phases"], "history": training["history"],
         "resumed": training["resumed"], "best_weights": training["best_weights"],
         "metrics": metrics,
@@ -167,9 +192,22 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         "seconds": {"training": round(trained - started, 1),
                     "total": round(time.time() - started, 1)},
     }
+    if time_budget is not None:
+        run_info["time_budget"] = time_budget.summary()
+        log(_budget_line(time_budget))
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2))
     return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
                      splits.class_names)
+
+
+def _budget_line(budget: TimeBudget) -> str:
+    """One line: planned vs actual epochs per phase, and the time used of the budget."""
+    phases = ", ".join(
+        f"{plan['phase']} {plan.get('actual_epochs')} epochs (first planned "
+        f"{plan.get('first_planned_epochs')}, {1000 * plan.get('step_seconds', 0):.0f} ms/step)"
+        for plan in budget.plans)
+    return (f"time budget {budget.seconds:.0f} s from the first training step: {phases}; "
+            f"used {budget.elapsed():.0f} s")
 
 
 def _mistake_images(splits: Splits, recipe: Recipe,

@@ -95,3 +95,24 @@ def test_imagenet_weights_without_a_preset_are_a_clear_error(name):
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         build_backbone("resnet_v2_tiny", 32, weights=str(tmp_path / "nope.weights.h5"))
+
+
+def test_compact_resnet_stages_and_an_xla_training_step():
+    from kcls.config import ModelConfig
+    from kcls.data.augment import build_augmentation
+    from kcls.models.classifier import build_classifier
+    from kcls.train.runner import Trainer
+
+    backbone = build_backbone("compact_resnet", image_size=32)
+    assert backbone.output.shape == (None, 4, 4, 128)
+    assert 400_000 < backbone.count_params() < 420_000
+    blocks = backbone_blocks(backbone)
+    assert [block[0].name for block in blocks] == [
+        backbone.layers[0].name, "stage1_in_conv", "stage2_in_conv", "stage3_in_conv"]
+    assert [layer for block in blocks for layer in block] == backbone.layers
+
+    # cifar10_fast's flips and shifts stay inside a step that XLA compiles.
+    classifier = build_classifier(ModelConfig(backbone="compact_resnet"), 10, 32)
+    trainer = Trainer(classifier, build_augmentation("light").device)
+    trainer.compile(optimizer="sgd", loss="categorical_crossentropy", jit_compile=True)
+    assert trainer.jit_compile is True

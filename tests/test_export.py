@@ -353,3 +353,18 @@ def test_kcls_export_explains_a_folder_that_is_not_a_run(tmp_path):
     assert result.exit_code == 1
     assert "not a finished kcls run directory" in result.output
     assert "config.json is missing" in result.output and "Traceback" not in result.output
+
+
+def test_flip_tta_export_serves_the_mean_of_each_image_and_its_mirror(classifier, tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    recipe = apply_overrides(recipe, ["export.flip_tta=true"])
+    loaded = tf.saved_model.load(str(export_saved_model(classifier, recipe, CLASS_NAMES)))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    floats = images.astype(np.float32)
+    plain = tf.nn.softmax(classifier(floats, training=False)).numpy()
+    mirrored = tf.nn.softmax(classifier(floats[:, :, ::-1], training=False)).numpy()
+    assert np.abs(plain - mirrored).max() > 0.01  # the mirror changes the answer
+    served = loaded.signatures["predict_images"](images=tf.constant(images))
+    np.testing.assert_allclose(served["probabilities"].numpy(), (plain + mirrored) / 2,
+                               atol=1e-5)

@@ -120,11 +120,14 @@ def test_run_json_records_the_training_setup(tmp_path):
     recipe = apply_overrides(load_recipe("quickstart"), [
         "train.frozen_epochs=1", "train.unfrozen_epochs=1", "train.steps_per_epoch=2",
         "train.jit_compile=false", "train.unfreeze=2", "train.ema=true",
-        "data.batch_size=16", "export.enabled=false"])
+        "train.class_weights=balanced", "data.batch_size=16", "export.enabled=false"])
     result = run_recipe(recipe, tmp_path / "run", log=lambda message: None, verbose=0)
     run_info = json.loads((result.run_dir / "run.json").read_text())
     assert run_info["strategy"] == "DefaultDistributionStrategy x 1 replicas"
     assert run_info["global_batch_size"] == 16 and run_info["resumed"] is False
+    # The digits are nearly balanced: balanced weights stay close to 1.
+    assert sorted(run_info["class_weights"]) == [str(digit) for digit in range(10)]
+    assert all(0.9 < weight < 1.1 for weight in run_info["class_weights"].values())
     assert run_info["best_weights"].endswith(BEST_WEIGHTS_FILE)
     frozen, unfrozen = run_info["phases"]
     assert (frozen["unfreeze"], unfrozen["unfreeze"]) == ("none", "2")

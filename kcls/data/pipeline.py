@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kcls.config import DataConfig, ResizeMode
@@ -62,7 +63,8 @@ def _resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfig,
-                   host_augment: keras.Layer | None = None) -> tf.data.Dataset:
+                   host_augment: keras.Layer | None = None,
+                   class_weights: np.ndarray | None = None) -> tf.data.Dataset:
     """Infinite, shuffled, batched training data; size an epoch with `steps_per_epoch`.
 
     Args:
@@ -71,6 +73,9 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
         config: DataConfig, for batch size, cache, shuffle buffer, image size and seed.
         host_augment: layers XLA cannot compile, applied to whole `{"images", "labels"}`
             batches here (see `kcls.data.augment`); `None` for none.
+        class_weights: float `[num_classes]` loss weight per class (e.g.
+            `balanced_class_weights`); batches then carry a third element, the float32
+            `[B]` weights of their examples' original classes (before MixUp/CutMix).
     """
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         resized = prepare_image(image, config.image_size, config.resize)
@@ -82,19 +87,40 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
                                 reshuffle_each_iteration=True).repeat()
     batches = examples.batch(config.batch_size, drop_remainder=True,
                              num_parallel_calls=tf.data.AUTOTUNE)
-    batches = batches.map(lambda images, labels: (tf.cast(images, tf.float32),
-                                                  tf.one_hot(labels, num_classes)),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        batch = (tf.cast(images, tf.float32), tf.one_hot(labels, num_classes))
+        return batch if weights is None else (*batch, tf.gather(weights, labels))
+
+    batches = batches.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
     if host_augment is not None:
-        def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def augment(images: tf.Tensor, labels: tf.Tensor,
+                    *sample_weights: tf.Tensor) -> tuple[tf.Tensor, ...]:
             augmented = host_augment({"images": images, "labels": labels}, training=True)
-            return augmented["images"], augmented["labels"]
+            return augmented["images"], augmented["labels"], *sample_weights
 
         # Random layers advance a seed state on every call: calls in parallel would
         # consume it in a racy order, so deterministic runs augment one batch at a time.
         batches = batches.map(augment, num_parallel_calls=None if config.deterministic
                               else tf.data.AUTOTUNE)
     return _with_options(batches, config).prefetch(tf.data.AUTOTUNE)
+
+
+def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
+    """scikit-learn's `balanced` weights `n / (C * n_c)` for per-class example counts `[C]`.
+
+    Every class then weighs the same in total and the mean weight per example is 1, so
+    the learning rate keeps its meaning. A class without examples gets weight 0.
+
+    >>> balanced_class_weights(np.array([90, 10])).tolist()
+    [0.5555555555555556, 5.0]
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
 
 
 def eval_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfig,

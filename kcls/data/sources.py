@@ -40,6 +40,8 @@ class Splits:
         class_names: list[str], label `i` is `class_names[i]`.
         sizes: number of examples per split (`train`, `validation`, `test`).
         skipped: files of the source that could not be read and were left out.
+        train_labels: int64 `(train,)` labels of the training split when the source knows
+            them without reading images, else `None` (see `train_class_counts`).
     """
 
     train: tf.data.Dataset
@@ -48,6 +50,7 @@ class Splits:
     class_names: list[str]
     sizes: dict[str, int]
     skipped: list[str] = field(default_factory=list)
+    train_labels: np.ndarray | None = None
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -116,15 +119,40 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         dataset: makes the dataset of the examples at the given sorted indices.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    indices = np.arange(len(labels))
-    train_indices, test_indices = _stratified_split(indices, labels, config.test_fraction,
-                                                    config.seed)
-    train_indices, validation_indices = _stratified_split(
-        train_indices, labels[train_indices], config.validation_fraction, config.seed)
+    train_indices, validation_indices, test_indices = split_indices(labels, config)
     validation = dataset(validation_indices) if len(validation_indices) else None
     return Splits(dataset(train_indices), validation, dataset(test_indices), list(class_names),
                   {"train": len(train_indices), "validation": len(validation_indices),
-                   "test": len(test_indices)})
+                   "test": len(test_indices)}, train_labels=labels[train_indices])
+
+
+def split_indices(labels: np.ndarray, config: DataConfig
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sorted train, validation and test indices of examples with `labels`.
+
+    Stratified and seeded: `config.test_fraction` of the examples is held out for
+    testing, then `config.validation_fraction` of the rest for validation. This is the
+    split `load_splits` makes of sources without their own splits (arrays, folders).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    indices = np.arange(len(labels))
+    train, test = _stratified_split(indices, labels, config.test_fraction, config.seed)
+    train, validation = _stratified_split(train, labels[train], config.validation_fraction,
+                                          config.seed)
+    return train, validation, test
+
+
+def train_class_counts(splits: Splits) -> np.ndarray:
+    """Training examples per class: int64 `[len(class_names)]`.
+
+    Reads the labels the source kept, or makes one pass over the training split
+    (decoding its images) when it kept none, as for TFDS.
+    """
+    labels = splits.train_labels
+    if labels is None:
+        labels = np.fromiter((label for _, label in splits.train.as_numpy_iterator()),
+                             dtype=np.int64)
+    return np.bincount(labels, minlength=len(splits.class_names)).astype(np.int64)
 
 
 def _stratified_split(indices: np.ndarray, labels: np.ndarray, fraction: float,

@@ -15,6 +15,7 @@ from input to output (`backbone_blocks`):
 - EfficientNetV2: one MBConv/Fused-MBConv layer each (`block1a` ... `block6h`).
 - ResNetV2: one residual block each (`v2_stack_0_block1` ...).
 - MobileNetV3: one inverted-residual block each (`expanded_conv` ... `expanded_conv_14`).
+- CompactResNet: one stage each (`stage1` ... `stage3`).
 
 The stem (every layer before the first block) is the lowest block; the layers after
 the last block (the final 1x1 conv and/or norm) belong to the last block, so they are
@@ -42,6 +43,7 @@ import keras
 import keras_cv
 
 from kcls.config import ConfigError
+from kcls.models.compact_resnet import CompactResNet
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ BACKBONES: dict[str, BackboneSpec] = {
              stackwise_strides=[1, 2, 2], block_type="block"),
         image_size=32,
     ),
+    # From-scratch training of small images on little compute (~0.41M parameters; see
+    # kcls.models.compact_resnet). No pretrained weights.
+    "compact_resnet": BackboneSpec(CompactResNet, dict(widths=[16, 32, 64, 128]),
+                                   image_size=32),
     "efficientnetv2_b0": _efficientnet_v2_spec("b0", 224, True, width=1.0, depth=1.0),
     "efficientnetv2_b1": _efficientnet_v2_spec("b1", 240, True, width=1.0, depth=1.1),
     "efficientnetv2_b2": _efficientnet_v2_spec("b2", 260, True, width=1.1, depth=1.2),
@@ -164,6 +170,7 @@ _BLOCK_PATTERNS: dict[type, str] = {
     keras_cv.models.EfficientNetV2Backbone: r"^(block\d+[a-z]+)_",
     keras_cv.models.ResNetV2Backbone: r"^(v2_stack_\d+_block\d+)_",
     keras_cv.models.MobileNetV3Backbone: r"^(expanded_conv(?:_\d+)?)_",
+    CompactResNet: r"^(stage\d+)_",
 }
 
 

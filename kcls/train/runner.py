@@ -40,7 +40,15 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
-from kcls.train.schedule import Phase, make_optimizer, plan_phases, set_backbone_trainable
+from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
+from kcls.train.schedule import (
+    Phase,
+    WarmupCosine,
+    learning_rate_schedule,
+    make_optimizer,
+    plan_phases,
+    set_backbone_trainable,
+)
 
 BEST_WEIGHTS_FILE = "best.weights.h5"
 LOGS_DIR = "logs"
@@ -72,11 +80,11 @@ class Trainer(keras.Model):
         return self.classifier(images, training=training)
 
     def train_step(self, data):
-        images, labels = data
+        images, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(data)
         if self.device_augment is not None:
             augmented = self.device_augment({"images": images, "labels": labels}, training=True)
             images, labels = augmented["images"], augmented["labels"]
-        return super().train_step((images, labels))
+        return super().train_step((images, labels, sample_weights))
 
 
 def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
@@ -84,13 +92,14 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                config: TrainConfig, device_augment: keras.Layer | None = None,
                callbacks: list[keras.callbacks.Callback] | None = None,
                verbose: int | str = "auto", *, run_dir: str | Path | None = None,
-               strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
+               strategy: tf.distribute.Strategy | None = None,
+               time_budget: TimeBudget | None = None) -> dict[str, Any]:
     """Runs the frozen and unfrozen phases with `fit()`, continuing one epoch counter.
 
     Args:
         classifier: keras.Model from `build_classifier`, built in `strategy.scope()`.
         train_batches: infinite dataset of `(float32 [B, S, S, 3], float32 one-hot [B, C])`,
-            B the global batch size.
+            B the global batch size, optionally with float32 `[B]` per-example loss weights.
         validation_batches: finite dataset of the same structure, or None.
         steps_per_epoch: int, training steps per epoch.
         config: TrainConfig, the schedule.
@@ -100,17 +109,22 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         run_dir: where TensorBoard logs, the best weights and the resume backup go (see
             the module docstring); None keeps everything in memory and cannot resume.
         strategy: the strategy `classifier` was built under; None for the current one.
+        time_budget: plan each phase's epochs from the measured step time to fit this
+            budget (see `kcls.train.budget`); the configured epochs then only set the
+            phases' shares. A budgeted run is planned for one sitting: it does not resume.
 
     Returns:
         dict with `history` (metric name -> per-epoch list over both phases), `phases`
         (per phase: name, first_epoch, epochs, learning_rate, unfreeze,
         trainable_params, skipped_on_resume), `jit_compile` (what the compiled step actually
         used), `resumed` (whether earlier progress was picked up) and `best_weights`
-        (path of the best checkpoint, or None).
+        (path of the best checkpoint, or None), and with a budget `time_budget` (its
+        plan per phase next to the actual epochs and seconds).
     """
     strategy = strategy or tf.distribute.get_strategy()
     run_dir = Path(run_dir) if run_dir is not None else None
-    backup_dir = run_dir / BACKUP_DIR if run_dir is not None else None
+    resumable = run_dir is not None and time_budget is None
+    backup_dir = run_dir / BACKUP_DIR if resumable else None
     progress = _Progress.load(backup_dir, {**dataclasses.asdict(config),
                                            "steps_per_epoch": steps_per_epoch})
     resumed = progress.started
@@ -126,7 +140,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     epoch = 0
     pending_weights: Path | None = None
     phases = plan_phases(config)
-    for phase in phases:
+    for index, phase in enumerate(phases):
         if phase.name in progress.completed:
             record = progress.completed[phase.name]
             phases_run.append({**record, "skipped_on_resume": True})
@@ -141,9 +155,11 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         # A fresh Trainer per phase: BackupAndRestore leaves the restored epoch on the
         # model it restored, and fit() would start the next phase there.
         with strategy.scope():
+            schedule = learning_rate_schedule(phase.learning_rate, phase.epochs * steps_per_epoch,
+                                              config.warmup_fraction)
             trainer = Trainer(classifier, device_augment)
             trainer.compile(
-                optimizer=_optimizer(classifier, phase, config, steps_per_epoch),
+                optimizer=_optimizer(classifier, schedule, config),
                 loss=keras.losses.CategoricalCrossentropy(
                     from_logits=True, label_smoothing=config.label_smoothing),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
@@ -155,9 +171,10 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
 
         phase_callbacks: list[keras.callbacks.Callback] = [
             keras.callbacks.TerminateOnNaN(), progress.recorder()]
+        if backup_dir is not None:
+            phase_callbacks.append(keras.callbacks.BackupAndRestore(backup_dir / phase.name))
         if run_dir is not None:
-            phase_callbacks += [keras.callbacks.BackupAndRestore(backup_dir / phase.name),
-                                checkpoint]
+            phase_callbacks.append(checkpoint)
             if _tensorboard_installed(warn=phase is phases[0]):
                 phase_callbacks.append(
                     keras.callbacks.TensorBoard(run_dir / LOGS_DIR, write_graph=False))
@@ -166,13 +183,23 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             phase_callbacks.append(keras.callbacks.EarlyStopping(
                 monitor=monitor, patience=config.early_stopping_patience,
                 restore_best_weights=not config.ema))
+        phase_callbacks += callbacks or []
+        epochs = phase.epochs
+        if time_budget is not None:
+            # Last, so that its epoch times include the other callbacks' work.
+            planner = BudgetPlanner(
+                time_budget, schedule, epoch, steps_per_epoch, _batch_size(train_batches),
+                share=phase.epochs / sum(later.epochs for later in phases[index:]),
+                name=phase.name)
+            phase_callbacks += [BudgetProgress(planner), planner]
+            epochs = MAX_EPOCHS
         trainer.fit(
             train_batches, validation_data=validation_batches, steps_per_epoch=steps_per_epoch,
-            initial_epoch=epoch, epochs=epoch + phase.epochs, verbose=verbose, shuffle=False,
-            callbacks=[*phase_callbacks, *(callbacks or [])])
+            initial_epoch=epoch, epochs=epoch + epochs, verbose=verbose, shuffle=False,
+            callbacks=phase_callbacks)
 
-        # Early stopping may end a phase early: the next one starts after its last epoch.
-        end = max(progress.last_epoch(epoch, epoch + phase.epochs) + 1, epoch)
+        # Early stopping or a budget may end a phase early: the next starts after its last epoch.
+        end = max(progress.last_epoch(epoch, epoch + epochs) + 1, epoch)
         record = {"name": phase.name, "first_epoch": epoch, "epochs": end - epoch,
                   "learning_rate": phase.learning_rate,
                   "unfreeze": config.unfreeze if phase.backbone_trainable else "none",
@@ -189,18 +216,29 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     if backup_dir is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)
     best = run_dir / BEST_WEIGHTS_FILE if run_dir is not None else None
-    return {"history": progress.history(), "phases": phases_run, "jit_compile": jit_compile,
-            "resumed": resumed, "best_weights": str(best) if best and best.exists() else None}
+    result = {"history": progress.history(), "phases": phases_run, "jit_compile": jit_compile,
+              "resumed": resumed, "best_weights": str(best) if best and best.exists() else None}
+    if time_budget is not None:
+        result["time_budget"] = time_budget.summary()
+    return result
 
 
-def _optimizer(classifier: keras.Model, phase: Phase, config: TrainConfig,
-               steps_per_epoch: int) -> keras.Optimizer:
-    optimizer = make_optimizer(phase, config, steps_per_epoch)
+def _optimizer(classifier: keras.Model, schedule: WarmupCosine,
+               config: TrainConfig) -> keras.Optimizer:
+    optimizer = make_optimizer(schedule, config)
     # compile() adds loss scaling only when the *Trainer's* policy is mixed_float16, and
     # the Trainer is float32 (so images enter the classifier unrounded).
     if classifier.dtype_policy.name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def _batch_size(batches: tf.data.Dataset) -> int:
+    size = batches.element_spec[0].shape[0]
+    if size is None:
+        raise ValueError("A time budget needs training batches of one static size (batch "
+                         "with drop_remainder=True, as kcls.data.pipeline.train_pipeline does).")
+    return int(size)
 
 
 def _tensorboard_installed(warn: bool) -> bool:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import keras
@@ -56,17 +57,47 @@ def plan_phases(config: TrainConfig) -> list[Phase]:
     return [phase for phase in phases if phase.epochs > 0]
 
 
-def learning_rate_schedule(peak: float, total_steps: int,
-                           warmup_fraction: float) -> keras.optimizers.schedules.CosineDecay:
-    """Linear warm-up from 0 to `peak` over `warmup_fraction` of the steps, then cosine to 0."""
-    warmup_steps = int(total_steps * warmup_fraction)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(total_steps - warmup_steps, 1),
-        warmup_target=peak, warmup_steps=warmup_steps)
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak` over `warmup_fraction` of the steps, then cosine to 0.
+
+    `total_steps` is a variable: a time budget (`kcls.train.budget`) sets it once the
+    step time is measured, without retracing or recompiling the training step.
+
+    Args:
+        peak: float, the learning rate at the end of the warm-up.
+        total_steps: int, optimizer steps of the whole schedule.
+        warmup_fraction: float in [0, 1), share of the steps spent warming up.
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_fraction: float) -> None:
+        self.peak = float(peak)
+        self.warmup_fraction = float(warmup_fraction)
+        self.total_steps = keras.Variable(float(total_steps), dtype="float32", trainable=False,
+                                          name="schedule_total_steps")
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        total = keras.ops.maximum(keras.ops.convert_to_tensor(self.total_steps), 1.0)
+        warmup = keras.ops.floor(total * self.warmup_fraction)
+        warming = self.peak * step / keras.ops.maximum(warmup, 1.0)
+        progress = keras.ops.clip((step - warmup) / keras.ops.maximum(total - warmup, 1.0),
+                                  0.0, 1.0)
+        cosine = 0.5 * self.peak * (1.0 + keras.ops.cos(math.pi * progress))
+        return keras.ops.where(step < warmup, warming, cosine)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "total_steps": int(self.total_steps.numpy()),
+                "warmup_fraction": self.warmup_fraction}
 
 
-def make_optimizer(phase: Phase, config: TrainConfig, steps_per_epoch: int) -> keras.Optimizer:
-    """The optimizer of `phase`: AdamW or SGD (momentum 0.9), fresh for every phase.
+def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float) -> WarmupCosine:
+    """The schedule of one phase: warm-up to `peak`, then cosine decay to 0 at `total_steps`."""
+    return WarmupCosine(peak, total_steps, warmup_fraction)
+
+
+def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedule | float,
+                   config: TrainConfig) -> keras.Optimizer:
+    """An optimizer for one phase: AdamW or SGD (momentum 0.9), fresh for every phase.
 
     Both decay weights decoupled from the gradient (`weight_decay * learning_rate * w`
     per step), on kernels only: variables named like `NO_WEIGHT_DECAY` are excluded.
@@ -75,19 +106,16 @@ def make_optimizer(phase: Phase, config: TrainConfig, steps_per_epoch: int) -> k
     end of the phase.
 
     Args:
-        phase: Phase, for its peak learning rate and length.
-        config: TrainConfig, optimizer choice, decay, warm-up, clipping and EMA.
-        steps_per_epoch: int, to size the learning-rate schedule.
+        learning_rate: the phase's schedule (`learning_rate_schedule`) or a constant.
+        config: TrainConfig, optimizer choice, decay, clipping and EMA.
 
     Returns:
         An unbuilt `keras.Optimizer`.
     """
-    schedule = learning_rate_schedule(phase.learning_rate, phase.epochs * steps_per_epoch,
-                                      config.warmup_fraction)
-    common = dict(learning_rate=schedule, weight_decay=config.weight_decay,
+    common = dict(learning_rate=learning_rate, weight_decay=config.weight_decay,
                   clipnorm=config.clipnorm, use_ema=config.ema, ema_momentum=EMA_MOMENTUM)
     if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(momentum=SGD_MOMENTUM, **common)
+        optimizer = keras.optimizers.SGD(momentum=SGD_MOMENTUM, nesterov=True, **common)
     else:
         optimizer = keras.optimizers.AdamW(**common)
     optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))

@@ -1,0 +1,208 @@
+"""Time budgets: plan the schedule from the measured step time so a run ends on time.
+
+`train.time_budget=8m` gives a run a wall-clock budget, measured from its first
+training step (so it includes compiling the step) to the end of the export. Nothing
+is cut off mid-schedule: each phase measures its step time in its first steps, sets
+its epoch count from it, and its warm-up and cosine decay span exactly those epochs
+(the schedule's length is a variable, so changing it recompiles nothing). After every
+epoch the plan is checked against the clock and shortened (or lengthened) when the
+measured epochs ran slower (or faster) than the estimate. EMA, the final evaluation
+and the export are planned in: their time is reserved before the phases share the rest.
+
+How the time is shared:
+
+    budget = training (the phases, each its share) + reserve (evaluation + export)
+    share of a phase = its configured epochs / the configured epochs of all phases
+
+so `frozen_epochs=1, unfrozen_epochs=4` gives the frozen phase a fifth of the
+training time: the configured epochs set the proportions, the budget the length.
+
+Durations are parsed by `kcls.config.parse_duration`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from kcls.train.schedule import WarmupCosine
+
+# Timed steps after the first one (which traces and compiles) before the first plan.
+CALIBRATION_STEPS = 5
+# Upper bound on a budgeted phase's epochs, the `epochs` its fit() call gets.
+MAX_EPOCHS = 100_000
+# A forward pass costs about a third of a training step (forward + backward ~ 3 forwards);
+# evaluation batches are larger and run without gradients, so this is on the safe side.
+FORWARD_COST = 1.0 / 3.0
+
+@dataclass
+class TimeBudget:
+    """A wall-clock budget for training plus what follows it.
+
+    Attributes:
+        seconds: the whole budget, from the first training step to the end of the run.
+        evaluation_images: images predicted after training (test split, times 2 with
+            flip TTA); their time is estimated from the training step time and reserved.
+        fixed_seconds: time reserved after training that does not scale with images
+            (saving weights, the report's plots, the SavedModel export).
+        clock: seconds on a monotonic clock (`time.monotonic`).
+        started: `clock()` at the first training step, set when training starts.
+        plans: one record per phase: its plan and, once it ends, the actual epochs/seconds.
+    """
+
+    seconds: float
+    evaluation_images: int = 0
+    fixed_seconds: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+    started: float | None = None
+    plans: list[dict[str, Any]] = field(default_factory=list)
+
+    def reserve(self, seconds_per_image: float) -> float:
+        """Seconds kept for evaluation and export, given the training time per image."""
+        return self.evaluation_images * seconds_per_image * FORWARD_COST + self.fixed_seconds
+
+    def elapsed(self) -> float:
+        """Seconds since the first training step (0 before it)."""
+        return 0.0 if self.started is None else self.clock() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        """The plan of each phase next to what happened, for `run.json`."""
+        return {"budget_seconds": self.seconds, "elapsed_seconds": round(self.elapsed(), 1),
+                "reserved_after_training_seconds": self.plans[0].get(
+                    "reserved_after_training_seconds") if self.plans else None,
+                "phases": self.plans}
+
+
+class BudgetPlanner(keras.callbacks.Callback):
+    """Sets the epochs of one phase so that it ends by its share of the budget.
+
+    Used as a callback of the phase's `fit(epochs=first_epoch + MAX_EPOCHS)`: it times
+    the steps after the first, then sets `schedule.total_steps` to the planned epochs
+    and stops training at the end of the last planned epoch. It re-plans after every
+    epoch from the measured epoch times (training and validation).
+
+    Args:
+        budget: TimeBudget shared by the phases (its clock starts at the first step).
+        schedule: the phase's learning-rate schedule.
+        first_epoch: the epoch index the phase starts at.
+        steps_per_epoch: training steps per epoch.
+        batch_size: global batch size, to turn step time into time per image.
+        share: this phase's fraction of the training time still to be spent, in (0, 1].
+        name: phase name, for the plan record.
+    """
+
+    def __init__(self, budget: TimeBudget, schedule: WarmupCosine, first_epoch: int,
+                 steps_per_epoch: int, batch_size: int, share: float, name: str) -> None:
+        super().__init__()
+        self.budget = budget
+        self.schedule = schedule
+        self.first_epoch = first_epoch
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        self.share = share
+        self.planned_epochs: int | None = None
+        self.plan: dict[str, Any] = {"phase": name}
+        budget.plans.append(self.plan)
+        self._phase_start = self._phase_end_by = 0.0
+        self._batch_start = self._epoch_start = self._test_start = 0.0
+        self._steps = 0
+        self._step_seconds_total = 0.0  # of every step but the phase's first
+        self._epoch_seconds: list[float] = []
+        self._validation_seconds: list[float] = []  # per validation batch, untraced
+        self._validation_batches = 0
+
+    def on_train_begin(self, logs=None):
+        self._phase_start = self.budget.clock()
+        if self.budget.started is None:
+            self.budget.started = self._phase_start
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.budget.clock()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_start = self.budget.clock()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps > 1:  # the first step also traced and compiled
+            self._step_seconds_total += self.budget.clock() - self._batch_start
+        if self._steps == 1 + CALIBRATION_STEPS and self.planned_epochs is None:
+            self._replan(epochs_done=0, steps_into_epoch=self._steps)
+
+    def on_test_begin(self, logs=None):
+        self._validation_batches = 0
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._test_start = self.budget.clock()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._validation_batches += 1
+        if self._validation_seconds or self._validation_batches > 1:  # the first traced
+            self._validation_seconds.append(self.budget.clock() - self._test_start)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_seconds.append(self.budget.clock() - self._epoch_start)
+        done = epoch + 1 - self.first_epoch
+        self._replan(epochs_done=done, steps_into_epoch=0)
+        if done >= self.planned_epochs:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.plan["actual_epochs"] = len(self._epoch_seconds)
+        self.plan["actual_seconds"] = round(self.budget.clock() - self._phase_start, 1)
+
+    def _step_seconds(self) -> float:
+        if self._steps > 1:
+            return self._step_seconds_total / (self._steps - 1)
+        return self._epoch_seconds[0] / self.steps_per_epoch
+
+    def _full_epoch_seconds(self, step: float) -> float:
+        """Wall time of one epoch: measured once an epoch without compiling has run."""
+        if len(self._epoch_seconds) > 1:
+            steady = self._epoch_seconds[1:]
+            return sum(steady) / len(steady)
+        validation = self._validation_batches * (
+            sum(self._validation_seconds) / len(self._validation_seconds)
+            if self._validation_seconds else step * FORWARD_COST)
+        return self.steps_per_epoch * step + validation
+
+    def _replan(self, epochs_done: int, steps_into_epoch: int) -> None:
+        now = self.budget.clock()
+        step = self._step_seconds()
+        epoch_seconds = self._full_epoch_seconds(step)
+        if self.planned_epochs is None:  # the first plan fixes this phase's deadline
+            reserve = self.budget.reserve(step / self.batch_size)
+            training_left = self.budget.seconds - self.budget.elapsed() - reserve
+            self._phase_end_by = now + max(training_left, 0.0) * self.share
+            self.plan.update(reserved_after_training_seconds=round(reserve, 1),
+                             planned_seconds=round(self._phase_end_by - self._phase_start, 1))
+        in_progress = 1 if steps_into_epoch else 0
+        rest_of_epoch = in_progress * (epoch_seconds - steps_into_epoch * step)
+        more = math.floor(max(self._phase_end_by - now - rest_of_epoch, 0.0) / epoch_seconds)
+        planned = min(max(epochs_done + in_progress + more, 1), MAX_EPOCHS)
+        if planned != self.planned_epochs:
+            self.planned_epochs = planned
+            self.schedule.total_steps.assign(float(planned * self.steps_per_epoch))
+        self.plan.setdefault("first_planned_epochs", planned)
+        self.plan.update(planned_epochs=planned, step_seconds=round(step, 4))
+
+
+class BudgetProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, showing the planned epochs of a budgeted phase (`?` until planned)."""
+
+    def __init__(self, planner: BudgetPlanner) -> None:
+        super().__init__()
+        self.planner = planner
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._reset_progbar()
+        self._maybe_init_progbar()
+        if self.verbose:
+            planned = self.planner.planned_epochs
+            total = "?" if planned is None else self.planner.first_epoch + planned
+            print(f"Epoch {epoch + 1}/{total}", flush=True)
