@@ -40,6 +40,7 @@ MAX_EPOCHS = 100_000
 # evaluation batches are larger and run without gradients, so this is on the safe side.
 FORWARD_COST = 1.0 / 3.0
 
+
 @dataclass
 class TimeBudget:
     """A wall-clock budget for training plus what follows it.
