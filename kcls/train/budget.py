@@ -17,7 +17,8 @@ How the time is shared:
 so `frozen_epochs=1, unfrozen_epochs=4` gives the frozen phase a fifth of the
 training time: the configured epochs set the proportions, the budget the length.
 
-Durations are parsed by `kcls.config.parse_duration`.
+A budgeted run is planned for one sitting: it keeps no resume backup (a restarted run
+would start a new budget). Durations are parsed by `kcls.config.parse_duration`.
 """
 
 from __future__ import annotations
