@@ -9,7 +9,7 @@
     kcls export RUN_DIR [--base-dir DIR]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
-    kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--out DIR]
+    kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
 """
 
 from __future__ import annotations
@@ -219,6 +219,9 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path) -> None:
                    "integer, calibrated on training images; prune/qat: TF-MOT fine-tuning.")
 @click.option("--io-type", type=click.Choice(["int8", "uint8", "float32"]),
               help="Input/output type of a ptq-int8 model (default int8).")
+@click.option("--per-tensor", is_flag=True,
+              help="ptq-int8: one weight scale per tensor instead of per output channel "
+                   "(a smaller file; may cost accuracy, e.g. with depthwise convolutions).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default RUN_DIR/optimized/METHOD, or "
                    "saved_models/NAME/optimized/VERSION/METHOD for an export).")
@@ -233,16 +236,17 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path) -> None:
 @click.option("--target-sparsity", default=0.5, show_default=True,
               type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="prune: final share of zeros in every Conv/Dense kernel.")
-def optimize(model_path: Path, method: str, io_type: str | None, out_dir: Path | None,
-             calibration_images: int, latency_runs: int, threads: int, epochs: int,
-             target_sparsity: float) -> None:
+def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: bool,
+             out_dir: Path | None, calibration_images: int, latency_runs: int, threads: int,
+             epochs: int, target_sparsity: float) -> None:
     """Quantize a trained model (a run dir or an export) to TFLite and compare it with float32.
 
     Both models are evaluated on the recipe's held-out test split; optimize.json,
     optimize.md and the .tflite files go to the output folder.
     """
-    if io_type and method != "ptq-int8":
-        raise click.UsageError(f"--io-type only applies to --method ptq-int8, not {method}.")
+    if (io_type or per_tensor) and method != "ptq-int8":
+        raise click.UsageError(
+            f"--io-type and --per-tensor only apply to --method ptq-int8, not {method}.")
     start_tensorflow()
     from kcls.optimize import OptimizeError
     from kcls.optimize import optimize as optimize_model
@@ -250,7 +254,7 @@ def optimize(model_path: Path, method: str, io_type: str | None, out_dir: Path |
     try:
         report = optimize_model(model_path, method, out_dir, io_type or "int8",
                                 calibration_images, latency_runs, threads, epochs,
-                                target_sparsity)
+                                target_sparsity, per_channel=not per_tensor)
     except (FileNotFoundError, OptimizeError) as error:
         raise click.ClickException(str(error)) from None
     except ConfigError as error:

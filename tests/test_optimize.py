@@ -19,6 +19,7 @@ from kcls.optimize.tflite import (
     default_out_dir,
     held_out_examples,
     optimize,
+    representative_images,
     write_probability_saved_model,
 )
 
@@ -72,11 +73,34 @@ def test_ptq_agrees_with_float_model(trained, tmp_path, method, io_type, input_d
     tflite_top1 = np.argmax(model.predict(images), axis=-1)
     assert np.mean(keras_top1 == tflite_top1) >= 0.9
     assert report["agreement"] >= 0.9
+    assert report["interpreter"] in ("tf.lite", "ai_edge_litert")
+    assert report["per_channel"] is (True if method == "ptq-int8" else None)
     assert report["float32"]["accuracy"] > 0.4  # trained: chance is 0.1
     assert report["optimized"]["size_bytes"] < report["float32"]["size_bytes"] / 1.5
     saved = json.loads((tmp_path / method / "optimize.json").read_text())
     assert saved["test_examples"] == len(labels) == 360
     assert "| float32 |" in (tmp_path / method / "optimize.md").read_text()
+
+
+@pytest.mark.slow
+def test_ptq_int8_per_tensor_scales_are_smaller(trained, tmp_path):
+    recipe, classifier, _ = trained
+    saved_model = write_probability_saved_model(classifier, IMAGE_SIZE, tmp_path / "saved_model")
+    calibration = representative_images(recipe, 32)
+    images, _ = held_out_examples(recipe)
+    float_top1 = np.argmax(TFLiteClassifier.from_bytes(convert(saved_model)).predict(images),
+                           axis=-1)
+    models, most_scales = {}, {}
+    for per_channel in (True, False):
+        models[per_channel] = convert(saved_model, "ptq-int8", calibration,
+                                      per_channel=per_channel)
+        runner = TFLiteClassifier.from_bytes(models[per_channel])
+        most_scales[per_channel] = max(
+            len(detail["quantization_parameters"]["scales"])
+            for detail in runner.interpreter.get_tensor_details())
+        assert np.mean(np.argmax(runner.predict(images), axis=-1) == float_top1) >= 0.9
+    assert most_scales[True] > 1 and most_scales[False] == 1
+    assert len(models[False]) < len(models[True])
 
 
 def test_float_tflite_matches_keras(trained, tmp_path):
@@ -114,6 +138,9 @@ def test_cli_optimize(trained, tmp_path):
     result = CliRunner().invoke(main, ["optimize", str(export_dir), "--method", "ptq-float16",
                                        "--io-type", "uint8"])
     assert result.exit_code == 2 and "--io-type" in result.output
+    result = CliRunner().invoke(main, ["optimize", str(export_dir), "--method", "prune",
+                                       "--per-tensor"])
+    assert result.exit_code == 2 and "--per-tensor" in result.output
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@
 3. converts it twice: plain float32 (the baseline) and with `method`:
    `ptq-dynamic` (int8 weights, float activations), `ptq-float16` (float16 weights) or
    `ptq-int8` (full integer, calibrated on images of the training split, input/output
-   type `io_type`); `prune` and `qat` instead fine-tune in a TF-MOT child process
-   (`fine_tune_with_mot`, `kcls.optimize.mot_worker`);
+   type `io_type`, per-channel weight scales unless `per_channel=False`); `prune` and
+   `qat` instead fine-tune in a TF-MOT child process (`fine_tune_with_mot`,
+   `kcls.optimize.mot_worker`);
 4. evaluates both with the TFLite interpreter on the recipe's held-out test split (the
    same examples `kcls evaluate` uses), one image at a time, and measures warm latency
    (batch 1, median of `latency_runs` invocations);
@@ -139,6 +140,11 @@ class TFLiteClassifier:
         return 1000.0 * statistics.median(times)
 
 
+def interpreter_name() -> str:
+    """Which interpreter `TFLiteClassifier` uses: `ai_edge_litert` or `tf.lite`."""
+    return "tf.lite" if _interpreter_class() is tf.lite.Interpreter else "ai_edge_litert"
+
+
 def _interpreter_class() -> type:
     """LiteRT's interpreter (`pip install "kcls[edge]"`), else TensorFlow's own.
 
@@ -180,7 +186,7 @@ def write_probability_saved_model(classifier: keras.Model, image_size: int,
 
 def convert(saved_model_dir: str | Path, method: str | None = None,
             representative_images: Callable[[], Iterator[np.ndarray]] | None = None,
-            io_type: str = "int8") -> bytes:
+            io_type: str = "int8", per_channel: bool = True) -> bytes:
     """Converts a SavedModel from `write_probability_saved_model` to a TFLite flatbuffer.
 
     Args:
@@ -190,6 +196,10 @@ def convert(saved_model_dir: str | Path, method: str | None = None,
             calibration images in [0, 255].
         io_type: for `ptq-int8`, the model's input and output type: `int8`, `uint8` or
             `float32` (float32 keeps quantize/dequantize ops inside the model).
+        per_channel: for `ptq-int8`, one weight scale per output channel (the converter's
+            default). `False`: one scale per tensor, which drops a float32 scale and an
+            int64 zero point per channel from the file (about 45 KB, 15%, on quickstart's
+            resnet_v2_tiny) but can cost accuracy, notably with depthwise convolutions.
 
     Returns:
         The `.tflite` flatbuffer.
@@ -205,6 +215,8 @@ def convert(saved_model_dir: str | Path, method: str | None = None,
         converter.representative_dataset = lambda: ([image] for image in representative_images())
         # Full integer: fail at conversion rather than silently keep float ops.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        # Private but long-standing converter switch; there is no public one.
+        converter._experimental_disable_per_channel = not per_channel
         if io_type != "float32":
             converter.inference_input_type = getattr(tf, io_type)
             converter.inference_output_type = getattr(tf, io_type)
@@ -288,7 +300,7 @@ def measure(model: bytes, images: np.ndarray, labels: np.ndarray, latency_runs: 
 def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = None,
              io_type: str = "int8", calibration_images: int = 200, latency_runs: int = 100,
              num_threads: int = 1, mot_epochs: int = 2, target_sparsity: float = 0.5,
-             mot_steps_per_epoch: int | None = None) -> dict[str, Any]:
+             mot_steps_per_epoch: int | None = None, per_channel: bool = True) -> dict[str, Any]:
     """Quantizes a trained classifier for the edge and compares it with float32 TFLite.
 
     Args:
@@ -303,9 +315,12 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         mot_epochs: `prune`/`qat` fine-tuning epochs over the training split.
         target_sparsity: `prune`'s final share of zero weights in Conv/Dense kernels.
         mot_steps_per_epoch: caps `prune`/`qat` steps per epoch (default: the whole split).
+        per_channel: `ptq-int8` weight scales per output channel (default) or per tensor
+            (smaller file; see `convert`).
 
     Returns:
-        The report written to `<out_dir>/optimize.json`: `method`, `io_type`, `out_dir`,
+        The report written to `<out_dir>/optimize.json`: `method`, `io_type`,
+        `per_channel`, `interpreter` (see `interpreter_name`), `out_dir`,
         `test_examples`, `float32` and `optimized` rows (see `measure`), `agreement` (share
         of test images with the same top-1 class as float32 TFLite), `ratios` and, for
         `prune`, `sparsity` (share of zeros per kernel and `overall`).
@@ -332,12 +347,14 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         else:
             optimized_model, mot_result = convert(
                 saved_model, method, representative_images(recipe, calibration_images),
-                io_type), {}
+                io_type, per_channel), {}
     images, labels = held_out_examples(recipe)
     float_row, float_predictions = measure(float_model, images, labels, latency_runs, num_threads)
     row, predictions = measure(optimized_model, images, labels, latency_runs, num_threads)
     report = {
         "method": method, "io_type": io_type if method == "ptq-int8" else "float32",
+        "per_channel": per_channel if method == "ptq-int8" else None,
+        "interpreter": interpreter_name(),
         "source": str(model_path), "out_dir": str(out_dir), "test_examples": int(len(labels)),
         "num_threads": num_threads, "latency_runs": latency_runs,
         "float32": float_row, "optimized": row,
@@ -361,7 +378,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [f"# {report['method']} vs float32 TFLite",
              "",
              f"{report['test_examples']} held-out test images; latency: batch 1, warm, median "
-             f"of {report['latency_runs']} runs, {report['num_threads']} interpreter thread(s).",
+             f"of {report['latency_runs']} runs, {report['num_threads']} interpreter thread(s) "
+             f"({report.get('interpreter', 'tf.lite')}).",
              "",
              "| model | input | size (bytes) | zipped (bytes) | accuracy | latency (ms) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
