@@ -178,9 +178,12 @@ class BudgetPlanner(keras.callbacks.Callback):
         step = self._step_seconds()
         epoch_seconds = self._full_epoch_seconds(step)
         if self.planned_epochs is None:  # the first plan fixes this phase's deadline
+            # The phase's share counts from its start, so every phase pays for compiling
+            # its step out of its own share.
             reserve = self.budget.reserve(step / self.batch_size)
-            training_left = self.budget.seconds - self.budget.elapsed() - reserve
-            self._phase_end_by = now + max(training_left, 0.0) * self.share
+            training_left = (self.budget.seconds - (self._phase_start - self.budget.started)
+                             - reserve)
+            self._phase_end_by = self._phase_start + max(training_left, 0.0) * self.share
             self.plan.update(reserved_after_training_seconds=round(reserve, 1),
                              planned_seconds=round(self._phase_end_by - self._phase_start, 1))
         in_progress = 1 if steps_into_epoch else 0
