@@ -38,7 +38,7 @@ from kcls.config import ModelConfig, TrainConfig  # noqa: E402
 from kcls.models.classifier import build_classifier  # noqa: E402
 from kcls.train.runner import Trainer  # noqa: E402
 from kcls.train.schedule import (  # noqa: E402
-    learning_rate_schedule,
+    WarmupCosine,
     make_optimizer,
     plan_phases,
     set_backbone_trainable,
@@ -59,7 +59,7 @@ def images_per_second(backbone: str, image_size: int, batch_size: int, steps: in
     set_backbone_trainable(classifier, True)
     trainer = Trainer(classifier)
     trainer.compile(optimizer=make_optimizer(
-                        learning_rate_schedule(phase.learning_rate, steps, 0.1), config),
+                        WarmupCosine(phase.learning_rate, steps, 0.1), config),
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True,
                                                               label_smoothing=0.1),
                     jit_compile=jit_compile)

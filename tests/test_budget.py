@@ -10,7 +10,7 @@ from kcls.config import ConfigError, Recipe, apply_overrides, parse_duration
 from kcls.recipes import load_recipe
 from kcls.run import run_recipe
 from kcls.train.budget import CALIBRATION_STEPS, BudgetPlanner, TimeBudget
-from kcls.train.schedule import learning_rate_schedule
+from kcls.train.schedule import WarmupCosine
 
 
 def test_durations_parse_and_bad_ones_name_the_key():
@@ -35,7 +35,7 @@ class Clock:
 def test_planner_fits_the_epochs_in_the_budget_and_shortens_the_plan_when_epochs_slow_down():
     clock = Clock()
     budget = TimeBudget(100.0, evaluation_images=300, fixed_seconds=5.0, clock=clock)
-    schedule = learning_rate_schedule(1.0, total_steps=1, warmup_fraction=0.1)
+    schedule = WarmupCosine(1.0, total_steps=1, warmup_fraction=0.1)
     planner = BudgetPlanner(budget, schedule, first_epoch=0, steps_per_epoch=10, batch_size=10,
                             share=1.0, name="unfrozen")
     planner.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))

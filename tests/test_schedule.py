@@ -9,7 +9,7 @@ from kcls.config import ConfigError, ModelConfig, Recipe, TrainConfig, apply_ove
 from kcls.models.backbones import backbone_blocks
 from kcls.models.classifier import build_classifier
 from kcls.train.runner import fit_phases
-from kcls.train.schedule import learning_rate_schedule, make_optimizer, plan_phases
+from kcls.train.schedule import WarmupCosine, make_optimizer, plan_phases
 
 NUM_CLASSES = 4
 STEPS = 3
@@ -50,7 +50,7 @@ def test_plan_and_learning_rate_schedule():
         ("frozen", 2, False), ("unfrozen", 3, True)]
     assert phases[1].learning_rate == pytest.approx(1e-4)
     assert [p.name for p in plan_phases(TrainConfig(frozen_epochs=0))] == ["unfrozen"]
-    schedule = learning_rate_schedule(1.0, total_steps=100, warmup_fraction=0.1)
+    schedule = WarmupCosine(1.0, total_steps=100, warmup_fraction=0.1)
     rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
     np.testing.assert_allclose(rates, [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 

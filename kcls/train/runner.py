@@ -44,7 +44,6 @@ from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBud
 from kcls.train.schedule import (
     Phase,
     WarmupCosine,
-    learning_rate_schedule,
     make_optimizer,
     plan_phases,
     set_backbone_trainable,
@@ -155,8 +154,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         # A fresh Trainer per phase: BackupAndRestore leaves the restored epoch on the
         # model it restored, and fit() would start the next phase there.
         with strategy.scope():
-            schedule = learning_rate_schedule(phase.learning_rate, phase.epochs * steps_per_epoch,
-                                              config.warmup_fraction)
+            schedule = WarmupCosine(phase.learning_rate, phase.epochs * steps_per_epoch,
+                                    config.warmup_fraction)
             trainer = Trainer(classifier, device_augment)
             trainer.compile(
                 optimizer=_optimizer(classifier, schedule, config),

@@ -90,11 +90,6 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_fraction": self.warmup_fraction}
 
 
-def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float) -> WarmupCosine:
-    """The schedule of one phase: warm-up to `peak`, then cosine decay to 0 at `total_steps`."""
-    return WarmupCosine(peak, total_steps, warmup_fraction)
-
-
 def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedule | float,
                    config: TrainConfig) -> keras.Optimizer:
     """An optimizer for one phase: AdamW or SGD (momentum 0.9), fresh for every phase.
@@ -106,7 +101,7 @@ def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedul
     end of the phase.
 
     Args:
-        learning_rate: the phase's schedule (`learning_rate_schedule`) or a constant.
+        learning_rate: the phase's schedule (`WarmupCosine`) or a constant.
         config: TrainConfig, optimizer choice, decay, clipping and EMA.
 
     Returns:
