@@ -32,6 +32,15 @@ def no_network(monkeypatch, request):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory):
+    """Converted ImageNet weights go to a temporary cache, never the user's ~/.cache/kcls."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("kcls_cache")
+        patch.setenv("KCLS_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     """The quickstart recipe shrunk to seconds: 2 steps per phase, exports under tmp_path."""

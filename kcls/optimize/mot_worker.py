@@ -56,12 +56,10 @@ def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
     backbone's graph instead of nesting the backbone as a layer (the Keras 3 layout).
     Weighted layers come in the same order as in `build_classifier`'s model.
     """
-    from kcls.models.backbones import get_spec
+    from kcls.models.backbones import construct_backbone, get_spec
 
-    spec = get_spec(recipe.model.backbone)
     size = recipe.data.image_size
-    backbone = spec.constructor(include_rescaling=True, input_shape=(size, size, 3),
-                                **spec.arguments)
+    backbone = construct_backbone(get_spec(recipe.model.backbone), (size, size, 3))
     pooled = tf.keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
     pooled = tf.keras.layers.Dropout(recipe.model.dropout, name="dropout")(pooled)
     logits = tf.keras.layers.Dense(num_classes, name="logits")(pooled)

@@ -1,0 +1,224 @@
+"""Fine-tuning real ImageNet weights: does kcls's frozen -> unfrozen schedule beat the alternatives?
+
+    python benchmarks/transfer.py                          # both datasets, all rows
+    python benchmarks/transfer.py --datasets hymenoptera   # ~15 minutes
+    python benchmarks/transfer.py --rows d --set train.unfrozen_lr_factor=0.1
+
+Every row starts from the same EfficientNet-Lite0 (ImageNet weights converted from the
+pip-shipped checkpoint, or random for row a), trains on the same images for the same
+total number of epochs and is scored on the same held-out images:
+
+- a: from scratch: random init, the whole network (BatchNorm training) every epoch.
+- b: frozen backbone, the head only, every epoch.
+- c: the whole network from the first step (at the unfrozen phase's learning rate and
+     BatchNorm policy).
+- d: kcls's `finetune` recipe as it ships: frozen, then unfrozen.
+- e: a hand-written keras.io-style script (the "fine-tuning with EfficientNet" example):
+     plain Keras and `Model.fit`, in-model augmentation (rotation, translation, flip,
+     contrast), a head of BatchNorm + dropout + softmax trained at Adam 1e-2 on the frozen
+     backbone, then the top 20 layers unfrozen (BatchNorm kept frozen) at Adam 1e-5.
+
+Rows a-d run through `kcls.run.run_recipe` with the recipe's data pipeline and
+augmentation, differing only in the settings named above; `--set` changes the recipe
+for all of them. Datasets:
+
+- hymenoptera: ../shared/data/hymenoptera, its own split: 245 train, 153 val photos of
+  ants and bees; the recipe's image size (224).
+- cifar10: ../shared/data/cifar10_train_10k, stratified 80/20 split with seed 0 (8,000
+  train, 2,000 test: the split kcls makes with data.test_fraction=0.2), at 128 px.
+
+Prints one row per (dataset, row): test accuracy, wall-clock seconds (training and the
+final evaluation) and epochs, then the table in Markdown. Measured results are in
+docs/transfer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kcls.config import DataConfig, Recipe, apply_overrides  # noqa: E402
+from kcls.data.folder import decode_image_file, scan_folder  # noqa: E402
+from kcls.data.pipeline import prepare_image  # noqa: E402
+from kcls.data.sources import Splits, split_indices  # noqa: E402
+from kcls.models.backbones import build_backbone  # noqa: E402
+from kcls.recipes import load_recipe  # noqa: E402
+from kcls.run import run_recipe  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ROWS = {
+    "a": "from scratch",
+    "b": "frozen backbone, head only",
+    "c": "whole network from the first step",
+    "d": "kcls finetune: frozen -> unfrozen",
+    "e": "keras.io-style hand-written",
+}
+# Per dataset: recipe overrides applied before the command line's --set.
+DATASET_OVERRIDES = {"hymenoptera": [], "cifar10": ["data.image_size=128"]}
+KERAS_IO_TOP_LAYERS = 20
+
+
+def folder_examples(paths: list[str], labels: np.ndarray) -> tf.data.Dataset:
+    """Decoded `(uint8 [H, W, 3], int64)` examples of image files, in the given order."""
+    return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        decode_image_file, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_dataset(name: str) -> Splits:
+    """The benchmark's train and test examples of dataset `name` (no validation split)."""
+    if name == "hymenoptera":
+        train, test = (scan_folder(DATA / "hymenoptera" / split) for split in ("train", "val"))
+        assert train.class_names == test.class_names
+        return Splits(folder_examples(train.paths, train.labels), None,
+                      folder_examples(test.paths, test.labels), train.class_names,
+                      {"train": len(train.paths), "validation": 0, "test": len(test.paths)},
+                      train_labels=train.labels)
+    files = scan_folder(DATA / "cifar10_train_10k")
+    train, _, test = split_indices(files.labels, DataConfig(
+        test_fraction=0.2, validation_fraction=0.0, seed=0))
+    paths = np.asarray(files.paths)
+    # Shuffled once, seeded: the folder lists files class by class, and 8,000 examples
+    # fit the recipe's shuffle buffer, but not every buffer a user might set.
+    train = np.random.default_rng(0).permutation(train)
+    return Splits(folder_examples(list(paths[train]), files.labels[train]), None,
+                  folder_examples(list(paths[test]), files.labels[test]), files.class_names,
+                  {"train": len(train), "validation": 0, "test": len(test)},
+                  train_labels=files.labels[train])
+
+
+def row_recipe(recipe: Recipe, row: str) -> Recipe:
+    """The recipe of kcls row `row` (a-d): the finetune recipe with that row's changes."""
+    train = recipe.train
+    epochs = train.frozen_epochs + train.unfrozen_epochs
+    unfrozen_rate = train.learning_rate * train.unfrozen_lr_factor
+    if row == "a":
+        return apply_overrides(recipe, [
+            "model.weights=none", "train.frozen_epochs=0", f"train.unfrozen_epochs={epochs}",
+            "train.unfrozen_lr_factor=1.0", "train.train_batchnorm=true"])
+    if row == "b":
+        return apply_overrides(recipe, [f"train.frozen_epochs={epochs}",
+                                        "train.unfrozen_epochs=0"])
+    if row == "c":
+        return apply_overrides(recipe, [
+            "train.frozen_epochs=0", f"train.unfrozen_epochs={epochs}",
+            f"train.learning_rate={unfrozen_rate}", "train.unfrozen_lr_factor=1.0"])
+    return recipe
+
+
+def run_kcls_row(recipe: Recipe, splits: Splits, work_dir: Path) -> tuple[float, float]:
+    """Test accuracy and seconds of one kcls run, without export."""
+    recipe = dataclasses.replace(
+        recipe, export=dataclasses.replace(recipe.export, enabled=False))
+    started = time.time()
+    result = run_recipe(recipe, run_dir=work_dir, splits=splits, verbose=2,
+                        log=lambda line: print("   ", line, flush=True))
+    return float(result.metrics["accuracy"]), time.time() - started
+
+
+def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float]:
+    """The keras.io "fine-tuning with EfficientNet" recipe, written plainly, same weights."""
+    size, classes = recipe.data.image_size, len(splits.class_names)
+    batch_size = recipe.data.batch_size
+    keras.utils.set_random_seed(recipe.train.seed)
+    started = time.time()
+
+    def resized(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return prepare_image(image, size, recipe.data.resize), tf.one_hot(label, classes)
+
+    train = (splits.train.map(resized, num_parallel_calls=tf.data.AUTOTUNE).cache()
+             .shuffle(10_000, seed=0).batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    test = (splits.test.map(resized, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+    augmentation = keras.Sequential([
+        keras.layers.RandomRotation(factor=0.15),
+        keras.layers.RandomTranslation(height_factor=0.1, width_factor=0.1),
+        keras.layers.RandomFlip(),
+        keras.layers.RandomContrast(factor=0.1, value_range=(0, 255)),
+    ], name="img_augmentation")
+    inputs = keras.Input((size, size, 3))
+    backbone = build_backbone("efficientnet_lite0", size, "imagenet")
+    backbone.trainable = False
+    x = backbone(augmentation(inputs))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(0.2, name="top_dropout")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="pred")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-2),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    model.fit(train, epochs=recipe.train.frozen_epochs, verbose=2)
+
+    backbone.trainable = True
+    for layer in backbone.layers[:-KERAS_IO_TOP_LAYERS]:
+        layer.trainable = False
+    for layer in backbone.layers[-KERAS_IO_TOP_LAYERS:]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-5),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    model.fit(train, epochs=recipe.train.unfrozen_epochs, verbose=2)
+    _, accuracy = model.evaluate(test, verbose=0)
+    return float(accuracy), time.time() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="hymenoptera,cifar10")
+    parser.add_argument("--rows", default="".join(ROWS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="override for the finetune recipe (all rows), e.g. train.seed=1")
+    arguments = parser.parse_args()
+    flags = _cpu_flags()
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"flags: {flags}; TensorFlow {tf.__version__}, Keras {keras.__version__}")
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        for dataset in arguments.datasets.split(","):
+            splits = load_dataset(dataset)
+            recipe = apply_overrides(load_recipe("finetune"),
+                                     DATASET_OVERRIDES[dataset] + arguments.overrides)
+            epochs = recipe.train.frozen_epochs + recipe.train.unfrozen_epochs
+            print(f"== {dataset}: train {splits.sizes['train']}, test {splits.sizes['test']}, "
+                  f"{recipe.data.image_size} px, {epochs} epochs", flush=True)
+            for row in arguments.rows:
+                print(f"-- {dataset} {row}: {ROWS[row]}", flush=True)
+                if row == "e":
+                    accuracy, seconds = run_keras_io_row(recipe, splits)
+                else:
+                    accuracy, seconds = run_kcls_row(row_recipe(recipe, row), splits,
+                                                     Path(work) / f"{dataset}_{row}")
+                keras.backend.clear_session()
+                results.append((dataset, row, accuracy, seconds, epochs))
+                print(f"{dataset} {row} ({ROWS[row]}): accuracy {accuracy:.4f}, "
+                      f"{seconds:.0f} s, {epochs} epochs", flush=True)
+    print("\n| dataset | row | test top-1 | seconds | epochs |\n| --- | --- | ---: | ---: | ---: |")
+    for dataset, row, accuracy, seconds, epochs in results:
+        print(f"| {dataset} | {row}: {ROWS[row]} | {accuracy:.4f} | {seconds:.0f} | {epochs} |")
+
+
+def _cpu_flags() -> str:
+    """The CPU features that decide TensorFlow's speed here (AVX512, VNNI, BF16, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
+
+
+if __name__ == "__main__":
+    main()
