@@ -177,8 +177,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="hymenoptera,cifar10")
     parser.add_argument("--rows", default="".join(ROWS))
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per row with train.seed 0, 1, ...; the table shows the mean")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="override for the finetune recipe (all rows), e.g. train.seed=1")
+                        help="override for the finetune recipe (all rows), e.g. data.batch_size=64")
     arguments = parser.parse_args()
     flags = _cpu_flags()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -193,19 +195,27 @@ def main() -> None:
             print(f"== {dataset}: train {splits.sizes['train']}, test {splits.sizes['test']}, "
                   f"{recipe.data.image_size} px, {epochs} epochs", flush=True)
             for row in arguments.rows:
-                print(f"-- {dataset} {row}: {ROWS[row]}", flush=True)
-                if row == "e":
-                    accuracy, seconds = run_keras_io_row(recipe, splits)
-                else:
-                    accuracy, seconds = run_kcls_row(row_recipe(recipe, row), splits,
-                                                     Path(work) / f"{dataset}_{row}")
-                keras.backend.clear_session()
-                results.append((dataset, row, accuracy, seconds, epochs))
-                print(f"{dataset} {row} ({ROWS[row]}): accuracy {accuracy:.4f}, "
-                      f"{seconds:.0f} s, {epochs} epochs", flush=True)
-    print("\n| dataset | row | test top-1 | seconds | epochs |\n| --- | --- | ---: | ---: | ---: |")
-    for dataset, row, accuracy, seconds, epochs in results:
-        print(f"| {dataset} | {row}: {ROWS[row]} | {accuracy:.4f} | {seconds:.0f} | {epochs} |")
+                accuracies, times = [], []
+                for seed in range(arguments.seeds):
+                    print(f"-- {dataset} {row}: {ROWS[row]}, seed {seed}", flush=True)
+                    seeded = apply_overrides(recipe, [f"train.seed={seed}"])
+                    if row == "e":
+                        accuracy, seconds = run_keras_io_row(seeded, splits)
+                    else:
+                        accuracy, seconds = run_kcls_row(row_recipe(seeded, row), splits,
+                                                         Path(work) / f"{dataset}_{row}_{seed}")
+                    keras.backend.clear_session()
+                    accuracies.append(accuracy)
+                    times.append(seconds)
+                    print(f"{dataset} {row} ({ROWS[row]}) seed {seed}: accuracy {accuracy:.4f}, "
+                          f"{seconds:.0f} s, {epochs} epochs", flush=True)
+                results.append((dataset, row, accuracies, float(np.mean(times)), epochs))
+    print("\n| dataset | row | test top-1 (mean) | runs | seconds per run | epochs |\n"
+          "| --- | --- | ---: | --- | ---: | ---: |")
+    for dataset, row, accuracies, seconds, epochs in results:
+        runs = ", ".join(f"{accuracy:.4f}" for accuracy in accuracies)
+        print(f"| {dataset} | {row}: {ROWS[row]} | {np.mean(accuracies):.4f} | {runs} | "
+              f"{seconds:.0f} | {epochs} |")
 
 
 def _cpu_flags() -> str:
