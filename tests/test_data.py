@@ -127,6 +127,20 @@ def test_train_batches_have_a_static_shape_and_one_hot_labels():
     np.testing.assert_array_equal(labels.numpy().sum(axis=1), 1.0)
 
 
+def test_a_folder_larger_than_the_shuffle_buffer_trains_on_mixed_batches(tmp_path: Path):
+    # Folders are listed class by class: 6 classes x 40 files, a shuffle buffer of 8.
+    for label in range(6):
+        for index in range(40):
+            _save(tmp_path / f"class{label}" / f"{index:02d}.png",
+                  np.full((8, 8, 3), 40 * label, np.uint8), "RGB")
+    config = DataConfig(source=f"folder:{tmp_path}", image_size=16, batch_size=16,
+                        shuffle_buffer=8, augment="none")
+    splits = load_splits(config)
+    assert splits.sizes["train"] > 10 * config.shuffle_buffer
+    for _, labels in train_pipeline(splits.train, 6, config).take(3).as_numpy_iterator():
+        assert len(np.unique(labels.argmax(axis=1))) >= 4
+
+
 def test_eval_pipeline_is_unaugmented_ordered_and_complete():
     splits = load_splits(DataConfig(source="sklearn:digits"))
     config = DataConfig(batch_size=64, augment="strong")

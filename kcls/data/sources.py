@@ -34,7 +34,8 @@ class Splits:
     """Train, validation and test datasets of `(image uint8 [H, W, 3], label int64)` examples.
 
     Attributes:
-        train: tf.data.Dataset of training examples (not shuffled, not batched).
+        train: tf.data.Dataset of training examples, not batched; in a seeded random
+            order for sources split here (arrays, folders), in TFDS's order otherwise.
         validation: tf.data.Dataset or `None` when `validation_fraction` is 0.
         test: tf.data.Dataset held out for the final evaluation.
         class_names: list[str], label `i` is `class_names[i]`.
@@ -116,7 +117,7 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         labels: int array `(N,)`.
         class_names: list[str], one per class.
         config: DataConfig, for `test_fraction`, `validation_fraction` and `seed`.
-        dataset: makes the dataset of the examples at the given sorted indices.
+        dataset: makes the dataset of the examples at the given indices, in their order.
     """
     labels = np.asarray(labels, dtype=np.int64)
     train_indices, validation_indices, test_indices = split_indices(labels, config)
@@ -128,18 +129,25 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
 
 def split_indices(labels: np.ndarray, config: DataConfig
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sorted train, validation and test indices of examples with `labels`.
+    """The train, validation and test indices of examples with `labels`.
 
     Stratified and seeded: `config.test_fraction` of the examples is held out for
     testing, then `config.validation_fraction` of the rest for validation. This is the
     split `load_splits` makes of sources without their own splits (arrays, folders).
+
+    Returns:
+        `(train, validation, test)` int arrays: the training indices in a seeded random
+        order, the validation and test indices sorted.
     """
     labels = np.asarray(labels, dtype=np.int64)
     indices = np.arange(len(labels))
     train, test = _stratified_split(indices, labels, config.test_fraction, config.seed)
     train, validation = _stratified_split(train, labels[train], config.validation_fraction,
                                           config.seed)
-    return train, validation, test
+    # Folders are listed class by class, and a shuffle buffer smaller than the split
+    # would fill batches from one or two classes: shuffle the order once, as
+    # keras.utils.image_dataset_from_directory does.
+    return np.random.default_rng(config.seed).permutation(train), validation, test
 
 
 def train_class_counts(splits: Splits) -> np.ndarray:
