@@ -58,7 +58,9 @@ class DataConfig:
         mixup: probability that a `strong` batch is mixed with MixUp.
         cutmix: probability that a `strong` batch is mixed with CutMix (mixup + cutmix <= 1).
         cache: `memory` keeps decoded examples in RAM after the first epoch, `none`
-            decodes every epoch, any other value is a file prefix for an on-disk cache.
+            decodes every epoch, any other value is a file prefix for an on-disk cache
+            (a file per split, named after a digest of the data and of the settings that
+            shape the cached examples, so a changed seed or source never replays it).
         shuffle_buffer: number of examples in the shuffle buffer.
         deterministic: same seed, same batches (slower: sequential augmentation, ordered tf.data).
         seed: seed for splitting, shuffling and augmentation.

@@ -136,11 +136,15 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1),
             fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
             else AFTER_TRAINING_SECONDS / 2)
+    validation_batches = None
+    if splits.validation is not None:
+        validation_batches = eval_pipeline(splits.validation, num_classes, recipe.data,
+                                           "validation", splits.fingerprint)
     training = fit_phases(
         classifier,
         train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
-                       class_weights),
-        eval_pipeline(splits.validation, num_classes, recipe.data) if splits.validation else None,
+                       class_weights, splits.fingerprint),
+        validation_batches,
         steps_per_epoch, recipe.train, augmentation.device, verbose=verbose, run_dir=run_dir,
         strategy=strategy, time_budget=time_budget)
     if training["resumed"]:
@@ -150,7 +154,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     trained = time.time()
     classifier.save_weights(run_dir / RUN_WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
-    test_batches = eval_pipeline(splits.test, num_classes, recipe.data, split="test")
+    test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
+                                 splits.fingerprint)
     evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
                                      flip_tta=recipe.evaluate.flip_tta)
     metrics = evaluation.metrics

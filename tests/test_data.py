@@ -217,3 +217,34 @@ def test_tfds_source_reads_a_prepared_dataset_and_carves_validation(tmp_path: Pa
     with pytest.raises(ConfigError, match="no split 'dev'"):
         load_splits(DataConfig(source="tfds:kcls_tiny_images", data_dir=str(tmp_path),
                                test_split="dev"))
+
+
+def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
+    from kcls.config import apply_overrides
+    from kcls.recipes import load_recipe
+    from kcls.run import run_recipe
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+
+    def run(seed: int) -> set[str]:
+        """The cache files a one-step run with data.seed=`seed` leaves behind."""
+        before = set(path.name for path in cache_dir.iterdir())
+        recipe = apply_overrides(load_recipe("quickstart"), [
+            "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=1",
+            "train.jit_compile=false", "data.batch_size=8", "data.image_size=16",
+            f"data.cache={cache_dir / 'digits'}", f"data.seed={seed}", "export.enabled=false"])
+        run_recipe(recipe, tmp_path / f"run{seed}", log=lambda message: None, verbose=0)
+        return set(path.name for path in cache_dir.iterdir()) - before
+
+    first, second = run(0), run(1)
+    # Each run caches its own train, validation and test examples: the seed changes the
+    # split, so replaying the first run's files would put its test images in training.
+    assert any(".train" in name for name in first) and any(".test" in name for name in first)
+    assert any(".train" in name for name in second) and any(".test" in name for name in second)
+    assert not first & second
+    assert run(0) == set(), "the same data and seed reuse their cache"
+
+    splits = load_splits(DataConfig())
+    with pytest.raises(ValueError, match="source_fingerprint=splits.fingerprint"):
+        eval_pipeline(splits.test, 10, DataConfig(cache=str(cache_dir / "unkeyed")), "test")

@@ -19,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +46,9 @@ class Splits:
         skipped: files of the source that could not be read and were left out.
         train_labels: int64 `(train,)` labels of the training split when the source knows
             them without reading images, else `None` (see `train_class_counts`).
+        fingerprint: hex digest of what the source read (the files with their sizes and
+            modification times, the array bytes, or the TFDS dataset and version), which
+            keys on-disk caches (see `kcls.data.pipeline`).
     """
 
     train: tf.data.Dataset
@@ -52,6 +58,7 @@ class Splits:
     sizes: dict[str, int]
     skipped: list[str] = field(default_factory=list)
     train_labels: np.ndarray | None = None
+    fingerprint: str = ""
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -87,9 +94,13 @@ def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list
         raise ConfigError(
             f"Array images must be uint8 of shape (N, H, W, 3); got {images.dtype} "
             f"{images.shape}.")
-    return _split(labels, class_names, config,
-                  lambda selected: tf.data.Dataset.from_tensor_slices(
-                      (images[selected], np.asarray(labels, np.int64)[selected])))
+    labels = np.asarray(labels, np.int64)
+    splits = _split(labels, class_names, config,
+                    lambda selected: tf.data.Dataset.from_tensor_slices(
+                        (images[selected], labels[selected])))
+    splits.fingerprint = fingerprint(images.shape, images.tobytes(), labels.tobytes(),
+                                     class_names)
+    return splits
 
 
 def _folder_splits(root: str, config: DataConfig) -> Splits:
@@ -106,7 +117,19 @@ def _folder_splits(root: str, config: DataConfig) -> Splits:
 
     splits = _split(files.labels, files.class_names, config, dataset)
     splits.skipped = files.skipped
+    stats = [os.stat(path) for path in files.paths]
+    splits.fingerprint = fingerprint(
+        files.paths, files.labels.tolist(), files.class_names,
+        [(stat.st_size, stat.st_mtime_ns) for stat in stats])
     return splits
+
+
+def fingerprint(*parts: object) -> str:
+    """A hex digest of `parts` (bytes, or anything JSON can write)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part).encode())
+    return digest.hexdigest()
 
 
 def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
@@ -221,10 +244,11 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
 
     train_count, test_count = count(config.train_split), count(config.test_split)
     test = load(config.test_split)
+    source = fingerprint(name, str(builder.version), str(builder.data_dir))
     if "validation" in builder.info.splits and config.validation_fraction > 0:
         return Splits(load(config.train_split), load("validation"), test, class_names,
                       {"train": train_count, "validation": count("validation"),
-                       "test": test_count})
+                       "test": test_count}, fingerprint=source)
     # No validation split: carve one off the training split. TFDS stores examples in a
     # fixed shuffled order, so its first examples are a reproducible random subset.
     validation_count = int(round(train_count * config.validation_fraction))
@@ -232,7 +256,7 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
     validation = train.take(validation_count) if validation_count else None
     return Splits(train.skip(validation_count), validation, test, class_names,
                   {"train": train_count - validation_count, "validation": validation_count,
-                   "test": test_count})
+                   "test": test_count}, fingerprint=source)
 
 
 def _as_rgb_example(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
