@@ -85,6 +85,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choices(self, "data")
         kind, separator, _ = self.source.partition(":")
         _require(kind in ("sklearn", "tfds", "folder") and bool(separator),
                  "data.source", self.source,
@@ -120,6 +121,7 @@ class ModelConfig:
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        check_choices(self, "model")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
@@ -189,6 +191,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choices(self, "train")
         _require(self.frozen_epochs >= 0, "train.frozen_epochs", self.frozen_epochs, "0 or more")
         _require(self.unfrozen_epochs >= 0, "train.unfrozen_epochs", self.unfrozen_epochs,
                  "0 or more")
@@ -233,6 +236,7 @@ class EvaluateConfig:
     mistakes: int = 16
 
     def __post_init__(self) -> None:
+        check_choices(self, "evaluate")
         _require(self.mistakes >= 0, "evaluate.mistakes", self.mistakes, "0 or more")
 
 
@@ -256,6 +260,7 @@ class ExportConfig:
     flip_tta: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self, "export")
         _require(self.top_k >= 1, "export.top_k", self.top_k, "a positive integer")
 
 
@@ -358,10 +363,7 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
         (annotation,) = arguments
         origin = typing.get_origin(annotation)
     if origin is Literal:
-        choices = typing.get_args(annotation)
-        if raw not in choices:
-            raise ConfigError(
-                f"Invalid value {raw!r} for {key!r}: expected one of {', '.join(choices)}.")
+        require_choice(raw, annotation, key)
         return raw
     if annotation is bool:
         if raw.lower() in _TRUE:
@@ -400,6 +402,34 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise ValueError(f"{text!r} is not a positive duration")
     return total
+
+
+def check_choices(section: Any, section_name: str) -> None:
+    """Checks that every `Literal` field of a config dataclass holds one of its choices.
+
+    Called by each section's `__post_init__`, so recipe files, `--set` overrides and
+    configurations read back from run directories and exports meet the same check.
+
+    Raises:
+        ConfigError: naming the field, the value and the valid choices.
+    """
+    hints = typing.get_type_hints(type(section))
+    for config_field in dataclasses.fields(section):
+        if typing.get_origin(hints[config_field.name]) is Literal:
+            require_choice(getattr(section, config_field.name), hints[config_field.name],
+                           f"{section_name}.{config_field.name}")
+
+
+def require_choice(value: Any, choices: Any, key: str) -> None:
+    """Raises `ConfigError` unless `value` is one of the strings of the `Literal` type `choices`.
+
+    Consumers of a choice call it too (`require_choice(policy, AugmentPolicy,
+    "data.augment")`) instead of treating an unknown value as their last branch.
+    """
+    allowed = typing.get_args(choices)
+    if not (isinstance(value, str) and value in allowed):
+        raise ConfigError(f"Invalid value {value!r} for {key!r}: expected one of "
+                          f"{', '.join(allowed)}.")
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:

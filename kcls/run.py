@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import Recipe, parse_duration, to_json
+from kcls.config import ClassWeights, Recipe, parse_duration, require_choice, to_json
 from kcls.data.augment import build_augmentation
 from kcls.data.pipeline import (
     balanced_class_weights,
@@ -125,6 +125,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if recipe.train.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, recipe.train.steps_per_epoch)
     class_weights = None
+    require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
     if recipe.train.class_weights == "balanced":
         class_weights = balanced_class_weights(train_class_counts(splits))
         log("class weights (balanced): " + ", ".join(

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import DataConfig, ResizeMode
+from kcls.config import DataConfig, ResizeMode, require_choice
 from kcls.data.sources import fingerprint
 
 # DataConfig fields that act after the cache (batching, augmentation, shuffling): every
@@ -55,6 +55,7 @@ def prepare_image(image: tf.Tensor, image_size: int, mode: ResizeMode = "resize"
     Returns:
         float32 `[image_size, image_size, 3]` (or batched), values in [0, 255].
     """
+    require_choice(mode, ResizeMode, "data.resize")
     size = (image_size, image_size)
     if mode == "pad":
         resized = tf.image.resize_with_pad(tf.cast(image, tf.float32), *size, antialias=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kcls.config import ConfigError, Precision, Strategy
+from kcls.config import ConfigError, Precision, Strategy, require_choice
 
 
 def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
@@ -41,6 +41,7 @@ def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
     Raises:
         ConfigError: `multiworker` without `TF_CONFIG`.
     """
+    require_choice(name, Strategy, "train.strategy")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multiworker":
@@ -79,6 +80,7 @@ def resolve_precision(precision: Precision) -> str:
     scaling), and `float32` on CPUs and anything else. Call it after `make_strategy`:
     TPUs are only listed once the strategy has initialised them.
     """
+    require_choice(precision, Precision, "train.precision")
     if precision != "auto":
         return precision
     if tf.config.list_logical_devices("TPU"):

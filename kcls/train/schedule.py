@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import keras
 
-from kcls.config import TrainConfig
+from kcls.config import Optimizer, TrainConfig, require_choice
 from kcls.models.backbones import backbone_blocks
 from kcls.models.classifier import BACKBONE_LAYER
 
@@ -109,6 +109,7 @@ def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedul
     """
     common = dict(learning_rate=learning_rate, weight_decay=config.weight_decay,
                   clipnorm=config.clipnorm, use_ema=config.ema, ema_momentum=EMA_MOMENTUM)
+    require_choice(config.optimizer, Optimizer, "train.optimizer")
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(momentum=SGD_MOMENTUM, nesterov=True, **common)
     else:
