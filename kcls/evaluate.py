@@ -1,14 +1,17 @@
 """Honest evaluation on a held-out split: predictions once, every metric from them.
 
-`classification_metrics` works on plain arrays, so it is tested on hand-made
+`classification_metrics` works on plain arrays of logits, so it is tested on hand-made
 predictions whose right answers are known; `evaluate_classifier` runs a model over an
 evaluation pipeline (optionally with horizontal-flip test-time augmentation) and
-returns the same dictionary plus the raw predictions for reports.
+returns the same dictionary plus the raw predictions for reports. The negative
+log-likelihood comes from the log-softmax of the logits, never from clipped
+probabilities; precision, recall, F1, the confusion matrix and top-k accuracy are
+scikit-learn's.
 
 Example:
 
->>> probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
->>> metrics = classification_metrics(probabilities, np.array([0, 1, 1]), ["cat", "dog"])
+>>> logits = np.log([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+>>> metrics = classification_metrics(logits, np.array([0, 1, 1]), ["cat", "dog"])
 >>> round(metrics["accuracy"], 3), metrics["per_class"]["dog"]["recall"]
 (0.667, 0.5)
 """
@@ -21,6 +24,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.special import log_softmax, logsumexp, softmax
+from sklearn import metrics as sklearn_metrics
 
 CALIBRATION_BINS = 15
 
@@ -40,8 +45,8 @@ class Evaluation:
     labels: np.ndarray = field(repr=False)
 
 
-def predict_probabilities(classifier: keras.Model, batches: tf.data.Dataset,
-                          flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
+                   flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Runs `classifier` in inference mode over `batches`.
 
     Args:
@@ -50,7 +55,7 @@ def predict_probabilities(classifier: keras.Model, batches: tf.data.Dataset,
         flip: bool, predict on horizontally mirrored images instead.
 
     Returns:
-        `(probabilities float32 [N, C], labels int64 [N])`.
+        `(logits float32 [N, C], labels int64 [N])`.
     """
     # One pass, batch by batch: `predict()` would read the data twice (images, then
     # labels) and warn that a dataset of unknown length "ran out of data".
@@ -58,8 +63,7 @@ def predict_probabilities(classifier: keras.Model, batches: tf.data.Dataset,
     for images, one_hot in batches:
         logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
         labels.append(np.argmax(one_hot, axis=-1))
-    logits = np.concatenate(logits).astype(np.float32)
-    return tf.nn.softmax(logits).numpy(), np.concatenate(labels).astype(np.int64)
+    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
@@ -71,41 +75,53 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
     its metrics are reported separately under `metrics["tta"]`, never in place of the
     plain ones.
     """
-    probabilities, labels = predict_probabilities(classifier, batches)
-    metrics = classification_metrics(probabilities, labels, class_names)
+    logits, labels = predict_logits(classifier, batches)
+    metrics = classification_metrics(logits, labels, class_names)
     if flip_tta:
-        flipped, _ = predict_probabilities(classifier, batches, flip=True)
-        metrics["tta"] = summary_metrics((probabilities + flipped) / 2, labels)
-    return Evaluation(metrics, probabilities, labels)
+        flipped, _ = predict_logits(classifier, batches, flip=True)
+        metrics["tta"] = summary_metrics(mean_probability_logits(logits, flipped), labels)
+    return Evaluation(metrics, softmax(logits, axis=1).astype(np.float32), labels)
 
 
-def summary_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def mean_probability_logits(*logits: np.ndarray) -> np.ndarray:
+    """Logits (log-probabilities) of the mean of the probabilities of several predictions.
+
+    Computed in log space, `log(mean(softmax(l)))`, so no probability underflows to 0.
+    """
+    stacked = np.stack([log_softmax(np.asarray(each, np.float64), axis=1) for each in logits])
+    return logsumexp(stacked, axis=0) - np.log(len(logits))
+
+
+def summary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Top-1 (and top-5 with more than 5 classes) accuracy, NLL and 15-bin ECE.
 
     Args:
-        probabilities: float `[N, C]`, rows summing to 1.
+        logits: float `[N, C]` logits (unnormalised log-probabilities; log-probabilities
+            work too).
         labels: int `[N]`, true class indices.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    log_probabilities = log_softmax(np.asarray(logits, np.float64), axis=1)
+    probabilities = np.exp(log_probabilities)
     metrics = {
         "examples": int(len(labels)),
-        "accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
-        "nll": float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels],
-                                             1e-12, 1.0)))),
+        "accuracy": float(sklearn_metrics.accuracy_score(labels,
+                                                         log_probabilities.argmax(axis=1))),
+        "nll": float(-np.mean(log_probabilities[np.arange(len(labels)), labels])),
         "ece": expected_calibration_error(probabilities, labels),
     }
     if probabilities.shape[1] > 5:
-        top5 = np.argsort(-probabilities, axis=1)[:, :5]
-        metrics["top5_accuracy"] = float(np.mean(np.any(top5 == labels[:, None], axis=1)))
+        metrics["top5_accuracy"] = float(sklearn_metrics.top_k_accuracy_score(
+            labels, probabilities, k=5, labels=np.arange(probabilities.shape[1])))
     return metrics
 
 
-def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
                            class_names: list[str] | None = None) -> dict[str, Any]:
     """Summary metrics, per-class precision/recall/F1/support, averages, confusion matrix.
 
     Args:
-        probabilities: float `[N, C]`, rows summing to 1.
+        logits: float `[N, C]` logits (or log-probabilities).
         labels: int `[N]`, true class indices.
         class_names: list[str] of length C; defaults to "0".."C-1".
 
@@ -113,41 +129,30 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray,
         dict with the `summary_metrics` keys plus `per_class` (name -> precision, recall,
         f1, support), `macro_avg` and `weighted_avg` (precision, recall, f1) and
         `confusion_matrix` (list of C rows: true class; columns: predicted class).
-        A class never predicted has precision 0 (scikit-learn's convention).
+        A class never predicted has precision 0 (scikit-learn's `zero_division=0`).
     """
-    num_classes = probabilities.shape[1]
+    num_classes = np.shape(logits)[1]
     class_names = class_names or [str(i) for i in range(num_classes)]
-    predictions = np.argmax(probabilities, axis=1)
-    matrix = confusion_matrix(labels, predictions, num_classes)
-    true_positives = np.diag(matrix).astype(np.float64)
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    precision = np.divide(true_positives, predicted, out=np.zeros(num_classes),
-                          where=predicted > 0)
-    recall = np.divide(true_positives, support, out=np.zeros(num_classes), where=support > 0)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(num_classes),
-                   where=denominator > 0)
-    weights = support / max(support.sum(), 1)
+    classes = np.arange(num_classes)
+    predictions = np.argmax(logits, axis=1)
+
+    def scores(average: str | None) -> tuple[Any, ...]:
+        return sklearn_metrics.precision_recall_fscore_support(
+            labels, predictions, labels=classes, average=average, zero_division=0)
+
+    precision, recall, f1, support = scores(None)
+    averages = {name: dict(zip(("precision", "recall", "f1"), map(float, scores(name)[:3])))
+                for name in ("macro", "weighted")}
     return {
-        **summary_metrics(probabilities, labels),
+        **summary_metrics(logits, labels),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
                              "f1": float(f1[i]), "support": int(support[i])}
                       for i, name in enumerate(class_names)},
-        "macro_avg": {"precision": float(precision.mean()), "recall": float(recall.mean()),
-                      "f1": float(f1.mean())},
-        "weighted_avg": {"precision": float(weights @ precision),
-                         "recall": float(weights @ recall), "f1": float(weights @ f1)},
-        "confusion_matrix": matrix.tolist(),
+        "macro_avg": averages["macro"],
+        "weighted_avg": averages["weighted"],
+        "confusion_matrix": sklearn_metrics.confusion_matrix(
+            labels, predictions, labels=classes).tolist(),
     }
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
-                     num_classes: int) -> np.ndarray:
-    """int64 `[C, C]` counts: row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
-    return matrix
 
 
 def calibration_bins(probabilities: np.ndarray, labels: np.ndarray,
