@@ -12,7 +12,9 @@
   `tensorflow/serving/classify`): `inputs` (tf.string `[N]`, serialized `tf.Example`s
   with a bytes feature `image_bytes`) -> `classes` (tf.string `[N, k]`, labels) and
   `scores` (float32 `[N, k]`).
-- `assets/labels.txt` (one class name per line) and `kcls.json` (recipe, metrics, versions).
+- `assets/labels.txt` (one class name per line), `kcls.json` (recipe, metrics, versions)
+  and `model.weights.h5` (the Keras weights, from which `load_classifier` rebuilds the
+  classifier; TF Serving ignores it).
 
 With `export.flip_tta` every signature averages the probabilities of each image and its
 horizontal mirror (the test-time augmentation `evaluate.flip_tta` measures).
@@ -84,10 +86,14 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
     model_dir.mkdir(parents=True, exist_ok=True)
     temporary = model_dir / f".tmp-{uuid.uuid4().hex}"
     try:
-        archive = _serving_archive(_float32_copy(classifier, recipe, len(class_names)),
-                                   class_names, recipe.data.image_size, recipe.export.top_k,
-                                   recipe.data.resize, recipe.export.flip_tta)
+        float32_classifier = _float32_copy(classifier, recipe, len(class_names))
+        archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
+                                   recipe.export.top_k, recipe.data.resize,
+                                   recipe.export.flip_tta)
         archive.write_out(str(temporary), verbose=False)
+        # Keras' own weights file, which `load_classifier` reads: it addresses weights by
+        # layer and variable, where the SavedModel only keeps a list of variables.
+        float32_classifier.save_weights(temporary / RUN_WEIGHTS_FILE)
         _set_method_name(temporary, CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME)
         (temporary / LABELS_FILE).parent.mkdir(exist_ok=True)
         (temporary / LABELS_FILE).write_text("\n".join(class_names) + "\n")
@@ -141,15 +147,16 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     """Rebuilds the trained Keras classifier from a run directory or an export.
 
     A run directory has `config.json`, `run.json` and `model.weights.h5`. An export (a
-    version directory, or a model folder: latest version) has `kcls.json` and the
-    SavedModel variables, which are tracked in the order of `classifier.variables`.
+    version directory, or a model folder: latest version) has `kcls.json` and a copy of
+    the float32 `model.weights.h5`; the weights are read from these Keras weights files,
+    never matched to the SavedModel's variables by position.
 
     Raises:
         FileNotFoundError: `path` is neither (the message names what is missing).
         ConfigError: the recorded configuration does not match this kcls version's.
     """
     path = Path(path)
-    if (path / RUN_CONFIG_FILE).is_file() or (path / RUN_WEIGHTS_FILE).is_file():
+    if is_run_dir(path):
         return _load_run(path)
     try:
         export_dir = resolve_export_dir(path)
@@ -161,17 +168,25 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     metadata = json.loads((export_dir / METADATA_FILE).read_text())
     recipe = _recipe_from(metadata["recipe"], export_dir / METADATA_FILE)
     class_names = metadata["class_names"]
+    if not (export_dir / RUN_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"The export {str(export_dir)!r} has no {RUN_WEIGHTS_FILE} (older kcls exports kept "
+            "the weights in the SavedModel only); export the run again with "
+            "`kcls export RUN_DIR`.")
     classifier = _architecture(recipe, len(class_names))
-    # Random-seed states (dropout) play no part in inference; everything else must match.
-    saved_variables = [v for v in tf.saved_model.load(str(export_dir)).variables
-                       if "seed_generator" not in v.name]
-    variables = [v for v in classifier.variables if "seed_generator" not in v.path]
-    if [tuple(v.shape) for v in saved_variables] != [tuple(v.shape) for v in variables]:
-        raise ConfigError(f"The variables of {str(export_dir)!r} do not match the architecture "
-                          "its kcls.json describes; was it written by another kcls version?")
-    for variable, saved in zip(variables, saved_variables):
-        variable.assign(saved.numpy())
+    try:
+        classifier.load_weights(export_dir / RUN_WEIGHTS_FILE)
+    except ValueError as error:
+        raise ConfigError(f"The weights of {str(export_dir)!r} do not fit the architecture its "
+                          f"{METADATA_FILE} describes: {error}") from None
     return LoadedClassifier(classifier, recipe, class_names)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` looks like a run directory (finished or not) rather than an export."""
+    path = Path(path)
+    return (path / RUN_CONFIG_FILE).is_file() or (
+        (path / RUN_WEIGHTS_FILE).is_file() and not (path / "saved_model.pb").is_file())
 
 
 def _load_run(run_dir: Path) -> LoadedClassifier:

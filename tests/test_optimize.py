@@ -174,3 +174,52 @@ def test_qat_yields_an_int8_tflite_model(trained, tmp_path):
     assert report["optimized"]["size_bytes"] < report["float32"]["size_bytes"] / 2.5
     # Loose: 8 QAT steps move a model trained for only 30 steps (0.79-0.99 seen here).
     assert report["agreement"] >= 0.6
+
+
+def with_moved_batchnorm(classifier: keras.Model, seed: int = 0) -> keras.Model:
+    """`classifier` with every BatchNorm vector set to distinct random values.
+
+    At their initial values (gamma 1, beta 0, mean 0, variance 1) two of the four `[C]`
+    vectors are equal, so a transfer that swaps them would go unnoticed.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in classifier._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for variable in layer.weights:
+                variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    return classifier
+
+
+@pytest.mark.slow
+def test_tf_mot_child_receives_every_weight_by_name(tmp_path):
+    """EfficientNetV2's blocks list their BatchNorm statistics in another order in tf-keras."""
+    from kcls.models.classifier import build_classifier
+    from kcls.optimize.tflite import fine_tune_with_mot
+
+    recipe = Recipe(name="effnet", data=DataConfig(image_size=IMAGE_SIZE, batch_size=8),
+                    model=ModelConfig(backbone="efficientnetv2_b0", dropout=0.0))
+    keras.utils.set_random_seed(0)
+    classifier = with_moved_batchnorm(build_classifier(recipe.model, 3, IMAGE_SIZE))
+    images = np.random.default_rng(1).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3))
+    expected = np.asarray(keras.ops.softmax(classifier(images, training=False)))
+    # Zero epochs: the child only rebuilds, loads the weights and converts.
+    model, _ = fine_tune_with_mot(classifier, recipe, 3, "prune", tmp_path, epochs=0,
+                                  steps_per_epoch=1)
+    probabilities = TFLiteClassifier.from_bytes(model).predict(images.astype(np.float32))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+def test_weight_keys_survive_the_name_counters_of_another_build():
+    from kcls.models.classifier import build_classifier
+    from kcls.optimize.weight_keys import weight_keys
+
+    # MobileNetV3 leaves its squeeze-and-excite layers unnamed: a second build in the same
+    # process gets other counters (conv2d_36, ...), as the TF-MOT child process does.
+    first, second = (build_classifier(ModelConfig(backbone="mobilenet_v3_small"), 3, 32)
+                     for _ in range(2))
+    assert [v.path for v in first.weights] != [v.path for v in second.weights]
+    first_keys, second_keys = weight_keys(first.weights), weight_keys(second.weights)
+    assert list(first_keys) == list(second_keys)
+    assert len(first_keys) == len(first.weights)
+    for key, variable in first_keys.items():
+        assert variable.shape == second_keys[key].shape, key

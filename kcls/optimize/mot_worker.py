@@ -8,14 +8,14 @@ in a child process started by `kcls.optimize.tflite.optimize`:
 Why a separate process: TF-MOT 0.8 wraps tf-keras (Keras 2) models only, and importing
 it switches `tf.keras` to legacy Keras for the whole process, after which Keras 3 and
 KerasCV (which kcls trains with) no longer work. So the parent process (Keras 3)
-writes the trained weights of every layer that has weights, in layer order, to an
-`.npz`; the child, with `TF_USE_LEGACY_KERAS=1` set before TensorFlow is imported,
+writes the trained weights to an `.npz`, keyed by name (`kcls.optimize.weight_keys`);
+the child, with `TF_USE_LEGACY_KERAS=1` set before TensorFlow is imported,
 rebuilds the same architecture with tf-keras (KerasCV follows `tf.keras` there), loads
-the weights, fine-tunes with pruning or fake quantization on the training split, and
-writes a SavedModel and a `.tflite` (images float32 `[1, S, S, 3]` in [0, 255] ->
-probabilities `[1, C]`) plus `result.json` with the kernel sparsity. The SavedModel is a
-plain module: `serving_default` and `model_variables` (the weights, pruning masks
-stripped, with their Keras names such as `.../kernel:0`).
+the weights by the same keys, fine-tunes with pruning or fake quantization on the
+training split, and writes a SavedModel and a `.tflite` (images float32 `[1, S, S, 3]`
+in [0, 255] -> probabilities `[1, C]`) plus `result.json` with the kernel sparsity. The
+SavedModel is a plain module: `serving_default` and `model_variables` (the weights,
+pruning masks stripped, with their Keras names such as `.../kernel:0`).
 
 Job file (JSON): `method` (`prune` or `qat`), `recipe` (`kcls.config.to_dict`),
 `num_classes`, `weights` (the .npz), `out_dir`, `epochs`, `steps_per_epoch`,
@@ -68,20 +68,25 @@ def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
     return tf.keras.Model(backbone.input, logits, name=f"{recipe.model.backbone}_classifier")
 
 
-def load_layer_weights(model: tf.keras.Model, weights_file: str) -> None:
-    """Assigns weights saved by `kcls.optimize.tflite.save_layer_weights`, checking shapes."""
+def load_weights_by_key(model: tf.keras.Model, weights_file: str) -> None:
+    """Assigns the weights `kcls.optimize.tflite.save_weights_by_key` saved, matched by key.
+
+    Raises:
+        ValueError: a weight without a counterpart on either side, or of another shape.
+    """
+    from kcls.optimize.weight_keys import weight_keys
+
     saved = np.load(weights_file)
-    layers = [layer for layer in model.layers if layer.weights]
-    if len(layers) != int(saved["count"]):
-        raise ValueError(f"the tf-keras rebuild has {len(layers)} layers with weights, the "
-                         f"trained model {int(saved['count'])}")
-    for index, layer in enumerate(layers):
-        values = [saved[f"{index}/{position}"] for position in range(len(layer.weights))]
-        expected = [tuple(w.shape) for w in layer.weights]
-        if [v.shape for v in values] != expected:
-            raise ValueError(f"layer {layer.name}: shapes {expected} vs trained "
-                             f"{[v.shape for v in values]}")
-        layer.set_weights(values)
+    variables = weight_keys(model.weights)
+    missing, unexpected = sorted(set(variables) - set(saved)), sorted(set(saved) - set(variables))
+    if missing or unexpected:
+        raise ValueError(f"the tf-keras rebuild and the trained model hold different weights: "
+                         f"not trained {missing[:5]}, not in the rebuild {unexpected[:5]}")
+    for key, variable in variables.items():
+        if tuple(variable.shape) != saved[key].shape:
+            raise ValueError(f"weight {key}: shape {tuple(variable.shape)} in the tf-keras "
+                             f"rebuild, {saved[key].shape} trained")
+        variable.assign(saved[key])
 
 
 def training_batches(recipe: Any, num_classes: int) -> tf.data.Dataset:
@@ -123,7 +128,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     num_classes, method = int(job["num_classes"]), job["method"]
     out_dir = Path(job["out_dir"])
     model = build_legacy_classifier(recipe, num_classes)
-    load_layer_weights(model, job["weights"])
+    load_weights_by_key(model, job["weights"])
     for layer in model.layers:
         # kcls fine-tunes with BatchNorm in inference mode; keep its statistics here too.
         if isinstance(layer, tf.keras.layers.BatchNormalization):
@@ -151,9 +156,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         optimizer=tf.keras.optimizers.Adam(float(job["learning_rate"])),
         loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"])
-    model_for_training.fit(training_batches(recipe, num_classes), epochs=int(job["epochs"]),
-                           steps_per_epoch=int(job["steps_per_epoch"]), callbacks=callbacks,
-                           verbose=0)
+    if steps:  # zero epochs: rebuild, load and convert only (what the transfer test checks)
+        model_for_training.fit(training_batches(recipe, num_classes), epochs=int(job["epochs"]),
+                               steps_per_epoch=int(job["steps_per_epoch"]),
+                               callbacks=callbacks, verbose=0)
     if method == "prune":
         final = tfmot.sparsity.keras.strip_pruning(model_for_training)
         sparsity = kernel_sparsity(final)

@@ -53,7 +53,8 @@ import tensorflow as tf
 from kcls.config import Recipe, to_dict
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
-from kcls.export import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, load_classifier, resolve_export_dir
+from kcls.export import is_run_dir, load_classifier, resolve_export_dir
+from kcls.optimize.weight_keys import weight_keys
 
 PTQ_METHODS = ("ptq-dynamic", "ptq-float16", "ptq-int8")
 TRAINING_METHODS = ("prune", "qat")
@@ -267,7 +268,7 @@ def zipped_size(model: bytes) -> int:
 def default_out_dir(model_path: str | Path, method: str) -> Path:
     """Where `optimize` writes by default (see the module docstring)."""
     path = Path(model_path)
-    if (path / RUN_CONFIG_FILE).is_file() or (path / RUN_WEIGHTS_FILE).is_file():
+    if is_run_dir(path):
         return path / "optimized" / method
     export_dir = resolve_export_dir(path)
     return export_dir.parent / "optimized" / export_dir.name / method
@@ -395,21 +396,13 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_layer_weights(classifier: keras.Model, path: str | Path) -> Path:
-    """Saves the weights of every layer that has some, flattened in layer order, to `.npz`.
+def save_weights_by_key(classifier: keras.Model, path: str | Path) -> Path:
+    """Saves every weight of `classifier` to `.npz`, keyed by `kcls.optimize.weight_keys`.
 
-    The backbone's layers come first, then the head's, which is the layer order of the
-    flat tf-keras rebuild in `kcls.optimize.mot_worker`. Keys: `count` and
-    `"{layer}/{position}"` (position in `layer.get_weights()`).
+    The keys name the same variables in the tf-keras rebuild of `kcls.optimize.mot_worker`,
+    whatever order either Keras lists them in.
     """
-    layers = []
-    for layer in classifier.layers:
-        inner = layer.layers if isinstance(layer, keras.Model) else [layer]
-        layers.extend(sub for sub in inner if sub.weights)
-    arrays: dict[str, np.ndarray] = {"count": np.asarray(len(layers))}
-    for index, layer in enumerate(layers):
-        for position, value in enumerate(layer.get_weights()):
-            arrays[f"{index}/{position}"] = value
+    arrays = {key: variable.numpy() for key, variable in weight_keys(classifier.weights).items()}
     np.savez(path, **arrays)
     return Path(path)
 
@@ -438,7 +431,7 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
         load_splits(recipe.data).sizes["train"] // recipe.data.batch_size, 1)
     with tempfile.TemporaryDirectory(prefix="kcls-mot-") as temporary:
         job = {"method": method, "recipe": to_dict(recipe), "num_classes": num_classes,
-               "weights": str(save_layer_weights(classifier, Path(temporary) / "weights.npz")),
+               "weights": str(save_weights_by_key(classifier, Path(temporary) / "weights.npz")),
                "out_dir": str(out_dir), "epochs": epochs, "steps_per_epoch": steps_per_epoch,
                "learning_rate": learning_rate, "target_sparsity": target_sparsity}
         job_file = Path(temporary) / "job.json"
