@@ -12,16 +12,14 @@ from click.testing import CliRunner
 
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, TrainConfig
-from kcls.optimize.tflite import (
+from kcls.optimize.convert import (
     OptimizeError,
-    TFLiteClassifier,
     convert,
-    default_out_dir,
-    held_out_examples,
-    optimize,
     representative_images,
     write_probability_saved_model,
 )
+from kcls.optimize.interpreter import TFLiteClassifier
+from kcls.optimize.tflite import default_out_dir, held_out_examples, optimize
 
 IMAGE_SIZE = 32
 
@@ -194,7 +192,7 @@ def with_moved_batchnorm(classifier: keras.Model, seed: int = 0) -> keras.Model:
 def test_tf_mot_child_receives_every_weight_by_name(tmp_path):
     """EfficientNetV2's blocks list their BatchNorm statistics in another order in tf-keras."""
     from kcls.models.classifier import build_classifier
-    from kcls.optimize.tflite import fine_tune_with_mot
+    from kcls.optimize.mot import fine_tune_with_mot
 
     recipe = Recipe(name="effnet", data=DataConfig(image_size=IMAGE_SIZE, batch_size=8),
                     model=ModelConfig(backbone="efficientnetv2_b0", dropout=0.0))

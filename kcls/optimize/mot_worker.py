@@ -1,7 +1,7 @@
 """TF-MOT pruning and quantization-aware training, run in a child process.
 
 This module is the only place kcls touches `tensorflow_model_optimization`, and only
-in a child process started by `kcls.optimize.tflite.optimize`:
+in a child process started by `kcls.optimize.mot.fine_tune_with_mot`:
 
     TF_USE_LEGACY_KERAS=1 python -m kcls.optimize.mot_worker JOB.json
 
@@ -69,7 +69,7 @@ def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
 
 
 def load_weights_by_key(model: tf.keras.Model, weights_file: str) -> None:
-    """Assigns the weights `kcls.optimize.tflite.save_weights_by_key` saved, matched by key.
+    """Assigns the weights `kcls.optimize.mot.save_weights_by_key` saved, matched by key.
 
     Raises:
         ValueError: a weight without a counterpart on either side, or of another shape.
