@@ -254,7 +254,7 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
     try:
         report = optimize_model(model_path, method, out_dir, io_type or "int8",
                                 calibration_images, latency_runs, threads, epochs,
-                                target_sparsity, per_channel=not per_tensor)
+                                target_sparsity, per_channel=not per_tensor, log=click.echo)
     except (FileNotFoundError, OptimizeError) as error:
         raise click.ClickException(str(error)) from None
     except ConfigError as error:

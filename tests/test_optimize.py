@@ -144,8 +144,10 @@ def test_cli_optimize(trained, tmp_path):
 @pytest.mark.slow
 def test_prune_reaches_target_sparsity(trained, tmp_path):
     _, _, export_dir = trained
+    progress = []
     report = optimize(export_dir, "prune", tmp_path, latency_runs=3, mot_epochs=1,
-                      target_sparsity=0.5, mot_steps_per_epoch=12)
+                      target_sparsity=0.5, mot_steps_per_epoch=12, log=progress.append)
+    assert any(line.startswith("prune: epoch 1/1 done") for line in progress), progress
 
     # Count the zeros ourselves, in the stripped SavedModel the TF-MOT child wrote.
     saved = tf.saved_model.load(str(tmp_path / "saved_model"))
@@ -163,7 +165,7 @@ def test_prune_reaches_target_sparsity(trained, tmp_path):
 def test_qat_yields_an_int8_tflite_model(trained, tmp_path):
     _, _, export_dir = trained
     report = optimize(export_dir, "qat", tmp_path, latency_runs=3, mot_epochs=1,
-                      mot_steps_per_epoch=8)
+                      mot_steps_per_epoch=8, log=lambda line: None)
 
     interpreter = TFLiteClassifier.from_bytes((tmp_path / "model.tflite").read_bytes())
     types = {detail["dtype"] for detail in interpreter.interpreter.get_tensor_details()}
@@ -221,3 +223,37 @@ def test_weight_keys_survive_the_name_counters_of_another_build():
     assert len(first_keys) == len(first.weights)
     for key, variable in first_keys.items():
         assert variable.shape == second_keys[key].shape, key
+
+
+def child(code: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_streams_its_output_and_a_dead_or_silent_child_fails_clearly():
+    import os
+    import time
+
+    from kcls.optimize.mot import run_child
+
+    received = []
+    run_child(child("import sys\nprint('epoch 1/2', flush=True)\n"
+                    "print('a warning', file=sys.stderr)\nprint('epoch 2/2')"),
+              received.append, "the demo child")
+    assert received == ["epoch 1/2", "epoch 2/2"]
+
+    with pytest.raises(OptimizeError, match="(?s)exit status 3.*it broke"):
+        run_child(child("import sys\nprint('it broke', file=sys.stderr)\nsys.exit(3)"),
+                  received.append, "the demo child")
+    with pytest.raises(OptimizeError, match="(?s)killed by signal SIGKILL.*out of memory"):
+        run_child(child("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
+                  received.append, "the demo child")
+    started = time.monotonic()
+    with pytest.raises(OptimizeError, match="printed nothing for 1 s") as error:
+        run_child(child("import time\nprint('working', flush=True)\ntime.sleep(60)"),
+                  received.append, "the demo child", idle_timeout=1)
+    assert time.monotonic() - started < 30
+    pid = int(str(error.value).split("process ")[1].split(")")[0])
+    with pytest.raises(ProcessLookupError):  # stopped, not left running
+        os.kill(pid, 0)

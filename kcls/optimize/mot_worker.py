@@ -20,6 +20,10 @@ pruning masks stripped, with their Keras names such as `.../kernel:0`).
 Job file (JSON): `method` (`prune` or `qat`), `recipe` (`kcls.config.to_dict`),
 `num_classes`, `weights` (the .npz), `out_dir`, `epochs`, `steps_per_epoch`,
 `learning_rate`, `target_sparsity`.
+
+stdout carries progress only (a line per stage and epoch, and at least one every 30 s
+while training), which the parent passes on to the user; everything else (TensorFlow's
+logs, errors) goes to stderr.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -47,6 +52,7 @@ QUANTIZED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D,
                     tf.keras.layers.ReLU, tf.keras.layers.GlobalAveragePooling2D,
                     tf.keras.layers.MaxPooling2D)
 EXIT_UNSUPPORTED = 3  # the model has layers TF-MOT cannot wrap; stderr says which
+PROGRESS_SECONDS = 30.0  # longest silence while training (the parent stops a silent child)
 
 
 def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
@@ -127,6 +133,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     recipe = from_dict(job["recipe"])
     num_classes, method = int(job["num_classes"]), job["method"]
     out_dir = Path(job["out_dir"])
+    say(f"{method}: rebuilding {recipe.model.backbone} with tf-keras")
     model = build_legacy_classifier(recipe, num_classes)
     load_weights_by_key(model, job["weights"])
     for layer in model.layers:
@@ -157,9 +164,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"])
     if steps:  # zero epochs: rebuild, load and convert only (what the transfer test checks)
+        say(f"{method}: fine-tuning {job['epochs']} epoch(s) of {job['steps_per_epoch']} steps")
         model_for_training.fit(training_batches(recipe, num_classes), epochs=int(job["epochs"]),
                                steps_per_epoch=int(job["steps_per_epoch"]),
-                               callbacks=callbacks, verbose=0)
+                               callbacks=[*callbacks, Progress(method)], verbose=0)
     if method == "prune":
         final = tfmot.sparsity.keras.strip_pruning(model_for_training)
         sparsity = kernel_sparsity(final)
@@ -178,6 +186,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     module.model_variables = list(final.weights)
     module.probabilities = probabilities
     saved_model = out_dir / "saved_model"
+    say(f"{method}: writing {saved_model} and converting it to TFLite")
     tf.saved_model.save(module, str(saved_model), signatures={"serving_default": probabilities})
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if method == "qat":
@@ -187,6 +196,36 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     result = {"method": method, "sparsity": sparsity, "steps": steps}
     (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
+
+
+def say(message: str) -> None:
+    """One progress line on stdout, which the parent passes on as it comes."""
+    print(message, flush=True)
+
+
+class Progress(tf.keras.callbacks.Callback):
+    """A line per epoch and, within an epoch, one at least every `interval` seconds."""
+
+    def __init__(self, method: str, interval: float = PROGRESS_SECONDS) -> None:
+        super().__init__()
+        self.method = method
+        self.interval = interval
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            say(f"{self.method}: epoch {self.epoch + 1}/{self.params['epochs']}, step "
+                f"{batch + 1}/{self.params['steps']}, loss {(logs or {}).get('loss', 0):.4f}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        say(f"{self.method}: epoch {epoch + 1}/{self.params['epochs']} done in "
+            f"{time.monotonic() - self.started:.0f} s, loss {logs.get('loss', 0):.4f}, "
+            f"accuracy {logs.get('accuracy', 0):.4f}")
 
 
 def main(argv: list[str]) -> int:

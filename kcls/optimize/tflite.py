@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ def default_out_dir(model_path: str | Path, method: str) -> Path:
 def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = None,
              io_type: str = "int8", calibration_images: int = 200, latency_runs: int = 100,
              num_threads: int = 1, mot_epochs: int = 2, target_sparsity: float = 0.5,
-             mot_steps_per_epoch: int | None = None, per_channel: bool = True) -> dict[str, Any]:
+             mot_steps_per_epoch: int | None = None, per_channel: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantizes a trained classifier for the edge and compares it with float32 TFLite.
 
     Args:
@@ -97,6 +99,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         mot_steps_per_epoch: caps `prune`/`qat` steps per epoch (default: the whole split).
         per_channel: `ptq-int8` weight scales per output channel (default) or per tensor
             (smaller file; see `convert`).
+        log: receives the progress lines of `prune` and `qat`, as they come.
 
     Returns:
         The report written to `<out_dir>/optimize.json`: `method`, `io_type`,
@@ -123,7 +126,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         if method in TRAINING_METHODS:
             optimized_model, mot_result = fine_tune_with_mot(
                 loaded.classifier, recipe, len(loaded.class_names), method, out_dir,
-                mot_epochs, target_sparsity, steps_per_epoch=mot_steps_per_epoch)
+                mot_epochs, target_sparsity, steps_per_epoch=mot_steps_per_epoch, log=log)
         else:
             optimized_model, mot_result = convert(
                 saved_model, method, representative_images(recipe, calibration_images),
