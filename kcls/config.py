@@ -29,6 +29,7 @@ Strategy = Literal["auto", "mirrored", "multiworker", "default"]
 AugmentPolicy = Literal["none", "light", "randaugment", "strong"]
 ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
+JitCompile = Union[bool, Literal["auto"]]
 
 
 class ConfigError(ValueError):
@@ -130,9 +131,9 @@ class TrainConfig:
     """The two-phase fine-tuning schedule and how it is computed.
 
     Phase 1 trains the head on a frozen backbone; phase 2 unfreezes the backbone (all
-    of it or its top blocks; BatchNorm stays in inference mode unless
-    `train_batchnorm`) at `learning_rate * unfrozen_lr_factor`. Durations are in
-    epochs; `steps_per_epoch` only caps an epoch for quick runs.
+    of it or its top blocks; BatchNorm trains from scratch and stays in inference mode
+    on pretrained weights, see `train_batchnorm`) at `learning_rate * unfrozen_lr_factor`.
+    Durations are in epochs; `steps_per_epoch` only caps an epoch for quick runs.
 
     Attributes:
         frozen_epochs: epochs of phase 1 (0 skips it).
@@ -141,6 +142,10 @@ class TrainConfig:
             (see `kcls.models.backbones.backbone_blocks` for what a block is per family).
         train_batchnorm: let the BatchNorm layers of the unfrozen blocks train in phase 2
             (batch statistics, updated moving averages); off keeps them in inference mode.
+            `None` (auto): train them when the backbone starts from random initialisation
+            (`model.weights` none), whose statistics must be learned, and keep them in
+            inference mode on pretrained weights, whose statistics small fine-tuning
+            batches would spoil. `run.json` records the value used.
         optimizer: `adamw`, or `sgd` with Nesterov momentum 0.9; both decay weights decoupled.
         learning_rate: peak learning rate of phase 1.
         unfrozen_lr_factor: phase 2 peak learning rate as a fraction of phase 1's.
@@ -162,7 +167,11 @@ class TrainConfig:
         early_stopping_patience: end a phase after this many epochs without a better
             validation loss, keeping the best weights; 0 turns early stopping off.
         precision: `auto` picks mixed precision where the device has fast low-precision math.
-        jit_compile: compile the training step with XLA.
+        jit_compile: compile the training step with XLA: `true`, `false`, or `auto`: XLA on
+            GPUs and TPUs, and on CPUs only for the backbones measured faster with it
+            there (`kcls.train.compute.XLA_CPU_SPEEDUP`; none so far: on a 2-core CPU
+            EfficientNetV2-B0 trained at 0.41x the speed with XLA, `resnet_v2_tiny` at
+            0.77x, `compact_resnet` at 0.72x). `run.json` records the value used and why.
         strategy: `auto` (TPUStrategy when a TPU is configured, MirroredStrategy on several
             GPUs, else the default), `mirrored` (all local GPUs, or all logical CPUs),
             `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`) or `default`.
@@ -172,7 +181,7 @@ class TrainConfig:
     frozen_epochs: int = 2
     unfrozen_epochs: int = 3
     unfreeze: str = "all"
-    train_batchnorm: bool = False
+    train_batchnorm: Optional[bool] = None
     optimizer: Optimizer = "adamw"
     learning_rate: float = 1e-3
     unfrozen_lr_factor: float = 0.1
@@ -186,7 +195,7 @@ class TrainConfig:
     time_budget: Optional[str] = None
     early_stopping_patience: int = 0
     precision: Precision = "auto"
-    jit_compile: bool = True
+    jit_compile: JitCompile = "auto"
     strategy: Strategy = "auto"
     seed: int = 0
 
@@ -358,10 +367,14 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if raw.lower() in ("none", "null"):
+        if raw.lower() in ("none", "null") and len(arguments) < len(_arms(annotation)):
             return None
-        (annotation,) = arguments
-        origin = typing.get_origin(annotation)
+        for argument in arguments:  # e.g. bool | Literal["auto"]: the first that parses
+            try:
+                return _parse_value(key, raw, argument)
+            except ConfigError:
+                pass
+        raise ConfigError(f"Invalid value {raw!r} for {key!r}: expected {_expected(annotation)}.")
     if origin is Literal:
         require_choice(raw, annotation, key)
         return raw
@@ -405,31 +418,68 @@ def parse_duration(text: str) -> float:
 
 
 def check_choices(section: Any, section_name: str) -> None:
-    """Checks that every `Literal` field of a config dataclass holds one of its choices.
+    """Checks that every field of a config dataclass that offers choices holds one of them.
 
-    Called by each section's `__post_init__`, so recipe files, `--set` overrides and
-    configurations read back from run directories and exports meet the same check.
+    Choices are the strings of a `Literal` type, possibly beside other types
+    (`bool | Literal["auto"]`). Called by each section's `__post_init__`, so recipe
+    files, `--set` overrides and configurations read back from run directories and
+    exports meet the same check.
 
     Raises:
-        ConfigError: naming the field, the value and the valid choices.
+        ConfigError: naming the field, the value and what it accepts.
     """
     hints = typing.get_type_hints(type(section))
     for config_field in dataclasses.fields(section):
-        if typing.get_origin(hints[config_field.name]) is Literal:
-            require_choice(getattr(section, config_field.name), hints[config_field.name],
+        annotation = hints[config_field.name]
+        if any(typing.get_origin(arm) is Literal for arm in _arms(annotation)):
+            require_choice(getattr(section, config_field.name), annotation,
                            f"{section_name}.{config_field.name}")
 
 
 def require_choice(value: Any, choices: Any, key: str) -> None:
-    """Raises `ConfigError` unless `value` is one of the strings of the `Literal` type `choices`.
+    """Raises `ConfigError` unless `value` is one of the `choices`.
+
+    Args:
+        value: the value to check.
+        choices: a `Literal` type, or a union of one with other types
+            (`bool | Literal["auto"]`).
+        key: the `section.field` the value is for, named in the message.
 
     Consumers of a choice call it too (`require_choice(policy, AugmentPolicy,
     "data.augment")`) instead of treating an unknown value as their last branch.
     """
-    allowed = typing.get_args(choices)
-    if not (isinstance(value, str) and value in allowed):
-        raise ConfigError(f"Invalid value {value!r} for {key!r}: expected one of "
-                          f"{', '.join(allowed)}.")
+    if not any(_is_instance(value, arm) for arm in _arms(choices)):
+        raise ConfigError(f"Invalid value {value!r} for {key!r}: expected "
+                          f"{_expected(choices)}.")
+
+
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    """The types of a union (`Optional[X]` included), or `(annotation,)`."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _is_instance(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) is Literal:
+        return isinstance(value, str) and value in typing.get_args(annotation)
+    if annotation in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _expected(annotation: Any) -> str:
+    """What a field of type `annotation` accepts, in the words of the error messages."""
+    words = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+             str: "a string", type(None): "none"}
+    described = []
+    for arm in _arms(annotation):
+        if typing.get_origin(arm) is Literal:
+            choices = typing.get_args(arm)
+            described.append(f"one of {', '.join(choices)}" if len(choices) > 1 else choices[0])
+        else:
+            described.append(words[arm])
+    return " or ".join(described)
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:

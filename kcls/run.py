@@ -18,6 +18,7 @@ this module only wires them together and writes the run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -49,9 +50,11 @@ from kcls.train.compute import (
     describe_devices,
     describe_strategy,
     make_strategy,
+    resolve_jit_compile,
     resolve_precision,
 )
 from kcls.train.runner import fit_phases
+from kcls.train.schedule import resolve_train_batchnorm
 
 SAMPLE_IMAGES = 8
 # With a time budget: seconds kept after training for the work that does not scale with
@@ -107,6 +110,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     run_dir = Path(run_dir or Path("runs") / recipe.name / datetime.now().strftime("%Y%m%d-%H%M%S"))
     splits = splits or load_splits(recipe.data)
     precision = resolve_precision(recipe.train.precision)
+    jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
+                                                          recipe.model.backbone)
+    train_config = dataclasses.replace(
+        recipe.train, jit_compile=jit_compile,
+        train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
     keras.utils.set_random_seed(recipe.train.seed)
     with strategy.scope():
         classifier = build_classifier(recipe.model, len(splits.class_names),
@@ -114,7 +122,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(to_json(recipe))
     log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
-        f"{describe_strategy(strategy)} | {precision} | "
+        f"{describe_strategy(strategy)} | {precision} | XLA {'on' if jit_compile else 'off'} "
+        f"({jit_compile_reason}) | "
         f"{len(splits.class_names)} classes | train {splits.sizes['train']}, "
         f"validation {splits.sizes['validation']}, test {splits.sizes['test']} | run dir {run_dir}")
 
@@ -146,7 +155,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
                        class_weights, splits.fingerprint),
         validation_batches,
-        steps_per_epoch, recipe.train, augmentation.device, verbose=verbose, run_dir=run_dir,
+        steps_per_epoch, train_config, augmentation.device, verbose=verbose, run_dir=run_dir,
         strategy=strategy, time_budget=time_budget)
     if training["resumed"]:
         log("resumed an interrupted run: " + ", ".join(
@@ -186,6 +195,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         "keras_version": keras.__version__, "devices": describe_devices(),
         "strategy": describe_strategy(strategy),
         "precision": precision, "jit_compile": training["jit_compile"],
+        "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
+        else f"{jit_compile_reason}; off: a layer in the training step does not support XLA",
+        "train_batchnorm": train_config.train_batchnorm,
         "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
         "global_batch_size": recipe.data.batch_size,
         "class_weights": None if class_weights is None else dict(

@@ -1,4 +1,5 @@
-"""One tiny real run: digits, tiny ResNetV2 under XLA, both phases, export, reload, predict."""
+"""One tiny real run: digits, tiny ResNetV2 (XLA as `auto` decides), both phases, export, reload,
+predict."""
 
 import json
 
@@ -32,7 +33,7 @@ def test_run_writes_run_dir_and_first_version(tiny_run):
     assert result.export_dir.name == "1"
     assert result.export_dir.parent.name == "quickstart"
     run_info = json.loads((result.run_dir / "run.json").read_text())
-    assert run_info["jit_compile"] is True
+    assert isinstance(run_info["jit_compile"], bool) and run_info["jit_compile_reason"]
     assert [phase["name"] for phase in run_info["phases"]] == ["frozen", "unfrozen"]
     assert len(run_info["history"]["loss"]) == 2
     assert 0.0 <= result.metrics["accuracy"] <= 1.0 and result.metrics["examples"] == 360
@@ -125,3 +126,16 @@ def test_cli_evaluate_reproduces_the_run_metrics_and_checks_classes(tiny_run, tm
                                        "--data", f"folder:{folder}"])
     assert output.exit_code == 2
     assert "not the model's classes" in output.output and "Traceback" not in output.output
+
+
+def test_a_random_init_backbone_trains_its_batchnorm_and_run_json_says_so(tiny_run):
+    _, result = tiny_run
+    # Phase 2 of a from-scratch run updates the moving statistics (initially 0 and 1).
+    means = [v.numpy() for v in result.classifier.weights if v.path.endswith("moving_mean")]
+    assert means and all(np.abs(mean).max() > 0 for mean in means)
+    run_info = json.loads((result.run_dir / "run.json").read_text())
+    assert run_info["train_batchnorm"] is True
+    from kcls.train.compute import resolve_jit_compile
+
+    used, reason = resolve_jit_compile("auto", "resnet_v2_tiny")
+    assert run_info["jit_compile"] is used and run_info["jit_compile_reason"] == reason

@@ -41,7 +41,7 @@ def trained_classifier():
         32, drop_remainder=True).repeat()
     fit_phases(classifier, batches, None, steps_per_epoch=20,
                config=TrainConfig(frozen_epochs=0, unfrozen_epochs=3, learning_rate=3e-3,
-                                  jit_compile=False), verbose=0)
+                                  train_batchnorm=False, jit_compile=False), verbose=0)
     return classifier
 
 

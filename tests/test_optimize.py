@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     recipe = Recipe(name="tiny", data=data, model=ModelConfig(backbone="resnet_v2_tiny"),
                     train=TrainConfig(frozen_epochs=0, unfrozen_epochs=3, jit_compile=False,
                                       steps_per_epoch=20, learning_rate=3e-3,
-                                      unfrozen_lr_factor=1.0),
+                                      unfrozen_lr_factor=1.0, train_batchnorm=False),
                     export=ExportConfig(base_dir=str(base_dir)))
     keras.utils.set_random_seed(0)
     splits = load_splits(data)

@@ -15,7 +15,8 @@ from kcls.run import run_recipe
 from kcls.train.runner import BACKUP_DIR, BEST_WEIGHTS_FILE, fit_phases
 
 # Phase 2 trains the top block only: a smaller backward pass to trace, a faster test.
-CONFIG = TrainConfig(frozen_epochs=2, unfrozen_epochs=3, unfreeze="1", jit_compile=False)
+CONFIG = TrainConfig(frozen_epochs=2, unfrozen_epochs=3, unfreeze="1", train_batchnorm=False,
+                     jit_compile=False)
 TOTAL_EPOCHS = CONFIG.frozen_epochs + CONFIG.unfrozen_epochs
 
 

@@ -157,8 +157,40 @@ def test_early_stopping_ends_a_phase_and_the_next_starts_after_it():
     classifier = tiny_classifier()
     # A learning rate too small to change float32 weights: val_loss never improves.
     config = TrainConfig(frozen_epochs=4, unfrozen_epochs=1, unfreeze="1", learning_rate=1e-12,
-                         early_stopping_patience=1, jit_compile=False)
+                         early_stopping_patience=1, train_batchnorm=False, jit_compile=False)
     result = fit_phases(classifier, batches(), batches(16, repeat=False), 1, config, verbose=0)
     assert [(p["name"], p["first_epoch"], p["epochs"]) for p in result["phases"]] == [
         ("frozen", 0, 2), ("unfrozen", 2, 1)]
     assert len(result["history"]["val_loss"]) == 3
+
+
+def test_batchnorm_trains_by_default_only_when_the_backbone_is_not_pretrained():
+    from kcls.train.schedule import resolve_train_batchnorm
+
+    assert TrainConfig().train_batchnorm is None  # auto
+    assert resolve_train_batchnorm(TrainConfig(), weights=None) is True
+    assert resolve_train_batchnorm(TrainConfig(), weights="imagenet") is False
+    assert resolve_train_batchnorm(TrainConfig(), weights="backbone.weights.h5") is False
+    assert resolve_train_batchnorm(TrainConfig(train_batchnorm=False), weights=None) is False
+    assert resolve_train_batchnorm(TrainConfig(train_batchnorm=True), "imagenet") is True
+    # fit_phases cannot know where the weights came from: it asks instead of guessing.
+    with pytest.raises(ValueError, match="resolve_train_batchnorm"):
+        train(tiny_classifier(), frozen_epochs=0, unfrozen_epochs=1)
+
+
+def test_xla_is_automatic_where_it_was_measured_faster():
+    from kcls.train.compute import resolve_jit_compile
+
+    assert TrainConfig().jit_compile == "auto"
+    assert apply_overrides(Recipe(name="r"), ["train.jit_compile=auto"]).train.jit_compile == "auto"
+    assert apply_overrides(Recipe(name="r"), ["train.jit_compile=off"]).train.jit_compile is False
+    with pytest.raises(ConfigError, match="'train.jit_compile': expected a boolean"):
+        TrainConfig(jit_compile="yes")
+    assert resolve_jit_compile(True, "efficientnetv2_b0") == (True, "train.jit_compile=true")
+    assert resolve_jit_compile(False, "compact_resnet") == (False, "train.jit_compile=false")
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        pytest.skip("the CPU rules apply on CPU-only machines")
+    used, reason = resolve_jit_compile("auto", "efficientnetv2_b0")
+    assert not used and "0.41x" in reason  # benchmarks/train_step.py on the 2-core CPU
+    used, reason = resolve_jit_compile("auto", "my_new_backbone")
+    assert not used and "not measured" in reason

@@ -45,7 +45,7 @@ def fine_tune_accuracy(weights: str | None, train: tf.data.Dataset,
     classifier = build_classifier(
         ModelConfig(backbone="resnet_v2_tiny", weights=weights, dropout=0.0), 5, IMAGE_SIZE)
     config = TrainConfig(frozen_epochs=3, unfrozen_epochs=1, learning_rate=1e-2,
-                         unfrozen_lr_factor=0.03, jit_compile=False)
+                         unfrozen_lr_factor=0.03, train_batchnorm=False, jit_compile=False)
     fit_phases(classifier, train_pipeline(train, 5, DATA), None, 10, config, verbose=0)
     logits, labels = predict_logits(classifier, eval_pipeline(test, 5, DATA))
     return float(np.mean(logits.argmax(axis=1) == labels))

@@ -101,7 +101,10 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             B the global batch size, optionally with float32 `[B]` per-example loss weights.
         validation_batches: finite dataset of the same structure, or None.
         steps_per_epoch: int, training steps per epoch.
-        config: TrainConfig, the schedule.
+        config: TrainConfig, the schedule, with its automatic settings resolved:
+            `jit_compile` true or false (`kcls.train.compute.resolve_jit_compile`) and,
+            when a phase trains the backbone, `train_batchnorm` true or false
+            (`kcls.train.schedule.resolve_train_batchnorm`); `run_recipe` resolves both.
         device_augment: jit-compatible augmentation run inside the step, or None.
         callbacks: extra callbacks for every phase.
         verbose: `fit()` verbosity (progress bar by default).
@@ -120,6 +123,18 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         (path of the best checkpoint, or None), and with a budget `time_budget` (its
         plan per phase next to the actual epochs and seconds).
     """
+    phases = plan_phases(config)
+    if not isinstance(config.jit_compile, bool):
+        raise ValueError(
+            f"train.jit_compile={config.jit_compile!r} depends on the backbone and the device: "
+            "resolve it with kcls.train.compute.resolve_jit_compile (run_recipe does), or "
+            "pass true or false.")
+    if config.train_batchnorm is None and any(phase.backbone_trainable for phase in phases):
+        raise ValueError(
+            "train.train_batchnorm=None (auto) depends on whether the backbone is pretrained, "
+            "which fit_phases cannot see: resolve it with "
+            "kcls.train.schedule.resolve_train_batchnorm (run_recipe does), or pass true or "
+            "false.")
     strategy = strategy or tf.distribute.get_strategy()
     run_dir = Path(run_dir) if run_dir is not None else None
     resumable = run_dir is not None and time_budget is None
@@ -138,7 +153,6 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     jit_compile = config.jit_compile
     epoch = 0
     pending_weights: Path | None = None
-    phases = plan_phases(config)
     for index, phase in enumerate(phases):
         if phase.name in progress.completed:
             record = progress.completed[phase.name]
@@ -150,7 +164,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             classifier.load_weights(pending_weights)
             pending_weights = None
         set_backbone_trainable(classifier, phase.backbone_trainable, config.unfreeze,
-                               config.train_batchnorm)
+                               bool(config.train_batchnorm))
         # A fresh Trainer per phase: BackupAndRestore leaves the restored epoch on the
         # model it restored, and fit() would start the next phase there.
         with strategy.scope():
