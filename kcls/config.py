@@ -145,7 +145,9 @@ class TrainConfig:
             `None` (auto): train them when the backbone starts from random initialisation
             (`model.weights` none), whose statistics must be learned, and keep them in
             inference mode on pretrained weights, whose statistics small fine-tuning
-            batches would spoil. `run.json` records the value used.
+            batches would spoil. After a phase that trained them, their statistics are
+            re-estimated with the final weights (`kcls.train.batchnorm`). `run.json`
+            records the value used.
         optimizer: `adamw`, or `sgd` with Nesterov momentum 0.9; both decay weights decoupled.
         learning_rate: peak learning rate of phase 1.
         unfrozen_lr_factor: phase 2 peak learning rate as a fraction of phase 1's.

@@ -194,3 +194,25 @@ def test_xla_is_automatic_where_it_was_measured_faster():
     assert not used and "0.41x" in reason  # benchmarks/train_step.py on the 2-core CPU
     used, reason = resolve_jit_compile("auto", "my_new_backbone")
     assert not used and "not measured" in reason
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_training_batches():
+    from kcls.train.batchnorm import recalibrate_batchnorm
+
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()])
+    images = np.random.default_rng(0).normal([5.0, -3.0], [2.0, 0.5], (64, 4, 4, 2))
+    batches = tf.data.Dataset.from_tensor_slices(
+        (images.astype("float32"), np.zeros(64))).batch(16).repeat()
+    assert recalibrate_batchnorm(model, batches, max_batches=4) == 64
+    # The mean over the 4 batches of each batch's mean and (biased) variance.
+    per_batch = images.reshape(4, 16 * 4 * 4, 2)
+    norm = model.layers[0]
+    np.testing.assert_allclose(norm.moving_mean.numpy(), per_batch.mean(axis=1).mean(axis=0),
+                               rtol=1e-4)
+    np.testing.assert_allclose(norm.moving_variance.numpy(),
+                               per_batch.var(axis=1).mean(axis=0), rtol=1e-4)
+    assert norm.momentum == 0.99
+    norm.trainable = False  # frozen layers keep their statistics
+    before = norm.moving_mean.numpy().copy()
+    assert recalibrate_batchnorm(model, batches.map(lambda x, y: (x + 1, y)), 4) == 0
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), before)

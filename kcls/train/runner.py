@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
+from kcls.train.batchnorm import recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.schedule import (
     Phase,
@@ -118,10 +119,12 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     Returns:
         dict with `history` (metric name -> per-epoch list over both phases), `phases`
         (per phase: name, first_epoch, epochs, learning_rate, unfreeze,
-        trainable_params, skipped_on_resume), `jit_compile` (what the compiled step actually
-        used), `resumed` (whether earlier progress was picked up) and `best_weights`
-        (path of the best checkpoint, or None), and with a budget `time_budget` (its
-        plan per phase next to the actual epochs and seconds).
+        trainable_params, batchnorm_recalibrated_on (training images the BatchNorm
+        statistics were re-estimated on after the phase, see `kcls.train.batchnorm`; 0
+        when BatchNorm did not train), skipped_on_resume), `jit_compile` (what the
+        compiled step actually used), `resumed` (whether earlier progress was picked
+        up) and `best_weights` (path of the best checkpoint, or None), and with a budget
+        `time_budget` (its plan per phase next to the actual epochs and seconds).
     """
     phases = plan_phases(config)
     if not isinstance(config.jit_compile, bool):
@@ -213,10 +216,15 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
 
         # Early stopping or a budget may end a phase early: the next starts after its last epoch.
         end = max(progress.last_epoch(epoch, epoch + epochs) + 1, epoch)
+        recalibrated = 0
+        if phase.backbone_trainable and config.train_batchnorm:
+            recalibrated = recalibrate_batchnorm(classifier, train_batches,
+                                                 max_batches=(end - epoch) * steps_per_epoch)
         record = {"name": phase.name, "first_epoch": epoch, "epochs": end - epoch,
                   "learning_rate": phase.learning_rate,
                   "unfreeze": config.unfreeze if phase.backbone_trainable else "none",
                   "trainable_params": _count(classifier.trainable_weights),
+                  "batchnorm_recalibrated_on": recalibrated,
                   "skipped_on_resume": False}
         phases_run.append(record)
         if backup_dir is not None:

@@ -6,7 +6,8 @@ learning rate. On a pretrained backbone its BatchNorm layers stay in inference m
 their moving statistics were estimated on the pretraining data, and updating them from
 small fine-tuning batches destroys what the backbone learned (the Keras
 transfer-learning guide's advice). A backbone trained from random initialisation has no
-statistics worth keeping, so its BatchNorm layers train (`resolve_train_batchnorm`);
+statistics worth keeping, so its BatchNorm layers train (`resolve_train_batchnorm`; their
+statistics are re-estimated after the phase, see `kcls.train.batchnorm`);
 `train.train_batchnorm=true/false` decides explicitly.
 
 Example:
