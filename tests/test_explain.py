@@ -1,5 +1,7 @@
 """Grad-CAM on a tiny trained model, and loading a classifier back from an export."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -83,7 +85,16 @@ def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     for index in range(2):
         with Image.open(tmp_path / "cams" / f"img {index}_gradcam.png") as overlay:
             assert overlay.size == (32, 32) and overlay.mode == "RGB"
-    assert "left" in result.output or "right" in result.output
+    # Each line names the trained classifier's top class for that image and its probability.
+    probabilities = tf.nn.softmax(trained_classifier(images.astype(np.uint8).astype(np.float32),
+                                                     training=False)).numpy()
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    for index, (line, row) in enumerate(zip(lines, probabilities)):
+        target, label, probability = re.fullmatch(r"(.*): (\w+) \(([\d.]+)\)", line).groups()
+        assert target == str(tmp_path / "cams" / f"img {index}_gradcam.png")
+        assert label == ["left", "right"][row.argmax()]
+        assert float(probability) == pytest.approx(row.max(), abs=1e-3)
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
