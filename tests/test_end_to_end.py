@@ -46,6 +46,7 @@ def test_run_writes_run_dir_and_first_version(tiny_run):
     assert abs(result.metrics["accuracy"] - recomputed) <= 1 / 360
     assert json.loads((result.run_dir / "config.json").read_text())["name"] == "quickstart"
     assert len(list((result.run_dir / "samples").glob("*.png"))) == 8
+    assert list((result.run_dir / "logs" / "train").glob("events.out.tfevents.*"))
     from PIL import Image
 
     from kcls.report import PLOTS

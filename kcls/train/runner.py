@@ -2,9 +2,8 @@
 
 With a run directory, `fit_phases` writes
 
-    <run_dir>/logs/                TensorBoard logs (both phases, one epoch axis; needs
-                                   the `tensorboard` package, which TF 2.21 no longer
-                                   installs: without it, a warning and no logs)
+    <run_dir>/logs/                TensorBoard logs (both phases, one epoch axis;
+                                   `tensorboard --logdir <run_dir>/logs`)
     <run_dir>/best.weights.h5      classifier weights of the best epoch so far (lowest
                                    val_loss, or loss without validation data)
     <run_dir>/backup/              resume state, deleted when all phases are done:
@@ -28,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import warnings
@@ -190,10 +188,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         if backup_dir is not None:
             phase_callbacks.append(keras.callbacks.BackupAndRestore(backup_dir / phase.name))
         if run_dir is not None:
-            phase_callbacks.append(checkpoint)
-            if _tensorboard_installed(warn=phase is phases[0]):
-                phase_callbacks.append(
-                    keras.callbacks.TensorBoard(run_dir / LOGS_DIR, write_graph=False))
+            phase_callbacks += [checkpoint,
+                                keras.callbacks.TensorBoard(run_dir / LOGS_DIR, write_graph=False)]
         if config.early_stopping_patience:
             # With EMA the phase ends on the averaged weights, not on one epoch's raw ones.
             phase_callbacks.append(keras.callbacks.EarlyStopping(
@@ -260,14 +256,6 @@ def _batch_size(batches: tf.data.Dataset) -> int:
         raise ValueError("A time budget needs training batches of one static size (batch "
                          "with drop_remainder=True, as kcls.data.pipeline.train_pipeline does).")
     return int(size)
-
-
-def _tensorboard_installed(warn: bool) -> bool:
-    installed = importlib.util.find_spec("tensorboard") is not None
-    if not installed and warn:
-        warnings.warn("No TensorBoard logs: the tensorboard package is not installed "
-                      "(pip install tensorboard).", stacklevel=3)
-    return installed
 
 
 def _count(variables: list[keras.Variable]) -> int:
