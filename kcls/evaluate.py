@@ -217,7 +217,7 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     from kcls.config import ConfigError
     from kcls.data.pipeline import eval_pipeline
     from kcls.data.sources import load_splits
-    from kcls.export import load_classifier
+    from kcls.load import load_classifier
     from kcls.report import write_report
 
     loaded = load_classifier(model_path)

@@ -23,7 +23,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,15 @@ from kcls.data.pipeline import (
 )
 from kcls.data.sources import Splits, load_splits, train_class_counts
 from kcls.evaluate import Evaluation, class_balance_warning, evaluate_classifier
-from kcls.export import RUN_WEIGHTS_FILE, export_saved_model
+from kcls.export import export_saved_model
+from kcls.layout import (
+    REPORT_FILE,
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    SAMPLES_DIR,
+    WEIGHTS_FILE,
+    new_run_dir,
+)
 from kcls.models.classifier import build_classifier
 from kcls.report import confident_mistakes, write_report
 from kcls.train.budget import TimeBudget
@@ -107,7 +114,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     started = time.time()
     # First: multi-worker and TPU strategies must be set up before TensorFlow runs anything.
     strategy = make_strategy(recipe.train.strategy)
-    run_dir = Path(run_dir or Path("runs") / recipe.name / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(run_dir or new_run_dir(recipe.name))
     splits = splits or load_splits(recipe.data)
     precision = resolve_precision(recipe.train.precision)
     jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
@@ -120,7 +127,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         classifier = build_classifier(recipe.model, len(splits.class_names),
                                       recipe.data.image_size, precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(to_json(recipe))
+    (run_dir / RUN_CONFIG_FILE).write_text(to_json(recipe))
     log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
         f"{describe_strategy(strategy)} | {precision} | XLA {'on' if jit_compile else 'off'} "
         f"({jit_compile_reason}) | "
@@ -162,7 +169,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
             for phase in training["phases"]))
     trained = time.time()
-    classifier.save_weights(run_dir / RUN_WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+    classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
     test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
                                  splits.fingerprint)
@@ -179,11 +186,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out images "
         f"(chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece {metrics['ece']:.4f}"
         + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
-        + f"; report {run_dir / 'report.md'}")
+        + f"; report {run_dir / REPORT_FILE}")
     if splits.skipped:
         log(f"skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:5])}"
             + (" ..." if len(splits.skipped) > 5 else ""))
-    _write_samples(splits, recipe, run_dir / "samples")
+    _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
 
     export_dir = None
     if recipe.export.enabled:
@@ -213,7 +220,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if time_budget is not None:
         run_info["time_budget"] = time_budget.summary()
         log(_budget_line(time_budget))
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2))
+    (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
     return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
                      splits.class_names)
 

@@ -49,9 +49,9 @@ def test_run_writes_run_dir_and_first_version(tiny_run):
     assert list((result.run_dir / "logs" / "train").glob("events.out.tfevents.*"))
     from PIL import Image
 
-    from kcls.report import PLOTS
+    from kcls.layout import PLOT_FILES
 
-    for name in PLOTS:  # the report's four plots open as valid PNGs
+    for name in PLOT_FILES:  # the report's four plots open as valid PNGs
         with Image.open(result.run_dir / name) as plot:
             plot.verify()
             assert plot.format == "PNG"

@@ -10,7 +10,8 @@ from kcls.evaluate import (
     classification_metrics,
     expected_calibration_error,
 )
-from kcls.report import PLOTS, confident_mistakes, write_report
+from kcls.layout import PLOT_FILES
+from kcls.report import confident_mistakes, write_report
 
 
 def one_hot_probabilities(predictions, num_classes, confidence=0.9):
@@ -100,7 +101,7 @@ def test_report_writes_tables_and_four_valid_pngs(tmp_path):
     phases = [{"name": "frozen", "first_epoch": 0, "epochs": 1},
               {"name": "unfrozen", "first_epoch": 1, "epochs": 2}]
     write_report(tmp_path, evaluation, ["x", "y", "z"], history, phases, images, mistakes=4)
-    for name in PLOTS:
+    for name in PLOT_FILES:
         with Image.open(tmp_path / name) as image:
             image.verify()
             assert image.format == "PNG"

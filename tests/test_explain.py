@@ -12,7 +12,8 @@ from PIL import Image
 from kcls.cli import main
 from kcls.config import ModelConfig, Recipe, TrainConfig
 from kcls.explain import grad_cam
-from kcls.export import export_saved_model, load_classifier
+from kcls.export import export_saved_model
+from kcls.load import load_classifier
 from kcls.models.classifier import build_classifier
 from kcls.train.runner import fit_phases
 

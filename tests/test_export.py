@@ -26,7 +26,8 @@ from kcls import serving_client
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, apply_overrides
 from kcls.data.pipeline import prepare_image
-from kcls.export import export_saved_model, versions, write_models_config
+from kcls.export import export_saved_model, write_models_config
+from kcls.layout import versions
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
 
@@ -372,7 +373,7 @@ def test_flip_tta_export_serves_the_mean_of_each_image_and_its_mirror(classifier
 
 def test_an_export_reloads_every_weight_by_name_with_moved_batchnorm(tmp_path):
     """BatchNorm statistics away from their initial values, so no two `[C]` vectors agree."""
-    from kcls.export import load_classifier
+    from kcls.load import load_classifier
 
     keras.utils.set_random_seed(1)
     model = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), len(CLASS_NAMES),

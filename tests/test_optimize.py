@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, TrainConfig
+from kcls.layout import optimized_dir
 from kcls.optimize.convert import (
     OptimizeError,
     convert,
@@ -19,7 +20,7 @@ from kcls.optimize.convert import (
     write_probability_saved_model,
 )
 from kcls.optimize.interpreter import TFLiteClassifier
-from kcls.optimize.tflite import default_out_dir, held_out_examples, optimize
+from kcls.optimize.tflite import held_out_examples, optimize
 
 IMAGE_SIZE = 32
 
@@ -110,9 +111,9 @@ def test_float_tflite_matches_keras(trained, tmp_path):
     np.testing.assert_allclose(model.predict(images[:8]), expected, atol=1e-4)
 
 
-def test_default_out_dir_is_beside_the_versions(trained):
+def test_optimized_dir_is_beside_the_versions(trained):
     _, _, export_dir = trained
-    assert default_out_dir(export_dir.parent, "ptq-int8") == (
+    assert optimized_dir(export_dir.parent, "ptq-int8") == (
         export_dir.parent / "optimized" / export_dir.name / "ptq-int8")
 
 

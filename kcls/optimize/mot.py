@@ -34,6 +34,7 @@ import numpy as np
 
 from kcls.config import Recipe, to_dict
 from kcls.data.sources import load_splits
+from kcls.layout import MOT_RESULT_FILE, TFLITE_FILE
 from kcls.optimize.convert import PTQ_METHODS, OptimizeError
 from kcls.optimize.weight_keys import weight_keys
 
@@ -101,8 +102,8 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
                   f"{recipe.model.backbone!r}", environment=environment,
                   idle_timeout=idle_timeout,
                   advice=f"Use a post-training method instead ({', '.join(PTQ_METHODS)}).")
-    result = json.loads((out_dir / "result.json").read_text())
-    return (out_dir / "model.tflite").read_bytes(), result
+    result = json.loads((out_dir / MOT_RESULT_FILE).read_text())
+    return (out_dir / TFLITE_FILE).read_bytes(), result
 
 
 def run_child(command: list[str], log: Callable[[str], None], description: str, *,

@@ -43,7 +43,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-RESULT_FILE = "result.json"
+from kcls.layout import MOT_RESULT_FILE, MOT_SAVED_MODEL_DIR, TFLITE_FILE  # noqa: E402
+
 # Only these are wrapped: TF-MOT rejects others (e.g. the backbones' Rescaling layer)
 # when asked to wrap a whole model, and they hold no weights worth pruning.
 PRUNED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D, tf.keras.layers.Dense)
@@ -185,16 +186,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     module = tf.Module()
     module.model_variables = list(final.weights)
     module.probabilities = probabilities
-    saved_model = out_dir / "saved_model"
+    saved_model = out_dir / MOT_SAVED_MODEL_DIR
     say(f"{method}: writing {saved_model} and converting it to TFLite")
     tf.saved_model.save(module, str(saved_model), signatures={"serving_default": probabilities})
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if method == "qat":
         # Uses the fake-quantization ranges learned in training: an int8 model, no calibration.
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    (out_dir / "model.tflite").write_bytes(converter.convert())
+    (out_dir / TFLITE_FILE).write_bytes(converter.convert())
     result = {"method": method, "sparsity": sparsity, "steps": steps}
-    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    (out_dir / MOT_RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -2,7 +2,7 @@
 
 `optimize(path, method)` (what `kcls optimize` does):
 
-1. rebuilds the float32 Keras classifier with `kcls.export.load_classifier` (a run
+1. rebuilds the float32 Keras classifier with `kcls.load.load_classifier` (a run
    directory or an export);
 2. converts it to float32 TFLite, the baseline (`kcls.optimize.convert`);
 3. converts it with `method`: `ptq-dynamic` (int8 weights, float activations),
@@ -40,7 +40,14 @@ import tensorflow as tf
 from kcls.config import Recipe
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
-from kcls.export import is_run_dir, load_classifier, resolve_export_dir
+from kcls.layout import (
+    FLOAT32_TFLITE_FILE,
+    OPTIMIZE_REPORT_FILE,
+    OPTIMIZE_TABLE_FILE,
+    TFLITE_FILE,
+    optimized_dir,
+)
+from kcls.load import load_classifier
 from kcls.optimize.convert import (
     IO_TYPES,
     PTQ_METHODS,
@@ -53,8 +60,6 @@ from kcls.optimize.interpreter import interpreter_name, measure
 from kcls.optimize.mot import TRAINING_METHODS, fine_tune_with_mot
 
 METHODS = PTQ_METHODS + TRAINING_METHODS
-REPORT_FILE = "optimize.json"
-TABLE_FILE = "optimize.md"
 
 
 def held_out_examples(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
@@ -69,15 +74,6 @@ def held_out_examples(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images).astype(np.float32), np.asarray(labels, np.int64)
 
 
-def default_out_dir(model_path: str | Path, method: str) -> Path:
-    """Where `optimize` writes by default (see the module docstring)."""
-    path = Path(model_path)
-    if is_run_dir(path):
-        return path / "optimized" / method
-    export_dir = resolve_export_dir(path)
-    return export_dir.parent / "optimized" / export_dir.name / method
-
-
 def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = None,
              io_type: str = "int8", calibration_images: int = 200, latency_runs: int = 100,
              num_threads: int = 1, mot_epochs: int = 2, target_sparsity: float = 0.5,
@@ -89,7 +85,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         model_path: a run directory or an export (version or model folder).
         method: one of `METHODS`; `prune` and `qat` fine-tune in a TF-MOT child process
             (see `fine_tune_with_mot`).
-        out_dir: output folder; default from `default_out_dir`.
+        out_dir: output folder; default `kcls.layout.optimized_dir`.
         io_type: `ptq-int8` input/output type (`int8`, `uint8` or `float32`).
         calibration_images: training images used to calibrate `ptq-int8`.
         latency_runs: timed batch-1 invocations per model.
@@ -118,7 +114,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
     loaded = load_classifier(model_path)
     recipe = loaded.recipe
-    out_dir = Path(out_dir) if out_dir else default_out_dir(model_path, method)
+    out_dir = Path(out_dir) if out_dir else optimized_dir(model_path, method)
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
         saved_model = write_probability_saved_model(loaded.classifier, recipe.data.image_size,
                                                     Path(temporary) / "saved_model")
@@ -149,10 +145,10 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
                    "accuracy_delta": row["accuracy"] - float_row["accuracy"]},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model.tflite").write_bytes(optimized_model)
-    (out_dir / "float32.tflite").write_bytes(float_model)
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    (out_dir / TABLE_FILE).write_text(markdown_table(report))
+    (out_dir / TFLITE_FILE).write_bytes(optimized_model)
+    (out_dir / FLOAT32_TFLITE_FILE).write_bytes(float_model)
+    (out_dir / OPTIMIZE_REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (out_dir / OPTIMIZE_TABLE_FILE).write_text(markdown_table(report))
     return report
 
 

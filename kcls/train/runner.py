@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
+from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, PROGRESS_FILE
 from kcls.train.batchnorm import recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.schedule import (
@@ -47,11 +48,6 @@ from kcls.train.schedule import (
     plan_phases,
     set_backbone_trainable,
 )
-
-BEST_WEIGHTS_FILE = "best.weights.h5"
-LOGS_DIR = "logs"
-BACKUP_DIR = "backup"
-PROGRESS_FILE = "progress.json"
 
 
 class Trainer(keras.Model):
