@@ -25,7 +25,6 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kcls.evaluate import Evaluation, calibration_bins  # noqa: E402
 from kcls.layout import (  # noqa: E402
     CONFIDENT_MISTAKES_PLOT,
     CONFUSION_MATRIX_PLOT,
@@ -34,6 +33,7 @@ from kcls.layout import (  # noqa: E402
     REPORT_FILE,
     TRAINING_CURVES_PLOT,
 )
+from kcls.metrics import Evaluation, calibration_bins  # noqa: E402
 
 
 def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[str],

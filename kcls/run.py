@@ -40,7 +40,7 @@ from kcls.data.pipeline import (
     train_pipeline,
 )
 from kcls.data.sources import Splits, load_splits, train_class_counts
-from kcls.evaluate import Evaluation, class_balance_warning, evaluate_classifier
+from kcls.evaluate import evaluate_classifier
 from kcls.export import export_saved_model
 from kcls.layout import (
     REPORT_FILE,
@@ -50,6 +50,7 @@ from kcls.layout import (
     WEIGHTS_FILE,
     new_run_dir,
 )
+from kcls.metrics import Evaluation, class_balance_warning
 from kcls.models.classifier import build_classifier
 from kcls.report import confident_mistakes, write_report
 from kcls.train.budget import TimeBudget

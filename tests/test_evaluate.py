@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcls.evaluate import (
+from kcls.layout import PLOT_FILES
+from kcls.metrics import (
     Evaluation,
     class_balance_warning,
     classification_metrics,
     expected_calibration_error,
 )
-from kcls.layout import PLOT_FILES
 from kcls.report import confident_mistakes, write_report
 
 
