@@ -216,3 +216,28 @@ def test_recalibrated_batchnorm_holds_the_statistics_of_the_training_batches():
     before = norm.moving_mean.numpy().copy()
     assert recalibrate_batchnorm(model, batches.map(lambda x, y: (x + 1, y)), 4) == 0
     np.testing.assert_array_equal(norm.moving_mean.numpy(), before)
+
+
+def test_validation_sees_the_re_estimated_batchnorm_statistics():
+    from kcls.train.batchnorm import PreciseBatchNorm
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 1),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    images = np.random.default_rng(0).normal(4.0, 2.0, (48, 4, 4, 2)).astype("float32")
+    labels = keras.utils.to_categorical(np.arange(48) % 2, 2)
+    train_batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16).repeat()
+    seen = {}
+
+    def probe(logs):  # at validation: the statistics and the conv outputs they should match
+        features = model.layers[0](images).numpy().reshape(3, -1, 3)
+        seen.update(moving=model.layers[1].moving_mean.numpy(),
+                    expected=features.mean(axis=1).mean(axis=0))
+
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    model.fit(train_batches, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False,
+              validation_data=tf.data.Dataset.from_tensor_slices((images, labels)).batch(16),
+              callbacks=[PreciseBatchNorm(model, train_batches, 3),
+                         keras.callbacks.LambdaCallback(on_test_begin=probe)])
+    np.testing.assert_allclose(seen["moving"], seen["expected"], rtol=1e-4, atol=1e-5)

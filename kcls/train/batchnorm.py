@@ -8,7 +8,8 @@ and the model evaluates with statistics of weights it no longer has: quickstart'
 its statistics were re-estimated. As PreciseBN does (Wu & Johnson, "Rethinking 'Batch'
 in BatchNorm", 2021; fvcore's `update_bn_stats`), after a phase that trained BatchNorm
 every trained BatchNorm layer's moving mean and variance become the averages of its
-batch means and variances over training batches run with the final weights.
+batch means and variances over training batches run with the final weights; with
+validation data, `PreciseBatchNorm` does the same before each epoch's validation.
 
 Example:
 
@@ -59,3 +60,32 @@ def recalibrate_batchnorm(model: keras.Model, batches: tf.data.Dataset, max_batc
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return seen
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Re-estimates BatchNorm statistics after each epoch's training steps, before validation.
+
+    Keras validates between an epoch's last training step and `on_epoch_end`, so the
+    re-estimate runs at the end of that step: validation, early stopping and the best
+    checkpoint then judge the model with the statistics it will be evaluated with. It
+    changes no weight that training uses (training normalises with batch statistics).
+
+    Args:
+        classifier: the keras.Model whose trainable BatchNorm layers train.
+        batches: the training batches (see `recalibrate_batchnorm`).
+        steps_per_epoch: training steps per epoch.
+    """
+
+    def __init__(self, classifier: keras.Model, batches: tf.data.Dataset,
+                 steps_per_epoch: int) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.batches = batches
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if batch + 1 == self.steps_per_epoch:
+            self.epochs += 1
+            recalibrate_batchnorm(self.classifier, self.batches,
+                                  max_batches=self.epochs * self.steps_per_epoch)

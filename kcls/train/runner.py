@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
 from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, PROGRESS_FILE
-from kcls.train.batchnorm import recalibrate_batchnorm
+from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.schedule import (
     Phase,
@@ -186,6 +186,9 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         if run_dir is not None:
             phase_callbacks += [checkpoint,
                                 keras.callbacks.TensorBoard(run_dir / LOGS_DIR, write_graph=False)]
+        if (phase.backbone_trainable and config.train_batchnorm
+                and validation_batches is not None):
+            phase_callbacks.append(PreciseBatchNorm(classifier, train_batches, steps_per_epoch))
         if config.early_stopping_patience:
             # With EMA the phase ends on the averaged weights, not on one epoch's raw ones.
             phase_callbacks.append(keras.callbacks.EarlyStopping(
