@@ -86,6 +86,7 @@ def test_planner_fits_the_epochs_in_the_budget_and_shortens_the_plan_when_epochs
     assert float(schedule(20)) > 0.1
 
 
+@pytest.mark.slow
 def test_budgeted_run_sets_the_epochs_from_the_budget_not_the_config(tmp_path):
     # Tracing each phase's step takes seconds: the budget must be well above that.
     recipe = apply_overrides(load_recipe("quickstart"), [

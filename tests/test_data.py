@@ -219,6 +219,7 @@ def test_tfds_source_reads_a_prepared_dataset_and_carves_validation(tmp_path: Pa
                                test_split="dev"))
 
 
+@pytest.mark.slow
 def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
     from kcls.config import apply_overrides
     from kcls.recipes import load_recipe

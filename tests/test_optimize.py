@@ -102,6 +102,7 @@ def test_ptq_int8_per_tensor_scales_are_smaller(trained, tmp_path):
     assert len(models[False]) < len(models[True])
 
 
+@pytest.mark.slow
 def test_float_tflite_matches_keras(trained, tmp_path):
     recipe, classifier, _ = trained
     model = TFLiteClassifier.from_bytes(convert(write_probability_saved_model(
@@ -111,18 +112,24 @@ def test_float_tflite_matches_keras(trained, tmp_path):
     np.testing.assert_allclose(model.predict(images[:8]), expected, atol=1e-4)
 
 
-def test_optimized_dir_is_beside_the_versions(trained):
-    _, _, export_dir = trained
-    assert optimized_dir(export_dir.parent, "ptq-int8") == (
-        export_dir.parent / "optimized" / export_dir.name / "ptq-int8")
+def test_optimized_dir_is_beside_the_versions_or_in_the_run(tmp_path):
+    for version in ("1", "2"):
+        (tmp_path / "saved_models" / "tiny" / version).mkdir(parents=True)
+        (tmp_path / "saved_models" / "tiny" / version / "saved_model.pb").write_bytes(b"")
+    model_dir = tmp_path / "saved_models" / "tiny"
+    assert optimized_dir(model_dir, "ptq-int8") == model_dir / "optimized" / "2" / "ptq-int8"
+    assert optimized_dir(model_dir / "1", "qat") == model_dir / "optimized" / "1" / "qat"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert optimized_dir(tmp_path / "run", "prune") == tmp_path / "run" / "optimized" / "prune"
 
 
-def test_unknown_methods_fail_clearly(trained):
-    _, _, export_dir = trained
+def test_unknown_methods_fail_clearly(tmp_path):
     with pytest.raises(OptimizeError, match="Unknown method"):
-        optimize(export_dir, "ptq-int4")
+        optimize(tmp_path, "ptq-int4")
 
 
+@pytest.mark.slow
 def test_cli_optimize(trained, tmp_path):
     _, _, export_dir = trained
     result = CliRunner().invoke(main, ["optimize", str(export_dir), "--method", "ptq-dynamic",

@@ -71,6 +71,7 @@ def fit(model: keras.Model, run_dir, callbacks: list[keras.callbacks.Callback],
                       run_dir=run_dir)
 
 
+@pytest.mark.slow
 def test_run_killed_twice_resumes_and_ends_with_the_same_epochs(tmp_path):
     start_of_phase_2 = CONFIG.frozen_epochs
     # Process 1 is killed as phase 2 starts, process 2 in the middle of phase 2.
@@ -118,6 +119,7 @@ def test_run_killed_twice_resumes_and_ends_with_the_same_epochs(tmp_path):
         np.testing.assert_array_equal(expected, actual)
 
 
+@pytest.mark.slow
 def test_run_json_records_the_training_setup(tmp_path):
     recipe = apply_overrides(load_recipe("quickstart"), [
         "train.frozen_epochs=1", "train.unfrozen_epochs=1", "train.steps_per_epoch=2",

@@ -11,6 +11,7 @@ with `data.deterministic` it gives the same numbers every run).
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from sklearn.datasets import load_digits
 
@@ -51,6 +52,7 @@ def fine_tune_accuracy(weights: str | None, train: tf.data.Dataset,
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_beats_random_init_on_new_classes(tmp_path):
     keras.utils.set_random_seed(0)
     pretrained = build_classifier(ModelConfig(backbone="resnet_v2_tiny", dropout=0.0), 5,
