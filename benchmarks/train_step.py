@@ -1,11 +1,13 @@
 """Training images/second with and without XLA, in float32 and mixed bfloat16.
 
     python benchmarks/train_step.py [--backbone efficientnetv2_b0] [--image-size 64]
-                                    [--batch-size 32] [--steps 20]
+                                    [--batch-size 32] [--steps 20] [--train-batchnorm]
+                                    [--precisions float32,mixed_bfloat16]
 
-Builds the classifier (random init) four times: float32 or `mixed_bfloat16`, each with
-`jit_compile` off and on, and times the phase-2 training step kcls runs (the whole
-backbone trained, BatchNorm frozen, AdamW with decay, label smoothing) on synthetic
+Builds the classifier (random init) for each of `--precisions` (float32 and
+`mixed_bfloat16`), each with `jit_compile` off and on, and times the phase-2 training
+step kcls runs (the whole backbone trained, BatchNorm frozen unless `--train-batchnorm`,
+AdamW with decay, label smoothing) on synthetic
 batches held in memory, so the input pipeline is not what is measured. The first
 `--steps` steps warm up (tracing, XLA compilation) and are not timed; the next `--steps`
 are. Prints images/second per configuration and the ratios to float32 without XLA.
@@ -18,8 +20,14 @@ Measured on this project's 2-core x86 CPU (AVX2, no AVX512-BF16/AMX, no GPU), de
 XLA 0.41x that; mixed_bfloat16 0.30x without XLA and 0.25x with. On such a CPU neither
 XLA nor bfloat16 pays off for this network (XLA's CPU convolutions are slower than
 oneDNN's, and bfloat16 is emulated), which is why `train.precision=auto` stays float32
-on CPUs; `--set train.jit_compile=false` is the faster choice for CPU-only training.
+on CPUs, and why `train.jit_compile=auto` trains without XLA there.
 XLA and bfloat16 are for GPUs and TPUs, where this script is the check to run.
+
+The small from-scratch backbones lose with XLA on this CPU too (float32, `--train-batchnorm`,
+`--precisions float32`, two runs each beside other work): `resnet_v2_tiny` (32x32, batch
+64) 0.54-0.77x, `compact_resnet` (32x32, batch 128) 0.56-0.72x; with BatchNorm frozen
+0.50x and 0.32-0.50x. `train.jit_compile=auto` therefore trains without XLA on CPUs
+(`kcls.train.compute.XLA_CPU_SPEEDUP` holds these ratios).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ NUM_CLASSES = 10
 
 
 def images_per_second(backbone: str, image_size: int, batch_size: int, steps: int,
-                      precision: str, jit_compile: bool) -> float:
+                      precision: str, jit_compile: bool, train_batchnorm: bool = False) -> float:
     """Timed training throughput of one configuration (after `steps` warm-up steps)."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
@@ -56,7 +64,7 @@ def images_per_second(backbone: str, image_size: int, batch_size: int, steps: in
                                   precision)
     config = TrainConfig(frozen_epochs=0, unfrozen_epochs=1, jit_compile=jit_compile)
     (phase,) = plan_phases(config)
-    set_backbone_trainable(classifier, True)
+    set_backbone_trainable(classifier, True, train_batchnorm=train_batchnorm)
     trainer = Trainer(classifier)
     trainer.compile(optimizer=make_optimizer(
                         WarmupCosine(phase.learning_rate, steps, 0.1), config),
@@ -80,31 +88,35 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--train-batchnorm", action="store_true",
+                        help="BatchNorm trains too (from-scratch training)")
+    parser.add_argument("--precisions", default="float32,mixed_bfloat16",
+                        help="comma-separated dtype policies to time")
     arguments = parser.parse_args()
 
     print(f"{arguments.backbone} at {arguments.image_size}x{arguments.image_size}, batch "
-          f"{arguments.batch_size}, {arguments.steps} timed steps, "
+          f"{arguments.batch_size}, {arguments.steps} timed steps, BatchNorm "
+          f"{'trained' if arguments.train_batchnorm else 'frozen'}, "
           f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
     results = {}
-    for precision in ("float32", "mixed_bfloat16"):
+    precisions = arguments.precisions.split(",")
+    for precision in precisions:
         for jit_compile in (False, True):
             started = time.perf_counter()
             results[precision, jit_compile] = images_per_second(
                 arguments.backbone, arguments.image_size, arguments.batch_size,
-                arguments.steps, precision, jit_compile)
+                arguments.steps, precision, jit_compile, arguments.train_batchnorm)
             print(f"  {precision:<15} XLA {'on ' if jit_compile else 'off'}  "
                   f"{results[precision, jit_compile]:8.1f} images/s   "
                   f"(configuration took {time.perf_counter() - started:.0f} s)", flush=True)
 
-    baseline = results["float32", False]
-    print("ratios to float32 without XLA:")
+    baseline = results[precisions[0], False]
+    print(f"ratios to {precisions[0]} without XLA:")
     for (precision, jit_compile), speed in results.items():
         print(f"  {precision:<15} XLA {'on ' if jit_compile else 'off'}  {speed / baseline:5.2f}x")
-    print(f"XLA speed-up: float32 {results['float32', True] / baseline:.2f}x, mixed_bfloat16 "
-          f"{results['mixed_bfloat16', True] / results['mixed_bfloat16', False]:.2f}x; "
-          f"bfloat16 vs float32: without XLA "
-          f"{results['mixed_bfloat16', False] / baseline:.2f}x, with XLA "
-          f"{results['mixed_bfloat16', True] / results['float32', True]:.2f}x")
+    print("XLA speed-up: " + ", ".join(
+        f"{precision} {results[precision, True] / results[precision, False]:.2f}x"
+        for precision in precisions))
 
 
 if __name__ == "__main__":

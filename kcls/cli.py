@@ -142,7 +142,8 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
 def export(run_dir: Path, base_dir: Path | None) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
-    from kcls.export import MODELS_CONFIG_FILE, export_run
+    from kcls.export import export_run
+    from kcls.layout import MODELS_CONFIG_FILE
 
     try:
         version_dir = export_run(run_dir, base_dir)
@@ -200,7 +201,7 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path) -> None:
     """
     start_tensorflow()
     from kcls.explain import explain_files
-    from kcls.export import load_classifier
+    from kcls.load import load_classifier
 
     try:
         written = explain_files(load_classifier(model_dir), list(images), out_dir)
@@ -248,13 +249,14 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
         raise click.UsageError(
             f"--io-type and --per-tensor only apply to --method ptq-int8, not {method}.")
     start_tensorflow()
+    from kcls.layout import OPTIMIZE_TABLE_FILE
     from kcls.optimize import OptimizeError
     from kcls.optimize import optimize as optimize_model
 
     try:
         report = optimize_model(model_path, method, out_dir, io_type or "int8",
                                 calibration_images, latency_runs, threads, epochs,
-                                target_sparsity, per_channel=not per_tensor)
+                                target_sparsity, per_channel=not per_tensor, log=click.echo)
     except (FileNotFoundError, OptimizeError) as error:
         raise click.ClickException(str(error)) from None
     except ConfigError as error:
@@ -265,7 +267,7 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
     ratios = report["ratios"]
     click.echo(f"{ratios['size']:.2f}x smaller, {ratios['speedup']:.2f}x faster, accuracy "
                f"{ratios['accuracy_delta']:+.4f}, top-1 agreement {report['agreement']:.4f}; "
-               f"report {Path(report['out_dir']) / 'optimize.md'}")
+               f"report {Path(report['out_dir']) / OPTIMIZE_TABLE_FILE}")
 
 
 def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,

@@ -29,6 +29,7 @@ Strategy = Literal["auto", "mirrored", "multiworker", "default"]
 AugmentPolicy = Literal["none", "light", "randaugment", "strong"]
 ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
+JitCompile = Union[bool, Literal["auto"]]
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,9 @@ class DataConfig:
         mixup: probability that a `strong` batch is mixed with MixUp.
         cutmix: probability that a `strong` batch is mixed with CutMix (mixup + cutmix <= 1).
         cache: `memory` keeps decoded examples in RAM after the first epoch, `none`
-            decodes every epoch, any other value is a file prefix for an on-disk cache.
+            decodes every epoch, any other value is a file prefix for an on-disk cache
+            (a file per split, named after a digest of the data and of the settings that
+            shape the cached examples, so a changed seed or source never replays it).
         shuffle_buffer: number of examples in the shuffle buffer.
         deterministic: same seed, same batches (slower: sequential augmentation, ordered tf.data).
         seed: seed for splitting, shuffling and augmentation.
@@ -83,6 +86,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choices(self, "data")
         kind, separator, _ = self.source.partition(":")
         _require(kind in ("sklearn", "tfds", "folder") and bool(separator),
                  "data.source", self.source,
@@ -119,6 +123,7 @@ class ModelConfig:
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        check_choices(self, "model")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
@@ -127,9 +132,9 @@ class TrainConfig:
     """The two-phase fine-tuning schedule and how it is computed.
 
     Phase 1 trains the head on a frozen backbone; phase 2 unfreezes the backbone (all
-    of it or its top blocks; BatchNorm stays in inference mode unless
-    `train_batchnorm`) at `learning_rate * unfrozen_lr_factor`. Durations are in
-    epochs; `steps_per_epoch` only caps an epoch for quick runs.
+    of it or its top blocks; BatchNorm trains from scratch and stays in inference mode
+    on pretrained weights, see `train_batchnorm`) at `learning_rate * unfrozen_lr_factor`.
+    Durations are in epochs; `steps_per_epoch` only caps an epoch for quick runs.
 
     Attributes:
         frozen_epochs: epochs of phase 1 (0 skips it).
@@ -138,6 +143,12 @@ class TrainConfig:
             (see `kcls.models.backbones.backbone_blocks` for what a block is per family).
         train_batchnorm: let the BatchNorm layers of the unfrozen blocks train in phase 2
             (batch statistics, updated moving averages); off keeps them in inference mode.
+            `None` (auto): train them when the backbone starts from random initialisation
+            (`model.weights` none), whose statistics must be learned, and keep them in
+            inference mode on pretrained weights, whose statistics small fine-tuning
+            batches would spoil. After a phase that trained them, their statistics are
+            re-estimated with the final weights (`kcls.train.batchnorm`). `run.json`
+            records the value used.
         optimizer: `adamw`, or `sgd` with Nesterov momentum 0.9; both decay weights decoupled.
         learning_rate: peak learning rate of phase 1.
         unfrozen_lr_factor: phase 2 peak learning rate as a fraction of phase 1's.
@@ -159,7 +170,11 @@ class TrainConfig:
         early_stopping_patience: end a phase after this many epochs without a better
             validation loss, keeping the best weights; 0 turns early stopping off.
         precision: `auto` picks mixed precision where the device has fast low-precision math.
-        jit_compile: compile the training step with XLA.
+        jit_compile: compile the training step with XLA: `true`, `false`, or `auto`: XLA on
+            GPUs and TPUs, and on CPUs only for the backbones measured faster with it
+            there (`kcls.train.compute.XLA_CPU_SPEEDUP`; none so far: on a 2-core CPU
+            EfficientNetV2-B0 trained at 0.41x the speed with XLA, `resnet_v2_tiny` at
+            0.77x, `compact_resnet` at 0.72x). `run.json` records the value used and why.
         strategy: `auto` (TPUStrategy when a TPU is configured, MirroredStrategy on several
             GPUs, else the default), `mirrored` (all local GPUs, or all logical CPUs),
             `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`) or `default`.
@@ -169,7 +184,7 @@ class TrainConfig:
     frozen_epochs: int = 2
     unfrozen_epochs: int = 3
     unfreeze: str = "all"
-    train_batchnorm: bool = False
+    train_batchnorm: Optional[bool] = None
     optimizer: Optimizer = "adamw"
     learning_rate: float = 1e-3
     unfrozen_lr_factor: float = 0.1
@@ -183,11 +198,12 @@ class TrainConfig:
     time_budget: Optional[str] = None
     early_stopping_patience: int = 0
     precision: Precision = "auto"
-    jit_compile: bool = True
+    jit_compile: JitCompile = "auto"
     strategy: Strategy = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choices(self, "train")
         _require(self.frozen_epochs >= 0, "train.frozen_epochs", self.frozen_epochs, "0 or more")
         _require(self.unfrozen_epochs >= 0, "train.unfrozen_epochs", self.unfrozen_epochs,
                  "0 or more")
@@ -232,6 +248,7 @@ class EvaluateConfig:
     mistakes: int = 16
 
     def __post_init__(self) -> None:
+        check_choices(self, "evaluate")
         _require(self.mistakes >= 0, "evaluate.mistakes", self.mistakes, "0 or more")
 
 
@@ -255,6 +272,7 @@ class ExportConfig:
     flip_tta: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self, "export")
         _require(self.top_k >= 1, "export.top_k", self.top_k, "a positive integer")
 
 
@@ -352,15 +370,16 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if raw.lower() in ("none", "null"):
+        if raw.lower() in ("none", "null") and len(arguments) < len(_arms(annotation)):
             return None
-        (annotation,) = arguments
-        origin = typing.get_origin(annotation)
+        for argument in arguments:  # e.g. bool | Literal["auto"]: the first that parses
+            try:
+                return _parse_value(key, raw, argument)
+            except ConfigError:
+                pass
+        raise ConfigError(f"Invalid value {raw!r} for {key!r}: expected {_expected(annotation)}.")
     if origin is Literal:
-        choices = typing.get_args(annotation)
-        if raw not in choices:
-            raise ConfigError(
-                f"Invalid value {raw!r} for {key!r}: expected one of {', '.join(choices)}.")
+        require_choice(raw, annotation, key)
         return raw
     if annotation is bool:
         if raw.lower() in _TRUE:
@@ -399,6 +418,71 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise ValueError(f"{text!r} is not a positive duration")
     return total
+
+
+def check_choices(section: Any, section_name: str) -> None:
+    """Checks that every field of a config dataclass that offers choices holds one of them.
+
+    Choices are the strings of a `Literal` type, possibly beside other types
+    (`bool | Literal["auto"]`). Called by each section's `__post_init__`, so recipe
+    files, `--set` overrides and configurations read back from run directories and
+    exports meet the same check.
+
+    Raises:
+        ConfigError: naming the field, the value and what it accepts.
+    """
+    hints = typing.get_type_hints(type(section))
+    for config_field in dataclasses.fields(section):
+        annotation = hints[config_field.name]
+        if any(typing.get_origin(arm) is Literal for arm in _arms(annotation)):
+            require_choice(getattr(section, config_field.name), annotation,
+                           f"{section_name}.{config_field.name}")
+
+
+def require_choice(value: Any, choices: Any, key: str) -> None:
+    """Raises `ConfigError` unless `value` is one of the `choices`.
+
+    Args:
+        value: the value to check.
+        choices: a `Literal` type, or a union of one with other types
+            (`bool | Literal["auto"]`).
+        key: the `section.field` the value is for, named in the message.
+
+    Consumers of a choice call it too (`require_choice(policy, AugmentPolicy,
+    "data.augment")`) instead of treating an unknown value as their last branch.
+    """
+    if not any(_is_instance(value, arm) for arm in _arms(choices)):
+        raise ConfigError(f"Invalid value {value!r} for {key!r}: expected "
+                          f"{_expected(choices)}.")
+
+
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    """The types of a union (`Optional[X]` included), or `(annotation,)`."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _is_instance(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) is Literal:
+        return isinstance(value, str) and value in typing.get_args(annotation)
+    if annotation in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _expected(annotation: Any) -> str:
+    """What a field of type `annotation` accepts, in the words of the error messages."""
+    words = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+             str: "a string", type(None): "none"}
+    described = []
+    for arm in _arms(annotation):
+        if typing.get_origin(arm) is Literal:
+            choices = typing.get_args(arm)
+            described.append(f"one of {', '.join(choices)}" if len(choices) > 1 else choices[0])
+        else:
+            described.append(words[arm])
+    return " or ".join(described)
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:

@@ -80,8 +80,8 @@ def _parse_docstring(docstring: str) -> tuple[str, dict[str, str]]:
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is Union:
-        arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in arguments) + " or `none`"
+        return " or ".join("`none`" if argument is type(None) else _type_name(argument)
+                           for argument in typing.get_args(annotation))
     if origin is Literal:
         return ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
     return f"`{annotation.__name__}`"

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.data.pipeline import prepare_image
-from kcls.export import LoadedClassifier
+from kcls.load import LoadedClassifier
 from kcls.models.classifier import BACKBONE_LAYER
 
 

@@ -12,7 +12,9 @@
   `tensorflow/serving/classify`): `inputs` (tf.string `[N]`, serialized `tf.Example`s
   with a bytes feature `image_bytes`) -> `classes` (tf.string `[N, k]`, labels) and
   `scores` (float32 `[N, k]`).
-- `assets/labels.txt` (one class name per line) and `kcls.json` (recipe, metrics, versions).
+- `assets/labels.txt` (one class name per line), `kcls.json` (recipe, metrics, versions)
+  and `model.weights.h5` (the Keras weights, from which `kcls.load.load_classifier`
+  rebuilds the classifier; TF Serving ignores it). File names: `kcls.layout`.
 
 With `export.flip_tta` every signature averages the probabilities of each image and its
 horizontal mirror (the test-time augmentation `evaluate.flip_tta` measures).
@@ -21,8 +23,8 @@ After each export, `<base_dir>/models.config` lists every model under `base_dir`
 `tensorflow_model_server --model_config_file`, with base paths under `/models`, the
 folder the README's `docker run -v "$PWD/saved_models:/models"` mounts `base_dir` at.
 
-`export_run` re-exports a finished run directory (`kcls export RUN_DIR`): it rebuilds
-the classifier from `config.json`, loads `model.weights.h5` and never imports training code.
+`export_run` re-exports a finished run directory (`kcls export RUN_DIR`): it loads the
+classifier with `kcls.load.load_run` and never imports training code.
 
 Exports are always float32: a model trained under a mixed policy is rebuilt under
 float32 and its weights copied, because bf16/fp16 graphs break CPU serving and the
@@ -32,7 +34,6 @@ renamed, so a server polling the base path never loads a half-written version.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -45,22 +46,23 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from kcls import __version__
-from kcls.config import ConfigError, Recipe, from_dict, to_dict
+from kcls.config import Recipe, to_dict
 from kcls.data.pipeline import prepare_image
-from kcls.models.classifier import build_classifier
+from kcls.layout import (
+    LABELS_FILE,
+    METADATA_FILE,
+    MODELS_CONFIG_FILE,
+    SAVED_MODEL_FILE,
+    WEIGHTS_FILE,
+    exported_versions,
+    versions,
+)
+from kcls.load import float32_architecture, load_run, load_run_metrics
 
-LABELS_FILE = "assets/labels.txt"
-METADATA_FILE = "kcls.json"
-MODELS_CONFIG_FILE = "models.config"
 SERVING_MOUNT = "/models"  # where the docker command in the README mounts the base dir
 IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature of `classify`
 CLASSIFY_SIGNATURE = "classify"
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
-# What `kcls.run.run_recipe` leaves in a run directory for `export_run`.
-RUN_CONFIG_FILE = "config.json"
-RUN_INFO_FILE = "run.json"
-RUN_METRICS_FILE = "metrics.json"
-RUN_WEIGHTS_FILE = "model.weights.h5"
 
 
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
@@ -84,10 +86,14 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
     model_dir.mkdir(parents=True, exist_ok=True)
     temporary = model_dir / f".tmp-{uuid.uuid4().hex}"
     try:
-        archive = _serving_archive(_float32_copy(classifier, recipe, len(class_names)),
-                                   class_names, recipe.data.image_size, recipe.export.top_k,
-                                   recipe.data.resize, recipe.export.flip_tta)
+        float32_classifier = _float32_copy(classifier, recipe, len(class_names))
+        archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
+                                   recipe.export.top_k, recipe.data.resize,
+                                   recipe.export.flip_tta)
         archive.write_out(str(temporary), verbose=False)
+        # Keras' own weights file, which `kcls.load` reads: it addresses weights by layer
+        # and variable, where the SavedModel only keeps a list of variables.
+        float32_classifier.save_weights(temporary / WEIGHTS_FILE)
         _set_method_name(temporary, CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME)
         (temporary / LABELS_FILE).parent.mkdir(exist_ok=True)
         (temporary / LABELS_FILE).write_text("\n".join(class_names) + "\n")
@@ -121,89 +127,9 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
         FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
         ConfigError: the run's `config.json` does not match this kcls version's config.
     """
-    loaded = _load_run(Path(run_dir))
-    metrics_file = Path(run_dir) / RUN_METRICS_FILE
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names, metrics,
-                              base_dir)
-
-
-@dataclasses.dataclass
-class LoadedClassifier:
-    """A float32 Keras classifier rebuilt from a run directory or an export, with its recipe."""
-
-    classifier: keras.Model
-    recipe: Recipe
-    class_names: list[str]
-
-
-def load_classifier(path: str | Path) -> LoadedClassifier:
-    """Rebuilds the trained Keras classifier from a run directory or an export.
-
-    A run directory has `config.json`, `run.json` and `model.weights.h5`. An export (a
-    version directory, or a model folder: latest version) has `kcls.json` and the
-    SavedModel variables, which are tracked in the order of `classifier.variables`.
-
-    Raises:
-        FileNotFoundError: `path` is neither (the message names what is missing).
-        ConfigError: the recorded configuration does not match this kcls version's.
-    """
-    path = Path(path)
-    if (path / RUN_CONFIG_FILE).is_file() or (path / RUN_WEIGHTS_FILE).is_file():
-        return _load_run(path)
-    try:
-        export_dir = resolve_export_dir(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{str(path)!r} is neither a kcls run directory ({RUN_CONFIG_FILE}, "
-            f"{RUN_WEIGHTS_FILE}) nor an export (saved_models/NAME or saved_models/NAME/N "
-            f"with {METADATA_FILE}).") from None
-    metadata = json.loads((export_dir / METADATA_FILE).read_text())
-    recipe = _recipe_from(metadata["recipe"], export_dir / METADATA_FILE)
-    class_names = metadata["class_names"]
-    classifier = _architecture(recipe, len(class_names))
-    # Random-seed states (dropout) play no part in inference; everything else must match.
-    saved_variables = [v for v in tf.saved_model.load(str(export_dir)).variables
-                       if "seed_generator" not in v.name]
-    variables = [v for v in classifier.variables if "seed_generator" not in v.path]
-    if [tuple(v.shape) for v in saved_variables] != [tuple(v.shape) for v in variables]:
-        raise ConfigError(f"The variables of {str(export_dir)!r} do not match the architecture "
-                          "its kcls.json describes; was it written by another kcls version?")
-    for variable, saved in zip(variables, saved_variables):
-        variable.assign(saved.numpy())
-    return LoadedClassifier(classifier, recipe, class_names)
-
-
-def _load_run(run_dir: Path) -> LoadedClassifier:
-    for name in (RUN_CONFIG_FILE, RUN_INFO_FILE, RUN_WEIGHTS_FILE):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{str(run_dir)!r} is not a finished kcls run directory: {name} is missing. "
-                "Runs save it at the end of training; re-run the recipe with "
-                "`kcls recipe run NAME` to get one.")
-    recipe = _recipe_from(json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
-                          run_dir / RUN_CONFIG_FILE)
-    class_names = json.loads((run_dir / RUN_INFO_FILE).read_text()).get("class_names")
-    if not class_names:
-        raise FileNotFoundError(f"{run_dir / RUN_INFO_FILE} does not list the class names; "
-                                "re-run the recipe with `kcls recipe run NAME`.")
-    classifier = _architecture(recipe, len(class_names))
-    classifier.load_weights(run_dir / RUN_WEIGHTS_FILE)
-    return LoadedClassifier(classifier, recipe, class_names)
-
-
-def _recipe_from(data: dict[str, Any], source: Path) -> Recipe:
-    try:
-        return from_dict(data)
-    except (TypeError, KeyError, ValueError) as error:
-        raise ConfigError(f"{source}: not a configuration this kcls version reads "
-                          f"({error}).") from None
-
-
-def _architecture(recipe: Recipe, num_classes: int) -> keras.Model:
-    # weights=None: the architecture only (no download); trained weights are loaded after.
-    return build_classifier(dataclasses.replace(recipe.model, weights=None), num_classes,
-                            recipe.data.image_size, "float32")
+    loaded = load_run(run_dir)
+    return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
+                              load_run_metrics(run_dir), base_dir)
 
 
 def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Path:
@@ -231,8 +157,7 @@ def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Pat
     base_dir = Path(base_dir)
     names = sorted(folder.name for folder in base_dir.iterdir()
                    if folder.is_dir() and not folder.name.startswith(".")
-                   and any((folder / str(version) / "saved_model.pb").is_file()
-                           for version in versions(folder)))
+                   and exported_versions(folder))
     entries = "".join(
         f"  config {{\n    name: {_quoted(name)}\n"
         f"    base_path: {_quoted(mount.rstrip('/') + '/' + name)}\n"
@@ -245,27 +170,6 @@ def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Pat
     finally:
         temporary.unlink(missing_ok=True)
     return target
-
-
-def versions(model_dir: str | Path) -> list[int]:
-    """The integer versions present under a model base directory, ascending."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def resolve_export_dir(path: str | Path) -> Path:
-    """A version directory, given either it or a model base directory (latest version wins)."""
-    path = Path(path)
-    if (path / "saved_model.pb").is_file():
-        return path
-    available = versions(path)
-    if not available:
-        raise FileNotFoundError(
-            f"{str(path)!r} is neither a SavedModel directory nor a model folder with numbered "
-            "versions (e.g. saved_models/quickstart/1).")
-    return path / str(available[-1])
 
 
 def _publish(temporary: Path, model_dir: Path) -> Path:
@@ -292,7 +196,7 @@ def _set_method_name(export_dir: Path, signature: str, method_name: str) -> None
     `tensorflow/serving/predict`; TF Serving's Classify API wants
     `tensorflow/serving/classify`. TF2 loaders ignore the field.
     """
-    path = export_dir / "saved_model.pb"
+    path = export_dir / SAVED_MODEL_FILE
     saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
     for meta_graph in saved_model.meta_graphs:
         meta_graph.signature_def[signature].method_name = method_name
@@ -316,7 +220,7 @@ def _refresh_fingerprint(export_dir: Path) -> None:
 def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> keras.Model:
     if all(layer.dtype_policy.name == "float32" for layer in classifier._flatten_layers()):
         return classifier
-    float32_model = _architecture(recipe, num_classes)
+    float32_model = float32_architecture(recipe, num_classes)
     float32_model.set_weights(classifier.get_weights())
     return float32_model
 

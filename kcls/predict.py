@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from kcls.export import resolve_export_dir
+from kcls.layout import resolve_export_dir
 
 
 class PredictionError(ValueError):

@@ -25,10 +25,15 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kcls.evaluate import Evaluation, calibration_bins  # noqa: E402
-
-PLOTS = ("training_curves.png", "confusion_matrix.png", "reliability.png",
-         "confident_mistakes.png")
+from kcls.layout import (  # noqa: E402
+    CONFIDENT_MISTAKES_PLOT,
+    CONFUSION_MATRIX_PLOT,
+    METRICS_FILE,
+    RELIABILITY_PLOT,
+    REPORT_FILE,
+    TRAINING_CURVES_PLOT,
+)
+from kcls.metrics import Evaluation, calibration_bins  # noqa: E402
 
 
 def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[str],
@@ -54,18 +59,17 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    written = [run_dir / "metrics.json"]
+    written = [run_dir / METRICS_FILE]
     written[0].write_text(json.dumps(evaluation.metrics, indent=2))
     if history:
-        written.append(plot_training_curves(history, phases or [],
-                                            run_dir / "training_curves.png"))
+        written.append(plot_training_curves(history, phases or [], run_dir / TRAINING_CURVES_PLOT))
     written.append(plot_confusion_matrix(np.asarray(evaluation.metrics["confusion_matrix"]),
-                                         class_names, run_dir / "confusion_matrix.png"))
-    written.append(plot_reliability(evaluation, run_dir / "reliability.png"))
+                                         class_names, run_dir / CONFUSION_MATRIX_PLOT))
+    written.append(plot_reliability(evaluation, run_dir / RELIABILITY_PLOT))
     if images is not None:
         written.append(plot_confident_mistakes(evaluation, images, class_names,
-                                               run_dir / "confident_mistakes.png", mistakes))
-    report = run_dir / "report.md"
+                                               run_dir / CONFIDENT_MISTAKES_PLOT, mistakes))
+    report = run_dir / REPORT_FILE
     report.write_text(markdown_report(evaluation.metrics, [p.name for p in written[1:]]))
     return [*written, report]
 

@@ -18,11 +18,11 @@ this module only wires them together and writes the run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import Recipe, parse_duration, to_json
+from kcls.config import ClassWeights, Recipe, parse_duration, require_choice, to_json
 from kcls.data.augment import build_augmentation
 from kcls.data.pipeline import (
     balanced_class_weights,
@@ -40,8 +40,17 @@ from kcls.data.pipeline import (
     train_pipeline,
 )
 from kcls.data.sources import Splits, load_splits, train_class_counts
-from kcls.evaluate import Evaluation, class_balance_warning, evaluate_classifier
-from kcls.export import RUN_WEIGHTS_FILE, export_saved_model
+from kcls.evaluate import evaluate_classifier
+from kcls.export import export_saved_model
+from kcls.layout import (
+    REPORT_FILE,
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    SAMPLES_DIR,
+    WEIGHTS_FILE,
+    new_run_dir,
+)
+from kcls.metrics import Evaluation, class_balance_warning
 from kcls.models.classifier import build_classifier
 from kcls.report import confident_mistakes, write_report
 from kcls.train.budget import TimeBudget
@@ -49,9 +58,11 @@ from kcls.train.compute import (
     describe_devices,
     describe_strategy,
     make_strategy,
+    resolve_jit_compile,
     resolve_precision,
 )
 from kcls.train.runner import fit_phases
+from kcls.train.schedule import resolve_train_batchnorm
 
 SAMPLE_IMAGES = 8
 # With a time budget: seconds kept after training for the work that does not scale with
@@ -104,17 +115,23 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     started = time.time()
     # First: multi-worker and TPU strategies must be set up before TensorFlow runs anything.
     strategy = make_strategy(recipe.train.strategy)
-    run_dir = Path(run_dir or Path("runs") / recipe.name / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(run_dir or new_run_dir(recipe.name))
     splits = splits or load_splits(recipe.data)
     precision = resolve_precision(recipe.train.precision)
+    jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
+                                                          recipe.model.backbone)
+    train_config = dataclasses.replace(
+        recipe.train, jit_compile=jit_compile,
+        train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
     keras.utils.set_random_seed(recipe.train.seed)
     with strategy.scope():
         classifier = build_classifier(recipe.model, len(splits.class_names),
                                       recipe.data.image_size, precision)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(to_json(recipe))
+    (run_dir / RUN_CONFIG_FILE).write_text(to_json(recipe))
     log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
-        f"{describe_strategy(strategy)} | {precision} | "
+        f"{describe_strategy(strategy)} | {precision} | XLA {'on' if jit_compile else 'off'} "
+        f"({jit_compile_reason}) | "
         f"{len(splits.class_names)} classes | train {splits.sizes['train']}, "
         f"validation {splits.sizes['validation']}, test {splits.sizes['test']} | run dir {run_dir}")
 
@@ -125,6 +142,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if recipe.train.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, recipe.train.steps_per_epoch)
     class_weights = None
+    require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
     if recipe.train.class_weights == "balanced":
         class_weights = balanced_class_weights(train_class_counts(splits))
         log("class weights (balanced): " + ", ".join(
@@ -136,21 +154,26 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1),
             fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
             else AFTER_TRAINING_SECONDS / 2)
+    validation_batches = None
+    if splits.validation is not None:
+        validation_batches = eval_pipeline(splits.validation, num_classes, recipe.data,
+                                           "validation", splits.fingerprint)
     training = fit_phases(
         classifier,
         train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
-                       class_weights),
-        eval_pipeline(splits.validation, num_classes, recipe.data) if splits.validation else None,
-        steps_per_epoch, recipe.train, augmentation.device, verbose=verbose, run_dir=run_dir,
+                       class_weights, splits.fingerprint),
+        validation_batches,
+        steps_per_epoch, train_config, augmentation.device, verbose=verbose, run_dir=run_dir,
         strategy=strategy, time_budget=time_budget)
     if training["resumed"]:
         log("resumed an interrupted run: " + ", ".join(
             f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
             for phase in training["phases"]))
     trained = time.time()
-    classifier.save_weights(run_dir / RUN_WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+    classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
-    test_batches = eval_pipeline(splits.test, num_classes, recipe.data, split="test")
+    test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
+                                 splits.fingerprint)
     evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
                                      flip_tta=recipe.evaluate.flip_tta)
     metrics = evaluation.metrics
@@ -164,11 +187,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out images "
         f"(chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece {metrics['ece']:.4f}"
         + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
-        + f"; report {run_dir / 'report.md'}")
+        + f"; report {run_dir / REPORT_FILE}")
     if splits.skipped:
         log(f"skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:5])}"
             + (" ..." if len(splits.skipped) > 5 else ""))
-    _write_samples(splits, recipe, run_dir / "samples")
+    _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
 
     export_dir = None
     if recipe.export.enabled:
@@ -180,6 +203,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         "keras_version": keras.__version__, "devices": describe_devices(),
         "strategy": describe_strategy(strategy),
         "precision": precision, "jit_compile": training["jit_compile"],
+        "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
+        else f"{jit_compile_reason}; off: a layer in the training step does not support XLA",
+        "train_batchnorm": train_config.train_batchnorm,
         "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
         "global_batch_size": recipe.data.batch_size,
         "class_weights": None if class_weights is None else dict(
@@ -195,7 +221,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if time_budget is not None:
         run_info["time_budget"] = time_budget.summary()
         log(_budget_line(time_budget))
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2))
+    (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
     return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
                      splits.class_names)
 

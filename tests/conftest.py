@@ -17,6 +17,19 @@ class NetworkBlockedError(OSError):
     """Raised by any socket connection attempt during a test."""
 
 
+def pytest_collection_modifyitems(config, items):
+    """Network tests run only when `-m` names them (`-m network`), whatever else it selects.
+
+    So `pytest -m "not slow"`, which replaces the default `-m`, still runs offline.
+    """
+    if "network" in (config.getoption("markexpr") or ""):
+        return
+    offline = pytest.mark.skip(reason="needs the network: run with -m network")
+    for item in items:
+        if item.get_closest_marker("network"):
+            item.add_marker(offline)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch, request):
     """Tests never touch the network: connecting or resolving a name raises NetworkBlockedError."""

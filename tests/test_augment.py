@@ -68,7 +68,7 @@ def test_training_with_randaugment_and_mixup_stays_xla_compiled():
         lambda batch: augmentation.host(batch, training=True)).map(
         lambda batch: (batch["images"], batch["labels"]))
     result = fit_phases(classifier, batches, None, steps_per_epoch=2,
-                        config=TrainConfig(frozen_epochs=1, unfrozen_epochs=0),
+                        config=TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=True),
                         device_augment=augmentation.device, verbose=0)
     assert result["jit_compile"] is True
     assert np.isfinite(result["history"]["loss"][0])

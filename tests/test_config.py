@@ -91,3 +91,43 @@ def test_valid_keys_cover_every_field():
     keys = valid_keys(Recipe(name="r"))
     assert "export.top_k" in keys and "model.backbone" in keys
     assert len(keys) == len(set(keys))
+
+
+CHOICES = [("train", "optimizer", "adam"), ("data", "augment", "strongg"),
+           ("data", "resize", "crop"), ("train", "precision", "fp8"),
+           ("train", "strategy", "tpu"), ("train", "class_weights", "auto")]
+
+
+@pytest.mark.parametrize("section, field, value", CHOICES)
+def test_choice_fields_are_checked_by_the_dataclass_and_on_read_back(section, field, value):
+    section_type = type(getattr(Recipe(name="r"), section))
+    with pytest.raises(ConfigError, match=rf"'{value}' for '{section}.{field}': expected one of"):
+        section_type(**{field: value})
+    data = json.loads(to_json(Recipe(name="r")))  # what run dirs and exports hold
+    data[section][field] = value
+    with pytest.raises(ConfigError, match=f"{section}.{field}"):
+        from_dict(data)
+
+
+def test_a_recipe_file_with_an_unknown_choice_fails_to_load(tmp_path):
+    from kcls.recipes import load_recipe
+
+    path = tmp_path / "typo.py"
+    path.write_text('"""A typo."""\n'
+                    "from kcls.config import Recipe, TrainConfig\n"
+                    "def get_config():\n"
+                    "    return Recipe(name='typo', train=TrainConfig(optimizer='adam'))\n")
+    with pytest.raises(ConfigError, match="'adam' for 'train.optimizer': expected one of"):
+        load_recipe(str(path))
+
+
+def test_consumers_of_choices_raise_instead_of_falling_through():
+    import numpy as np
+
+    from kcls.data.augment import build_augmentation
+    from kcls.data.pipeline import prepare_image
+
+    with pytest.raises(ValueError, match="strongg"):
+        build_augmentation("strongg")
+    with pytest.raises(ValueError, match="crop"):
+        prepare_image(np.zeros((8, 8, 3), np.uint8), 16, "crop")

@@ -127,6 +127,20 @@ def test_train_batches_have_a_static_shape_and_one_hot_labels():
     np.testing.assert_array_equal(labels.numpy().sum(axis=1), 1.0)
 
 
+def test_a_folder_larger_than_the_shuffle_buffer_trains_on_mixed_batches(tmp_path: Path):
+    # Folders are listed class by class: 6 classes x 40 files, a shuffle buffer of 8.
+    for label in range(6):
+        for index in range(40):
+            _save(tmp_path / f"class{label}" / f"{index:02d}.png",
+                  np.full((8, 8, 3), 40 * label, np.uint8), "RGB")
+    config = DataConfig(source=f"folder:{tmp_path}", image_size=16, batch_size=16,
+                        shuffle_buffer=8, augment="none")
+    splits = load_splits(config)
+    assert splits.sizes["train"] > 10 * config.shuffle_buffer
+    for _, labels in train_pipeline(splits.train, 6, config).take(3).as_numpy_iterator():
+        assert len(np.unique(labels.argmax(axis=1))) >= 4
+
+
 def test_eval_pipeline_is_unaugmented_ordered_and_complete():
     splits = load_splits(DataConfig(source="sklearn:digits"))
     config = DataConfig(batch_size=64, augment="strong")
@@ -203,3 +217,35 @@ def test_tfds_source_reads_a_prepared_dataset_and_carves_validation(tmp_path: Pa
     with pytest.raises(ConfigError, match="no split 'dev'"):
         load_splits(DataConfig(source="tfds:kcls_tiny_images", data_dir=str(tmp_path),
                                test_split="dev"))
+
+
+@pytest.mark.slow
+def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
+    from kcls.config import apply_overrides
+    from kcls.recipes import load_recipe
+    from kcls.run import run_recipe
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+
+    def run(seed: int) -> set[str]:
+        """The cache files a one-step run with data.seed=`seed` leaves behind."""
+        before = set(path.name for path in cache_dir.iterdir())
+        recipe = apply_overrides(load_recipe("quickstart"), [
+            "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=1",
+            "train.jit_compile=false", "data.batch_size=8", "data.image_size=16",
+            f"data.cache={cache_dir / 'digits'}", f"data.seed={seed}", "export.enabled=false"])
+        run_recipe(recipe, tmp_path / f"run{seed}", log=lambda message: None, verbose=0)
+        return set(path.name for path in cache_dir.iterdir()) - before
+
+    first, second = run(0), run(1)
+    # Each run caches its own train, validation and test examples: the seed changes the
+    # split, so replaying the first run's files would put its test images in training.
+    assert any(".train" in name for name in first) and any(".test" in name for name in first)
+    assert any(".train" in name for name in second) and any(".test" in name for name in second)
+    assert not first & second
+    assert run(0) == set(), "the same data and seed reuse their cache"
+
+    splits = load_splits(DataConfig())
+    with pytest.raises(ValueError, match="source_fingerprint=splits.fingerprint"):
+        eval_pipeline(splits.test, 10, DataConfig(cache=str(cache_dir / "unkeyed")), "test")

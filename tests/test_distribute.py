@@ -50,7 +50,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     # over the wrong number of examples shows up in the weights.
     config = TrainConfig(frozen_epochs=0, unfrozen_epochs=1, optimizer="sgd",
                          learning_rate=0.05, unfrozen_lr_factor=1.0, warmup_fraction=0.0,
-                         jit_compile=False)
+                         train_batchnorm=False, jit_compile=False)
     results = {}
     for name, model, run_strategy in [("mirrored", mirrored, strategy),
                                       ("single", single, None)]:
@@ -68,6 +68,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)

@@ -4,16 +4,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcls.evaluate import (
+from kcls.layout import PLOT_FILES
+from kcls.metrics import (
     Evaluation,
     class_balance_warning,
     classification_metrics,
     expected_calibration_error,
 )
-from kcls.report import PLOTS, confident_mistakes, write_report
+from kcls.report import confident_mistakes, write_report
 
 
-def one_hot_probabilities(predictions, num_classes, confidence=1.0):
+def one_hot_probabilities(predictions, num_classes, confidence=0.9):
     """Rows putting `confidence` on the predicted class and the rest evenly elsewhere."""
     rest = (1.0 - confidence) / (num_classes - 1)
     probabilities = np.full((len(predictions), num_classes), rest)
@@ -21,11 +22,15 @@ def one_hot_probabilities(predictions, num_classes, confidence=1.0):
     return probabilities
 
 
+def one_hot_logits(predictions, num_classes, confidence=0.9):
+    """The logits (log-probabilities) of `one_hot_probabilities`."""
+    return np.log(one_hot_probabilities(predictions, num_classes, confidence))
+
+
 def test_confusion_matrix_and_per_class_scores_on_a_known_case():
     labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
     predictions = np.array([0, 0, 1, 2, 1, 1, 2, 2, 0, 2])
-    metrics = classification_metrics(one_hot_probabilities(predictions, 3), labels,
-                                     ["a", "b", "c"])
+    metrics = classification_metrics(one_hot_logits(predictions, 3), labels, ["a", "b", "c"])
     assert metrics["confusion_matrix"] == [[2, 1, 1], [0, 2, 0], [1, 0, 3]]
     assert metrics["accuracy"] == pytest.approx(0.7)
     a, b, c = (metrics["per_class"][name] for name in "abc")
@@ -40,7 +45,7 @@ def test_confusion_matrix_and_per_class_scores_on_a_known_case():
 
 
 def test_a_class_never_predicted_has_zero_precision_not_nan():
-    metrics = classification_metrics(one_hot_probabilities([0, 0, 0], 2), np.array([0, 1, 1]))
+    metrics = classification_metrics(one_hot_logits([0, 0, 0], 2), np.array([0, 1, 1]))
     assert metrics["per_class"]["1"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
                                          "support": 2}
 
@@ -59,7 +64,7 @@ def test_ece_measures_overconfidence():
     labels = np.array([0, 1] * 10)
     probabilities = one_hot_probabilities(np.zeros(20, dtype=np.int64), 2, 0.9)
     assert expected_calibration_error(probabilities, labels) == pytest.approx(0.4)
-    metrics = classification_metrics(probabilities, labels)
+    metrics = classification_metrics(np.log(probabilities), labels)
     assert metrics["ece"] == pytest.approx(0.4)
     assert metrics["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.1)) / 2)
 
@@ -67,10 +72,9 @@ def test_ece_measures_overconfidence():
 def test_top5_accuracy_only_with_more_than_five_classes():
     probabilities = np.tile(np.linspace(0.3, 0.01, 7)[None], (2, 1))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
-    metrics = classification_metrics(probabilities, np.array([4, 6]))
+    metrics = classification_metrics(np.log(probabilities), np.array([4, 6]))
     assert metrics["top5_accuracy"] == pytest.approx(0.5)
-    assert "top5_accuracy" not in classification_metrics(probabilities[:, :5] /
-                                                         probabilities[:, :5].sum(1, keepdims=True),
+    assert "top5_accuracy" not in classification_metrics(np.log(probabilities[:, :5]),
                                                          np.array([4, 1]))
 
 
@@ -84,8 +88,8 @@ def test_report_writes_tables_and_four_valid_pngs(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 30)
     probabilities = rng.dirichlet(np.ones(3), 30)
-    evaluation = Evaluation(classification_metrics(probabilities, labels, ["x", "y", "z"]),
-                            probabilities, labels)
+    evaluation = Evaluation(classification_metrics(np.log(probabilities), labels,
+                                                   ["x", "y", "z"]), probabilities, labels)
     mistakes = confident_mistakes(evaluation, 4)
     assert len(mistakes) == 4
     wrong_confidence = probabilities.max(axis=1)[mistakes]
@@ -97,9 +101,30 @@ def test_report_writes_tables_and_four_valid_pngs(tmp_path):
     phases = [{"name": "frozen", "first_epoch": 0, "epochs": 1},
               {"name": "unfrozen", "first_epoch": 1, "epochs": 2}]
     write_report(tmp_path, evaluation, ["x", "y", "z"], history, phases, images, mistakes=4)
-    for name in PLOTS:
+    for name in PLOT_FILES:
         with Image.open(tmp_path / name) as image:
             image.verify()
             assert image.format == "PNG"
     report = (tmp_path / "report.md").read_text()
     assert "| accuracy |" in report and "| z |" in report and "training_curves.png" in report
+
+
+def test_nll_comes_from_the_logits_not_from_clipped_probabilities():
+    import keras
+    import tensorflow as tf
+
+    from kcls.evaluate import evaluate_classifier
+
+    # Logits (40, 0) for every image, whose true class is 1: its probability is e^-40,
+    # far below any clipping floor, and its negative log-likelihood is 40.
+    images = keras.Input((2, 2, 3))
+    logits = keras.layers.Dense(2, kernel_initializer="zeros",
+                                bias_initializer=keras.initializers.Constant([40.0, 0.0]))(
+        keras.layers.Flatten()(images))
+    model = keras.Model(images, logits)
+    batches = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((4, 2, 2, 3), np.float32), np.tile([[0.0, 1.0]], (4, 1)))).batch(2)
+    metrics = evaluate_classifier(model, batches, flip_tta=True).metrics
+    assert metrics["nll"] == pytest.approx(40.0, rel=1e-6)
+    assert metrics["tta"]["nll"] == pytest.approx(40.0, rel=1e-6)
+    assert metrics["accuracy"] == 0.0

@@ -1,5 +1,7 @@
 """Grad-CAM on a tiny trained model, and loading a classifier back from an export."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from PIL import Image
 from kcls.cli import main
 from kcls.config import ModelConfig, Recipe, TrainConfig
 from kcls.explain import grad_cam
-from kcls.export import export_saved_model, load_classifier
+from kcls.export import export_saved_model
+from kcls.load import load_classifier
 from kcls.models.classifier import build_classifier
 from kcls.train.runner import fit_phases
 
@@ -41,7 +44,7 @@ def trained_classifier():
         32, drop_remainder=True).repeat()
     fit_phases(classifier, batches, None, steps_per_epoch=20,
                config=TrainConfig(frozen_epochs=0, unfrozen_epochs=3, learning_rate=3e-3,
-                                  jit_compile=False), verbose=0)
+                                  train_batchnorm=False, jit_compile=False), verbose=0)
     return classifier
 
 
@@ -83,7 +86,16 @@ def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     for index in range(2):
         with Image.open(tmp_path / "cams" / f"img {index}_gradcam.png") as overlay:
             assert overlay.size == (32, 32) and overlay.mode == "RGB"
-    assert "left" in result.output or "right" in result.output
+    # Each line names the trained classifier's top class for that image and its probability.
+    probabilities = tf.nn.softmax(trained_classifier(images.astype(np.uint8).astype(np.float32),
+                                                     training=False)).numpy()
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    for index, (line, row) in enumerate(zip(lines, probabilities)):
+        target, label, probability = re.fullmatch(r"(.*): (\w+) \(([\d.]+)\)", line).groups()
+        assert target == str(tmp_path / "cams" / f"img {index}_gradcam.png")
+        assert label == ["left", "right"][row.argmax()]
+        assert float(probability) == pytest.approx(row.max(), abs=1e-3)
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")

@@ -26,7 +26,8 @@ from kcls import serving_client
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, apply_overrides
 from kcls.data.pipeline import prepare_image
-from kcls.export import export_saved_model, versions, write_models_config
+from kcls.export import export_saved_model, write_models_config
+from kcls.layout import versions
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
 
@@ -368,3 +369,26 @@ def test_flip_tta_export_serves_the_mean_of_each_image_and_its_mirror(classifier
     served = loaded.signatures["predict_images"](images=tf.constant(images))
     np.testing.assert_allclose(served["probabilities"].numpy(), (plain + mirrored) / 2,
                                atol=1e-5)
+
+
+def test_an_export_reloads_every_weight_by_name_with_moved_batchnorm(tmp_path):
+    """BatchNorm statistics away from their initial values, so no two `[C]` vectors agree."""
+    from kcls.load import load_classifier
+
+    keras.utils.set_random_seed(1)
+    model = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), len(CLASS_NAMES),
+                             IMAGE_SIZE)
+    rng = np.random.default_rng(0)
+    for variable in model.weights:
+        if "_bn/" in variable.path:
+            variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    export_dir = export_saved_model(model, tiny_recipe(tmp_path), CLASS_NAMES)
+
+    loaded = load_classifier(export_dir).classifier
+    saved = {variable.path: variable.numpy() for variable in model.weights}
+    for variable in loaded.weights:
+        np.testing.assert_array_equal(variable.numpy(), saved[variable.path],
+                                      err_msg=variable.path)
+    images = rng.uniform(0, 255, (3, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(images, training=False).numpy(),
+                               model(images, training=False).numpy(), atol=1e-5)

@@ -12,16 +12,15 @@ from click.testing import CliRunner
 
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, TrainConfig
-from kcls.optimize.tflite import (
+from kcls.layout import optimized_dir
+from kcls.optimize.convert import (
     OptimizeError,
-    TFLiteClassifier,
     convert,
-    default_out_dir,
-    held_out_examples,
-    optimize,
     representative_images,
     write_probability_saved_model,
 )
+from kcls.optimize.interpreter import TFLiteClassifier
+from kcls.optimize.tflite import held_out_examples, optimize
 
 IMAGE_SIZE = 32
 
@@ -41,7 +40,7 @@ def trained(tmp_path_factory):
     recipe = Recipe(name="tiny", data=data, model=ModelConfig(backbone="resnet_v2_tiny"),
                     train=TrainConfig(frozen_epochs=0, unfrozen_epochs=3, jit_compile=False,
                                       steps_per_epoch=20, learning_rate=3e-3,
-                                      unfrozen_lr_factor=1.0),
+                                      unfrozen_lr_factor=1.0, train_batchnorm=False),
                     export=ExportConfig(base_dir=str(base_dir)))
     keras.utils.set_random_seed(0)
     splits = load_splits(data)
@@ -103,6 +102,7 @@ def test_ptq_int8_per_tensor_scales_are_smaller(trained, tmp_path):
     assert len(models[False]) < len(models[True])
 
 
+@pytest.mark.slow
 def test_float_tflite_matches_keras(trained, tmp_path):
     recipe, classifier, _ = trained
     model = TFLiteClassifier.from_bytes(convert(write_probability_saved_model(
@@ -112,18 +112,24 @@ def test_float_tflite_matches_keras(trained, tmp_path):
     np.testing.assert_allclose(model.predict(images[:8]), expected, atol=1e-4)
 
 
-def test_default_out_dir_is_beside_the_versions(trained):
-    _, _, export_dir = trained
-    assert default_out_dir(export_dir.parent, "ptq-int8") == (
-        export_dir.parent / "optimized" / export_dir.name / "ptq-int8")
+def test_optimized_dir_is_beside_the_versions_or_in_the_run(tmp_path):
+    for version in ("1", "2"):
+        (tmp_path / "saved_models" / "tiny" / version).mkdir(parents=True)
+        (tmp_path / "saved_models" / "tiny" / version / "saved_model.pb").write_bytes(b"")
+    model_dir = tmp_path / "saved_models" / "tiny"
+    assert optimized_dir(model_dir, "ptq-int8") == model_dir / "optimized" / "2" / "ptq-int8"
+    assert optimized_dir(model_dir / "1", "qat") == model_dir / "optimized" / "1" / "qat"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert optimized_dir(tmp_path / "run", "prune") == tmp_path / "run" / "optimized" / "prune"
 
 
-def test_unknown_methods_fail_clearly(trained):
-    _, _, export_dir = trained
+def test_unknown_methods_fail_clearly(tmp_path):
     with pytest.raises(OptimizeError, match="Unknown method"):
-        optimize(export_dir, "ptq-int4")
+        optimize(tmp_path, "ptq-int4")
 
 
+@pytest.mark.slow
 def test_cli_optimize(trained, tmp_path):
     _, _, export_dir = trained
     result = CliRunner().invoke(main, ["optimize", str(export_dir), "--method", "ptq-dynamic",
@@ -146,8 +152,10 @@ def test_cli_optimize(trained, tmp_path):
 @pytest.mark.slow
 def test_prune_reaches_target_sparsity(trained, tmp_path):
     _, _, export_dir = trained
+    progress = []
     report = optimize(export_dir, "prune", tmp_path, latency_runs=3, mot_epochs=1,
-                      target_sparsity=0.5, mot_steps_per_epoch=12)
+                      target_sparsity=0.5, mot_steps_per_epoch=12, log=progress.append)
+    assert any(line.startswith("prune: epoch 1/1 done") for line in progress), progress
 
     # Count the zeros ourselves, in the stripped SavedModel the TF-MOT child wrote.
     saved = tf.saved_model.load(str(tmp_path / "saved_model"))
@@ -165,7 +173,7 @@ def test_prune_reaches_target_sparsity(trained, tmp_path):
 def test_qat_yields_an_int8_tflite_model(trained, tmp_path):
     _, _, export_dir = trained
     report = optimize(export_dir, "qat", tmp_path, latency_runs=3, mot_epochs=1,
-                      mot_steps_per_epoch=8)
+                      mot_steps_per_epoch=8, log=lambda line: None)
 
     interpreter = TFLiteClassifier.from_bytes((tmp_path / "model.tflite").read_bytes())
     types = {detail["dtype"] for detail in interpreter.interpreter.get_tensor_details()}
@@ -174,3 +182,86 @@ def test_qat_yields_an_int8_tflite_model(trained, tmp_path):
     assert report["optimized"]["size_bytes"] < report["float32"]["size_bytes"] / 2.5
     # Loose: 8 QAT steps move a model trained for only 30 steps (0.79-0.99 seen here).
     assert report["agreement"] >= 0.6
+
+
+def with_moved_batchnorm(classifier: keras.Model, seed: int = 0) -> keras.Model:
+    """`classifier` with every BatchNorm vector set to distinct random values.
+
+    At their initial values (gamma 1, beta 0, mean 0, variance 1) two of the four `[C]`
+    vectors are equal, so a transfer that swaps them would go unnoticed.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in classifier._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for variable in layer.weights:
+                variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    return classifier
+
+
+@pytest.mark.slow
+def test_tf_mot_child_receives_every_weight_by_name(tmp_path):
+    """EfficientNetV2's blocks list their BatchNorm statistics in another order in tf-keras."""
+    from kcls.models.classifier import build_classifier
+    from kcls.optimize.mot import fine_tune_with_mot
+
+    recipe = Recipe(name="effnet", data=DataConfig(image_size=IMAGE_SIZE, batch_size=8),
+                    model=ModelConfig(backbone="efficientnetv2_b0", dropout=0.0))
+    keras.utils.set_random_seed(0)
+    classifier = with_moved_batchnorm(build_classifier(recipe.model, 3, IMAGE_SIZE))
+    images = np.random.default_rng(1).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3))
+    expected = np.asarray(keras.ops.softmax(classifier(images, training=False)))
+    # Zero epochs: the child only rebuilds, loads the weights and converts.
+    model, _ = fine_tune_with_mot(classifier, recipe, 3, "prune", tmp_path, epochs=0,
+                                  steps_per_epoch=1)
+    probabilities = TFLiteClassifier.from_bytes(model).predict(images.astype(np.float32))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+def test_weight_keys_survive_the_name_counters_of_another_build():
+    from kcls.models.classifier import build_classifier
+    from kcls.optimize.weight_keys import weight_keys
+
+    # MobileNetV3 leaves its squeeze-and-excite layers unnamed: a second build in the same
+    # process gets other counters (conv2d_36, ...), as the TF-MOT child process does.
+    first, second = (build_classifier(ModelConfig(backbone="mobilenet_v3_small"), 3, 32)
+                     for _ in range(2))
+    assert [v.path for v in first.weights] != [v.path for v in second.weights]
+    first_keys, second_keys = weight_keys(first.weights), weight_keys(second.weights)
+    assert list(first_keys) == list(second_keys)
+    assert len(first_keys) == len(first.weights)
+    for key, variable in first_keys.items():
+        assert variable.shape == second_keys[key].shape, key
+
+
+def child(code: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_streams_its_output_and_a_dead_or_silent_child_fails_clearly():
+    import os
+    import time
+
+    from kcls.optimize.mot import run_child
+
+    received = []
+    run_child(child("import sys\nprint('epoch 1/2', flush=True)\n"
+                    "print('a warning', file=sys.stderr)\nprint('epoch 2/2')"),
+              received.append, "the demo child")
+    assert received == ["epoch 1/2", "epoch 2/2"]
+
+    with pytest.raises(OptimizeError, match="(?s)exit status 3.*it broke"):
+        run_child(child("import sys\nprint('it broke', file=sys.stderr)\nsys.exit(3)"),
+                  received.append, "the demo child")
+    with pytest.raises(OptimizeError, match="(?s)killed by signal SIGKILL.*out of memory"):
+        run_child(child("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"),
+                  received.append, "the demo child")
+    started = time.monotonic()
+    with pytest.raises(OptimizeError, match="printed nothing for 1 s") as error:
+        run_child(child("import time\nprint('working', flush=True)\ntime.sleep(60)"),
+                  received.append, "the demo child", idle_timeout=1)
+    assert time.monotonic() - started < 30
+    pid = int(str(error.value).split("process ")[1].split(")")[0])
+    with pytest.raises(ProcessLookupError):  # stopped, not left running
+        os.kill(pid, 0)

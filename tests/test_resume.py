@@ -9,13 +9,15 @@ import pytest
 import tensorflow as tf
 
 from kcls.config import ConfigError, ModelConfig, TrainConfig, apply_overrides
+from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
 from kcls.run import run_recipe
-from kcls.train.runner import BACKUP_DIR, BEST_WEIGHTS_FILE, fit_phases
+from kcls.train.runner import fit_phases
 
 # Phase 2 trains the top block only: a smaller backward pass to trace, a faster test.
-CONFIG = TrainConfig(frozen_epochs=2, unfrozen_epochs=3, unfreeze="1", jit_compile=False)
+CONFIG = TrainConfig(frozen_epochs=2, unfrozen_epochs=3, unfreeze="1", train_batchnorm=False,
+                     jit_compile=False)
 TOTAL_EPOCHS = CONFIG.frozen_epochs + CONFIG.unfrozen_epochs
 
 
@@ -69,6 +71,7 @@ def fit(model: keras.Model, run_dir, callbacks: list[keras.callbacks.Callback],
                       run_dir=run_dir)
 
 
+@pytest.mark.slow
 def test_run_killed_twice_resumes_and_ends_with_the_same_epochs(tmp_path):
     start_of_phase_2 = CONFIG.frozen_epochs
     # Process 1 is killed as phase 2 starts, process 2 in the middle of phase 2.
@@ -116,6 +119,7 @@ def test_run_killed_twice_resumes_and_ends_with_the_same_epochs(tmp_path):
         np.testing.assert_array_equal(expected, actual)
 
 
+@pytest.mark.slow
 def test_run_json_records_the_training_setup(tmp_path):
     recipe = apply_overrides(load_recipe("quickstart"), [
         "train.frozen_epochs=1", "train.unfrozen_epochs=1", "train.steps_per_epoch=2",

@@ -157,8 +157,87 @@ def test_early_stopping_ends_a_phase_and_the_next_starts_after_it():
     classifier = tiny_classifier()
     # A learning rate too small to change float32 weights: val_loss never improves.
     config = TrainConfig(frozen_epochs=4, unfrozen_epochs=1, unfreeze="1", learning_rate=1e-12,
-                         early_stopping_patience=1, jit_compile=False)
+                         early_stopping_patience=1, train_batchnorm=False, jit_compile=False)
     result = fit_phases(classifier, batches(), batches(16, repeat=False), 1, config, verbose=0)
     assert [(p["name"], p["first_epoch"], p["epochs"]) for p in result["phases"]] == [
         ("frozen", 0, 2), ("unfrozen", 2, 1)]
     assert len(result["history"]["val_loss"]) == 3
+
+
+def test_batchnorm_trains_by_default_only_when_the_backbone_is_not_pretrained():
+    from kcls.train.schedule import resolve_train_batchnorm
+
+    assert TrainConfig().train_batchnorm is None  # auto
+    assert resolve_train_batchnorm(TrainConfig(), weights=None) is True
+    assert resolve_train_batchnorm(TrainConfig(), weights="imagenet") is False
+    assert resolve_train_batchnorm(TrainConfig(), weights="backbone.weights.h5") is False
+    assert resolve_train_batchnorm(TrainConfig(train_batchnorm=False), weights=None) is False
+    assert resolve_train_batchnorm(TrainConfig(train_batchnorm=True), "imagenet") is True
+    # fit_phases cannot know where the weights came from: it asks instead of guessing.
+    with pytest.raises(ValueError, match="resolve_train_batchnorm"):
+        train(tiny_classifier(), frozen_epochs=0, unfrozen_epochs=1)
+
+
+def test_xla_is_automatic_where_it_was_measured_faster():
+    from kcls.train.compute import resolve_jit_compile
+
+    assert TrainConfig().jit_compile == "auto"
+    assert apply_overrides(Recipe(name="r"), ["train.jit_compile=auto"]).train.jit_compile == "auto"
+    assert apply_overrides(Recipe(name="r"), ["train.jit_compile=off"]).train.jit_compile is False
+    with pytest.raises(ConfigError, match="'train.jit_compile': expected a boolean"):
+        TrainConfig(jit_compile="yes")
+    assert resolve_jit_compile(True, "efficientnetv2_b0") == (True, "train.jit_compile=true")
+    assert resolve_jit_compile(False, "compact_resnet") == (False, "train.jit_compile=false")
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        pytest.skip("the CPU rules apply on CPU-only machines")
+    used, reason = resolve_jit_compile("auto", "efficientnetv2_b0")
+    assert not used and "0.41x" in reason  # benchmarks/train_step.py on the 2-core CPU
+    used, reason = resolve_jit_compile("auto", "my_new_backbone")
+    assert not used and "not measured" in reason
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_training_batches():
+    from kcls.train.batchnorm import recalibrate_batchnorm
+
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()])
+    images = np.random.default_rng(0).normal([5.0, -3.0], [2.0, 0.5], (64, 4, 4, 2))
+    batches = tf.data.Dataset.from_tensor_slices(
+        (images.astype("float32"), np.zeros(64))).batch(16).repeat()
+    assert recalibrate_batchnorm(model, batches, max_batches=4) == 64
+    # The mean over the 4 batches of each batch's mean and (biased) variance.
+    per_batch = images.reshape(4, 16 * 4 * 4, 2)
+    norm = model.layers[0]
+    np.testing.assert_allclose(norm.moving_mean.numpy(), per_batch.mean(axis=1).mean(axis=0),
+                               rtol=1e-4)
+    np.testing.assert_allclose(norm.moving_variance.numpy(),
+                               per_batch.var(axis=1).mean(axis=0), rtol=1e-4)
+    assert norm.momentum == 0.99
+    norm.trainable = False  # frozen layers keep their statistics
+    before = norm.moving_mean.numpy().copy()
+    assert recalibrate_batchnorm(model, batches.map(lambda x, y: (x + 1, y)), 4) == 0
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), before)
+
+
+def test_validation_sees_the_re_estimated_batchnorm_statistics():
+    from kcls.train.batchnorm import PreciseBatchNorm
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 1),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    images = np.random.default_rng(0).normal(4.0, 2.0, (48, 4, 4, 2)).astype("float32")
+    labels = keras.utils.to_categorical(np.arange(48) % 2, 2)
+    train_batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16).repeat()
+    seen = {}
+
+    def probe(logs):  # at validation: the statistics and the conv outputs they should match
+        features = model.layers[0](images).numpy().reshape(3, -1, 3)
+        seen.update(moving=model.layers[1].moving_mean.numpy(),
+                    expected=features.mean(axis=1).mean(axis=0))
+
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    model.fit(train_batches, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False,
+              validation_data=tf.data.Dataset.from_tensor_slices((images, labels)).batch(16),
+              callbacks=[PreciseBatchNorm(model, train_batches, 3),
+                         keras.callbacks.LambdaCallback(on_test_begin=probe)])
+    np.testing.assert_allclose(seen["moving"], seen["expected"], rtol=1e-4, atol=1e-5)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from kcls.config import AugmentPolicy
+from kcls.config import AugmentPolicy, require_choice
 
 
 @dataclass
@@ -57,6 +57,7 @@ def build_augmentation(policy: AugmentPolicy, horizontal_flip: bool = True, seed
         Augmentation whose stacks take and return `{"images": float [B, H, W, 3],
         "labels": float [B, C]}` dicts.
     """
+    require_choice(policy, AugmentPolicy, "data.augment")
     if policy == "none":
         return Augmentation(None, None)
     layers: list[keras.Layer] = []

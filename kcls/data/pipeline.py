@@ -10,6 +10,12 @@ small), shuffle with a seeded buffer, repeat, batch (dropping the remainder, so 
 sees one static shape), augment whole batches with the layers XLA cannot compile,
 prefetch. Evaluation caches the float32 resized images, unrounded.
 
+An on-disk cache (`data.cache=PREFIX`) is a file per split,
+`PREFIX.<split>.<key>`, whose key is a digest of the source's fingerprint (its files or
+arrays, `Splits.fingerprint`) and of every `DataConfig` field that shapes the cached
+examples: tf.data replays a cache file without checking what made it, and a stale one
+made with another seed or fraction would put today's test images in training.
+
 `prepare_image` is the single definition of evaluation preprocessing: the exported
 serving signature calls it too, so served predictions match evaluation exactly.
 
@@ -21,11 +27,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import DataConfig, ResizeMode
+from kcls.config import DataConfig, ResizeMode, require_choice
+from kcls.data.sources import fingerprint
+
+# DataConfig fields that act after the cache (batching, augmentation, shuffling): every
+# other field, present or future, keys on-disk cache files.
+_AFTER_CACHE_FIELDS = ("batch_size", "augment", "horizontal_flip", "mixup", "cutmix", "cache",
+                       "shuffle_buffer", "deterministic")
 
 
 def prepare_image(image: tf.Tensor, image_size: int, mode: ResizeMode = "resize") -> tf.Tensor:
@@ -41,6 +55,7 @@ def prepare_image(image: tf.Tensor, image_size: int, mode: ResizeMode = "resize"
     Returns:
         float32 `[image_size, image_size, 3]` (or batched), values in [0, 255].
     """
+    require_choice(mode, ResizeMode, "data.resize")
     size = (image_size, image_size)
     if mode == "pad":
         resized = tf.image.resize_with_pad(tf.cast(image, tf.float32), *size, antialias=True)
@@ -64,7 +79,8 @@ def _resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfig,
                    host_augment: keras.Layer | None = None,
-                   class_weights: np.ndarray | None = None) -> tf.data.Dataset:
+                   class_weights: np.ndarray | None = None,
+                   source_fingerprint: str | None = None) -> tf.data.Dataset:
     """Infinite, shuffled, batched training data; size an epoch with `steps_per_epoch`.
 
     Args:
@@ -76,13 +92,15 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
         class_weights: float `[num_classes]` loss weight per class (e.g.
             `balanced_class_weights`); batches then carry a third element, the float32
             `[B]` weights of their examples' original classes (before MixUp/CutMix).
+        source_fingerprint: `Splits.fingerprint` of the source of `examples`; required
+            when `config.cache` is a file prefix (it keys the cache file).
     """
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         resized = prepare_image(image, config.image_size, config.resize)
         return tf.cast(tf.round(resized), tf.uint8), label
 
     examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    examples = _cache(examples, config.cache, "train")
+    examples = _cache(examples, config, "train", source_fingerprint)
     examples = examples.shuffle(config.shuffle_buffer, seed=config.seed,
                                 reshuffle_each_iteration=True).repeat()
     batches = examples.batch(config.batch_size, drop_remainder=True,
@@ -124,26 +142,48 @@ def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
 
 
 def eval_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfig,
-                  split: str = "eval") -> tf.data.Dataset:
+                  split: str = "eval", source_fingerprint: str | None = None
+                  ) -> tf.data.Dataset:
     """One ordered pass over `examples`, batched, with no augmentation.
 
-    `split` names the on-disk cache file when `config.cache` is a file prefix.
+    `split` (`validation`, `test`) and `source_fingerprint` (`Splits.fingerprint`) name
+    the on-disk cache file when `config.cache` is a file prefix; the fingerprint is
+    required then.
     """
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return (prepare_image(image, config.image_size, config.resize),
                 tf.one_hot(label, num_classes))
 
     examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    batches = _cache(examples, config.cache, split).batch(config.batch_size)
+    batches = _cache(examples, config, split, source_fingerprint).batch(config.batch_size)
     return _with_options(batches, config, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def _cache(examples: tf.data.Dataset, cache: str, split: str) -> tf.data.Dataset:
-    if cache == "none":
+def cache_file(config: DataConfig, split: str, source_fingerprint: str) -> str:
+    """The on-disk cache file of `split`: `<data.cache>.<split>.<key>` (see module docstring).
+
+    Raises:
+        ValueError: `config.cache` is `memory` or `none`, not a file prefix.
+    """
+    if config.cache in ("memory", "none"):
+        raise ValueError(f"data.cache={config.cache!r} is not a file prefix.")
+    shaping = {name: value for name, value in dataclasses.asdict(config).items()
+               if name not in _AFTER_CACHE_FIELDS}
+    return f"{config.cache}.{split}.{fingerprint(shaping, source_fingerprint)[:16]}"
+
+
+def _cache(examples: tf.data.Dataset, config: DataConfig, split: str,
+           source_fingerprint: str | None) -> tf.data.Dataset:
+    if config.cache == "none":
         return examples
-    if cache == "memory":
+    if config.cache == "memory":
         return examples.cache()
-    return examples.cache(f"{cache}.{split}")
+    if not source_fingerprint:
+        raise ValueError(
+            f"data.cache={config.cache!r} caches to files, which are keyed on the data they "
+            "hold: pass source_fingerprint=splits.fingerprint (kcls.run.run_recipe does), or "
+            "use data.cache=memory.")
+    return examples.cache(cache_file(config, split, source_fingerprint))
 
 
 def _with_options(dataset: tf.data.Dataset, config: DataConfig,

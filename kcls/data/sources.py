@@ -19,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +37,8 @@ class Splits:
     """Train, validation and test datasets of `(image uint8 [H, W, 3], label int64)` examples.
 
     Attributes:
-        train: tf.data.Dataset of training examples (not shuffled, not batched).
+        train: tf.data.Dataset of training examples, not batched; in a seeded random
+            order for sources split here (arrays, folders), in TFDS's order otherwise.
         validation: tf.data.Dataset or `None` when `validation_fraction` is 0.
         test: tf.data.Dataset held out for the final evaluation.
         class_names: list[str], label `i` is `class_names[i]`.
@@ -42,6 +46,9 @@ class Splits:
         skipped: files of the source that could not be read and were left out.
         train_labels: int64 `(train,)` labels of the training split when the source knows
             them without reading images, else `None` (see `train_class_counts`).
+        fingerprint: hex digest of what the source read (the files with their sizes and
+            modification times, the array bytes, or the TFDS dataset and version), which
+            keys on-disk caches (see `kcls.data.pipeline`).
     """
 
     train: tf.data.Dataset
@@ -51,6 +58,7 @@ class Splits:
     sizes: dict[str, int]
     skipped: list[str] = field(default_factory=list)
     train_labels: np.ndarray | None = None
+    fingerprint: str = ""
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -86,9 +94,13 @@ def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list
         raise ConfigError(
             f"Array images must be uint8 of shape (N, H, W, 3); got {images.dtype} "
             f"{images.shape}.")
-    return _split(labels, class_names, config,
-                  lambda selected: tf.data.Dataset.from_tensor_slices(
-                      (images[selected], np.asarray(labels, np.int64)[selected])))
+    labels = np.asarray(labels, np.int64)
+    splits = _split(labels, class_names, config,
+                    lambda selected: tf.data.Dataset.from_tensor_slices(
+                        (images[selected], labels[selected])))
+    splits.fingerprint = fingerprint(images.shape, images.tobytes(), labels.tobytes(),
+                                     class_names)
+    return splits
 
 
 def _folder_splits(root: str, config: DataConfig) -> Splits:
@@ -105,7 +117,19 @@ def _folder_splits(root: str, config: DataConfig) -> Splits:
 
     splits = _split(files.labels, files.class_names, config, dataset)
     splits.skipped = files.skipped
+    stats = [os.stat(path) for path in files.paths]
+    splits.fingerprint = fingerprint(
+        files.paths, files.labels.tolist(), files.class_names,
+        [(stat.st_size, stat.st_mtime_ns) for stat in stats])
     return splits
+
+
+def fingerprint(*parts: object) -> str:
+    """A hex digest of `parts` (bytes, or anything JSON can write)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part).encode())
+    return digest.hexdigest()
 
 
 def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
@@ -116,7 +140,7 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         labels: int array `(N,)`.
         class_names: list[str], one per class.
         config: DataConfig, for `test_fraction`, `validation_fraction` and `seed`.
-        dataset: makes the dataset of the examples at the given sorted indices.
+        dataset: makes the dataset of the examples at the given indices, in their order.
     """
     labels = np.asarray(labels, dtype=np.int64)
     train_indices, validation_indices, test_indices = split_indices(labels, config)
@@ -128,18 +152,25 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
 
 def split_indices(labels: np.ndarray, config: DataConfig
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sorted train, validation and test indices of examples with `labels`.
+    """The train, validation and test indices of examples with `labels`.
 
     Stratified and seeded: `config.test_fraction` of the examples is held out for
     testing, then `config.validation_fraction` of the rest for validation. This is the
     split `load_splits` makes of sources without their own splits (arrays, folders).
+
+    Returns:
+        `(train, validation, test)` int arrays: the training indices in a seeded random
+        order, the validation and test indices sorted.
     """
     labels = np.asarray(labels, dtype=np.int64)
     indices = np.arange(len(labels))
     train, test = _stratified_split(indices, labels, config.test_fraction, config.seed)
     train, validation = _stratified_split(train, labels[train], config.validation_fraction,
                                           config.seed)
-    return train, validation, test
+    # Folders are listed class by class, and a shuffle buffer smaller than the split
+    # would fill batches from one or two classes: shuffle the order once, as
+    # keras.utils.image_dataset_from_directory does.
+    return np.random.default_rng(config.seed).permutation(train), validation, test
 
 
 def train_class_counts(splits: Splits) -> np.ndarray:
@@ -213,10 +244,11 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
 
     train_count, test_count = count(config.train_split), count(config.test_split)
     test = load(config.test_split)
+    source = fingerprint(name, str(builder.version), str(builder.data_dir))
     if "validation" in builder.info.splits and config.validation_fraction > 0:
         return Splits(load(config.train_split), load("validation"), test, class_names,
                       {"train": train_count, "validation": count("validation"),
-                       "test": test_count})
+                       "test": test_count}, fingerprint=source)
     # No validation split: carve one off the training split. TFDS stores examples in a
     # fixed shuffled order, so its first examples are a reproducible random subset.
     validation_count = int(round(train_count * config.validation_fraction))
@@ -224,7 +256,7 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
     validation = train.take(validation_count) if validation_count else None
     return Splits(train.skip(validation_count), validation, test, class_names,
                   {"train": train_count - validation_count, "validation": validation_count,
-                   "test": test_count})
+                   "test": test_count}, fingerprint=source)
 
 
 def _as_rgb_example(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -1,25 +1,29 @@
 """TF-MOT pruning and quantization-aware training, run in a child process.
 
 This module is the only place kcls touches `tensorflow_model_optimization`, and only
-in a child process started by `kcls.optimize.tflite.optimize`:
+in a child process started by `kcls.optimize.mot.fine_tune_with_mot`:
 
     TF_USE_LEGACY_KERAS=1 python -m kcls.optimize.mot_worker JOB.json
 
 Why a separate process: TF-MOT 0.8 wraps tf-keras (Keras 2) models only, and importing
 it switches `tf.keras` to legacy Keras for the whole process, after which Keras 3 and
 KerasCV (which kcls trains with) no longer work. So the parent process (Keras 3)
-writes the trained weights of every layer that has weights, in layer order, to an
-`.npz`; the child, with `TF_USE_LEGACY_KERAS=1` set before TensorFlow is imported,
+writes the trained weights to an `.npz`, keyed by name (`kcls.optimize.weight_keys`);
+the child, with `TF_USE_LEGACY_KERAS=1` set before TensorFlow is imported,
 rebuilds the same architecture with tf-keras (KerasCV follows `tf.keras` there), loads
-the weights, fine-tunes with pruning or fake quantization on the training split, and
-writes a SavedModel and a `.tflite` (images float32 `[1, S, S, 3]` in [0, 255] ->
-probabilities `[1, C]`) plus `result.json` with the kernel sparsity. The SavedModel is a
-plain module: `serving_default` and `model_variables` (the weights, pruning masks
-stripped, with their Keras names such as `.../kernel:0`).
+the weights by the same keys, fine-tunes with pruning or fake quantization on the
+training split, and writes a SavedModel and a `.tflite` (images float32 `[1, S, S, 3]`
+in [0, 255] -> probabilities `[1, C]`) plus `result.json` with the kernel sparsity. The
+SavedModel is a plain module: `serving_default` and `model_variables` (the weights,
+pruning masks stripped, with their Keras names such as `.../kernel:0`).
 
 Job file (JSON): `method` (`prune` or `qat`), `recipe` (`kcls.config.to_dict`),
 `num_classes`, `weights` (the .npz), `out_dir`, `epochs`, `steps_per_epoch`,
 `learning_rate`, `target_sparsity`.
+
+stdout carries progress only (a line per stage and epoch, and at least one every 30 s
+while training), which the parent passes on to the user; everything else (TensorFlow's
+logs, errors) goes to stderr.
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-RESULT_FILE = "result.json"
+from kcls.layout import MOT_RESULT_FILE, MOT_SAVED_MODEL_DIR, TFLITE_FILE  # noqa: E402
+
 # Only these are wrapped: TF-MOT rejects others (e.g. the backbones' Rescaling layer)
 # when asked to wrap a whole model, and they hold no weights worth pruning.
 PRUNED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D, tf.keras.layers.Dense)
@@ -47,6 +53,7 @@ QUANTIZED_LAYERS = (tf.keras.layers.Conv2D, tf.keras.layers.DepthwiseConv2D,
                     tf.keras.layers.ReLU, tf.keras.layers.GlobalAveragePooling2D,
                     tf.keras.layers.MaxPooling2D)
 EXIT_UNSUPPORTED = 3  # the model has layers TF-MOT cannot wrap; stderr says which
+PROGRESS_SECONDS = 30.0  # longest silence while training (the parent stops a silent child)
 
 
 def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
@@ -66,20 +73,25 @@ def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
     return tf.keras.Model(backbone.input, logits, name=f"{recipe.model.backbone}_classifier")
 
 
-def load_layer_weights(model: tf.keras.Model, weights_file: str) -> None:
-    """Assigns weights saved by `kcls.optimize.tflite.save_layer_weights`, checking shapes."""
+def load_weights_by_key(model: tf.keras.Model, weights_file: str) -> None:
+    """Assigns the weights `kcls.optimize.mot.save_weights_by_key` saved, matched by key.
+
+    Raises:
+        ValueError: a weight without a counterpart on either side, or of another shape.
+    """
+    from kcls.optimize.weight_keys import weight_keys
+
     saved = np.load(weights_file)
-    layers = [layer for layer in model.layers if layer.weights]
-    if len(layers) != int(saved["count"]):
-        raise ValueError(f"the tf-keras rebuild has {len(layers)} layers with weights, the "
-                         f"trained model {int(saved['count'])}")
-    for index, layer in enumerate(layers):
-        values = [saved[f"{index}/{position}"] for position in range(len(layer.weights))]
-        expected = [tuple(w.shape) for w in layer.weights]
-        if [v.shape for v in values] != expected:
-            raise ValueError(f"layer {layer.name}: shapes {expected} vs trained "
-                             f"{[v.shape for v in values]}")
-        layer.set_weights(values)
+    variables = weight_keys(model.weights)
+    missing, unexpected = sorted(set(variables) - set(saved)), sorted(set(saved) - set(variables))
+    if missing or unexpected:
+        raise ValueError(f"the tf-keras rebuild and the trained model hold different weights: "
+                         f"not trained {missing[:5]}, not in the rebuild {unexpected[:5]}")
+    for key, variable in variables.items():
+        if tuple(variable.shape) != saved[key].shape:
+            raise ValueError(f"weight {key}: shape {tuple(variable.shape)} in the tf-keras "
+                             f"rebuild, {saved[key].shape} trained")
+        variable.assign(saved[key])
 
 
 def training_batches(recipe: Any, num_classes: int) -> tf.data.Dataset:
@@ -120,8 +132,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     recipe = from_dict(job["recipe"])
     num_classes, method = int(job["num_classes"]), job["method"]
     out_dir = Path(job["out_dir"])
+    say(f"{method}: rebuilding {recipe.model.backbone} with tf-keras")
     model = build_legacy_classifier(recipe, num_classes)
-    load_layer_weights(model, job["weights"])
+    load_weights_by_key(model, job["weights"])
     for layer in model.layers:
         # kcls fine-tunes with BatchNorm in inference mode; keep its statistics here too.
         if isinstance(layer, tf.keras.layers.BatchNormalization):
@@ -149,9 +162,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         optimizer=tf.keras.optimizers.Adam(float(job["learning_rate"])),
         loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"])
-    model_for_training.fit(training_batches(recipe, num_classes), epochs=int(job["epochs"]),
-                           steps_per_epoch=int(job["steps_per_epoch"]), callbacks=callbacks,
-                           verbose=0)
+    if steps:  # zero epochs: rebuild, load and convert only (what the transfer test checks)
+        say(f"{method}: fine-tuning {job['epochs']} epoch(s) of {job['steps_per_epoch']} steps")
+        model_for_training.fit(training_batches(recipe, num_classes), epochs=int(job["epochs"]),
+                               steps_per_epoch=int(job["steps_per_epoch"]),
+                               callbacks=[*callbacks, Progress(method)], verbose=0)
     if method == "prune":
         final = tfmot.sparsity.keras.strip_pruning(model_for_training)
         sparsity = kernel_sparsity(final)
@@ -169,16 +184,47 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     module = tf.Module()
     module.model_variables = list(final.weights)
     module.probabilities = probabilities
-    saved_model = out_dir / "saved_model"
+    saved_model = out_dir / MOT_SAVED_MODEL_DIR
+    say(f"{method}: writing {saved_model} and converting it to TFLite")
     tf.saved_model.save(module, str(saved_model), signatures={"serving_default": probabilities})
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if method == "qat":
         # Uses the fake-quantization ranges learned in training: an int8 model, no calibration.
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    (out_dir / "model.tflite").write_bytes(converter.convert())
+    (out_dir / TFLITE_FILE).write_bytes(converter.convert())
     result = {"method": method, "sparsity": sparsity, "steps": steps}
-    (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    (out_dir / MOT_RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
+
+
+def say(message: str) -> None:
+    """One progress line on stdout, which the parent passes on as it comes."""
+    print(message, flush=True)
+
+
+class Progress(tf.keras.callbacks.Callback):
+    """A line per epoch and, within an epoch, one at least every `interval` seconds."""
+
+    def __init__(self, method: str, interval: float = PROGRESS_SECONDS) -> None:
+        super().__init__()
+        self.method = method
+        self.interval = interval
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            say(f"{self.method}: epoch {self.epoch + 1}/{self.params['epochs']}, step "
+                f"{batch + 1}/{self.params['steps']}, loss {(logs or {}).get('loss', 0):.4f}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        say(f"{self.method}: epoch {epoch + 1}/{self.params['epochs']} done in "
+            f"{time.monotonic() - self.started:.0f} s, loss {logs.get('loss', 0):.4f}, "
+            f"accuracy {logs.get('accuracy', 0):.4f}")
 
 
 def main(argv: list[str]) -> int:

@@ -19,7 +19,16 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kcls.config import ConfigError, Precision, Strategy
+from kcls.config import ConfigError, JitCompile, Precision, Strategy, require_choice
+
+# Training images/s with XLA over without, float32, the whole backbone trained, measured
+# by benchmarks/train_step.py on this project's 2-core x86 CPU (the best of the runs):
+# `train.jit_compile=auto` uses XLA on a CPU only where this is above 1.
+XLA_CPU_SPEEDUP = {
+    "efficientnetv2_b0": 0.41,  # 64x64, batch 32, BatchNorm frozen
+    "resnet_v2_tiny": 0.77,  # 32x32, batch 64, BatchNorm trained: 0.54-0.77 (frozen: 0.50)
+    "compact_resnet": 0.72,  # 32x32, batch 128, BatchNorm trained: 0.56-0.72 (frozen: 0.32-0.50)
+}
 
 
 def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
@@ -41,6 +50,7 @@ def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
     Raises:
         ConfigError: `multiworker` without `TF_CONFIG`.
     """
+    require_choice(name, Strategy, "train.strategy")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multiworker":
@@ -79,6 +89,7 @@ def resolve_precision(precision: Precision) -> str:
     scaling), and `float32` on CPUs and anything else. Call it after `make_strategy`:
     TPUs are only listed once the strategy has initialised them.
     """
+    require_choice(precision, Precision, "train.precision")
     if precision != "auto":
         return precision
     if tf.config.list_logical_devices("TPU"):
@@ -92,6 +103,35 @@ def resolve_precision(precision: Precision) -> str:
         if major >= 7:
             return "mixed_float16"
     return "float32"
+
+
+def resolve_jit_compile(setting: JitCompile, backbone: str) -> tuple[bool, str]:
+    """Whether the training step compiles with XLA, and why, for `train.jit_compile`.
+
+    `auto` uses XLA on TPUs (which run only compiled programs) and GPUs (where it fuses
+    the step's many small ops), and on CPUs only for the backbones `XLA_CPU_SPEEDUP`
+    measured faster with it: XLA's CPU convolutions are slower than oneDNN's. A backbone
+    that was not measured trains without XLA on a CPU.
+
+    Args:
+        setting: `True`, `False` or `"auto"`.
+        backbone: the `model.backbone` name.
+
+    Returns:
+        `(use_xla, reason)`, the reason one line for `run.json`.
+    """
+    require_choice(setting, JitCompile, "train.jit_compile")
+    if isinstance(setting, bool):
+        return setting, f"train.jit_compile={str(setting).lower()}"
+    if tf.config.list_logical_devices("TPU"):
+        return True, "auto: TPU"
+    if tf.config.list_physical_devices("GPU"):
+        return True, "auto: GPU"
+    speedup = XLA_CPU_SPEEDUP.get(backbone)
+    if speedup is None:
+        return False, f"auto: CPU, {backbone} not measured with XLA on a CPU"
+    return speedup > 1.0, (f"auto: CPU, {backbone} trained at {speedup:.2f}x the speed with "
+                           "XLA (benchmarks/train_step.py, 2-core x86 CPU)")
 
 
 def describe_devices() -> str:

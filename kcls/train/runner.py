@@ -2,9 +2,8 @@
 
 With a run directory, `fit_phases` writes
 
-    <run_dir>/logs/                TensorBoard logs (both phases, one epoch axis; needs
-                                   the `tensorboard` package, which TF 2.21 no longer
-                                   installs: without it, a warning and no logs)
+    <run_dir>/logs/                TensorBoard logs (both phases, one epoch axis;
+                                   `tensorboard --logdir <run_dir>/logs`)
     <run_dir>/best.weights.h5      classifier weights of the best epoch so far (lowest
                                    val_loss, or loss without validation data)
     <run_dir>/backup/              resume state, deleted when all phases are done:
@@ -28,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 import warnings
@@ -40,6 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
+from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, PROGRESS_FILE
+from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.schedule import (
     Phase,
@@ -48,11 +48,6 @@ from kcls.train.schedule import (
     plan_phases,
     set_backbone_trainable,
 )
-
-BEST_WEIGHTS_FILE = "best.weights.h5"
-LOGS_DIR = "logs"
-BACKUP_DIR = "backup"
-PROGRESS_FILE = "progress.json"
 
 
 class Trainer(keras.Model):
@@ -101,7 +96,10 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             B the global batch size, optionally with float32 `[B]` per-example loss weights.
         validation_batches: finite dataset of the same structure, or None.
         steps_per_epoch: int, training steps per epoch.
-        config: TrainConfig, the schedule.
+        config: TrainConfig, the schedule, with its automatic settings resolved:
+            `jit_compile` true or false (`kcls.train.compute.resolve_jit_compile`) and,
+            when a phase trains the backbone, `train_batchnorm` true or false
+            (`kcls.train.schedule.resolve_train_batchnorm`); `run_recipe` resolves both.
         device_augment: jit-compatible augmentation run inside the step, or None.
         callbacks: extra callbacks for every phase.
         verbose: `fit()` verbosity (progress bar by default).
@@ -115,11 +113,25 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     Returns:
         dict with `history` (metric name -> per-epoch list over both phases), `phases`
         (per phase: name, first_epoch, epochs, learning_rate, unfreeze,
-        trainable_params, skipped_on_resume), `jit_compile` (what the compiled step actually
-        used), `resumed` (whether earlier progress was picked up) and `best_weights`
-        (path of the best checkpoint, or None), and with a budget `time_budget` (its
-        plan per phase next to the actual epochs and seconds).
+        trainable_params, batchnorm_recalibrated_on (training images the BatchNorm
+        statistics were re-estimated on after the phase, see `kcls.train.batchnorm`; 0
+        when BatchNorm did not train), skipped_on_resume), `jit_compile` (what the
+        compiled step actually used), `resumed` (whether earlier progress was picked
+        up) and `best_weights` (path of the best checkpoint, or None), and with a budget
+        `time_budget` (its plan per phase next to the actual epochs and seconds).
     """
+    phases = plan_phases(config)
+    if not isinstance(config.jit_compile, bool):
+        raise ValueError(
+            f"train.jit_compile={config.jit_compile!r} depends on the backbone and the device: "
+            "resolve it with kcls.train.compute.resolve_jit_compile (run_recipe does), or "
+            "pass true or false.")
+    if config.train_batchnorm is None and any(phase.backbone_trainable for phase in phases):
+        raise ValueError(
+            "train.train_batchnorm=None (auto) depends on whether the backbone is pretrained, "
+            "which fit_phases cannot see: resolve it with "
+            "kcls.train.schedule.resolve_train_batchnorm (run_recipe does), or pass true or "
+            "false.")
     strategy = strategy or tf.distribute.get_strategy()
     run_dir = Path(run_dir) if run_dir is not None else None
     resumable = run_dir is not None and time_budget is None
@@ -138,7 +150,6 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     jit_compile = config.jit_compile
     epoch = 0
     pending_weights: Path | None = None
-    phases = plan_phases(config)
     for index, phase in enumerate(phases):
         if phase.name in progress.completed:
             record = progress.completed[phase.name]
@@ -150,7 +161,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             classifier.load_weights(pending_weights)
             pending_weights = None
         set_backbone_trainable(classifier, phase.backbone_trainable, config.unfreeze,
-                               config.train_batchnorm)
+                               bool(config.train_batchnorm))
         # A fresh Trainer per phase: BackupAndRestore leaves the restored epoch on the
         # model it restored, and fit() would start the next phase there.
         with strategy.scope():
@@ -173,10 +184,11 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         if backup_dir is not None:
             phase_callbacks.append(keras.callbacks.BackupAndRestore(backup_dir / phase.name))
         if run_dir is not None:
-            phase_callbacks.append(checkpoint)
-            if _tensorboard_installed(warn=phase is phases[0]):
-                phase_callbacks.append(
-                    keras.callbacks.TensorBoard(run_dir / LOGS_DIR, write_graph=False))
+            phase_callbacks += [checkpoint,
+                                keras.callbacks.TensorBoard(run_dir / LOGS_DIR, write_graph=False)]
+        if (phase.backbone_trainable and config.train_batchnorm
+                and validation_batches is not None):
+            phase_callbacks.append(PreciseBatchNorm(classifier, train_batches, steps_per_epoch))
         if config.early_stopping_patience:
             # With EMA the phase ends on the averaged weights, not on one epoch's raw ones.
             phase_callbacks.append(keras.callbacks.EarlyStopping(
@@ -199,10 +211,15 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
 
         # Early stopping or a budget may end a phase early: the next starts after its last epoch.
         end = max(progress.last_epoch(epoch, epoch + epochs) + 1, epoch)
+        recalibrated = 0
+        if phase.backbone_trainable and config.train_batchnorm:
+            recalibrated = recalibrate_batchnorm(classifier, train_batches,
+                                                 max_batches=(end - epoch) * steps_per_epoch)
         record = {"name": phase.name, "first_epoch": epoch, "epochs": end - epoch,
                   "learning_rate": phase.learning_rate,
                   "unfreeze": config.unfreeze if phase.backbone_trainable else "none",
                   "trainable_params": _count(classifier.trainable_weights),
+                  "batchnorm_recalibrated_on": recalibrated,
                   "skipped_on_resume": False}
         phases_run.append(record)
         if backup_dir is not None:
@@ -238,14 +255,6 @@ def _batch_size(batches: tf.data.Dataset) -> int:
         raise ValueError("A time budget needs training batches of one static size (batch "
                          "with drop_remainder=True, as kcls.data.pipeline.train_pipeline does).")
     return int(size)
-
-
-def _tensorboard_installed(warn: bool) -> bool:
-    installed = importlib.util.find_spec("tensorboard") is not None
-    if not installed and warn:
-        warnings.warn("No TensorBoard logs: the tensorboard package is not installed "
-                      "(pip install tensorboard).", stacklevel=3)
-    return installed
 
 
 def _count(variables: list[keras.Variable]) -> int:

@@ -2,10 +2,13 @@
 
 Phase 1 (`frozen`) trains the head on a frozen backbone. Phase 2 (`unfrozen`) trains
 the backbone too (all of it, or its top `N` blocks with `train.unfreeze=N`) at a lower
-learning rate, with BatchNorm layers kept in inference mode: their moving statistics
-were estimated on the pretraining data, and updating them from small fine-tuning
-batches destroys what the backbone learned (the Keras transfer-learning guide's
-advice). `train.train_batchnorm=true` lets them train when the new data is large.
+learning rate. On a pretrained backbone its BatchNorm layers stay in inference mode:
+their moving statistics were estimated on the pretraining data, and updating them from
+small fine-tuning batches destroys what the backbone learned (the Keras
+transfer-learning guide's advice). A backbone trained from random initialisation has no
+statistics worth keeping, so its BatchNorm layers train (`resolve_train_batchnorm`; their
+statistics are re-estimated after the phase, see `kcls.train.batchnorm`);
+`train.train_batchnorm=true/false` decides explicitly.
 
 Example:
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import keras
 
-from kcls.config import TrainConfig
+from kcls.config import Optimizer, TrainConfig, require_choice
 from kcls.models.backbones import backbone_blocks
 from kcls.models.classifier import BACKBONE_LAYER
 
@@ -109,12 +112,26 @@ def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedul
     """
     common = dict(learning_rate=learning_rate, weight_decay=config.weight_decay,
                   clipnorm=config.clipnorm, use_ema=config.ema, ema_momentum=EMA_MOMENTUM)
+    require_choice(config.optimizer, Optimizer, "train.optimizer")
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(momentum=SGD_MOMENTUM, nesterov=True, **common)
     else:
         optimizer = keras.optimizers.AdamW(**common)
     optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
     return optimizer
+
+
+def resolve_train_batchnorm(config: TrainConfig, weights: str | None) -> bool:
+    """Whether BatchNorm layers train in phase 2: `config.train_batchnorm`, or when it is
+    `None` (auto), whether the backbone starts from random initialisation.
+
+    Args:
+        config: TrainConfig.
+        weights: the backbone's `model.weights` (`None`: random initialisation).
+    """
+    if config.train_batchnorm is not None:
+        return config.train_batchnorm
+    return weights is None
 
 
 def set_backbone_trainable(classifier: keras.Model, trainable: bool, unfreeze: str = "all",

@@ -1,0 +1,124 @@
+"""Where kcls puts things: the run directory, the export and the optimized models.
+
+Every file name kcls writes and reads back is named here, once; the writers
+(`kcls.run`, `kcls.train.runner`, `kcls.report`, `kcls.export`, `kcls.optimize`) and
+the readers (`kcls.load`, `kcls.predict`) import it. This module imports nothing from
+kcls and nothing heavy, so every layer, the TF-MOT child process included, can use it.
+
+A run directory (`kcls recipe run`, default `runs/<recipe>/<timestamp>/`):
+
+    config.json          the resolved recipe (`RUN_CONFIG_FILE`)
+    run.json             versions, devices, choices, history, metrics, timings (`RUN_INFO_FILE`)
+    model.weights.h5     the trained classifier's Keras weights (`WEIGHTS_FILE`)
+    best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
+    metrics.json, report.md, *.png    the evaluation report (`METRICS_FILE`, ...)
+    samples/             a few held-out test images as PNG (`SAMPLES_DIR`)
+    logs/                TensorBoard logs (`LOGS_DIR`)
+    backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
+    optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
+
+An export, `<base_dir>/<model>/<version>/` (`kcls.export`), is a SavedModel
+(`saved_model.pb`, `variables/`) plus `assets/labels.txt`, `kcls.json` (recipe, classes,
+metrics, versions) and `model.weights.h5`; `<base_dir>/models.config` lists the models
+for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
+`kcls optimize` output (TF Serving ignores folders whose names are not numbers).
+
+`kcls optimize` writes `model.tflite`, `float32.tflite`, `optimize.json` and
+`optimize.md`; `prune` and `qat` also `saved_model/` and `result.json` (the TF-MOT child).
+
+Example:
+
+>>> resolve_export_dir("saved_models/quickstart")  # doctest: +SKIP
+PosixPath('saved_models/quickstart/3')
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+# Run directory.
+RUNS_DIR = "runs"
+RUN_CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run.json"
+WEIGHTS_FILE = "model.weights.h5"  # in run directories and in exports
+BEST_WEIGHTS_FILE = "best.weights.h5"
+SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"
+BACKUP_DIR = "backup"
+PROGRESS_FILE = "progress.json"
+# Evaluation reports (run directories, `kcls evaluate --out`).
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+TRAINING_CURVES_PLOT = "training_curves.png"
+CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability.png"
+CONFIDENT_MISTAKES_PLOT = "confident_mistakes.png"
+PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
+              CONFIDENT_MISTAKES_PLOT)
+# Exports.
+SAVED_MODEL_FILE = "saved_model.pb"
+LABELS_FILE = "assets/labels.txt"
+METADATA_FILE = "kcls.json"
+MODELS_CONFIG_FILE = "models.config"
+# Optimized models.
+OPTIMIZED_DIR = "optimized"
+TFLITE_FILE = "model.tflite"
+FLOAT32_TFLITE_FILE = "float32.tflite"
+OPTIMIZE_REPORT_FILE = "optimize.json"
+OPTIMIZE_TABLE_FILE = "optimize.md"
+MOT_SAVED_MODEL_DIR = "saved_model"
+MOT_RESULT_FILE = "result.json"
+
+
+def new_run_dir(recipe_name: str) -> Path:
+    """The default run directory of a run starting now: `runs/<recipe>/<YYYYmmdd-HHMMSS>`."""
+    return Path(RUNS_DIR) / recipe_name / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` is a run directory (finished or not) rather than an export."""
+    path = Path(path)
+    return (path / RUN_CONFIG_FILE).is_file() or (
+        (path / WEIGHTS_FILE).is_file() and not (path / SAVED_MODEL_FILE).is_file())
+
+
+def versions(model_dir: str | Path) -> list[int]:
+    """The integer versions present under a model base directory, ascending."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def exported_versions(model_dir: str | Path) -> list[int]:
+    """The versions under `model_dir` that hold a SavedModel, ascending."""
+    return [version for version in versions(model_dir)
+            if (Path(model_dir) / str(version) / SAVED_MODEL_FILE).is_file()]
+
+
+def resolve_export_dir(path: str | Path) -> Path:
+    """A version directory, given either it or a model base directory (latest version wins).
+
+    Raises:
+        FileNotFoundError: `path` is neither.
+    """
+    path = Path(path)
+    if (path / SAVED_MODEL_FILE).is_file():
+        return path
+    available = versions(path)
+    if not available:
+        raise FileNotFoundError(
+            f"{str(path)!r} is neither a SavedModel directory nor a model folder with numbered "
+            "versions (e.g. saved_models/quickstart/1).")
+    return path / str(available[-1])
+
+
+def optimized_dir(model_path: str | Path, method: str) -> Path:
+    """Where `kcls optimize` writes by default: `<run_dir>/optimized/<method>/`, or
+    `<model>/optimized/<version>/<method>/` beside an export's versions."""
+    path = Path(model_path)
+    if is_run_dir(path):
+        return path / OPTIMIZED_DIR / method
+    export_dir = resolve_export_dir(path)
+    return export_dir.parent / OPTIMIZED_DIR / export_dir.name / method

@@ -1,0 +1,174 @@
+"""Classification metrics: arrays in, numbers out.
+
+Accuracy, top-5 accuracy, negative log-likelihood (from the log-softmax of the logits,
+never from clipped probabilities), 15-bin expected calibration error, per-class
+precision/recall/F1/support, their averages and the confusion matrix (scikit-learn's).
+Nothing here runs a model or touches a file: `kcls.evaluate` runs models, `kcls.report`
+writes reports, and both call these functions; they are tested on hand-made predictions
+whose right answers are known.
+
+Example:
+
+>>> logits = np.log([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+>>> metrics = classification_metrics(logits, np.array([0, 1, 1]), ["cat", "dog"])
+>>> round(metrics["accuracy"], 3), metrics["per_class"]["dog"]["recall"]
+(0.667, 0.5)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.special import log_softmax, logsumexp, softmax
+from sklearn import metrics as sklearn_metrics
+
+CALIBRATION_BINS = 15
+
+
+@dataclass
+class Evaluation:
+    """Metrics and the predictions they were computed from.
+
+    Attributes:
+        metrics: dict from `classification_metrics` (plus `tta` when flip-TTA was run).
+        probabilities: float32 `[N, C]` predicted class probabilities (without TTA).
+        labels: int64 `[N]` true classes.
+    """
+
+    metrics: dict[str, Any]
+    probabilities: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+
+
+def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,
+                         class_names: list[str] | None = None,
+                         flipped_logits: np.ndarray | None = None) -> Evaluation:
+    """Every metric of one set of predictions, and the predictions reports need.
+
+    Args:
+        logits: float `[N, C]` logits.
+        labels: int `[N]` true classes.
+        class_names: list[str] of length C; defaults to "0".."C-1".
+        flipped_logits: float `[N, C]` logits of the horizontally mirrored images; their
+            flip-TTA metrics (mean probabilities of each image and its mirror) go under
+            `metrics["tta"]`, never in place of the plain ones.
+    """
+    metrics = classification_metrics(logits, labels, class_names)
+    if flipped_logits is not None:
+        metrics["tta"] = summary_metrics(mean_probability_logits(logits, flipped_logits), labels)
+    return Evaluation(metrics, softmax(np.asarray(logits, np.float64), axis=1).astype(np.float32),
+                      np.asarray(labels, np.int64))
+
+
+def mean_probability_logits(*logits: np.ndarray) -> np.ndarray:
+    """Logits (log-probabilities) of the mean of the probabilities of several predictions.
+
+    Computed in log space, `log(mean(softmax(l)))`, so no probability underflows to 0.
+    """
+    stacked = np.stack([log_softmax(np.asarray(each, np.float64), axis=1) for each in logits])
+    return logsumexp(stacked, axis=0) - np.log(len(logits))
+
+
+def summary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 (and top-5 with more than 5 classes) accuracy, NLL and 15-bin ECE.
+
+    Args:
+        logits: float `[N, C]` logits (unnormalised log-probabilities; log-probabilities
+            work too).
+        labels: int `[N]`, true class indices.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    log_probabilities = log_softmax(np.asarray(logits, np.float64), axis=1)
+    probabilities = np.exp(log_probabilities)
+    metrics = {
+        "examples": int(len(labels)),
+        "accuracy": float(sklearn_metrics.accuracy_score(labels,
+                                                         log_probabilities.argmax(axis=1))),
+        "nll": float(-np.mean(log_probabilities[np.arange(len(labels)), labels])),
+        "ece": expected_calibration_error(probabilities, labels),
+    }
+    if probabilities.shape[1] > 5:
+        metrics["top5_accuracy"] = float(sklearn_metrics.top_k_accuracy_score(
+            labels, probabilities, k=5, labels=np.arange(probabilities.shape[1])))
+    return metrics
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           class_names: list[str] | None = None) -> dict[str, Any]:
+    """Summary metrics, per-class precision/recall/F1/support, averages, confusion matrix.
+
+    Args:
+        logits: float `[N, C]` logits (or log-probabilities).
+        labels: int `[N]`, true class indices.
+        class_names: list[str] of length C; defaults to "0".."C-1".
+
+    Returns:
+        dict with the `summary_metrics` keys plus `per_class` (name -> precision, recall,
+        f1, support), `macro_avg` and `weighted_avg` (precision, recall, f1) and
+        `confusion_matrix` (list of C rows: true class; columns: predicted class).
+        A class never predicted has precision 0 (scikit-learn's `zero_division=0`).
+    """
+    num_classes = np.shape(logits)[1]
+    class_names = class_names or [str(i) for i in range(num_classes)]
+    classes = np.arange(num_classes)
+    predictions = np.argmax(logits, axis=1)
+
+    def scores(average: str | None) -> tuple[Any, ...]:
+        return sklearn_metrics.precision_recall_fscore_support(
+            labels, predictions, labels=classes, average=average, zero_division=0)
+
+    precision, recall, f1, support = scores(None)
+    averages = {name: dict(zip(("precision", "recall", "f1"), map(float, scores(name)[:3])))
+                for name in ("macro", "weighted")}
+    return {
+        **summary_metrics(logits, labels),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                             "f1": float(f1[i]), "support": int(support[i])}
+                      for i, name in enumerate(class_names)},
+        "macro_avg": averages["macro"],
+        "weighted_avg": averages["weighted"],
+        "confusion_matrix": sklearn_metrics.confusion_matrix(
+            labels, predictions, labels=classes).tolist(),
+    }
+
+
+def calibration_bins(probabilities: np.ndarray, labels: np.ndarray,
+                     bins: int = CALIBRATION_BINS) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins of the top-1 prediction (for ECE and reliability plots).
+
+    Returns:
+        dict of float arrays `[bins]`: `confidence` (mean top-1 probability, NaN if empty),
+        `accuracy` (NaN if empty), `count`, and `edges` `[bins + 1]`.
+    """
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bins are (lower, upper]; confidence 0 cannot happen for a top-1 probability.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, confidence, minlength=bins) / count
+        accuracy = np.bincount(index, correct, minlength=bins) / count
+    return {"confidence": mean_confidence, "accuracy": accuracy, "count": count, "edges": edges}
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
+                               bins: int = CALIBRATION_BINS) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over equal-width bins."""
+    binned = calibration_bins(probabilities, labels, bins)
+    filled = binned["count"] > 0
+    gaps = np.abs(binned["accuracy"][filled] - binned["confidence"][filled])
+    return float(np.sum(gaps * binned["count"][filled]) / len(labels))
+
+
+def class_balance_warning(support: dict[str, int], threshold: float = 0.1) -> str | None:
+    """A warning when the smallest class has under `threshold` of the largest's examples."""
+    smallest = min(support, key=support.get)
+    largest = max(support, key=support.get)
+    if support[largest] and support[smallest] < threshold * support[largest]:
+        return (f"class imbalance: '{smallest}' has {support[smallest]} examples, "
+                f"under {threshold:.0%} of '{largest}' ({support[largest]}); consider "
+                "--set train.class_weights=balanced")
+    return None
