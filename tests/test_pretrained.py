@@ -19,7 +19,7 @@ import tensorflow as tf
 from kcls.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from kcls.data.folder import decode_image_file, scan_folder
 from kcls.data.pipeline import eval_pipeline, prepare_image, train_pipeline
-from kcls.evaluate import predict_probabilities
+from kcls.evaluate import predict_logits
 from kcls.models.backbones import backbone_blocks, build_backbone
 from kcls.models.classifier import build_classifier, build_imagenet_classifier
 from kcls.models.pretrained import (
@@ -217,8 +217,8 @@ def fine_tune_accuracy(weights: str | None, train: tf.data.Dataset,
     config = TrainConfig(frozen_epochs=4, unfrozen_epochs=1, learning_rate=1e-2,
                          unfrozen_lr_factor=0.01, jit_compile=False)
     fit_phases(classifier, train_pipeline(train, 2, data), None, 5, config, verbose=0)
-    probabilities, labels = predict_probabilities(classifier, eval_pipeline(test, 2, data))
-    return float(np.mean(probabilities.argmax(axis=1) == labels))
+    logits, labels = predict_logits(classifier, eval_pipeline(test, 2, data))
+    return float(np.mean(logits.argmax(axis=1) == labels))
 
 
 @pytest.mark.slow
