@@ -36,15 +36,14 @@ def get_config() -> Recipe:
         ),
         model=ModelConfig(backbone="efficientnet_lite0", weights="imagenet", dropout=0.2),
         train=TrainConfig(
-            frozen_epochs=2,
-            unfrozen_epochs=6,
+            frozen_epochs=2,  # the new head first, on features it cannot yet spoil
+            unfrozen_epochs=8,  # then every block, BatchNorm in inference mode (auto)
             unfreeze="all",
-            learning_rate=1e-3,
-            unfrozen_lr_factor=0.3,
+            learning_rate=3e-3,  # the head's peak rate; 1e-3 and 1e-2 measured the same
+            unfrozen_lr_factor=0.1,  # 3e-4 for the whole network: 1e-3 lost 1.7 points
             warmup_fraction=0.1,
             weight_decay=1e-4,
             label_smoothing=0.1,
-            jit_compile=False,  # XLA is slower on CPUs for this network; see troubleshooting
         ),
         export=ExportConfig(base_dir="saved_models", top_k=5),
     )

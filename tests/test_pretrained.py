@@ -8,6 +8,7 @@ beat random initialisation.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -243,3 +244,31 @@ def test_fine_tuning_from_imagenet_beats_random_init_on_a_few_photos():
           f"random init {from_scratch:.3f}")
     assert pretrained >= from_scratch + 0.2
     assert pretrained >= 0.75
+
+
+@pytest.mark.slow
+@needs_hymenoptera
+def test_the_finetune_recipe_runs_on_a_photo_folder_and_its_export_predicts(tmp_path):
+    """The issue's path with tiny settings: a folder with a GIF, a .jpeg and spaces."""
+    from click.testing import CliRunner
+
+    from kcls.cli import main
+
+    folder = HYMENOPTERA / "train"
+    assert any(" " in path.name for path in folder.rglob("*"))
+    assert (folder / "ants" / "imageNotFound.gif").is_file()
+    models = tmp_path / "saved_models"
+    result = CliRunner().invoke(main, [
+        "recipe", "run", "finetune", "--out", str(tmp_path / "run"),
+        "--set", f"data.source=folder:{folder}", "--set", "data.image_size=64",
+        "--set", "train.frozen_epochs=1", "--set", "train.unfrozen_epochs=1",
+        "--set", "train.steps_per_epoch=2", "--set", f"export.base_dir={models}"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((models / "finetune" / "1" / "kcls.json").read_text())
+    assert config["recipe"]["model"] == {"backbone": "efficientnet_lite0",
+                                         "weights": "imagenet", "dropout": 0.2}
+    sample = sorted((tmp_path / "run" / "samples").glob("*.png"))[0]
+    predicted = CliRunner().invoke(main, ["predict", str(models / "finetune"), str(sample)])
+    assert predicted.exit_code == 0, predicted.output
+    labels = [label for label in predicted.output.split() if label in ("ants", "bees")]
+    assert len(labels) == 2  # both classes, ranked
