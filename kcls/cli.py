@@ -1,6 +1,6 @@
 """The `kcls` command line: parses arguments, calls the library, prints results.
 
-    kcls recipe list
+    kcls [--debug] recipe list
     kcls recipe show NAME [--set key=value ...]
     kcls recipe run NAME [--set key=value ...] [--out DIR]
     kcls predict MODEL_DIR IMAGE... [--top-k K]
@@ -34,8 +34,13 @@ SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatabl
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kcls")
-def main() -> None:
+@click.option("--debug", is_flag=True,
+              help="Show the full traceback of configuration errors (e.g. a broken recipe "
+                   "file) instead of a one-line message.")
+@click.pass_context
+def main(context: click.Context, debug: bool) -> None:
     """kcls: image-classification recipes for Keras/TensorFlow."""
+    context.obj = {"debug": debug}
 
 
 @main.group()
@@ -74,6 +79,8 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     try:
         result = run_recipe(resolved, run_dir, log=click.echo)
     except ConfigError as error:
+        if _debug():
+            raise
         raise click.UsageError(str(error)) from None
     click.echo(f"done: test accuracy {result.metrics['accuracy']:.4f}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
@@ -323,7 +330,16 @@ def _resolve(name: str, overrides: tuple[str, ...]):
     try:
         return apply_overrides(load_recipe(name), list(overrides))
     except ConfigError as error:
+        if _debug():
+            raise  # with the recipe's own exception as its cause
         raise click.UsageError(str(error)) from None
+
+
+def _debug() -> bool:
+    """Whether `kcls --debug` asked for full tracebacks."""
+    context = click.get_current_context(silent=True)
+    root = context.find_root() if context else None
+    return bool(root and (root.obj or {}).get("debug"))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choices(self, "data")
+        check_fields(self, "data")
         kind, separator, _ = self.source.partition(":")
         _require(kind in ("sklearn", "tfds", "folder") and bool(separator),
                  "data.source", self.source,
@@ -123,7 +123,7 @@ class ModelConfig:
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        check_choices(self, "model")
+        check_fields(self, "model")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
@@ -203,7 +203,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choices(self, "train")
+        check_fields(self, "train")
         _require(self.frozen_epochs >= 0, "train.frozen_epochs", self.frozen_epochs, "0 or more")
         _require(self.unfrozen_epochs >= 0, "train.unfrozen_epochs", self.unfrozen_epochs,
                  "0 or more")
@@ -248,7 +248,7 @@ class EvaluateConfig:
     mistakes: int = 16
 
     def __post_init__(self) -> None:
-        check_choices(self, "evaluate")
+        check_fields(self, "evaluate")
         _require(self.mistakes >= 0, "evaluate.mistakes", self.mistakes, "0 or more")
 
 
@@ -272,7 +272,9 @@ class ExportConfig:
     flip_tta: bool = False
 
     def __post_init__(self) -> None:
-        check_choices(self, "export")
+        check_fields(self, "export")
+        if self.model_name is not None:
+            check_name(self.model_name, "export.model_name")
         _require(self.top_k >= 1, "export.top_k", self.top_k, "a positive integer")
 
 
@@ -287,6 +289,19 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        require_choice(self.name, str, "name")
+        check_name(self.name, "name")
+        require_choice(self.description, str, "description")
+        for section_name in SECTIONS:
+            section = getattr(self, section_name)
+            expected = _SECTION_TYPES[section_name]
+            if not isinstance(section, expected):
+                raise ConfigError(
+                    f"Invalid value {section!r} for {section_name!r}: expected a "
+                    f"kcls.config.{expected.__name__}, e.g. {section_name}="
+                    f"{expected.__name__}(...).")
 
     @property
     def model_name(self) -> str:
@@ -420,23 +435,47 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def check_choices(section: Any, section_name: str) -> None:
-    """Checks that every field of a config dataclass that offers choices holds one of them.
+def check_fields(section: Any, section_name: str) -> None:
+    """Checks that every field of a config dataclass holds a value of its type.
 
-    Choices are the strings of a `Literal` type, possibly beside other types
-    (`bool | Literal["auto"]`). Called by each section's `__post_init__`, so recipe
-    files, `--set` overrides and configurations read back from run directories and
-    exports meet the same check.
+    Types are those of the annotations: `int` (not `bool`), `float` (an `int` is
+    accepted), `bool`, `str`, `Optional[...]` and `Literal` choices, possibly beside
+    other types (`bool | Literal["auto"]`). Called by each section's `__post_init__`, so
+    recipe files, `--set` overrides and configurations read back from run directories
+    and exports meet the same check.
 
     Raises:
         ConfigError: naming the field, the value and what it accepts.
     """
     hints = typing.get_type_hints(type(section))
     for config_field in dataclasses.fields(section):
-        annotation = hints[config_field.name]
-        if any(typing.get_origin(arm) is Literal for arm in _arms(annotation)):
-            require_choice(getattr(section, config_field.name), annotation,
-                           f"{section_name}.{config_field.name}")
+        require_choice(getattr(section, config_field.name), hints[config_field.name],
+                       f"{section_name}.{config_field.name}")
+
+
+def check_name(value: Any, key: str) -> None:
+    """Checks that `value` can be used as one folder name: a single, safe path component.
+
+    Recipe and model names become folders (`runs/<recipe>/`, `<base_dir>/<model_name>/`):
+    a name with a separator or `..` would write outside them, a name starting with `.`
+    is hidden (and skipped by `models.config`), control characters break logs and shells.
+
+    >>> check_name("quickstart", "name")  # fine: returns None
+    >>> check_name("../x", "export.model_name")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    kcls.config.ConfigError: Invalid value '../x' for 'export.model_name': ...
+
+    Raises:
+        ConfigError: naming the key, the value and what a name may hold.
+    """
+    if not isinstance(value, str):
+        return  # check_fields reports the type
+    unsafe = (not value.strip() or value.startswith(".") or value != value.strip()
+              or any(character in "/\\" or ord(character) < 32 or ord(character) == 127
+                     for character in value))
+    _require(not unsafe, key, value,
+             "a single folder name: not empty, not starting with '.', without '/', '\\', "
+             "control characters or surrounding spaces")
 
 
 def require_choice(value: Any, choices: Any, key: str) -> None:
@@ -444,8 +483,8 @@ def require_choice(value: Any, choices: Any, key: str) -> None:
 
     Args:
         value: the value to check.
-        choices: a `Literal` type, or a union of one with other types
-            (`bool | Literal["auto"]`).
+        choices: a `Literal` type, a plain type (`int`, `float`, `bool`, `str`), or a
+            union of those (`Optional[int]`, `bool | Literal["auto"]`).
         key: the `section.field` the value is for, named in the message.
 
     Consumers of a choice call it too (`require_choice(policy, AugmentPolicy,
@@ -466,8 +505,12 @@ def _arms(annotation: Any) -> tuple[Any, ...]:
 def _is_instance(value: Any, annotation: Any) -> bool:
     if typing.get_origin(annotation) is Literal:
         return isinstance(value, str) and value in typing.get_args(annotation)
-    if annotation in (int, float):
+    if annotation is float:  # an int is a fine float; a bool is not a number here
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
     return isinstance(value, annotation)
 
 

@@ -68,3 +68,24 @@ def test_predict_on_a_missing_model_dir_is_a_clear_error(tmp_path):
     result = invoke("predict", str(tmp_path), str(image))
     assert result.exit_code == 1
     assert "neither a SavedModel directory" in result.output
+
+
+def test_a_broken_recipe_file_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("from kcls.config import Recipe\n\n\ndef get_config():\n"
+                    "    return Recipe(name='x', description=1 / 0)\n")
+    result = invoke("recipe", "show", str(path))
+    assert result.exit_code == 2
+    assert f"{path}, line 5: ZeroDivisionError: division by zero" in result.output
+    assert "Traceback" not in result.output
+    debug = invoke("--debug", "recipe", "show", str(path))
+    assert debug.exit_code == 1
+    assert isinstance(debug.exception.__cause__, ZeroDivisionError)
+
+
+def test_a_recipe_file_with_a_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("def get_config(:\n    pass\n")
+    result = invoke("recipe", "run", str(path))
+    assert result.exit_code == 2
+    assert f"{path}, line 1: SyntaxError" in result.output and "Traceback" not in result.output

@@ -5,7 +5,9 @@ import pytest
 
 from kcls.config import (
     ConfigError,
+    ExportConfig,
     Recipe,
+    TrainConfig,
     apply_overrides,
     from_dict,
     to_json,
@@ -131,3 +133,60 @@ def test_consumers_of_choices_raise_instead_of_falling_through():
         build_augmentation("strongg")
     with pytest.raises(ValueError, match="crop"):
         prepare_image(np.zeros((8, 8, 3), np.uint8), 16, "crop")
+
+
+UNSAFE_NAMES = ["../../escaped", "a/b", "a\\b", "..", ".", "", " ", ".hidden", "tab\there",
+                "nul\x00", "new\nline"]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
+def test_names_used_as_folders_must_be_one_safe_path_component(name):
+    with pytest.raises(ConfigError, match="export.model_name"):
+        ExportConfig(model_name=name)
+    with pytest.raises(ConfigError, match="'name'"):
+        Recipe(name=name)
+    with pytest.raises(ConfigError, match="export.model_name"):
+        apply_overrides(Recipe(name="r"), [f"export.model_name={name}"])
+
+
+def test_safe_names_are_accepted():
+    assert Recipe(name="my-recipe_2.1", export=ExportConfig(model_name="ants v2")).model_name \
+        == "ants v2"
+
+
+WRONG_TYPES = [("data", "batch_size", "64", "an integer"),
+               ("data", "batch_size", 64.0, "an integer"),
+               ("data", "batch_size", True, "an integer"),
+               ("train", "learning_rate", "1e-3", "a number"),
+               ("train", "ema", 1, "a boolean"),
+               ("train", "steps_per_epoch", "7", "an integer or none"),
+               ("data", "source", 3, "a string"),
+               ("model", "dropout", None, "a number"),
+               ("export", "enabled", "yes", "a boolean")]
+
+
+@pytest.mark.parametrize("section, field, value, expected", WRONG_TYPES)
+def test_field_types_are_checked_by_the_dataclass(section, field, value, expected):
+    section_type = type(getattr(Recipe(name="r"), section))
+    with pytest.raises(ConfigError, match=rf"for '{section}.{field}': expected {expected}"):
+        section_type(**{field: value})
+
+
+def test_ints_are_accepted_for_floats():
+    assert TrainConfig(learning_rate=1, label_smoothing=0).learning_rate == 1
+
+
+def test_a_section_of_the_wrong_type_is_rejected():
+    with pytest.raises(ConfigError, match="'data'.*DataConfig"):
+        Recipe(name="r", data={"batch_size": 64})
+
+
+def test_a_recipe_file_with_a_wrong_type_names_the_field(tmp_path):
+    from kcls.recipes import load_recipe
+
+    path = tmp_path / "typed.py"
+    path.write_text("from kcls.config import DataConfig, Recipe\n"
+                    "def get_config():\n"
+                    "    return Recipe(name='typed', data=DataConfig(batch_size='64'))\n")
+    with pytest.raises(ConfigError, match="'64' for 'data.batch_size': expected an integer"):
+        load_recipe(str(path))

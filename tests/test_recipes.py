@@ -45,3 +45,22 @@ def test_recipe_file_without_get_config_is_a_clear_error(tmp_path: Path):
     path.write_text("X = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_recipe(str(path))
+
+
+def test_a_recipe_file_with_a_syntax_error_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "typo.py"
+    path.write_text("from kcls.config import Recipe\n\ndef get_config(:\n    pass\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line 3: SyntaxError") as error:
+        load_recipe(str(path))
+    assert "\n" not in str(error.value)
+    assert isinstance(error.value.__cause__, SyntaxError)  # kept for `kcls --debug`
+
+
+def test_a_recipe_whose_get_config_raises_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "raises.py"
+    path.write_text("from kcls.config import Recipe\n\n\ndef get_config():\n"
+                    "    return Recipe(name='x', description=1 / 0)\n")
+    with pytest.raises(ConfigError,
+                       match=rf"{path}, line 5: ZeroDivisionError: division by zero") as error:
+        load_recipe(str(path))
+    assert "\n" not in str(error.value)
