@@ -132,13 +132,13 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
         return
 
     start_tensorflow()
-    from kcls.predict import PredictionError, load_predictor
+    from kcls.predict import PredictionError, UnreadableExportError, load_predictor
 
     try:
         predictor = load_predictor(paths[0])
         for path in images:
             _echo_ranked(path, predictor.predict_file(path)[:top_k])
-    except (FileNotFoundError, PredictionError) as error:
+    except (FileNotFoundError, PredictionError, UnreadableExportError) as error:
         raise click.ClickException(str(error)) from None
 
 

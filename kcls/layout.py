@@ -101,17 +101,29 @@ def resolve_export_dir(path: str | Path) -> Path:
     """A version directory, given either it or a model base directory (latest version wins).
 
     Raises:
-        FileNotFoundError: `path` is neither.
+        FileNotFoundError: `path` is neither, or the version it names (or the latest one)
+            has no SavedModel: an interrupted copy, not a kcls export, which publishes
+            versions atomically. The message names the folder and a complete version.
     """
     path = Path(path)
     if (path / SAVED_MODEL_FILE).is_file():
         return path
-    available = versions(path)
-    if not available:
-        raise FileNotFoundError(
-            f"{str(path)!r} is neither a SavedModel directory nor a model folder with numbered "
-            "versions (e.g. saved_models/quickstart/1).")
-    return path / str(available[-1])
+    if path.name.isdigit() and path.is_dir():
+        version_dir, model_dir = path, path.parent
+    else:
+        available = versions(path)
+        if not available:
+            raise FileNotFoundError(
+                f"{str(path)!r} is neither a SavedModel directory nor a model folder with "
+                "numbered versions (e.g. saved_models/quickstart/1).")
+        version_dir, model_dir = path / str(available[-1]), path
+    complete = exported_versions(model_dir)
+    fix = (f"pass a complete version, e.g. {model_dir / str(complete[-1])}, "
+           if complete else "")
+    raise FileNotFoundError(
+        f"The export version {str(version_dir)!r} is incomplete: it has no {SAVED_MODEL_FILE} "
+        f"(an interrupted copy?). Export again with `kcls export RUN_DIR`, {fix}or delete "
+        "the folder.")
 
 
 def optimized_dir(model_path: str | Path, method: str) -> Path:

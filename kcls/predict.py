@@ -47,8 +47,25 @@ class Predictor:
             raise PredictionError(f"{path}: {error}.") from None
 
 
+class UnreadableExportError(OSError):
+    """An export whose SavedModel TensorFlow cannot load (damaged or truncated files)."""
+
+
 def load_predictor(model_dir: str | Path) -> Predictor:
-    """Loads the export at `model_dir` (a version directory, or a model folder: latest version)."""
+    """Loads the export at `model_dir` (a version directory, or a model folder: latest version).
+
+    Raises:
+        FileNotFoundError: no export there, or the version has no SavedModel
+            (`kcls.layout.resolve_export_dir`).
+        UnreadableExportError: the SavedModel is damaged; the message names the folder.
+    """
     export_dir = resolve_export_dir(model_dir)
-    loaded = tf.saved_model.load(str(export_dir))
-    return Predictor(export_dir, loaded.signatures["serving_default"], loaded)
+    try:
+        loaded = tf.saved_model.load(str(export_dir))
+        signature = loaded.signatures["serving_default"]
+    except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise UnreadableExportError(
+            f"The export {str(export_dir)!r} cannot be loaded ({detail[:200]}). Export "
+            "again with `kcls export RUN_DIR`, or pass another version folder.") from None
+    return Predictor(export_dir, signature, loaded)
