@@ -69,15 +69,18 @@ def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
 @click.argument("name")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory for logs and reports (default runs/NAME/TIMESTAMP).")
+              help="Run directory for logs and reports (default: a new runs/NAME/TIMESTAMP). "
+                   "An interrupted run there resumes; a finished one is never overwritten.")
 def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> None:
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
     resolved = _resolve(name, overrides)
     start_tensorflow()
     from kcls.run import run_recipe
 
+    # A log file or a CI console gets every frame of a progress bar: one line per epoch.
+    verbose = "auto" if sys.stdout.isatty() else 2
     try:
-        result = run_recipe(resolved, run_dir, log=click.echo)
+        result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
     except ConfigError as error:
         if _debug():
             raise

@@ -5,9 +5,12 @@ Every file name kcls writes and reads back is named here, once; the writers
 the readers (`kcls.load`, `kcls.predict`) import it. This module imports nothing from
 kcls and nothing heavy, so every layer, the TF-MOT child process included, can use it.
 
-A run directory (`kcls recipe run`, default `runs/<recipe>/<timestamp>/`):
+A run directory (`kcls recipe run`, default `runs/<recipe>/<timestamp>[-N]/`, created
+and locked by `kcls.rundir`):
 
     config.json          the resolved recipe (`RUN_CONFIG_FILE`)
+    run.lock             pid and host of the run using the directory, while it runs
+                         (`RUN_LOCK_FILE`)
     run.json             versions, devices, choices, history, metrics, timings (`RUN_INFO_FILE`)
     model.weights.h5     the trained classifier's Keras weights (`WEIGHTS_FILE`)
     best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
@@ -34,13 +37,13 @@ PosixPath('saved_models/quickstart/3')
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 # Run directory.
 RUNS_DIR = "runs"
 RUN_CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run.json"
+RUN_LOCK_FILE = "run.lock"
 WEIGHTS_FILE = "model.weights.h5"  # in run directories and in exports
 BEST_WEIGHTS_FILE = "best.weights.h5"
 SAMPLES_DIR = "samples"
@@ -69,11 +72,6 @@ OPTIMIZE_REPORT_FILE = "optimize.json"
 OPTIMIZE_TABLE_FILE = "optimize.md"
 MOT_SAVED_MODEL_DIR = "saved_model"
 MOT_RESULT_FILE = "result.json"
-
-
-def new_run_dir(recipe_name: str) -> Path:
-    """The default run directory of a run starting now: `runs/<recipe>/<YYYYmmdd-HHMMSS>`."""
-    return Path(RUNS_DIR) / recipe_name / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def is_run_dir(path: str | Path) -> bool:

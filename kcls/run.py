@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import ClassWeights, Recipe, parse_duration, require_choice, to_json
+from kcls.config import (
+    ClassWeights,
+    ConfigError,
+    DataConfig,
+    Recipe,
+    parse_duration,
+    require_choice,
+    to_json,
+)
 from kcls.data.augment import build_augmentation
 from kcls.data.pipeline import (
     balanced_class_weights,
@@ -48,11 +57,11 @@ from kcls.layout import (
     RUN_INFO_FILE,
     SAMPLES_DIR,
     WEIGHTS_FILE,
-    new_run_dir,
 )
 from kcls.metrics import Evaluation, class_balance_warning
 from kcls.models.classifier import build_classifier
 from kcls.report import confident_mistakes, write_report
+from kcls.rundir import check_run_dir, claim_run_dir
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import (
     describe_devices,
@@ -61,7 +70,7 @@ from kcls.train.compute import (
     resolve_jit_compile,
     resolve_precision,
 )
-from kcls.train.runner import fit_phases
+from kcls.train.runner import check_resumable, fit_phases
 from kcls.train.schedule import resolve_train_batchnorm
 
 SAMPLE_IMAGES = 8
@@ -115,115 +124,145 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     started = time.time()
     # First: multi-worker and TPU strategies must be set up before TensorFlow runs anything.
     strategy = make_strategy(recipe.train.strategy)
-    run_dir = Path(run_dir or new_run_dir(recipe.name))
+    # Everything that can refuse the run is checked before the run directory is written.
+    if run_dir is not None:
+        check_run_dir(run_dir)
+    check_cache_writable(recipe.data)
     splits = splits or load_splits(recipe.data)
+    num_classes = len(splits.class_names)
+    steps_per_epoch = max(splits.sizes["train"] // recipe.data.batch_size, 1)
+    if recipe.train.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, recipe.train.steps_per_epoch)
     precision = resolve_precision(recipe.train.precision)
     jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
                                                           recipe.model.backbone)
     train_config = dataclasses.replace(
         recipe.train, jit_compile=jit_compile,
         train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
+    if run_dir is not None and recipe.train.time_budget is None:
+        check_resumable(run_dir, train_config, steps_per_epoch)
     keras.utils.set_random_seed(recipe.train.seed)
     with strategy.scope():
-        classifier = build_classifier(recipe.model, len(splits.class_names),
-                                      recipe.data.image_size, precision)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_CONFIG_FILE).write_text(to_json(recipe))
-    log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
-        f"{describe_strategy(strategy)} | {precision} | XLA {'on' if jit_compile else 'off'} "
-        f"({jit_compile_reason}) | "
-        f"{len(splits.class_names)} classes | train {splits.sizes['train']}, "
-        f"validation {splits.sizes['validation']}, test {splits.sizes['test']} | run dir {run_dir}")
+        classifier = build_classifier(recipe.model, num_classes, recipe.data.image_size,
+                                      precision)
+    with claim_run_dir(run_dir, recipe.name, log) as run_dir:
+        (run_dir / RUN_CONFIG_FILE).write_text(to_json(recipe))
+        log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
+            f"{describe_strategy(strategy)} | {precision} | XLA {'on' if jit_compile else 'off'} "
+            f"({jit_compile_reason}) | "
+            f"{len(splits.class_names)} classes | train {splits.sizes['train']}, "
+            f"validation {splits.sizes['validation']}, test {splits.sizes['test']} | "
+            f"run dir {run_dir}")
 
-    augmentation = build_augmentation(recipe.data.augment, recipe.data.horizontal_flip,
-                                      recipe.data.seed, recipe.data.mixup, recipe.data.cutmix)
-    num_classes = len(splits.class_names)
-    steps_per_epoch = max(splits.sizes["train"] // recipe.data.batch_size, 1)
-    if recipe.train.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, recipe.train.steps_per_epoch)
-    class_weights = None
-    require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
-    if recipe.train.class_weights == "balanced":
-        class_weights = balanced_class_weights(train_class_counts(splits))
-        log("class weights (balanced): " + ", ".join(
-            f"{name} {weight:.2f}" for name, weight in zip(splits.class_names, class_weights)))
-    time_budget = None
-    if recipe.train.time_budget is not None:
-        time_budget = TimeBudget(
-            parse_duration(recipe.train.time_budget),
-            evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1),
-            fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
-            else AFTER_TRAINING_SECONDS / 2)
-    validation_batches = None
-    if splits.validation is not None:
-        validation_batches = eval_pipeline(splits.validation, num_classes, recipe.data,
-                                           "validation", splits.fingerprint)
-    training = fit_phases(
-        classifier,
-        train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
-                       class_weights, splits.fingerprint),
-        validation_batches,
-        steps_per_epoch, train_config, augmentation.device, verbose=verbose, run_dir=run_dir,
-        strategy=strategy, time_budget=time_budget)
-    if training["resumed"]:
-        log("resumed an interrupted run: " + ", ".join(
-            f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
-            for phase in training["phases"]))
-    trained = time.time()
-    classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+        augmentation = build_augmentation(recipe.data.augment, recipe.data.horizontal_flip,
+                                          recipe.data.seed, recipe.data.mixup, recipe.data.cutmix)
+        class_weights = None
+        require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
+        if recipe.train.class_weights == "balanced":
+            class_weights = balanced_class_weights(train_class_counts(splits))
+            log("class weights (balanced): " + ", ".join(
+                f"{name} {weight:.2f}" for name, weight in zip(splits.class_names, class_weights)))
+        time_budget = None
+        if recipe.train.time_budget is not None:
+            time_budget = TimeBudget(
+                parse_duration(recipe.train.time_budget),
+                evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1),
+                fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
+                else AFTER_TRAINING_SECONDS / 2)
+        validation_batches = None
+        if splits.validation is not None:
+            validation_batches = eval_pipeline(splits.validation, num_classes, recipe.data,
+                                               "validation", splits.fingerprint)
+        training = fit_phases(
+            classifier,
+            train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
+                           class_weights, splits.fingerprint),
+            validation_batches,
+            steps_per_epoch, train_config, augmentation.device, verbose=verbose, run_dir=run_dir,
+            strategy=strategy, time_budget=time_budget)
+        if training["resumed"]:
+            log("resumed an interrupted run: " + ", ".join(
+                f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
+                for phase in training["phases"]))
+        trained = time.time()
+        classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
-    test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
-                                 splits.fingerprint)
-    evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
-                                     flip_tta=recipe.evaluate.flip_tta)
-    metrics = evaluation.metrics
-    support = {name: row["support"] for name, row in metrics["per_class"].items()}
-    log("test support per class: " + ", ".join(f"{n} {c}" for n, c in support.items()))
-    imbalance = class_balance_warning(support)
-    if imbalance:
-        log(f"warning: {imbalance}")
-    write_report(run_dir, evaluation, splits.class_names, training["history"],
-                 training["phases"], _mistake_images(splits, recipe, evaluation))
-    log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out images "
-        f"(chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece {metrics['ece']:.4f}"
-        + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
-        + f"; report {run_dir / REPORT_FILE}")
-    if splits.skipped:
-        log(f"skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:5])}"
-            + (" ..." if len(splits.skipped) > 5 else ""))
-    _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
+        test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
+                                     splits.fingerprint)
+        evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
+                                         flip_tta=recipe.evaluate.flip_tta)
+        metrics = evaluation.metrics
+        support = {name: row["support"] for name, row in metrics["per_class"].items()}
+        log("test support per class: " + ", ".join(f"{n} {c}" for n, c in support.items()))
+        imbalance = class_balance_warning(support)
+        if imbalance:
+            log(f"warning: {imbalance}")
+        write_report(run_dir, evaluation, splits.class_names, training["history"],
+                     training["phases"], _mistake_images(splits, recipe, evaluation))
+        log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out images "
+            f"(chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece {metrics['ece']:.4f}"
+            + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
+            + f"; report {run_dir / REPORT_FILE}")
+        if splits.skipped:
+            log(f"skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:5])}"
+                + (" ..." if len(splits.skipped) > 5 else ""))
+        _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
 
-    export_dir = None
-    if recipe.export.enabled:
-        export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics)
-        log(f"exported float32 SavedModel to {export_dir}")
+        export_dir = None
+        if recipe.export.enabled:
+            export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics)
+            log(f"exported float32 SavedModel to {export_dir}")
 
-    run_info = {
-        "kcls_version": __version__, "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__, "devices": describe_devices(),
-        "strategy": describe_strategy(strategy),
-        "precision": precision, "jit_compile": training["jit_compile"],
-        "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
-        else f"{jit_compile_reason}; off: a layer in the training step does not support XLA",
-        "train_batchnorm": train_config.train_batchnorm,
-        "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
-        "global_batch_size": recipe.data.batch_size,
-        "class_weights": None if class_weights is None else dict(
-            zip(splits.class_names, np.round(class_weights, 4).tolist())),
-        "phases": training["phases"], "history": training["history"],
-        "resumed": training["resumed"], "best_weights": training["best_weights"],
-        "metrics": metrics,
-        "class_names": splits.class_names,
-        "skipped_files": splits.skipped, "export_dir": str(export_dir) if export_dir else None,
-        "seconds": {"training": round(trained - started, 1),
-                    "total": round(time.time() - started, 1)},
-    }
-    if time_budget is not None:
-        run_info["time_budget"] = time_budget.summary()
-        log(_budget_line(time_budget))
-    (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
-    return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
-                     splits.class_names)
+        run_info = {
+            "kcls_version": __version__, "tensorflow_version": tf.__version__,
+            "keras_version": keras.__version__, "devices": describe_devices(),
+            "strategy": describe_strategy(strategy),
+            "precision": precision, "jit_compile": training["jit_compile"],
+            "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
+            else f"{jit_compile_reason}; off: a layer in the training step does not support XLA",
+            "train_batchnorm": train_config.train_batchnorm,
+            "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
+            "global_batch_size": recipe.data.batch_size,
+            "class_weights": None if class_weights is None else dict(
+                zip(splits.class_names, np.round(class_weights, 4).tolist())),
+            "phases": training["phases"], "history": training["history"],
+            "resumed": training["resumed"], "best_weights": training["best_weights"],
+            "metrics": metrics,
+            "class_names": splits.class_names,
+            "skipped_files": splits.skipped, "export_dir": str(export_dir) if export_dir else None,
+            "seconds": {"training": round(trained - started, 1),
+                        "total": round(time.time() - started, 1)},
+        }
+        if time_budget is not None:
+            run_info["time_budget"] = time_budget.summary()
+            log(_budget_line(time_budget))
+        (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
+        return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
+                         splits.class_names)
+
+
+def check_cache_writable(config: DataConfig) -> None:
+    """Raises unless the folder of an on-disk `data.cache` prefix exists and can be written.
+
+    tf.data neither creates the folder nor checks it before the first epoch ends, by
+    which time the run directory exists: `run_recipe` checks first.
+
+    Raises:
+        ConfigError: naming the folder, the reason and the alternatives.
+    """
+    if config.cache in ("memory", "none"):
+        return
+    folder = Path(config.cache).expanduser().parent
+    fix = "Use a writable folder, data.cache=memory (RAM) or data.cache=none."
+    if not folder.is_dir():
+        raise ConfigError(f"data.cache={config.cache!r}: the folder {str(folder)!r} does not "
+                          f"exist. Create it (mkdir -p {folder}), or: {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(f"data.cache={config.cache!r}: cannot write into {str(folder)!r} "
+                          f"({error.strerror or error}). {fix}") from None
 
 
 def _budget_line(budget: TimeBudget) -> str:
@@ -256,4 +295,4 @@ def _write_samples(splits: Splits, recipe: Recipe, folder: Path) -> None:
         tf.io.write_file(str(folder / name), tf.io.encode_png(resized))
 
 
-__all__ = ["RunResult", "run_recipe"]
+__all__ = ["RunResult", "check_cache_writable", "run_recipe"]

@@ -6,19 +6,41 @@ exports give clear errors, and logs that are not a terminal get one line per epo
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
 from kcls.cli import main
-from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe
+from kcls.config import (
+    ConfigError,
+    DataConfig,
+    ExportConfig,
+    ModelConfig,
+    Recipe,
+    TrainConfig,
+)
 from kcls.export import export_saved_model
-from kcls.layout import SAVED_MODEL_FILE
+from kcls.layout import (
+    BACKUP_DIR,
+    PROGRESS_FILE,
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    RUN_LOCK_FILE,
+    SAVED_MODEL_FILE,
+)
 from kcls.models.classifier import build_classifier
+from kcls.run import run_recipe
+from kcls.rundir import claim_run_dir
+from kcls.train.runner import fit_phases
 
 CLASS_NAMES = ["cat", "dog"]
 
@@ -65,3 +87,112 @@ def test_predict_with_a_corrupt_saved_model_names_the_folder(export_dir, tmp_pat
     assert result.exit_code == 1 and result.exception is not None
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
     assert f"{version_dir}" in result.output and "kcls export" in result.output
+
+
+TINY = ["--set", "train.frozen_epochs=1", "--set", "train.unfrozen_epochs=1",
+        "--set", "train.steps_per_epoch=3", "--set", "data.batch_size=16",
+        "--set", "train.jit_compile=false"]
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(run_dir: Path, pid: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_LOCK_FILE).write_text(json.dumps(
+        {"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+
+
+def test_default_run_dirs_are_distinct_even_in_the_same_second(tmp_path):
+    with claim_run_dir(None, "r", parent=tmp_path) as first, \
+            claim_run_dir(None, "r", parent=tmp_path) as second:
+        assert first != second and first.parent == second.parent == tmp_path / "r"
+        assert (first / RUN_LOCK_FILE).is_file() and (second / RUN_LOCK_FILE).is_file()
+        assert second.name.startswith(first.name)  # e.g. 20260101-120000 and ...-2
+    assert not (first / RUN_LOCK_FILE).exists() and not (second / RUN_LOCK_FILE).exists()
+
+
+def test_a_run_dir_in_use_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "run"
+    other_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(run_dir, other_run.pid)
+        result = invoke("recipe", "run", "quickstart", *TINY, "--out", run_dir,
+                        "--set", f"export.base_dir={tmp_path / 'saved_models'}")
+    finally:
+        other_run.kill()
+        other_run.wait()
+    assert result.exit_code == 2, result.output
+    assert f"in use by process {other_run.pid}" in result.output and "--out" in result.output
+    assert sorted(path.name for path in run_dir.iterdir()) == [RUN_LOCK_FILE]
+
+
+def test_a_refused_resume_leaves_the_interrupted_run_untouched(tiny_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / BACKUP_DIR).mkdir(parents=True)
+    (run_dir / RUN_CONFIG_FILE).write_text('{"the": "interrupted run"}')
+    progress = {"schedule": {"frozen_epochs": 7}, "completed": {}, "epochs": {"0": {}}}
+    (run_dir / BACKUP_DIR / PROGRESS_FILE).write_text(json.dumps(progress))
+    with pytest.raises(ConfigError, match="different training schedule"):
+        run_recipe(tiny_recipe, run_dir, log=lambda message: None, verbose=0)
+    assert (run_dir / RUN_CONFIG_FILE).read_text() == '{"the": "interrupted run"}'
+    assert sorted(path.name for path in run_dir.iterdir()) == [BACKUP_DIR, RUN_CONFIG_FILE]
+
+
+def test_a_cache_folder_that_does_not_exist_fails_before_the_run_dir_is_made(tmp_path):
+    result = invoke("recipe", "run", "quickstart", *TINY, "--out", tmp_path / "run",
+                    "--set", f"data.cache={tmp_path / 'nonexistent' / 'dir' / 'cache'}")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{tmp_path / 'nonexistent' / 'dir'}" in result.output
+    assert "does not exist" in result.output and "data.cache=memory" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_cli_run_logs_an_epoch_per_line_takes_over_a_stale_lock_and_is_never_redone(
+        tmp_path):
+    run_dir = tmp_path / "run"
+    stale = dead_pid()
+    write_lock(run_dir, stale)
+    result = invoke("recipe", "run", "quickstart", *TINY, "--out", run_dir,
+                    "--set", f"export.base_dir={tmp_path / 'saved_models'}")
+    assert result.exit_code == 0, result.output
+    assert f"locked by process {stale}, which is no longer running" in result.output
+    # CliRunner's stdout is not a terminal: no progress-bar frames, one line per epoch.
+    assert "\r" not in result.output and "\x1b[" not in result.output
+    lines = result.output.splitlines()
+    # Keras heads an epoch with "Epoch N/M" only when a fit() call has several epochs.
+    assert [line for line in lines if line.startswith("Epoch ")] == ["Epoch 2/2"]
+    assert len([line for line in lines if line.startswith("3/3 - ") and " - loss: " in line
+                and " - val_loss: " in line]) == 2, result.output
+    assert "ran out of data" not in result.output
+    assert not (run_dir / RUN_LOCK_FILE).exists() and (run_dir / RUN_INFO_FILE).is_file()
+
+    finished = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    again = invoke("recipe", "run", "quickstart", *TINY, "--out", run_dir,
+                   "--set", "train.frozen_epochs=2")
+    assert again.exit_code == 2 and "holds a finished run" in again.output
+    assert "new --out" in again.output and "delete the folder" in again.output
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()
+            if path.is_file()} == finished
+
+
+def test_a_validation_set_of_unknown_length_does_not_warn_that_input_ran_out(recwarn):
+    """Folder sources drop unreadable files with `filter`, so tf.data cannot tell the
+    number of validation batches, and Keras warned at the end of every validation pass."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (32, 32, 32, 3)).astype("float32")
+    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
+    examples = tf.data.Dataset.from_tensor_slices((images, labels))
+    validation = examples.filter(lambda image, label: True).batch(16)
+    assert validation.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    keras.utils.set_random_seed(0)
+    classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 2, 32)
+    config = TrainConfig(frozen_epochs=2, unfrozen_epochs=0, jit_compile=False)
+    fit_phases(classifier, examples.repeat().batch(8), validation, 2, config, verbose=0)
+    assert not [str(warning.message) for warning in recwarn
+                if "ran out of data" in str(warning.message)]

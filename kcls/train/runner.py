@@ -136,8 +136,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     run_dir = Path(run_dir) if run_dir is not None else None
     resumable = run_dir is not None and time_budget is None
     backup_dir = run_dir / BACKUP_DIR if resumable else None
-    progress = _Progress.load(backup_dir, {**dataclasses.asdict(config),
-                                           "steps_per_epoch": steps_per_epoch})
+    progress = _Progress.load(backup_dir, _schedule(config, steps_per_epoch))
     resumed = progress.started
     monitor = "val_loss" if validation_batches is not None else "loss"
     checkpoint = None
@@ -204,10 +203,15 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                 name=phase.name)
             phase_callbacks += [BudgetProgress(planner), planner]
             epochs = MAX_EPOCHS
-        trainer.fit(
-            train_batches, validation_data=validation_batches, steps_per_epoch=steps_per_epoch,
-            initial_epoch=epoch, epochs=epoch + epochs, verbose=verbose, shuffle=False,
-            callbacks=phase_callbacks)
+        with warnings.catch_warnings():
+            if train_batches.cardinality() == tf.data.INFINITE_CARDINALITY:
+                # Then only the validation pass can end: Keras warns at the end of a finite
+                # dataset of unknown length (a folder source filters unreadable files).
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+            trainer.fit(
+                train_batches, validation_data=validation_batches,
+                steps_per_epoch=steps_per_epoch, initial_epoch=epoch, epochs=epoch + epochs,
+                verbose=verbose, shuffle=False, callbacks=phase_callbacks)
 
         # Early stopping or a budget may end a phase early: the next starts after its last epoch.
         end = max(progress.last_epoch(epoch, epoch + epochs) + 1, epoch)
@@ -237,6 +241,29 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     if time_budget is not None:
         result["time_budget"] = time_budget.summary()
     return result
+
+
+def check_resumable(run_dir: str | Path, config: TrainConfig, steps_per_epoch: int) -> None:
+    """Raises if `run_dir` holds an interrupted run that `fit_phases` would refuse to resume.
+
+    `run_recipe` calls it before writing anything into the run directory, so a refused
+    resume leaves the interrupted run's files (its `config.json` included) untouched.
+
+    Args:
+        run_dir: the run directory.
+        config: TrainConfig with its automatic settings resolved, as `fit_phases` gets it.
+        steps_per_epoch: int, as `fit_phases` gets it.
+
+    Raises:
+        ConfigError: the interrupted run had another schedule (the message lists the
+            changed settings and the fix).
+    """
+    _Progress.load(Path(run_dir) / BACKUP_DIR, _schedule(config, steps_per_epoch))
+
+
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
+    """What must not change for a run to resume: the training settings and epoch length."""
+    return {**dataclasses.asdict(config), "steps_per_epoch": steps_per_epoch}
 
 
 def _optimizer(classifier: keras.Model, schedule: WarmupCosine,

@@ -1,0 +1,185 @@
+"""Claiming a run directory: unique default names, a lock, and no training over finished runs.
+
+A run owns its directory from the moment it writes `config.json` to its end:
+
+- Default run directories (`runs/<recipe>/<YYYYmmdd-HHMMSS>`) are created exclusively;
+  when another run started in the same second, this one gets `-2`, `-3`, ... appended.
+- The run holds `<run_dir>/run.lock` (`kcls.layout.RUN_LOCK_FILE`), created with
+  `O_CREAT | O_EXCL` and holding the process id and host, and removes it when it ends,
+  also on errors. A second run with the same `--out` is refused while the first is
+  alive; a lock left by a process that died (killed, out of memory) is taken over
+  with a warning, and the run resumes from the directory's backup.
+- A directory that holds a finished run (`run.json`) or a trained model
+  (`model.weights.h5`) is refused: kcls never trains over a result.
+
+Example:
+
+>>> with claim_run_dir(None, "quickstart") as run_dir:  # doctest: +SKIP
+...     (run_dir / "config.json").write_text("{}")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kcls.config import ConfigError
+from kcls.layout import RUN_INFO_FILE, RUN_LOCK_FILE, RUNS_DIR, WEIGHTS_FILE
+
+MAX_SUFFIX = 1000  # runs of one recipe started in the same second
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Raises unless a run may start (or resume) in `run_dir`.
+
+    Cheap and side-effect free, so `run_recipe` calls it before loading any data;
+    `claim_run_dir` checks again once it holds the lock.
+
+    Raises:
+        ConfigError: `run_dir` holds a finished run or a trained model, or a live
+            process holds its lock; the message says what to do instead.
+    """
+    run_dir = Path(run_dir)
+    for name, what in ((RUN_INFO_FILE, "a finished run"),
+                       (WEIGHTS_FILE, "a trained model")):
+        if (run_dir / name).is_file():
+            raise ConfigError(
+                f"{run_dir} holds {what} ({name}); kcls never trains over a result. Use a "
+                "new --out (or leave --out out for a new runs/NAME/TIMESTAMP folder), or "
+                "delete the folder to run there again.")
+    owner = _lock_owner(run_dir / RUN_LOCK_FILE)
+    if owner is not None and not _mine(owner) and _alive(owner):
+        raise ConfigError(_locked_message(run_dir, owner))
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: str | Path | None, recipe_name: str,
+                  log: Callable[[str], None] = print,
+                  parent: str | Path = RUNS_DIR) -> Iterator[Path]:
+    """Creates or reuses a run directory and holds its lock while the block runs.
+
+    Args:
+        run_dir: the directory to run in (created if needed; an interrupted run there
+            resumes), or None for a new `<parent>/<recipe_name>/<timestamp>[-N]`.
+        recipe_name: the recipe's name, a single folder name (`kcls.config.check_name`).
+        log: receives the warning when a stale lock is taken over.
+        parent: where default run directories go.
+
+    Yields:
+        Path of the run directory, locked by this process.
+
+    Raises:
+        ConfigError: see `check_run_dir`.
+    """
+    path = Path(run_dir) if run_dir is not None else _new_run_dir(Path(parent) / recipe_name)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / RUN_LOCK_FILE
+    _acquire(lock, log)
+    try:
+        check_run_dir(path)  # a run that finished while this one loaded its data
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _new_run_dir(recipe_dir: Path) -> Path:
+    """Creates `<recipe_dir>/<timestamp>`, or the first free `<timestamp>-N`, exclusively."""
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for suffix in range(1, MAX_SUFFIX + 1):
+        path = recipe_dir / (stamp if suffix == 1 else f"{stamp}-{suffix}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"More than {MAX_SUFFIX} runs of {recipe_dir.name!r} started in the "
+                      f"second {stamp}; pass --out to choose run directories.")
+
+
+def _acquire(lock: Path, log: Callable[[str], None]) -> None:
+    """Creates `lock` exclusively, taking over a lock whose process is gone."""
+    content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                          "started": datetime.now().isoformat(timespec="seconds")})
+    for _ in range(3):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None:  # vanished, or being written this instant: look again
+                continue
+            if _alive(owner):
+                raise ConfigError(_locked_message(lock.parent, owner)) from None
+            if _take_over(lock, owner):
+                log(f"warning: {lock.parent} was locked by process {owner.get('pid')}, which "
+                    "is no longer running (killed?); taking the run directory over.")
+            continue
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(content)
+        return
+    raise ConfigError(f"Could not lock {lock.parent}: other processes keep claiming it. Use a "
+                      "new --out.")
+
+
+def _take_over(lock: Path, stale_owner: dict[str, Any]) -> bool:
+    """Removes a stale `lock`, unless another process replaced it meanwhile."""
+    # Renaming is atomic: of two processes taking over the same stale lock, one gets it.
+    aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return False
+    if _lock_owner(aside) != stale_owner:  # a fresh lock moved aside by mistake: restore it
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, lock)
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
+
+
+def _lock_owner(lock: Path) -> dict[str, Any] | None:
+    """The `{"pid", "host", "started"}` a lock holds, or None when there is none."""
+    try:
+        owner = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable or half-written: treated as held, see `_alive`
+    return owner if isinstance(owner, dict) else {}
+
+
+def _mine(owner: dict[str, Any]) -> bool:
+    return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    """Whether the process that wrote a lock may still be running."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or owner.get("host") != socket.gethostname():
+        return True  # another machine (shared disk) or an unreadable lock: assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _locked_message(run_dir: Path, owner: dict[str, Any]) -> str:
+    who = (f"process {owner['pid']} on {owner.get('host')} (started {owner.get('started')})"
+           if owner.get("pid") else "another process")
+    return (f"{run_dir} is in use by {who}: two runs cannot share a run directory. Use a new "
+            f"--out, or wait for that run to end. If no run is active there, delete "
+            f"{run_dir / RUN_LOCK_FILE}.")
+
+
+__all__ = ["check_run_dir", "claim_run_dir"]
