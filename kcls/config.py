@@ -259,7 +259,8 @@ class ExportConfig:
     Attributes:
         enabled: export at the end of `recipe run`.
         base_dir: TF Serving base path; versions land in `<base_dir>/<model_name>/<N>/`.
-        model_name: name of the served model; `None` uses the recipe name.
+        model_name: name of the served model, one folder name (no `/`, `\\`, leading `.` or
+            control characters); `None` uses the recipe name, which follows the same rule.
         top_k: number of classes the signatures return.
         flip_tta: serve the average of the probabilities of each image and its mirror
             (what `evaluate.flip_tta` measures), at twice the inference cost.

@@ -198,7 +198,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if imbalance:
             log(f"warning: {imbalance}")
         write_report(run_dir, evaluation, splits.class_names, training["history"],
-                     training["phases"], _mistake_images(splits, recipe, evaluation))
+                     training["phases"], _mistake_images(splits, recipe, evaluation),
+                     mistakes=recipe.evaluate.mistakes)
         log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out images "
             f"(chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece {metrics['ece']:.4f}"
             + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")

@@ -7,6 +7,7 @@ exports give clear errors, and logs that are not a terminal get one line per epo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -31,11 +32,17 @@ from kcls.config import (
 from kcls.export import export_saved_model
 from kcls.layout import (
     BACKUP_DIR,
+    LABELS_FILE,
+    METADATA_FILE,
+    MODELS_CONFIG_FILE,
     PROGRESS_FILE,
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     RUN_LOCK_FILE,
     SAVED_MODEL_FILE,
+    WEIGHTS_FILE,
+    exported_versions,
+    versions,
 )
 from kcls.models.classifier import build_classifier
 from kcls.run import run_recipe
@@ -196,3 +203,53 @@ def test_a_validation_set_of_unknown_length_does_not_warn_that_input_ran_out(rec
     fit_phases(classifier, examples.repeat().batch(8), validation, 2, config, verbose=0)
     assert not [str(warning.message) for warning in recwarn
                 if "ran out of data" in str(warning.message)]
+
+
+STRESS_RUNS = 3
+STRESS_EXPORTS = 3
+STRESS = ["--set", "train.frozen_epochs=1", "--set", "train.unfrozen_epochs=0",
+          "--set", "train.steps_per_epoch=1", "--set", "data.batch_size=8",
+          "--set", "data.image_size=16", "--set", "train.jit_compile=false",
+          "--set", "data.validation_fraction=0", "--set", "export.enabled=false",
+          "--set", "evaluate.mistakes=0"]  # 0: a traceback before, fixed with issue 15
+
+
+@pytest.mark.slow
+def test_concurrent_runs_and_exports_never_share_a_folder(tmp_path):
+    """Runs started together in one `runs/` parent, then exports together into one base dir.
+
+    About 40 s on an idle 2-core CPU (each process imports TensorFlow and traces its graphs).
+    """
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_NUM_INTEROP_THREADS": "1",
+                   "TF_NUM_INTRAOP_THREADS": "1"}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "kcls.cli", *args], cwd=tmp_path,
+                                env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def finish(processes: list[subprocess.Popen]) -> None:
+        for process in processes:
+            output, _ = process.communicate(timeout=300)
+            assert process.returncode == 0, output
+
+    finish([start("recipe", "run", "quickstart", *STRESS) for _ in range(STRESS_RUNS)])
+    run_dirs = sorted((tmp_path / "runs" / "quickstart").iterdir())
+    assert len(run_dirs) == STRESS_RUNS
+    for run_dir in run_dirs:
+        run_info = json.loads((run_dir / RUN_INFO_FILE).read_text())
+        assert run_info["metrics"]["examples"] == 360
+        assert (run_dir / WEIGHTS_FILE).is_file() and (run_dir / RUN_CONFIG_FILE).is_file()
+        assert not (run_dir / RUN_LOCK_FILE).exists() and not (run_dir / BACKUP_DIR).exists()
+
+    finish([start("export", str(run_dirs[index % STRESS_RUNS]), "--base-dir", "saved_models")
+            for index in range(STRESS_EXPORTS)])
+    model_dir = tmp_path / "saved_models" / "quickstart"
+    assert versions(model_dir) == list(range(1, STRESS_EXPORTS + 1))
+    assert exported_versions(model_dir) == versions(model_dir)
+    for version in versions(model_dir):
+        version_dir = model_dir / str(version)
+        for name in (WEIGHTS_FILE, METADATA_FILE, LABELS_FILE, "variables/variables.index"):
+            assert (version_dir / name).is_file(), version_dir / name
+    assert [path.name for path in model_dir.iterdir() if path.name.startswith(".")] == []
+    assert 'name: "quickstart"' in (tmp_path / "saved_models" / MODELS_CONFIG_FILE).read_text()
