@@ -31,6 +31,7 @@ from kcls.layout import (
     WEIGHTS_FILE,
     is_run_dir,
     resolve_export_dir,
+    versions,
 )
 from kcls.models.classifier import build_classifier
 
@@ -61,6 +62,8 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     try:
         export_dir = resolve_export_dir(path)
     except FileNotFoundError:
+        if versions(path) or path.name.isdigit():
+            raise  # an incomplete export version: that message names it and the fix
         raise FileNotFoundError(
             f"{str(path)!r} is neither a kcls run directory ({RUN_CONFIG_FILE}, "
             f"{WEIGHTS_FILE}) nor an export (saved_models/NAME or saved_models/NAME/N "

@@ -253,3 +253,13 @@ def test_concurrent_runs_and_exports_never_share_a_folder(tmp_path):
             assert (version_dir / name).is_file(), version_dir / name
     assert [path.name for path in model_dir.iterdir() if path.name.startswith(".")] == []
     assert 'name: "quickstart"' in (tmp_path / "saved_models" / MODELS_CONFIG_FILE).read_text()
+
+
+def test_evaluate_and_explain_name_an_incomplete_version_too(export_dir, tmp_path, image):
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(export_dir, model_dir / "1")
+    (model_dir / "2").mkdir()
+    for command in (["evaluate", model_dir], ["explain", model_dir, image]):
+        result = invoke(*command)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert f"{model_dir / '2'}" in result.output and "incomplete" in result.output
