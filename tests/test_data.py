@@ -1,10 +1,13 @@
 """Data sources and tf.data pipelines on real files and real bundled data."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_truncated_jpeg
 from PIL import Image
 
 from kcls.config import ConfigError, DataConfig
@@ -249,3 +252,50 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
     splits = load_splits(DataConfig())
     with pytest.raises(ValueError, match="source_fingerprint=splits.fingerprint"):
         eval_pipeline(splits.test, 10, DataConfig(cache=str(cache_dir / "unkeyed")), "test")
+
+
+def test_undecodable_names_bombs_and_truncated_files_are_skipped_and_named(damaged_folder):
+    files = scan_folder(damaged_folder)
+    assert len(files.paths) == 12
+    names = sorted(Path(path).name for path in files.skipped)
+    # The non-UTF-8 byte is shown escaped, so the name can be printed and written to JSON.
+    assert names == ["bomb.png", "caf\\xe9.png", "half.jpg"]
+    json.dumps(files.skipped).encode("utf-8")
+
+    splits = load_splits(DataConfig(source=f"folder:{damaged_folder}", test_fraction=0.25,
+                                    validation_fraction=0.0))
+    assert sorted(Path(path).name for path in splits.skipped) == names
+    assert splits.sizes == {"train": 9, "validation": 0, "test": 3}
+    # Every example the sizes promise reaches the model.
+    assert len(list(splits.train.as_numpy_iterator())) == 9
+    assert len(list(splits.test.as_numpy_iterator())) == 3
+
+
+def test_a_file_damaged_after_the_scan_is_counted_not_dropped_silently(damaged_folder):
+    config = DataConfig(source=f"folder:{damaged_folder}", test_fraction=0.25,
+                        validation_fraction=0.0)
+    splits = load_splits(config)
+    victim = damaged_folder / "ants" / "0.jpg"
+    write_truncated_jpeg(victim, np.random.default_rng(2))  # e.g. rewritten during a run
+    examples = len(list(splits.train.concatenate(splits.test).as_numpy_iterator()))
+    assert examples == 11
+    assert str(victim) in splits.skipped and len(splits.skipped) == 4
+    # A second pass does not count it twice.
+    list(splits.train.as_numpy_iterator())
+    assert len(splits.skipped) == 4
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hymenoptera").is_dir(),
+                    reason="../shared/data/hymenoptera is not present (only in the kcls workspace)")
+def test_a_real_photo_cut_in_half_is_skipped_and_named(tmp_path: Path):
+    source = SHARED_DATA / "hymenoptera" / "val"
+    root = tmp_path / "photos"
+    for name in ("ants", "bees"):
+        (root / name).mkdir(parents=True)
+        for photo in sorted((source / name).glob("*.jpg"))[:4]:
+            shutil.copy(photo, root / name / photo.name)
+    photo = sorted((root / "bees").glob("*.jpg"))[0]
+    photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    files = scan_folder(root)
+    assert files.skipped == [str(photo)]
+    assert len(files.paths) == 7

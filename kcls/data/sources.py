@@ -43,7 +43,9 @@ class Splits:
         test: tf.data.Dataset held out for the final evaluation.
         class_names: list[str], label `i` is `class_names[i]`.
         sizes: number of examples per split (`train`, `validation`, `test`).
-        skipped: files of the source that could not be read and were left out.
+        skipped: files of the source that do not reach the model: found unreadable or
+            undecodable by the folder scan, or failing to decode in the pipeline later
+            (appended when it happens, so read it after iterating).
         train_labels: int64 `(train,)` labels of the training split when the source knows
             them without reading images, else `None` (see `train_class_counts`).
         fingerprint: hex digest of what the source read (the files with their sizes and
@@ -104,16 +106,15 @@ def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list
 
 
 def _folder_splits(root: str, config: DataConfig) -> Splits:
-    from kcls.data.folder import decode_image_file, scan_folder
+    from kcls.data.folder import decode_files, scan_folder
 
     files = scan_folder(root)
     paths = np.asarray(files.paths)
 
     def dataset(selected: np.ndarray) -> tf.data.Dataset:
-        examples = tf.data.Dataset.from_tensor_slices((paths[selected], files.labels[selected]))
-        examples = examples.map(decode_image_file, num_parallel_calls=tf.data.AUTOTUNE)
-        # Files that passed the scan but still fail to decode are dropped, not fatal.
-        return examples.ignore_errors(log_warning=True)
+        # The scan decoded every file; one that fails now (changed since) is added to
+        # `files.skipped`, the list `Splits.skipped` reports, instead of vanishing.
+        return decode_files(paths[selected], files.labels[selected], files.skipped)
 
     splits = _split(files.labels, files.class_names, config, dataset)
     splits.skipped = files.skipped
