@@ -299,3 +299,32 @@ def test_a_real_photo_cut_in_half_is_skipped_and_named(tmp_path: Path):
     files = scan_folder(root)
     assert files.skipped == [str(photo)]
     assert len(files.paths) == 7
+
+
+def test_fewer_than_two_classes_is_refused_before_training(tmp_path: Path):
+    for index in range(12):
+        _save(tmp_path / "only" / "cats" / f"{index}.png", np.zeros((4, 4, 3), np.uint8), "RGB")
+    with pytest.raises(ConfigError, match=r"1 class folder \(cats\).*at least two"):
+        scan_folder(tmp_path / "only")
+    with pytest.raises(ConfigError, match="at least two classes"):
+        splits_from_arrays(np.zeros((12, 4, 4, 3), np.uint8), np.zeros(12), ["cats"],
+                           DataConfig())
+    with pytest.raises(ConfigError, match="at least two classes"):  # two names, one used
+        splits_from_arrays(np.zeros((12, 4, 4, 3), np.uint8), np.zeros(12), ["a", "b"],
+                           DataConfig())
+
+
+def test_a_class_too_small_to_split_is_a_config_error_naming_it():
+    labels = np.array([0] * 10 + [1])
+    with pytest.raises(ConfigError,
+                       match=r"test_fraction=0.2.*rare 1 \(smallest: rare\).*add images"):
+        splits_from_arrays(np.zeros((11, 4, 4, 3), np.uint8), labels, ["common", "rare"],
+                           DataConfig())
+
+
+def test_a_class_missing_from_a_split_is_warned_about():
+    labels = np.array([0] * 30 + [1] * 3)
+    with pytest.warns(UserWarning, match=r"rare.*0 validation"):
+        splits = splits_from_arrays(np.zeros((33, 4, 4, 3), np.uint8), labels,
+                                    ["common", "rare"], DataConfig())
+    assert splits.sizes == {"train": 23, "validation": 3, "test": 7}

@@ -64,8 +64,8 @@ def scan_folder(root: str | Path) -> FolderFiles:
     """Lists and checks the images under `root/<class>/`.
 
     Raises:
-        ConfigError: `root` missing or not a folder, no class sub-folders, or a class
-            with no readable image.
+        ConfigError: `root` missing or not a folder, fewer than two class sub-folders,
+            or a class with no readable image.
     """
     root = Path(root)
     if not root.is_dir():
@@ -77,6 +77,12 @@ def scan_folder(root: str | Path) -> FolderFiles:
         raise ConfigError(
             f"Image folder {str(root)!r} has no class sub-folders; expected "
             f"{root}/<class_name>/<image>.jpg.")
+    if len(class_dirs) < 2:
+        raise ConfigError(
+            f"Image folder {str(root)!r} has 1 class folder ({class_dirs[0].name}); a "
+            "classifier needs at least two classes, one sub-folder of images each "
+            f"({root}/<class_name>/<image>.jpg). Point data.source at the folder that "
+            "holds the class folders.")
     candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
                   for path in sorted(class_dir.rglob("*"))
                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]

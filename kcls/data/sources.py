@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -144,11 +145,47 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         dataset: makes the dataset of the examples at the given indices, in their order.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    train_indices, validation_indices, test_indices = split_indices(labels, config)
+    counts = np.bincount(labels, minlength=len(class_names))
+    per_class = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
+    if np.count_nonzero(counts) < 2:
+        raise ConfigError(
+            f"The data has examples of {np.count_nonzero(counts)} class(es) ({per_class}); "
+            "a classifier needs at least two classes. Add the missing classes' images.")
+    try:
+        train_indices, validation_indices, test_indices = split_indices(labels, config)
+    except ValueError:  # scikit-learn: a class or a split too small to stratify
+        smallest = class_names[int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))]
+        raise ConfigError(
+            f"Cannot make a stratified split with data.test_fraction={config.test_fraction} "
+            f"and data.validation_fraction={config.validation_fraction} of these examples "
+            f"per class: {per_class} (smallest: {smallest}). Every class needs at least two "
+            "examples for "
+            "each split carved off, and each split at least one example per class: add "
+            "images to the smallest classes, or change the fractions "
+            "(data.validation_fraction=0 turns validation off).") from None
+    _warn_about_missing_classes(labels, class_names, {
+        "train": train_indices, "validation": validation_indices, "test": test_indices})
     validation = dataset(validation_indices) if len(validation_indices) else None
     return Splits(dataset(train_indices), validation, dataset(test_indices), list(class_names),
                   {"train": len(train_indices), "validation": len(validation_indices),
                    "test": len(test_indices)}, train_labels=labels[train_indices])
+
+
+def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
+                                splits: dict[str, np.ndarray]) -> None:
+    """Warns about each class without an example in a non-empty split."""
+    for split, indices in splits.items():
+        if not len(indices):
+            continue
+        counts = np.bincount(labels[indices], minlength=len(class_names))
+        for name in (class_names[i] for i in np.flatnonzero(counts == 0)):
+            total = int(np.sum(labels == class_names.index(name)))
+            warnings.warn(
+                f"Class {name!r} has 0 {split} examples (of {total} in all): "
+                + ("the model cannot learn it. " if split == "train" else
+                   f"its {split} metrics are missing. ")
+                + "Add images of it, or change data.test_fraction / "
+                "data.validation_fraction.", UserWarning, stacklevel=3)
 
 
 def split_indices(labels: np.ndarray, config: DataConfig
