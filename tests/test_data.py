@@ -1,6 +1,8 @@
 """Data sources and tf.data pipelines on real files and real bundled data."""
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -328,3 +330,24 @@ def test_a_class_missing_from_a_split_is_warned_about():
         splits = splits_from_arrays(np.zeros((33, 4, 4, 3), np.uint8), labels,
                                     ["common", "rare"], DataConfig())
     assert splits.sizes == {"train": 23, "validation": 3, "test": 7}
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "caf\udce9", "line\u2028sep",
+                                  " padded"])
+def test_a_class_folder_name_that_would_break_labels_txt_is_refused(tmp_path: Path, name):
+    for folder in ("good", name):
+        for index in range(5):
+            path = os.path.join(os.fsencode(tmp_path / folder), f"{index}.png".encode())
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path, format="PNG")
+    shown = repr(os.fsencode(name).decode("utf-8", "backslashreplace"))
+    with pytest.raises(ConfigError, match=re.escape(shown[1:-1]) + "'.*rename"):
+        scan_folder(tmp_path)
+
+
+def test_hidden_class_folders_are_named_in_a_warning(tmp_path: Path):
+    for folder in ("cats", "dogs", ".thumbnails", ".git"):
+        _save(tmp_path / folder / "0.png", np.zeros((4, 4, 3), np.uint8), "RGB")
+    with pytest.warns(UserWarning, match=r"ignored 2 hidden folder\(s\): \.git, \.thumbnails"):
+        files = scan_folder(tmp_path)
+    assert files.class_names == ["cats", "dogs"]

@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import os
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,16 +65,28 @@ class FolderFiles:
 def scan_folder(root: str | Path) -> FolderFiles:
     """Lists and checks the images under `root/<class>/`.
 
+    Hidden sub-folders (names starting with `.`) are not classes; a warning names them.
+
     Raises:
         ConfigError: `root` missing or not a folder, fewer than two class sub-folders,
-            or a class with no readable image.
+            a class folder name that `labels.txt` cannot hold (control characters, bytes
+            that are not UTF-8, outer spaces), or a class with no readable image.
     """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(
             f"Image folder {str(root)!r} does not exist. Pass data.source=folder:PATH with "
             "one sub-folder of images per class.")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    hidden = [p.name for p in folders if p.name.startswith(".")]
+    if hidden:
+        warnings.warn(
+            f"Image folder {str(root)!r}: ignored {len(hidden)} hidden folder(s): "
+            f"{', '.join(printable_path(name) for name in hidden)} (names starting with '.' "
+            "are not classes; rename a folder to use it as one).", UserWarning, stacklevel=2)
+    class_dirs = [p for p in folders if not p.name.startswith(".")]
+    for class_dir in class_dirs:
+        _check_class_name(class_dir)
     if not class_dirs:
         raise ConfigError(
             f"Image folder {str(root)!r} has no class sub-folders; expected "
@@ -101,6 +115,23 @@ def scan_folder(root: str | Path) -> FolderFiles:
     return FolderFiles([str(path) for path, _ in kept],
                        np.asarray([label for _, label in kept], dtype=np.int64),
                        [d.name for d in class_dirs], skipped)
+
+
+def _check_class_name(class_dir: Path) -> None:
+    """Refuses a class folder name that `labels.txt` (one name per line) cannot hold."""
+    name = class_dir.name
+    # Control characters (newline, tab, ...), line and paragraph separators split or
+    # hide lines; surrogates stand for bytes that are not UTF-8; outer spaces vanish
+    # when a reader strips lines.
+    odd = [c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")]
+    if odd or name != name.strip():
+        raise ConfigError(
+            f"Class folder {printable_path(class_dir)!r} has a name kcls cannot use as a "
+            "class name: "
+            + ("it contains control or line-separator characters, or bytes that are not "
+               "UTF-8" if odd else "it starts or ends with a space")
+            + ", which would misalign the class names in the export's labels.txt. "
+            "Please rename the folder (letters, digits, spaces, '-' and '_' are safe).")
 
 
 def decode_image_file(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
