@@ -319,7 +319,7 @@ def test_fewer_than_two_classes_is_refused_before_training(tmp_path: Path):
 def test_a_class_too_small_to_split_is_a_config_error_naming_it():
     labels = np.array([0] * 10 + [1])
     with pytest.raises(ConfigError,
-                       match=r"test_fraction=0.2.*rare 1 \(smallest: rare\).*add images"):
+                       match=r"test_fraction=0.2.*rare 1 \(smallest: rare;.*add images"):
         splits_from_arrays(np.zeros((11, 4, 4, 3), np.uint8), labels, ["common", "rare"],
                            DataConfig())
 
@@ -351,3 +351,33 @@ def test_hidden_class_folders_are_named_in_a_warning(tmp_path: Path):
     with pytest.warns(UserWarning, match=r"ignored 2 hidden folder\(s\): \.git, \.thumbnails"):
         files = scan_folder(tmp_path)
     assert files.class_names == ["cats", "dogs"]
+
+
+def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
+    from kcls.data.folder import decode_files
+
+    paths = []
+    for index in range(12):
+        paths.append(str(tmp_path / f"{index}.png"))
+        _save(Path(paths[-1]), np.full((index + 1, 3, 3), index, np.uint8), "RGB")
+    write_truncated_jpeg(tmp_path / "5.png", np.random.default_rng(0))
+    failed: list[str] = []
+    examples = list(decode_files(paths, np.arange(12), failed).as_numpy_iterator())
+    assert [int(label) for _, label in examples] == [i for i in range(12) if i != 5]
+    assert [image.shape[0] for image, _ in examples] == [i + 1 for i in range(12) if i != 5]
+    assert failed == [paths[5]]
+
+
+def test_a_second_scan_decodes_only_new_or_changed_files(damaged_folder: Path):
+    from kcls.data.folder import decode_check_cache
+
+    first = scan_folder(damaged_folder)
+    cache = decode_check_cache(damaged_folder)
+    recorded = json.loads(cache.read_text())["decoded"]
+    assert sorted(recorded) == sorted(first.paths)  # only files that decoded
+    # A cached file rewritten since (another size and time) is decoded again.
+    victim = damaged_folder / "ants" / "3.jpg"
+    write_truncated_jpeg(victim, np.random.default_rng(3))
+    second = scan_folder(damaged_folder)
+    assert str(victim) in second.skipped and len(second.paths) == 11
+    assert str(victim) not in json.loads(cache.read_text())["decoded"]

@@ -14,7 +14,9 @@ or silently shrinking it:
    (`decode_files`), which catches truncated files that pass Pillow's check.
 
 Step 3 reads every image once (about 1 s per 10,000 small images or 400 photos on two
-cores). A file that still fails to decode later in the pipeline (changed after the
+cores); the files that decoded are recorded in the user cache with their sizes and
+modification times (`decode_check_cache`), so later scans decode only new or changed
+files. A file that still fails to decode later in the pipeline (changed after the
 scan) is left out and added to the same list, never dropped silently (`decode_files`).
 
 Example:
@@ -26,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import unicodedata
 import warnings
@@ -38,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError
+from kcls.layout import FOLDER_CHECKS_DIR, cache_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -102,9 +107,14 @@ def scan_folder(root: str | Path) -> FolderFiles:
                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
     with ThreadPoolExecutor(max_workers=8) as pool:
         readable = list(pool.map(lambda candidate: _is_readable(candidate[0]), candidates))
-    decodes = iter(_decodes([str(path) for (path, _), ok in zip(candidates, readable) if ok]))
-    usable = [ok and next(decodes) for ok in readable]  # `and` keeps `decodes` aligned
+    stamps = {str(path): _stamp(path) for (path, _), ok in zip(candidates, readable) if ok}
+    cache = decode_check_cache(root)
+    decoded_before = _read_decode_checks(cache)
+    failed = set(_undecodable([path for path, stamp in stamps.items()
+                               if decoded_before.get(path) != stamp]))
+    usable = [ok and str(path) not in failed for (path, _), ok in zip(candidates, readable)]
     kept = [c for c, ok in zip(candidates, usable) if ok]
+    _write_decode_checks(cache, root, {str(path): stamps[str(path)] for path, _ in kept})
     skipped = [printable_path(path) for (path, _), ok in zip(candidates, usable) if not ok]
     counts = np.bincount([label for _, label in kept], minlength=len(class_dirs))
     empty = [class_dirs[i].name for i in np.flatnonzero(counts == 0)]
@@ -221,11 +231,49 @@ def _is_readable(path: Path) -> bool:
         return False
 
 
-def _decodes(paths: list[str]) -> list[bool]:
-    """Whether each file decodes with TensorFlow's decoder, as the pipeline will decode it."""
+def _undecodable(paths: list[str]) -> list[str]:
+    """The files among `paths` that TensorFlow's decoder fails on, as the pipeline's would."""
     failed: list[str] = []
     examples = decode_files(paths, np.zeros(len(paths), np.int64), failed)
     for _ in examples.map(lambda image, label: label).prefetch(tf.data.AUTOTUNE):
         pass
-    failed_set = set(failed)
-    return [path not in failed_set for path in paths]
+    return failed
+
+
+def decode_check_cache(root: str | Path) -> Path:
+    """The file recording which images under `root` decoded at its last scan.
+
+    `<cache_root>/folder_checks/<digest of the absolute root>.json` (see
+    `kcls.layout.cache_root`): `{"root", "tensorflow", "decoded": {path: [size,
+    mtime_ns]}}`. A scan decodes only the files not in it with the same size and
+    modification time, so scanning a large folder again costs about as much as listing
+    it; the record is dropped when TensorFlow's version changes.
+    """
+    digest = hashlib.sha256(os.fsencode(Path(root).resolve())).hexdigest()[:32]
+    return cache_root() / FOLDER_CHECKS_DIR / f"{digest}.json"
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_decode_checks(cache: Path) -> dict[str, list[int]]:
+    try:
+        record = json.loads(cache.read_text())
+        if record.get("tensorflow") == tf.__version__:
+            return dict(record["decoded"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # missing or damaged: decode everything again
+    return {}
+
+
+def _write_decode_checks(cache: Path, root: Path, decoded: dict[str, list[int]]) -> None:
+    temporary = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps({"root": printable_path(root.resolve()),
+                                         "tensorflow": tf.__version__, "decoded": decoded}))
+        os.replace(temporary, cache)  # a concurrent scan reads the old or the new record
+    except OSError:  # a read-only cache only costs the next scan its decoding time
+        temporary.unlink(missing_ok=True)

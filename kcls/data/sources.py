@@ -155,11 +155,14 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         train_indices, validation_indices, test_indices = split_indices(labels, config)
     except ValueError:  # scikit-learn: a class or a split too small to stratify
         smallest = class_names[int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))]
+        test = int(np.ceil(config.test_fraction * len(labels)))  # scikit-learn's rounding
+        validation = int(np.ceil(config.validation_fraction * (len(labels) - test)))
         raise ConfigError(
             f"Cannot make a stratified split with data.test_fraction={config.test_fraction} "
             f"and data.validation_fraction={config.validation_fraction} of these examples "
-            f"per class: {per_class} (smallest: {smallest}). Every class needs at least two "
-            "examples for "
+            f"per class: {per_class} (smallest: {smallest}; the splits would hold test "
+            f"{test}, validation {validation} examples for {np.count_nonzero(counts)} "
+            "classes). Every class needs at least two examples for "
             "each split carved off, and each split at least one example per class: add "
             "images to the smallest classes, or change the fractions "
             "(data.validation_fraction=0 turns validation off).") from None
