@@ -13,11 +13,12 @@ or silently shrinking it:
 3. a full decode with TensorFlow's own decoder, the one the pipeline uses
    (`decode_files`), which catches truncated files that pass Pillow's check.
 
-Step 3 reads every image once (about 1 s per 10,000 small images or 400 photos on two
-cores); the files that decoded are recorded in the user cache with their sizes and
-modification times (`decode_check_cache`), so later scans decode only new or changed
-files. A file that still fails to decode later in the pipeline (changed after the
-scan) is left out and added to the same list, never dropped silently (`decode_files`).
+Step 3 reads every image once (a first scan of 10,000 32x32 PNGs took 3 s on two busy
+CPU cores, a second one 0.9 s): the files that decoded are recorded in the user cache
+with their sizes and modification times (`decode_check_cache`), so later scans decode
+only new or changed files. A file that still fails to decode later in the pipeline
+(changed after the scan) is left out and added to the same list, never dropped
+silently (`decode_files`).
 
 Example:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -166,6 +168,7 @@ def decode_files(paths: Sequence[str], labels: np.ndarray,
             list nobody reads.
     """
     failed = [] if failed is None else failed
+    lock = threading.Lock()  # tf.data may call `record` from several threads
     examples = tf.data.Dataset.from_tensor_slices(
         (tf.constant(list(paths), tf.string), np.asarray(labels, np.int64)))
 
@@ -180,8 +183,9 @@ def decode_files(paths: Sequence[str], labels: np.ndarray,
 
     def record(path: tf.Tensor) -> bool:
         name = path.numpy().decode("utf-8", "backslashreplace")
-        if name not in failed:
-            failed.append(name)
+        with lock:
+            if name not in failed:
+                failed.append(name)
         return False
 
     def keep(image: tf.Tensor, label: tf.Tensor, path: tf.Tensor, decoded: tf.Tensor
@@ -223,7 +227,7 @@ def _is_readable(path: Path) -> bool:
     try:
         os.fsencode(path).decode("utf-8")
         with Image.open(path) as image:
-            image.verify()  # structure only; `_decodes` does the full decode
+            image.verify()  # structure only; `_undecodable` does the full decode
         return True
     # DecompressionBombError is not an OSError: a 20000x20000 PNG header would otherwise
     # stop the scan, and decoding it would allocate 1.2 GB.
@@ -253,8 +257,11 @@ def decode_check_cache(root: str | Path) -> Path:
     return cache_root() / FOLDER_CHECKS_DIR / f"{digest}.json"
 
 
-def _stamp(path: Path) -> list[int]:
-    stat = path.stat()
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:  # gone since the listing: decoding it fails and names it
+        return None
     return [stat.st_size, stat.st_mtime_ns]
 
 
