@@ -15,13 +15,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError
-from kcls.data.folder import decode_image_file, scan_folder
+from kcls.data.folder import decode_files, scan_folder, skipped_files_line
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
 from kcls.load import load_classifier
@@ -65,7 +66,8 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
 
 
 def evaluate_model(model_path: str, data_source: str | None = None,
-                   out_dir: str | None = None, flip_tta: bool = False) -> Evaluation:
+                   out_dir: str | None = None, flip_tta: bool = False,
+                   log: Callable[[str], None] = print) -> Evaluation:
     """Evaluates an export or a run directory and writes the report (what `kcls evaluate` does).
 
     Args:
@@ -76,6 +78,11 @@ def evaluate_model(model_path: str, data_source: str | None = None,
             out (same seed, so never an image it trained on).
         out_dir: where `metrics.json`, `report.md` and the plots go (None: no files).
         flip_tta: also report flip test-time augmentation metrics.
+        log: receives a line naming the files of the data that did not reach the model
+            (unreadable or undecodable images of a folder), when there are any.
+
+    Returns:
+        The Evaluation; its `skipped` lists those files (also in `report.md`).
 
     Raises:
         ConfigError: unusable data, or class names that differ from the model's.
@@ -86,17 +93,22 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     if data_source and data_source.startswith("folder:"):
         files = scan_folder(data_source.partition(":")[2])
         class_names = files.class_names
-        examples = tf.data.Dataset.from_tensor_slices((files.paths, files.labels)).map(
-            decode_image_file, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+        class_names, skipped = files.class_names, files.skipped
+        examples = decode_files(files.paths, files.labels, skipped)
     else:
         splits = load_splits(dataclasses.replace(data, source=data_source or data.source))
-        class_names, examples = splits.class_names, splits.test
+        class_names, examples, skipped = splits.class_names, splits.test, splits.skipped
     if class_names != loaded.class_names:
         raise ConfigError(
             f"The evaluation data's classes {class_names} are not the model's classes "
             f"{loaded.class_names}; evaluate on data with the same class folders/labels.")
     batches = eval_pipeline(examples, len(class_names), dataclasses.replace(data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, class_names, flip_tta)
+    # Read after the pass: files failing to decode during it were appended to `skipped`.
+    evaluation.skipped = list(skipped)
+    if skipped:
+        log(skipped_files_line(skipped))
     if out_dir:
         write_report(out_dir, evaluation, class_names)
     return evaluation
+

@@ -66,11 +66,24 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
 
 
 def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
-                  out_dir: str | Path) -> list[tuple[Path, str, float]]:
-    """Writes `<out_dir>/<image stem>_gradcam.png` for each image, for its top-1 class.
+                  out_dir: str | Path, overwrite: bool = False
+                  ) -> list[tuple[Path, str, float]]:
+    """Writes a Grad-CAM overlay of each image for its top-1 class into `out_dir`.
+
+    The overlay of `photo.jpg` is `<out_dir>/photo_gradcam.png`. Names are unique within
+    a call: a second `photo.*` (e.g. from another folder) gets `photo_gradcam-2.png`,
+    and so on. An existing file is never replaced unless `overwrite` is set: the next
+    free name is used instead.
+
+    Args:
+        loaded: LoadedClassifier, from `kcls.load.load_classifier`.
+        image_paths: list of JPEG, PNG, GIF or BMP files.
+        out_dir: folder for the overlays (created if missing).
+        overwrite: bool, replace existing overlays of the same name.
 
     Returns:
-        `(overlay path, top-1 label, probability)` per image.
+        `(overlay path, top-1 label, probability)` per image, in the order of
+        `image_paths`.
 
     Raises:
         ValueError: a file that is not a decodable image (the message names it).
@@ -78,7 +91,7 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size, mode = loaded.recipe.data.image_size, loaded.recipe.data.resize
-    written = []
+    written: list[tuple[Path, str, float]] = []
     for path in map(Path, image_paths):
         try:
             decoded = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False)
@@ -88,7 +101,26 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
         heatmaps, classes = grad_cam(loaded.classifier, prepared)
         probabilities = tf.nn.softmax(loaded.classifier(prepared, training=False))[0].numpy()
         image = tf.cast(tf.round(prepared[0]), tf.uint8).numpy()
-        target = out_dir / f"{path.stem}_gradcam.png"
-        tf.io.write_file(str(target), tf.io.encode_png(overlay(image, heatmaps[0])))
+        png = tf.io.encode_png(overlay(image, heatmaps[0])).numpy()
+        while True:
+            target = _overlay_path(out_dir, path.stem, {target for target, _, _ in written},
+                                   overwrite)
+            try:  # "x": another process may have taken the name since the check
+                with open(target, "wb" if overwrite else "xb") as file:
+                    file.write(png)
+                break
+            except FileExistsError:
+                continue
         written.append((target, loaded.class_names[classes[0]], float(probabilities[classes[0]])))
     return written
+
+
+def _overlay_path(out_dir: Path, stem: str, taken: set[Path], overwrite: bool) -> Path:
+    """`<stem>_gradcam.png`, or `<stem>_gradcam-N.png` with the smallest free N >= 2."""
+    number = 1
+    while True:
+        target = out_dir / (f"{stem}_gradcam.png" if number == 1 else
+                            f"{stem}_gradcam-{number}.png")
+        if target not in taken and (overwrite or not target.exists()):
+            return target
+        number += 1

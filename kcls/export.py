@@ -29,14 +29,22 @@ classifier with `kcls.load.load_run` and never imports training code.
 Exports are always float32: a model trained under a mixed policy is rebuilt under
 float32 and its weights copied, because bf16/fp16 graphs break CPU serving and the
 TFLite converter. A version is written to a hidden temporary sibling folder and then
-renamed, so a server polling the base path never loads a half-written version.
+renamed, so a server polling the base path never loads a half-written version. The
+folder's name, `.tmp-<host>-<pid>-<random>`, records the process writing it: an export
+killed before the rename leaves it behind, and the next export into the same base
+directory removes it once that process is gone (or, for a process on another machine
+or a name without an owner, once it is an hour old).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,6 +72,13 @@ IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature
 CLASSIFY_SIGNATURE = "classify"
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 
+# Temporaries of killed exports: see `clean_stale_temporaries`.
+STALE_TEMPORARY_SECONDS = 3600.0
+_LIVE_OWNER_STALE_SECONDS = 86400.0
+_TEMPORARY_NAME = re.compile(
+    r"\.(?:" + re.escape(MODELS_CONFIG_FILE) + r"\.)?tmp-"
+    r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{32}")
+
 
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
                        metrics: dict[str, Any] | None = None,
@@ -84,7 +99,9 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
     base_dir = Path(base_dir or recipe.export.base_dir)
     model_dir = base_dir / recipe.model_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    temporary = model_dir / f".tmp-{uuid.uuid4().hex}"
+    clean_stale_temporaries(model_dir)
+    clean_stale_temporaries(base_dir)
+    temporary = model_dir / f".tmp-{owner_tag()}-{uuid.uuid4().hex}"
     try:
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
         archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
@@ -163,13 +180,72 @@ def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Pat
         f"    base_path: {_quoted(mount.rstrip('/') + '/' + name)}\n"
         f'    model_platform: "tensorflow"\n  }}\n' for name in names)
     target = base_dir / MODELS_CONFIG_FILE
-    temporary = base_dir / f".{MODELS_CONFIG_FILE}.tmp-{uuid.uuid4().hex}"
+    temporary = base_dir / f".{MODELS_CONFIG_FILE}.tmp-{owner_tag()}-{uuid.uuid4().hex}"
     try:
         temporary.write_text(f"model_config_list {{\n{entries}}}\n")
         os.replace(temporary, target)  # a server re-reading the file never sees half of it
     finally:
         temporary.unlink(missing_ok=True)
     return target
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """`<host>-<pid>`, naming the process that writes a temporary export file or folder.
+
+    `host` is a short digest of this machine's host name (a base directory may be on a
+    disk several machines share); `pid` defaults to this process.
+    """
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{host}-{os.getpid() if pid is None else pid}"
+
+
+def clean_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Removes the temporary files and folders that killed exports left in `folder`.
+
+    A temporary (`.tmp-*` beside the versions, `.models.config.tmp-*` in the base
+    directory) is stale when the process named in it (`owner_tag`) ran on this machine
+    and is gone, or when it is older than `STALE_TEMPORARY_SECONDS` and its owner cannot
+    be checked (another machine, or a name written by an older kcls). A live owner's
+    temporaries stay until they are a day old (its pid may have been reused).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host = owner_tag().split("-")[0]
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMPORARY_NAME.fullmatch(path.name)
+        if not match:
+            continue
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except FileNotFoundError:  # its owner just renamed or removed it
+            continue
+        if match["host"] == host:
+            stale = (not _process_exists(int(match["pid"]))
+                     or age > _LIVE_OWNER_STALE_SECONDS)
+        else:
+            stale = age > STALE_TEMPORARY_SECONDS
+        if stale:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _publish(temporary: Path, model_dir: Path) -> Path:

@@ -29,6 +29,10 @@ for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
 `kcls optimize` writes `model.tflite`, `float32.tflite`, `optimize.json` and
 `optimize.md`; `prune` and `qat` also `saved_model/` and `result.json` (the TF-MOT child).
 
+The user cache (`cache_root()`) holds converted ImageNet weights
+(`kcls.models.pretrained`) and, in `folder_checks/`, which images of each image folder
+decoded at the last scan (`kcls.data.folder`).
+
 Example:
 
 >>> resolve_export_dir("saved_models/quickstart")  # doctest: +SKIP
@@ -37,6 +41,7 @@ PosixPath('saved_models/quickstart/3')
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # Run directory.
@@ -72,6 +77,17 @@ OPTIMIZE_REPORT_FILE = "optimize.json"
 OPTIMIZE_TABLE_FILE = "optimize.md"
 MOT_SAVED_MODEL_DIR = "saved_model"
 MOT_RESULT_FILE = "result.json"
+# User cache.
+CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
+FOLDER_CHECKS_DIR = "folder_checks"
+
+
+def cache_root() -> Path:
+    """`$KCLS_CACHE_DIR`, else `$XDG_CACHE_HOME/kcls`, else `~/.cache/kcls`."""
+    if os.environ.get(CACHE_ENVIRONMENT_VARIABLE):
+        return Path(os.environ[CACHE_ENVIRONMENT_VARIABLE]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "kcls"
 
 
 def is_run_dir(path: str | Path) -> bool:

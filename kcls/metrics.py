@@ -35,11 +35,14 @@ class Evaluation:
         metrics: dict from `classification_metrics` (plus `tta` when flip-TTA was run).
         probabilities: float32 `[N, C]` predicted class probabilities (without TTA).
         labels: int64 `[N]` true classes.
+        skipped: list[str] of the data's files that did not reach the model (unreadable
+            or undecodable images; see `kcls.data.folder`), not counted in `N`.
     """
 
     metrics: dict[str, Any]
     probabilities: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
+    skipped: list[str] = field(default_factory=list)
 
 
 def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,

@@ -70,12 +70,15 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[
         written.append(plot_confident_mistakes(evaluation, images, class_names,
                                                run_dir / CONFIDENT_MISTAKES_PLOT, mistakes))
     report = run_dir / REPORT_FILE
-    report.write_text(markdown_report(evaluation.metrics, [p.name for p in written[1:]]))
+    report.write_text(markdown_report(evaluation.metrics, [p.name for p in written[1:]],
+                                      evaluation.skipped))
     return [*written, report]
 
 
-def markdown_report(metrics: dict[str, Any], plots: list[str]) -> str:
-    """The metrics as Markdown tables, with the plots embedded."""
+def markdown_report(metrics: dict[str, Any], plots: list[str],
+                    skipped: list[str] | None = None) -> str:
+    """The metrics as Markdown tables, with the plots embedded and, when there are any,
+    the `skipped` files of the data that did not reach the model."""
     lines = ["# Evaluation on the held-out split", "",
              "| metric | value |", "| --- | --- |"]
     for key in ("examples", "accuracy", "top5_accuracy", "nll", "ece"):
@@ -93,6 +96,10 @@ def markdown_report(metrics: dict[str, Any], plots: list[str]) -> str:
         row = metrics[average]
         lines.append(f"| *{average.replace('_', ' ')}* | {row['precision']:.3f} | "
                      f"{row['recall']:.3f} | {row['f1']:.3f} | |")
+    if skipped:
+        lines += ["", f"## Skipped files ({len(skipped)})", "",
+                  "Unreadable or undecodable; not among the examples above.", ""]
+        lines += [f"- `{name}`" for name in skipped]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

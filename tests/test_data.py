@@ -1,10 +1,15 @@
 """Data sources and tf.data pipelines on real files and real bundled data."""
 
+import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_truncated_jpeg
 from PIL import Image
 
 from kcls.config import ConfigError, DataConfig
@@ -249,3 +254,130 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
     splits = load_splits(DataConfig())
     with pytest.raises(ValueError, match="source_fingerprint=splits.fingerprint"):
         eval_pipeline(splits.test, 10, DataConfig(cache=str(cache_dir / "unkeyed")), "test")
+
+
+def test_undecodable_names_bombs_and_truncated_files_are_skipped_and_named(damaged_folder):
+    files = scan_folder(damaged_folder)
+    assert len(files.paths) == 12
+    names = sorted(Path(path).name for path in files.skipped)
+    # The non-UTF-8 byte is shown escaped, so the name can be printed and written to JSON.
+    assert names == ["bomb.png", "caf\\xe9.png", "half.jpg"]
+    json.dumps(files.skipped).encode("utf-8")
+
+    splits = load_splits(DataConfig(source=f"folder:{damaged_folder}", test_fraction=0.25,
+                                    validation_fraction=0.0))
+    assert sorted(Path(path).name for path in splits.skipped) == names
+    assert splits.sizes == {"train": 9, "validation": 0, "test": 3}
+    # Every example the sizes promise reaches the model.
+    assert len(list(splits.train.as_numpy_iterator())) == 9
+    assert len(list(splits.test.as_numpy_iterator())) == 3
+
+
+def test_a_file_damaged_after_the_scan_is_counted_not_dropped_silently(damaged_folder):
+    config = DataConfig(source=f"folder:{damaged_folder}", test_fraction=0.25,
+                        validation_fraction=0.0)
+    splits = load_splits(config)
+    victim = damaged_folder / "ants" / "0.jpg"
+    write_truncated_jpeg(victim, np.random.default_rng(2))  # e.g. rewritten during a run
+    examples = len(list(splits.train.concatenate(splits.test).as_numpy_iterator()))
+    assert examples == 11
+    assert str(victim) in splits.skipped and len(splits.skipped) == 4
+    # A second pass does not count it twice.
+    list(splits.train.as_numpy_iterator())
+    assert len(splits.skipped) == 4
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hymenoptera").is_dir(),
+                    reason="../shared/data/hymenoptera is not present (only in the kcls workspace)")
+def test_a_real_photo_cut_in_half_is_skipped_and_named(tmp_path: Path):
+    source = SHARED_DATA / "hymenoptera" / "val"
+    root = tmp_path / "photos"
+    for name in ("ants", "bees"):
+        (root / name).mkdir(parents=True)
+        for photo in sorted((source / name).glob("*.jpg"))[:4]:
+            shutil.copy(photo, root / name / photo.name)
+    photo = sorted((root / "bees").glob("*.jpg"))[0]
+    photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    files = scan_folder(root)
+    assert files.skipped == [str(photo)]
+    assert len(files.paths) == 7
+
+
+def test_fewer_than_two_classes_is_refused_before_training(tmp_path: Path):
+    for index in range(12):
+        _save(tmp_path / "only" / "cats" / f"{index}.png", np.zeros((4, 4, 3), np.uint8), "RGB")
+    with pytest.raises(ConfigError, match=r"1 class folder \(cats\).*at least two"):
+        scan_folder(tmp_path / "only")
+    with pytest.raises(ConfigError, match="at least two classes"):
+        splits_from_arrays(np.zeros((12, 4, 4, 3), np.uint8), np.zeros(12), ["cats"],
+                           DataConfig())
+    with pytest.raises(ConfigError, match="at least two classes"):  # two names, one used
+        splits_from_arrays(np.zeros((12, 4, 4, 3), np.uint8), np.zeros(12), ["a", "b"],
+                           DataConfig())
+
+
+def test_a_class_too_small_to_split_is_a_config_error_naming_it():
+    labels = np.array([0] * 10 + [1])
+    with pytest.raises(ConfigError,
+                       match=r"test_fraction=0.2.*rare 1 \(smallest: rare;.*add images"):
+        splits_from_arrays(np.zeros((11, 4, 4, 3), np.uint8), labels, ["common", "rare"],
+                           DataConfig())
+
+
+def test_a_class_missing_from_a_split_is_warned_about():
+    labels = np.array([0] * 30 + [1] * 3)
+    with pytest.warns(UserWarning, match=r"rare.*0 validation"):
+        splits = splits_from_arrays(np.zeros((33, 4, 4, 3), np.uint8), labels,
+                                    ["common", "rare"], DataConfig())
+    assert splits.sizes == {"train": 23, "validation": 3, "test": 7}
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "caf\udce9", "line\u2028sep",
+                                  " padded"])
+def test_a_class_folder_name_that_would_break_labels_txt_is_refused(tmp_path: Path, name):
+    for folder in ("good", name):
+        for index in range(5):
+            path = os.path.join(os.fsencode(tmp_path / folder), f"{index}.png".encode())
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path, format="PNG")
+    shown = repr(os.fsencode(name).decode("utf-8", "backslashreplace"))
+    with pytest.raises(ConfigError, match=re.escape(shown[1:-1]) + "'.*rename"):
+        scan_folder(tmp_path)
+
+
+def test_hidden_class_folders_are_named_in_a_warning(tmp_path: Path):
+    for folder in ("cats", "dogs", ".thumbnails", ".git"):
+        _save(tmp_path / folder / "0.png", np.zeros((4, 4, 3), np.uint8), "RGB")
+    with pytest.warns(UserWarning, match=r"ignored 2 hidden folder\(s\): \.git, \.thumbnails"):
+        files = scan_folder(tmp_path)
+    assert files.class_names == ["cats", "dogs"]
+
+
+def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
+    from kcls.data.folder import decode_files
+
+    paths = []
+    for index in range(12):
+        paths.append(str(tmp_path / f"{index}.png"))
+        _save(Path(paths[-1]), np.full((index + 1, 3, 3), index, np.uint8), "RGB")
+    write_truncated_jpeg(tmp_path / "5.png", np.random.default_rng(0))
+    failed: list[str] = []
+    examples = list(decode_files(paths, np.arange(12), failed).as_numpy_iterator())
+    assert [int(label) for _, label in examples] == [i for i in range(12) if i != 5]
+    assert [image.shape[0] for image, _ in examples] == [i + 1 for i in range(12) if i != 5]
+    assert failed == [paths[5]]
+
+
+def test_a_second_scan_decodes_only_new_or_changed_files(damaged_folder: Path):
+    from kcls.data.folder import decode_check_cache
+
+    first = scan_folder(damaged_folder)
+    cache = decode_check_cache(damaged_folder)
+    recorded = json.loads(cache.read_text())["decoded"]
+    assert sorted(recorded) == sorted(first.paths)  # only files that decoded
+    # A cached file rewritten since (another size and time) is decoded again.
+    victim = damaged_folder / "ants" / "3.jpg"
+    write_truncated_jpeg(victim, np.random.default_rng(3))
+    second = scan_folder(damaged_folder)
+    assert str(victim) in second.skipped and len(second.paths) == 11
+    assert str(victim) not in json.loads(cache.read_text())["decoded"]

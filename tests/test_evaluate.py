@@ -128,3 +128,28 @@ def test_nll_comes_from_the_logits_not_from_clipped_probabilities():
     assert metrics["nll"] == pytest.approx(40.0, rel=1e-6)
     assert metrics["tta"]["nll"] == pytest.approx(40.0, rel=1e-6)
     assert metrics["accuracy"] == 0.0
+
+
+def test_kcls_evaluate_on_a_damaged_folder_counts_and_names_every_skipped_file(
+        damaged_folder, tmp_path):
+    import keras
+
+    from kcls.config import ModelConfig, Recipe
+    from kcls.evaluate import evaluate_model
+    from kcls.export import export_saved_model
+    from kcls.models.classifier import build_classifier
+
+    keras.utils.set_random_seed(0)
+    classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny", dropout=0.0), 2, 32)
+    export_dir = export_saved_model(classifier, Recipe(name="damaged"), ["ants", "bees"],
+                                    base_dir=tmp_path / "models")
+    lines = []
+    evaluation = evaluate_model(str(export_dir), f"folder:{damaged_folder}",
+                                str(tmp_path / "report"), log=lines.append)
+    assert evaluation.metrics["examples"] == 12  # 15 files with an image extension, 3 bad
+    names = ["caf\\xe9.png", "bomb.png", "half.jpg"]
+    assert [path.rsplit("/", 1)[1] for path in evaluation.skipped] == names
+    assert len(lines) == 1 and lines[0].startswith("skipped 3 file(s)")
+    assert all(name in lines[0] for name in names)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Skipped files (3)" in report and all(name in report for name in names)

@@ -101,3 +101,31 @@ def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     bad.write_bytes(b"nope")
     result = CliRunner().invoke(main, ["explain", str(export_dir), str(bad)])
     assert result.exit_code == 1 and "bad.png: not a decodable" in result.output
+
+
+def test_images_with_the_same_name_get_their_own_overlays_and_none_is_overwritten(
+        trained_classifier, tmp_path):
+    from kcls.explain import explain_files
+
+    recipe = Recipe(name="patches", model=ModelConfig(backbone="resnet_v2_tiny", dropout=0.0))
+    loaded = load_classifier(export_saved_model(trained_classifier, recipe, ["left", "right"],
+                                                base_dir=tmp_path / "models"))
+    images, _, _ = patch_images(2, 5)
+    paths = [tmp_path / folder / "photo.png" for folder in ("first", "second")]
+    for path, image in zip(paths, images):
+        path.parent.mkdir()
+        Image.fromarray(image.astype(np.uint8)).save(path)
+    out_dir = tmp_path / "cams"
+    written = [target for target, _, _ in explain_files(loaded, paths, out_dir)]
+    assert [target.name for target in written] == ["photo_gradcam.png", "photo_gradcam-2.png"]
+    contents = [target.read_bytes() for target in written]
+    assert contents[0] != contents[1]  # two images, two overlays
+
+    again = [target for target, _, _ in explain_files(loaded, paths[::-1], out_dir)]
+    assert [target.name for target in again] == ["photo_gradcam-3.png", "photo_gradcam-4.png"]
+    assert [target.read_bytes() for target in written] == contents  # untouched
+
+    replaced = [target for target, _, _ in explain_files(loaded, paths[::-1], out_dir,
+                                                         overwrite=True)]
+    assert replaced == written
+    assert [target.read_bytes() for target in replaced] == contents[::-1]

@@ -392,3 +392,31 @@ def test_an_export_reloads_every_weight_by_name_with_moved_batchnorm(tmp_path):
     images = rng.uniform(0, 255, (3, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
     np.testing.assert_allclose(loaded(images, training=False).numpy(),
                                model(images, training=False).numpy(), atol=1e-5)
+
+
+def test_an_export_cleans_the_temporary_folders_of_killed_exports(classifier, tmp_path):
+    import time
+
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)  # an export killed with `kill -9`, on this host
+    stale = [model_dir / f".tmp-{export_module.owner_tag(dead_pid)}-{'a' * 32}",
+             model_dir / f".tmp-{'b' * 32}",  # an older kcls's name, two hours old
+             tmp_path / f".models.config.tmp-{export_module.owner_tag(dead_pid)}-{'c' * 32}"]
+    kept = [model_dir / f".tmp-{export_module.owner_tag(os.getpid())}-{'d' * 32}",  # running
+            model_dir / f".tmp-{'e' * 32}",  # an older kcls's name, recent
+            model_dir / ".hidden-notes"]  # not a kcls temporary
+    for folder in stale + kept:
+        if folder.name.startswith(".models.config"):
+            folder.write_text("half a config")
+        else:
+            folder.mkdir()
+            (folder / "saved_model.pb").write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale[1], (two_hours_ago, two_hours_ago))
+    version_dir = export_saved_model(classifier, tiny_recipe(tmp_path), CLASS_NAMES)
+    assert version_dir == model_dir / "1"
+    assert not [path for path in stale if path.exists()]
+    assert all(path.exists() for path in kept)

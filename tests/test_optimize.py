@@ -265,3 +265,18 @@ def test_a_child_streams_its_output_and_a_dead_or_silent_child_fails_clearly():
     pid = int(str(error.value).split("process ")[1].split(")")[0])
     with pytest.raises(ProcessLookupError):  # stopped, not left running
         os.kill(pid, 0)
+
+
+def test_calibration_and_held_out_images_name_the_files_they_skip(damaged_folder):
+    recipe = Recipe(name="damaged", data=DataConfig(
+        source=f"folder:{damaged_folder}", image_size=16, test_fraction=0.25,
+        validation_fraction=0.0))
+    names = ["caf\\xe9.png", "bomb.png", "half.jpg"]
+    calibration_skipped: list[str] = []
+    calibration = list(representative_images(recipe, 100, calibration_skipped)())
+    assert len(calibration) == 9
+    assert [path.rsplit("/", 1)[1] for path in calibration_skipped] == names
+    test_skipped: list[str] = []
+    images, labels = held_out_examples(recipe, test_skipped)
+    assert images.shape == (3, 16, 16, 3) and len(labels) == 3
+    assert test_skipped == calibration_skipped

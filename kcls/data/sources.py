@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,7 +44,9 @@ class Splits:
         test: tf.data.Dataset held out for the final evaluation.
         class_names: list[str], label `i` is `class_names[i]`.
         sizes: number of examples per split (`train`, `validation`, `test`).
-        skipped: files of the source that could not be read and were left out.
+        skipped: files of the source that do not reach the model: found unreadable or
+            undecodable by the folder scan, or failing to decode in the pipeline later
+            (appended when it happens, so read it after iterating).
         train_labels: int64 `(train,)` labels of the training split when the source knows
             them without reading images, else `None` (see `train_class_counts`).
         fingerprint: hex digest of what the source read (the files with their sizes and
@@ -104,16 +107,15 @@ def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list
 
 
 def _folder_splits(root: str, config: DataConfig) -> Splits:
-    from kcls.data.folder import decode_image_file, scan_folder
+    from kcls.data.folder import decode_files, scan_folder
 
     files = scan_folder(root)
     paths = np.asarray(files.paths)
 
     def dataset(selected: np.ndarray) -> tf.data.Dataset:
-        examples = tf.data.Dataset.from_tensor_slices((paths[selected], files.labels[selected]))
-        examples = examples.map(decode_image_file, num_parallel_calls=tf.data.AUTOTUNE)
-        # Files that passed the scan but still fail to decode are dropped, not fatal.
-        return examples.ignore_errors(log_warning=True)
+        # The scan decoded every file; one that fails now (changed since) is added to
+        # `files.skipped`, the list `Splits.skipped` reports, instead of vanishing.
+        return decode_files(paths[selected], files.labels[selected], files.skipped)
 
     splits = _split(files.labels, files.class_names, config, dataset)
     splits.skipped = files.skipped
@@ -143,11 +145,50 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         dataset: makes the dataset of the examples at the given indices, in their order.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    train_indices, validation_indices, test_indices = split_indices(labels, config)
+    counts = np.bincount(labels, minlength=len(class_names))
+    per_class = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
+    if np.count_nonzero(counts) < 2:
+        raise ConfigError(
+            f"The data has examples of {np.count_nonzero(counts)} class(es) ({per_class}); "
+            "a classifier needs at least two classes. Add the missing classes' images.")
+    try:
+        train_indices, validation_indices, test_indices = split_indices(labels, config)
+    except ValueError:  # scikit-learn: a class or a split too small to stratify
+        smallest = class_names[int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))]
+        test = int(np.ceil(config.test_fraction * len(labels)))  # scikit-learn's rounding
+        validation = int(np.ceil(config.validation_fraction * (len(labels) - test)))
+        raise ConfigError(
+            f"Cannot make a stratified split with data.test_fraction={config.test_fraction} "
+            f"and data.validation_fraction={config.validation_fraction} of these examples "
+            f"per class: {per_class} (smallest: {smallest}; the splits would hold test "
+            f"{test}, validation {validation} examples for {np.count_nonzero(counts)} "
+            "classes). Every class needs at least two examples for "
+            "each split carved off, and each split at least one example per class: add "
+            "images to the smallest classes, or change the fractions "
+            "(data.validation_fraction=0 turns validation off).") from None
+    _warn_about_missing_classes(labels, class_names, {
+        "train": train_indices, "validation": validation_indices, "test": test_indices})
     validation = dataset(validation_indices) if len(validation_indices) else None
     return Splits(dataset(train_indices), validation, dataset(test_indices), list(class_names),
                   {"train": len(train_indices), "validation": len(validation_indices),
                    "test": len(test_indices)}, train_labels=labels[train_indices])
+
+
+def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
+                                splits: dict[str, np.ndarray]) -> None:
+    """Warns about each class without an example in a non-empty split."""
+    for split, indices in splits.items():
+        if not len(indices):
+            continue
+        counts = np.bincount(labels[indices], minlength=len(class_names))
+        for name in (class_names[i] for i in np.flatnonzero(counts == 0)):
+            total = int(np.sum(labels == class_names.index(name)))
+            warnings.warn(
+                f"Class {name!r} has 0 {split} examples (of {total} in all): "
+                + ("the model cannot learn it. " if split == "train" else
+                   f"its {split} metrics are missing. ")
+                + "Add images of it, or change data.test_fraction / "
+                "data.validation_fraction.", UserWarning, stacklevel=3)
 
 
 def split_indices(labels: np.ndarray, config: DataConfig

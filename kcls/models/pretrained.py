@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -48,9 +47,9 @@ import keras
 import numpy as np
 
 from kcls.config import ConfigError
+from kcls.layout import CACHE_ENVIRONMENT_VARIABLE, cache_root
 from kcls.models.torch_checkpoint import CheckpointError, read_legacy_checkpoint
 
-CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
 BACKBONE_FILE = "backbone.weights.h5"
 HEAD_FILE = "head.npz"
 MANIFEST_FILE = "manifest.json"
@@ -202,14 +201,6 @@ def _to_keras_layout(tensor: np.ndarray, layer: keras.Layer) -> np.ndarray:
     if isinstance(layer, keras.layers.Dense) and tensor.ndim == 2:  # (out, in) -> (in, out)
         return tensor.T
     return tensor
-
-
-def cache_root() -> Path:
-    """`$KCLS_CACHE_DIR`, else `$XDG_CACHE_HOME/kcls`, else `~/.cache/kcls`."""
-    if os.environ.get(CACHE_ENVIRONMENT_VARIABLE):
-        return Path(os.environ[CACHE_ENVIRONMENT_VARIABLE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "kcls"
 
 
 def load_imagenet_weights(backbone: keras.Model, weights: PipWeights,

@@ -104,20 +104,31 @@ def convert(saved_model_dir: str | Path, method: str | None = None,
     return converter.convert()
 
 
-def representative_images(recipe: Recipe, count: int = 200) -> Callable[[], Iterator[np.ndarray]]:
+def representative_images(recipe: Recipe, count: int = 200,
+                          skipped: list[str] | None = None
+                          ) -> Callable[[], Iterator[np.ndarray]]:
     """Calibration images from the recipe's TRAINING split, never the test split.
+
+    Args:
+        recipe: Recipe, whose data and seed pick the images.
+        count: int, how many.
+        skipped: list[str] that receives the source's files that did not reach the
+            calibration (`Splits.skipped`), once the images have been read.
 
     Returns:
         A callable yielding `count` (or fewer) float32 `[1, S, S, 3]` images in [0, 255],
         shuffled with the recipe's seed, prepared exactly as in evaluation.
     """
     def images() -> Iterator[np.ndarray]:
-        train = load_splits(recipe.data).train.shuffle(10_000, seed=recipe.data.seed)
+        splits = load_splits(recipe.data)
+        train = splits.train.shuffle(10_000, seed=recipe.data.seed)
         prepared = train.take(count).map(
             lambda image, _: prepare_image(image, recipe.data.image_size, recipe.data.resize),
             num_parallel_calls=tf.data.AUTOTUNE)
         for image in prepared.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
             yield image[np.newaxis].astype(np.float32)
+        if skipped is not None:
+            skipped.extend(name for name in splits.skipped if name not in skipped)
 
     return images
 

@@ -19,7 +19,8 @@ pruning masks stripped, with their Keras names such as `.../kernel:0`).
 
 Job file (JSON): `method` (`prune` or `qat`), `recipe` (`kcls.config.to_dict`),
 `num_classes`, `weights` (the .npz), `out_dir`, `epochs`, `steps_per_epoch`,
-`learning_rate`, `target_sparsity`.
+`learning_rate`, `target_sparsity`. `result.json`: `method`, `sparsity`, `steps` and
+`skipped_files` (files of the data that did not reach fine-tuning).
 
 stdout carries progress only (a line per stage and epoch, and at least one every 30 s
 while training), which the parent passes on to the user; everything else (TensorFlow's
@@ -94,8 +95,14 @@ def load_weights_by_key(model: tf.keras.Model, weights_file: str) -> None:
         variable.assign(saved[key])
 
 
-def training_batches(recipe: Any, num_classes: int) -> tf.data.Dataset:
-    """Training split, no augmentation: float32 `[B, S, S, 3]`, one-hot float32 `[B, C]`."""
+def training_batches(recipe: Any, num_classes: int) -> tuple[tf.data.Dataset, list[str]]:
+    """Training split, no augmentation, and the source's files that do not reach it.
+
+    Returns:
+        `(batches, skipped)`: batches of float32 `[B, S, S, 3]` and one-hot float32
+        `[B, C]`; `skipped` is `Splits.skipped`, to which files failing to decode
+        during training are appended (read it after training).
+    """
     from kcls.data.pipeline import prepare_image
     from kcls.data.sources import load_splits
 
@@ -104,9 +111,11 @@ def training_batches(recipe: Any, num_classes: int) -> tf.data.Dataset:
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return prepare_image(image, data.image_size, data.resize), tf.one_hot(label, num_classes)
 
-    examples = load_splits(data).train.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    splits = load_splits(data)
+    examples = splits.train.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return (examples.cache().shuffle(10_000, seed=data.seed).repeat()
-            .batch(data.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+            .batch(data.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE),
+            splits.skipped)
 
 
 def kernel_sparsity(model: tf.keras.Model) -> dict[str, float]:
@@ -162,9 +171,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         optimizer=tf.keras.optimizers.Adam(float(job["learning_rate"])),
         loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"])
+    skipped: list[str] = []
     if steps:  # zero epochs: rebuild, load and convert only (what the transfer test checks)
         say(f"{method}: fine-tuning {job['epochs']} epoch(s) of {job['steps_per_epoch']} steps")
-        model_for_training.fit(training_batches(recipe, num_classes), epochs=int(job["epochs"]),
+        batches, skipped = training_batches(recipe, num_classes)
+        model_for_training.fit(batches, epochs=int(job["epochs"]),
                                steps_per_epoch=int(job["steps_per_epoch"]),
                                callbacks=[*callbacks, Progress(method)], verbose=0)
     if method == "prune":
@@ -192,7 +203,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         # Uses the fake-quantization ranges learned in training: an int8 model, no calibration.
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     (out_dir / TFLITE_FILE).write_bytes(converter.convert())
-    result = {"method": method, "sparsity": sparsity, "steps": steps}
+    # Files of the data that did not reach fine-tuning; the parent reports them.
+    result = {"method": method, "sparsity": sparsity, "steps": steps,
+              "skipped_files": list(skipped)}
     (out_dir / MOT_RESULT_FILE).write_text(json.dumps(result, indent=2))
     return result
 

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import Recipe
+from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
 from kcls.layout import (
@@ -62,15 +63,22 @@ from kcls.optimize.mot import TRAINING_METHODS, fine_tune_with_mot
 METHODS = PTQ_METHODS + TRAINING_METHODS
 
 
-def held_out_examples(recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
-    """The recipe's held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]`."""
-    prepared = load_splits(recipe.data).test.map(
+def held_out_examples(recipe: Recipe, skipped: list[str] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The recipe's held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]`.
+
+    `skipped` receives the source's files that do not reach the model (`Splits.skipped`).
+    """
+    splits = load_splits(recipe.data)
+    prepared = splits.test.map(
         lambda image, label: (prepare_image(image, recipe.data.image_size, recipe.data.resize),
                               label), num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
     for image, label in prepared.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
         images.append(image)
         labels.append(label)
+    if skipped is not None:
+        skipped.extend(name for name in splits.skipped if name not in skipped)
     return np.stack(images).astype(np.float32), np.asarray(labels, np.int64)
 
 
@@ -95,12 +103,15 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         mot_steps_per_epoch: caps `prune`/`qat` steps per epoch (default: the whole split).
         per_channel: `ptq-int8` weight scales per output channel (default) or per tensor
             (smaller file; see `convert`).
-        log: receives the progress lines of `prune` and `qat`, as they come.
+        log: receives the progress lines of `prune` and `qat`, as they come, and a line
+            naming the skipped files, if any.
 
     Returns:
         The report written to `<out_dir>/optimize.json`: `method`, `io_type`,
         `per_channel`, `interpreter` (see `interpreter_name`), `out_dir`,
-        `test_examples`, `float32` and `optimized` rows (see `measure`), `agreement` (share
+        `test_examples`, `skipped_files` (files of the data that reached neither
+        calibration or fine-tuning nor the test: unreadable or undecodable), `float32`
+        and `optimized` rows (see `measure`), `agreement` (share
         of test images with the same top-1 class as float32 TFLite), `ratios` and, for
         `prune`, `sparsity` (share of zeros per kernel and `overall`).
 
@@ -115,6 +126,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     loaded = load_classifier(model_path)
     recipe = loaded.recipe
     out_dir = Path(out_dir) if out_dir else optimized_dir(model_path, method)
+    skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
         saved_model = write_probability_saved_model(loaded.classifier, recipe.data.image_size,
                                                     Path(temporary) / "saved_model")
@@ -125,9 +137,12 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
                 mot_epochs, target_sparsity, steps_per_epoch=mot_steps_per_epoch, log=log)
         else:
             optimized_model, mot_result = convert(
-                saved_model, method, representative_images(recipe, calibration_images),
+                saved_model, method, representative_images(recipe, calibration_images, skipped),
                 io_type, per_channel), {}
-    images, labels = held_out_examples(recipe)
+    images, labels = held_out_examples(recipe, skipped)
+    skipped.extend(name for name in mot_result.get("skipped_files", []) if name not in skipped)
+    if skipped:
+        log(skipped_files_line(skipped))
     float_row, float_predictions = measure(float_model, images, labels, latency_runs, num_threads)
     row, predictions = measure(optimized_model, images, labels, latency_runs, num_threads)
     report = {
@@ -135,6 +150,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         "per_channel": per_channel if method == "ptq-int8" else None,
         "interpreter": interpreter_name(),
         "source": str(model_path), "out_dir": str(out_dir), "test_examples": int(len(labels)),
+        "skipped_files": skipped,
         "num_threads": num_threads, "latency_runs": latency_runs,
         "float32": float_row, "optimized": row,
         "agreement": float(np.mean(predictions == float_predictions)),
