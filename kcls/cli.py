@@ -180,7 +180,8 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
     from kcls.evaluate import evaluate_model
 
     try:
-        metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta).metrics
+        metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
+                                 log=click.echo).metrics
     except FileNotFoundError as error:
         raise click.ClickException(str(error)) from None
     except ConfigError as error:
@@ -204,7 +205,9 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", default="explanations", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the overlays.")
-def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing overlays of the same name (default: a new name).")
+def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
     """Write Grad-CAM overlays of the top-1 class for IMAGES.
 
     MODEL_DIR is an export (version or model folder) or a run directory.
@@ -214,11 +217,11 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path) -> None:
     from kcls.load import load_classifier
 
     try:
-        written = explain_files(load_classifier(model_dir), list(images), out_dir)
+        written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    for target, label, probability in written:
-        click.echo(f"{target}: {label} ({probability:.3f})")
+    for image, (target, label, probability) in zip(images, written):
+        click.echo(f"{image} -> {target}: {label} ({probability:.3f})")
 
 
 @main.command()

@@ -42,6 +42,7 @@ from kcls.config import (
     to_json,
 )
 from kcls.data.augment import build_augmentation
+from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import (
     balanced_class_weights,
     eval_pipeline,
@@ -197,6 +198,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         imbalance = class_balance_warning(support)
         if imbalance:
             log(f"warning: {imbalance}")
+        evaluation.skipped = list(splits.skipped)  # the report names them too
         write_report(run_dir, evaluation, splits.class_names, training["history"],
                      training["phases"], _mistake_images(splits, recipe, evaluation),
                      mistakes=recipe.evaluate.mistakes)
@@ -205,8 +207,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
             + f"; report {run_dir / REPORT_FILE}")
         if splits.skipped:
-            log(f"skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:5])}"
-                + (" ..." if len(splits.skipped) > 5 else ""))
+            log(skipped_files_line(splits.skipped))
         _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
 
         export_dir = None
