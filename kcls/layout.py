@@ -131,6 +131,8 @@ def resolve_export_dir(path: str | Path) -> Path:
                 f"{str(path)!r} is neither a SavedModel directory nor a model folder with "
                 "numbered versions (e.g. saved_models/quickstart/1).")
         version_dir, model_dir = path / str(available[-1]), path
+        if (version_dir / SAVED_MODEL_FILE).is_file():
+            return version_dir
     complete = exported_versions(model_dir)
     fix = (f"pass a complete version, e.g. {model_dir / str(complete[-1])}, "
            if complete else "")
