@@ -92,7 +92,9 @@ def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     lines = result.output.splitlines()
     assert len(lines) == 2
     for index, (line, row) in enumerate(zip(lines, probabilities)):
-        target, label, probability = re.fullmatch(r"(.*): (\w+) \(([\d.]+)\)", line).groups()
+        image, target, label, probability = re.fullmatch(
+            r"(.*) -> (.*): (\w+) \(([\d.]+)\)", line).groups()
+        assert image == str(paths[index])
         assert target == str(tmp_path / "cams" / f"img {index}_gradcam.png")
         assert label == ["left", "right"][row.argmax()]
         assert float(probability) == pytest.approx(row.max(), abs=1e-3)
