@@ -16,7 +16,19 @@ downloaded. 224 px is what the weights were trained at. On a CPU-only machine, 1
 costs ~3x less per image and loses little on small or low-resolution images (CIFAR
 measured below); 160 px is a middle ground for photos.
 
-Schedule: TO BE MEASURED.
+Schedule: 2 epochs of the new head on the frozen network at 3e-3, then every block for 8
+epochs at 3e-4, BatchNorm in inference mode (kcls's `auto` for pretrained weights).
+Measured with `benchmarks/transfer.py` (docs/transfer.md), test top-1:
+
+- hymenoptera/val, 224 px, 3 seeds: this schedule 0.937; from scratch 0.625; head only
+  0.952; whole network from the start 0.935; a keras.io-style script 0.943.
+- CIFAR-10, 8,000 training images, 128 px, 1 + 5 epochs: this schedule 0.883; from
+  scratch 0.558; head only 0.759; whole network from the start 0.882; keras.io-style 0.682.
+
+Training BatchNorm cost 3-6 points on both; a whole-network rate of 1e-3 lost 1.7 points
+on CIFAR-10. On few ImageNet-like photos the frozen features are already right (the head
+alone is 1.5 points ahead, within the seeds' spread):
+`--set train.frozen_epochs=10 --set train.unfrozen_epochs=0` trains the head only.
 """
 
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, TrainConfig
