@@ -240,7 +240,8 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
             "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=1",
             "train.jit_compile=false", "data.batch_size=8", "data.image_size=16",
             f"data.cache={cache_dir / 'digits'}", f"data.seed={seed}", "export.enabled=false"])
-        run_recipe(recipe, tmp_path / f"run{seed}", log=lambda message: None, verbose=0)
+        runs = len(list(tmp_path.glob("run*")))  # a finished run dir is never reused
+        run_recipe(recipe, tmp_path / f"run{runs}", log=lambda message: None, verbose=0)
         return set(path.name for path in cache_dir.iterdir()) - before
 
     first, second = run(0), run(1)
