@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,7 @@ SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatabl
 def main(context: click.Context, debug: bool) -> None:
     """kcls: image-classification recipes for Keras/TensorFlow."""
     context.obj = {"debug": debug}
+    warnings.showwarning = _show_warning
 
 
 @main.group()
@@ -339,6 +341,20 @@ def _resolve(name: str, overrides: tuple[str, ...]):
         if _debug():
             raise  # with the recipe's own exception as its cause
         raise click.UsageError(str(error)) from None
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_show_python_warning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: object = None, line: str | None = None) -> None:
+    """kcls's own warnings (hidden folders, classes too small for a split, ...) as one
+    `warning: ...` line; the others as Python prints them."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_python_warning(message, category, filename, lineno, file, line)
 
 
 def _debug() -> bool:

@@ -263,3 +263,17 @@ def test_evaluate_and_explain_name_an_incomplete_version_too(export_dir, tmp_pat
         result = invoke(*command)
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert f"{model_dir / '2'}" in result.output and "incomplete" in result.output
+
+
+def test_kcls_warnings_are_one_line_on_the_command_line(export_dir, tmp_path):
+    folder = tmp_path / "photos"
+    for name in (*CLASS_NAMES, ".thumbnails"):
+        (folder / name).mkdir(parents=True)
+        for index in range(2):
+            (folder / name / f"{index}.png").write_bytes(
+                tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(index * 200, tf.uint8))).numpy())
+    result = invoke("evaluate", export_dir, "--data", f"folder:{folder}")
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if "hidden folder" in line]
+    assert line.startswith("warning: ") and ".thumbnails" in line
+    assert "UserWarning" not in result.output and "warnings.warn" not in result.output
