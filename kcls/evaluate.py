@@ -92,7 +92,6 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     data = loaded.recipe.data
     if data_source and data_source.startswith("folder:"):
         files = scan_folder(data_source.partition(":")[2])
-        class_names = files.class_names
         class_names, skipped = files.class_names, files.skipped
         examples = decode_files(files.paths, files.labels, skipped)
     else:
@@ -111,4 +110,3 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     if out_dir:
         write_report(out_dir, evaluation, class_names)
     return evaluation
-

@@ -66,6 +66,7 @@ from kcls.layout import (
     versions,
 )
 from kcls.load import float32_architecture, load_run, load_run_metrics
+from kcls.rundir import process_exists
 
 SERVING_MOUNT = "/models"  # where the docker command in the README mounts the base dir
 IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature of `classify`
@@ -225,7 +226,7 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
         except FileNotFoundError:  # its owner just renamed or removed it
             continue
         if match["host"] == host:
-            stale = (not _process_exists(int(match["pid"]))
+            stale = (not process_exists(int(match["pid"]))
                      or age > _LIVE_OWNER_STALE_SECONDS)
         else:
             stale = age > STALE_TEMPORARY_SECONDS
@@ -236,16 +237,6 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _publish(temporary: Path, model_dir: Path) -> Path:

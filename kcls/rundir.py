@@ -165,12 +165,17 @@ def _alive(owner: dict[str, Any]) -> bool:
     pid = owner.get("pid")
     if not isinstance(pid, int) or owner.get("host") != socket.gethostname():
         return True  # another machine (shared disk) or an unreadable lock: assume it runs
+    return process_exists(pid)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with id `pid` runs on this machine (whoever owns it)."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # exists, owned by another user
+    except PermissionError:  # exists, owned by another user
+        return True
     return True
 
 
@@ -182,4 +187,4 @@ def _locked_message(run_dir: Path, owner: dict[str, Any]) -> str:
             f"{run_dir / RUN_LOCK_FILE}.")
 
 
-__all__ = ["check_run_dir", "claim_run_dir"]
+__all__ = ["check_run_dir", "claim_run_dir", "process_exists"]
