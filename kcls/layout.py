@@ -111,13 +111,18 @@ def exported_versions(model_dir: str | Path) -> list[int]:
             if (Path(model_dir) / str(version) / SAVED_MODEL_FILE).is_file()]
 
 
+class IncompleteExportError(FileNotFoundError):
+    """A version folder without its SavedModel (an interrupted copy)."""
+
+
 def resolve_export_dir(path: str | Path) -> Path:
     """A version directory, given either it or a model base directory (latest version wins).
 
     Raises:
-        FileNotFoundError: `path` is neither, or the version it names (or the latest one)
-            has no SavedModel: an interrupted copy, not a kcls export, which publishes
-            versions atomically. The message names the folder and a complete version.
+        FileNotFoundError: `path` is neither.
+        IncompleteExportError: the version `path` names (or the latest one) has no
+            SavedModel: an interrupted copy, not a kcls export, which publishes versions
+            atomically. The message names the folder and a complete version.
     """
     path = Path(path)
     if (path / SAVED_MODEL_FILE).is_file():
@@ -136,7 +141,7 @@ def resolve_export_dir(path: str | Path) -> Path:
     complete = exported_versions(model_dir)
     fix = (f"pass a complete version, e.g. {model_dir / str(complete[-1])}, "
            if complete else "")
-    raise FileNotFoundError(
+    raise IncompleteExportError(
         f"The export version {str(version_dir)!r} is incomplete: it has no {SAVED_MODEL_FILE} "
         f"(an interrupted copy?). Export again with `kcls export RUN_DIR`, {fix}or delete "
         "the folder.")

@@ -29,9 +29,9 @@ from kcls.layout import (
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     WEIGHTS_FILE,
+    IncompleteExportError,
     is_run_dir,
     resolve_export_dir,
-    versions,
 )
 from kcls.models.classifier import build_classifier
 
@@ -61,9 +61,9 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
         return load_run(path)
     try:
         export_dir = resolve_export_dir(path)
+    except IncompleteExportError:
+        raise  # its message names the version and the fix
     except FileNotFoundError:
-        if versions(path) or path.name.isdigit():
-            raise  # an incomplete export version: that message names it and the fix
         raise FileNotFoundError(
             f"{str(path)!r} is neither a kcls run directory ({RUN_CONFIG_FILE}, "
             f"{WEIGHTS_FILE}) nor an export (saved_models/NAME or saved_models/NAME/N "
