@@ -166,7 +166,7 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
             "each split carved off, and each split at least one example per class: add "
             "images to the smallest classes, or change the fractions "
             "(data.validation_fraction=0 turns validation off).") from None
-    _warn_about_missing_classes(labels, class_names, {
+    _warn_about_missing_classes(labels, class_names, counts, {
         "train": train_indices, "validation": validation_indices, "test": test_indices})
     validation = dataset(validation_indices) if len(validation_indices) else None
     return Splits(dataset(train_indices), validation, dataset(test_indices), list(class_names),
@@ -175,16 +175,17 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
 
 
 def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
-                                splits: dict[str, np.ndarray]) -> None:
-    """Warns about each class without an example in a non-empty split."""
+                                counts: np.ndarray, splits: dict[str, np.ndarray]) -> None:
+    """Warns about each class without an example in a non-empty split (`counts`: the
+    examples per class in all splits)."""
     for split, indices in splits.items():
         if not len(indices):
             continue
-        counts = np.bincount(labels[indices], minlength=len(class_names))
-        for name in (class_names[i] for i in np.flatnonzero(counts == 0)):
-            total = int(np.sum(labels == class_names.index(name)))
+        in_split = np.bincount(labels[indices], minlength=len(class_names))
+        for index in np.flatnonzero(in_split == 0):
+            name = class_names[index]
             warnings.warn(
-                f"Class {name!r} has 0 {split} examples (of {total} in all): "
+                f"Class {name!r} has 0 {split} examples (of {counts[index]} in all): "
                 + ("the model cannot learn it. " if split == "train" else
                    f"its {split} metrics are missing. ")
                 + "Add images of it, or change data.test_fraction / "
