@@ -176,10 +176,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                                                "validation", splits.fingerprint)
         training = fit_phases(
             classifier,
-            train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
-                           class_weights, splits.fingerprint),
+            train_pipeline(splits.train, num_classes, recipe.data, class_weights,
+                           splits.fingerprint),
             validation_batches,
-            steps_per_epoch, train_config, augmentation.device, verbose=verbose, run_dir=run_dir,
+            steps_per_epoch, train_config, augmentation, verbose=verbose, run_dir=run_dir,
             strategy=strategy, time_budget=time_budget)
         if training["resumed"]:
             log("resumed an interrupted run: " + ", ".join(
@@ -221,7 +221,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             "strategy": describe_strategy(strategy),
             "precision": precision, "jit_compile": training["jit_compile"],
             "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
-            else f"{jit_compile_reason}; off: a layer in the training step does not support XLA",
+            else f"{jit_compile_reason}; off: a layer of the classifier does not support XLA",
+            "augmentation": training["augmentation"],
             "train_batchnorm": train_config.train_batchnorm,
             "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
             "global_batch_size": recipe.data.batch_size,

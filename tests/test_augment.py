@@ -1,30 +1,38 @@
-"""Augmentation policies: the XLA split, and a compiled step with randaugment + mixup."""
+"""Augmentation on the device: per-image draws, seeds, an XLA model step, no tf.data ops."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kcls.config import ModelConfig, TrainConfig
-from kcls.data.augment import RandomShift, build_augmentation, compiles_with_xla
+from kcls.config import DataConfig, ModelConfig, TrainConfig
+from kcls.data.augment import RandAugment, RandomShift, build_augmentation, compiles_with_xla
+from kcls.data.pipeline import train_pipeline
 from kcls.models.classifier import build_classifier
 from kcls.train.runner import fit_phases
 
-
-def test_layers_xla_cannot_compile_are_kept_out_of_the_device_stack():
-    augmentation = build_augmentation("strong", horizontal_flip=True)
-    device_layers = [type(layer).__name__ for layer in augmentation.device.layers]
-    host_layers = [type(layer).__name__ for layer in augmentation.host.layers]
-    assert device_layers == ["RandomFlip", "RandomShift"]
-    assert host_layers == ["RandAugment", "MixUpOrCutMix"]
-    assert all(compiles_with_xla(layer) for layer in augmentation.device.layers)
-    assert not any(compiles_with_xla(layer) for layer in augmentation.host.layers)
+# Op types that only augmentation produces (flips, shifts' reflect padding, RandAugment's
+# per-image partitions and projective transforms, random draws).
+AUGMENTATION_OPS = {"ReverseV2", "MirrorPad", "DynamicPartition", "DynamicStitch",
+                    "ImageProjectiveTransformV3", "StatelessRandomUniformV2",
+                    "StatelessRandomUniformIntV2"}
 
 
-def test_no_flip_when_mirrors_change_the_class():
-    augmentation = build_augmentation("light", horizontal_flip=False)
-    assert augmentation.host is None
-    assert [type(layer).__name__ for layer in augmentation.device.layers] == ["RandomShift"]
+def batch(count: int = 16, same_image: bool = False) -> dict[str, tf.Tensor]:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (1 if same_image else count, 32, 32, 3)).astype("float32")
+    return {"images": tf.constant(np.repeat(images, count, axis=0) if same_image else images),
+            "labels": tf.one_hot(np.arange(count) % 4, 4)}
+
+
+def test_policies_stack_their_stages():
+    assert build_augmentation("none") is None
+    assert build_augmentation("strong").stage_names == [
+        "RandomFlip", "RandomShift", "RandAugment", "MixUpOrCutMix"]
+    assert build_augmentation("randaugment", horizontal_flip=False).stage_names == [
+        "RandomShift", "RandAugment"]
+    assert build_augmentation("light", horizontal_flip=False).stage_names == ["RandomShift"]
+    assert compiles_with_xla(build_augmentation("light"))
+    assert not compiles_with_xla(build_augmentation("randaugment"))
 
 
 def test_random_shift_moves_whole_images_by_at_most_the_factor():
@@ -37,38 +45,109 @@ def test_random_shift_moves_whole_images_by_at_most_the_factor():
     assert np.all(per_image == per_image[:, :1])  # one whole-pixel shift per image
     assert np.abs(per_image).max() <= 4 and len(np.unique(per_image[:, 0])) > 1
     assert np.array_equal(layer(tf.constant(ramp), training=False).numpy(), ramp)
-    assert compiles_with_xla(layer)
     compiled = tf.function(lambda x: layer(x, training=True), jit_compile=True)
     assert compiled(tf.constant(ramp)).shape == ramp.shape
 
 
-@pytest.mark.parametrize("policy", ["randaugment", "strong"])
-def test_augmentation_runs_eagerly_and_in_tf_data(policy):
+@pytest.mark.parametrize("policy", ["light", "randaugment", "strong"])
+def test_policies_run_eagerly_and_in_graphs(policy):
     augmentation = build_augmentation(policy, seed=1)
-    images = tf.random.uniform((4, 32, 32, 3), 0, 255)
-    labels = tf.one_hot([0, 1, 2, 3], 4)
-    eager = augmentation.host({"images": images, "labels": labels}, training=True)
-    batches = tf.data.Dataset.from_tensors({"images": images, "labels": labels}).map(
-        lambda batch: augmentation.host(batch, training=True))
-    in_graph = next(iter(batches))
-    assert eager["images"].shape == in_graph["images"].shape == images.shape
-    mixed = augmentation.device(in_graph, training=True)
-    assert mixed["images"].shape == images.shape
-    np.testing.assert_allclose(mixed["labels"].numpy().sum(axis=1), 1.0, atol=1e-5)
-    if policy == "strong":  # MixUp makes soft labels (a row can pair with itself)
-        assert np.min(np.max(mixed["labels"].numpy(), axis=1)) < 0.99
+    data = batch()
+    eager = augmentation(data, training=True)
+    in_graph = tf.function(lambda data: augmentation(data, training=True))(data)
+    for augmented in (eager, in_graph):
+        assert augmented["images"].shape == data["images"].shape
+        assert augmented["images"].dtype == tf.float32
+        assert 0 <= float(tf.reduce_min(augmented["images"]))
+        assert float(tf.reduce_max(augmented["images"])) <= 255
+        np.testing.assert_allclose(augmented["labels"].numpy().sum(axis=1), 1.0, atol=1e-5)
+    unchanged = augmentation(data, training=False)
+    np.testing.assert_array_equal(unchanged["images"], data["images"])
 
 
-def test_training_with_randaugment_and_mixup_stays_xla_compiled():
+def test_strong_mixes_labels():
+    augmentation = build_augmentation("strong", mixup=1.0, cutmix=0.0, seed=0)
+    mixed = augmentation(batch())["labels"].numpy()
+    assert np.min(np.max(mixed, axis=1)) < 0.99  # soft labels (a row can pair with itself)
+
+
+def test_randaugment_draws_its_ops_per_image():
+    # The same image 64 times: one draw per batch would give at most a handful of
+    # distinct results; per-image ops and magnitudes give nearly one per image.
+    data = batch(64, same_image=True)
+    augmented = RandAugment(num_ops=2, factor=0.3, seed=0)(data)["images"].numpy()
+    assert len({image.tobytes() for image in augmented}) > 48
+
+
+def test_draws_follow_the_seed_and_advance_every_call():
+    data = batch(8, same_image=True)
+    augmentation = build_augmentation("randaugment", seed=5)
+    seeded = tf.function(lambda data, seed: augmentation(data, seed=seed)["images"])
+    first = seeded(data, tf.constant([5, 1], tf.int64)).numpy()
+    np.testing.assert_array_equal(first, seeded(data, tf.constant([5, 1], tf.int64)).numpy())
+    assert not np.array_equal(first, seeded(data, tf.constant([5, 2], tf.int64)).numpy())
+    # Per image: the 8 copies of one image come out different.
+    assert len({image.tobytes() for image in first}) > 4
+
+    # Unseeded calls draw from the layer's generator: a new draw each call (each step,
+    # each epoch), the same sequence for the same seed.
+    def three_calls(seed: int) -> list[np.ndarray]:
+        layer = build_augmentation("randaugment", seed=seed)
+        return [layer(data)["images"].numpy() for _ in range(3)]
+
+    run_a, run_b, other = three_calls(5), three_calls(5), three_calls(6)
+    for a, b in zip(run_a, run_b):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(run_a[0], run_a[1])
+    assert not np.array_equal(run_a[0], other[0])
+
+
+def test_the_tf_data_pipeline_contains_no_augmentation_op():
+    examples = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((32, 40, 40, 3), np.uint8), np.arange(32) % 4))
+    config = DataConfig(image_size=32, batch_size=8, augment="strong")
+    pipeline = train_pipeline(examples, 4, config, np.ones(4))
+    graph = tf.compat.v1.GraphDef.FromString(pipeline._as_serialized_graph().numpy())
+    pipeline_ops = {node.op for node in graph.node} | {
+        node.op for function in graph.library.function for node in function.node_def}
+    assert "ResizeArea" in pipeline_ops or "ResizeBilinear" in pipeline_ops  # it is the graph
+
     augmentation = build_augmentation("strong", seed=0)
+    traced = tf.function(lambda data: augmentation(data)).get_concrete_function(batch(8))
+    augment_ops = {node.op for node in traced.graph.as_graph_def().node} | {
+        node.op for function in traced.graph.as_graph_def().library.function
+        for node in function.node_def}
+    assert AUGMENTATION_OPS <= augment_ops  # the check below can see augmentation
+    assert not pipeline_ops & AUGMENTATION_OPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["randaugment", "strong"])
+def test_the_model_step_stays_xla_compiled_with_augmentation_on_the_device(policy):
+    augmentation = build_augmentation(policy, seed=0)
     classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 4, 32)
-    images = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
-    labels = keras.utils.to_categorical(np.arange(16) % 4, 4)
-    batches = tf.data.Dataset.from_tensors({"images": images, "labels": labels}).repeat().map(
-        lambda batch: augmentation.host(batch, training=True)).map(
-        lambda batch: (batch["images"], batch["labels"]))
+    data = batch()
+    # Class weights: a third batch element that must pass the augmentation untouched.
+    batches = tf.data.Dataset.from_tensors(
+        (data["images"], data["labels"], tf.ones([16]))).repeat()
+    seed_before = augmentation.seed_generator.state.numpy().copy()
     result = fit_phases(classifier, batches, None, steps_per_epoch=2,
                         config=TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=True),
-                        device_augment=augmentation.device, verbose=0)
+                        device_augment=augmentation, verbose=0)
     assert result["jit_compile"] is True
+    assert result["augmentation"] == {"host": [], "device": augmentation.stage_names,
+                                      "compiled": False, "model_step_compiled": True}
     assert np.isfinite(result["history"]["loss"][0])
+    # One seed per step: the two steps augmented differently.
+    assert augmentation.seed_generator.state.numpy()[1] == seed_before[1] + 2
+
+
+def test_without_xla_the_record_says_so():
+    classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 4, 32)
+    data = batch()
+    batches = tf.data.Dataset.from_tensors((data["images"], data["labels"])).repeat()
+    result = fit_phases(classifier, batches, None, steps_per_epoch=1,
+                        config=TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=False),
+                        verbose=0)
+    assert result["augmentation"] == {"host": [], "device": [], "compiled": None,
+                                      "model_step_compiled": False}

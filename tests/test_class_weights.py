@@ -8,7 +8,7 @@ from kcls.data.augment import build_augmentation
 from kcls.data.pipeline import balanced_class_weights, train_pipeline
 from kcls.data.sources import splits_from_arrays, train_class_counts
 from kcls.models.classifier import build_classifier
-from kcls.train.runner import fit_phases
+from kcls.train.runner import Trainer, fit_phases
 
 DATA = DataConfig(image_size=32, batch_size=16, augment="none", test_fraction=0.2,
                   validation_fraction=0.0, seed=0)
@@ -40,17 +40,22 @@ def test_train_class_counts_come_from_the_training_split_only():
     assert train_class_counts(splits).tolist() == [40, 8]
 
 
-def test_batches_carry_the_weight_of_each_example_class_through_host_augmentation():
+def test_batches_carry_the_weight_of_each_example_class_through_augmentation():
     images, labels = dark_and_bright(20)
     weights = np.array([0.25, 4.0])
-    augmentation = build_augmentation("strong", mixup=1.0, cutmix=0.0, seed=0)
+    classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 2, 32)
+    trainer = Trainer(classifier, build_augmentation("strong", mixup=1.0, cutmix=0.0, seed=0))
     examples = tf.data.Dataset.from_tensor_slices((images, labels))
-    batches = train_pipeline(examples, 2, DATA, augmentation.host, weights)
-    for images_batch, soft_labels, sample_weights in batches.take(3).as_numpy_iterator():
+    batches = train_pipeline(examples, 2, DATA, weights)
+    for batch in batches.take(3):
+        # What the training function does to every batch before the model step.
+        images_batch, soft_labels, sample_weights = trainer.augment_batch(
+            batch, tf.constant([0, 1], tf.int64))
         assert images_batch.shape == (16, 32, 32, 3) and sample_weights.shape == (16,)
-        assert set(sample_weights.tolist()) <= {0.25, 4.0}
+        assert set(sample_weights.numpy().tolist()) <= {0.25, 4.0}
+        np.testing.assert_array_equal(sample_weights, batch[2])
         # MixUp mixed the labels, not the weights: they still name one original class.
-        assert not np.all(np.isin(soft_labels, [0.0, 1.0]))
+        assert not np.all(np.isin(soft_labels.numpy(), [0.0, 1.0]))
 
 
 def test_a_zero_class_weight_removes_that_class_from_the_loss():
@@ -64,7 +69,7 @@ def test_a_zero_class_weight_removes_that_class_from_the_loss():
     def bright_recall(class_weights: np.ndarray) -> float:
         tf.keras.utils.set_random_seed(0)
         classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 2, 32)
-        fit_phases(classifier, train_pipeline(examples, 2, DATA, None, class_weights), None,
+        fit_phases(classifier, train_pipeline(examples, 2, DATA, class_weights), None,
                    20, config, verbose=0)
         predictions = classifier.predict(images[labels == 1].astype(np.float32), verbose=0)
         return float(np.mean(predictions.argmax(axis=1) == 1))

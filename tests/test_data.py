@@ -13,7 +13,6 @@ from conftest import write_truncated_jpeg
 from PIL import Image
 
 from kcls.config import ConfigError, DataConfig
-from kcls.data.augment import build_augmentation
 from kcls.data.folder import scan_folder
 from kcls.data.pipeline import eval_pipeline, prepare_image, train_pipeline
 from kcls.data.sources import load_splits, splits_from_arrays
@@ -162,8 +161,7 @@ def test_same_seed_gives_the_same_first_batches_when_deterministic():
     def first_batches(seed: int) -> list[np.ndarray]:
         config = DataConfig(batch_size=16, augment="strong", deterministic=True, seed=seed)
         tf.keras.utils.set_random_seed(seed)
-        augmentation = build_augmentation("strong", seed=seed)
-        batches = train_pipeline(splits.train, 10, config, augmentation.host)
+        batches = train_pipeline(splits.train, 10, config)
         return [array for images, labels in batches.take(3).as_numpy_iterator()
                 for array in (images, labels)]
 

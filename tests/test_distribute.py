@@ -68,10 +68,57 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
+# Two replicas augment the same image (a global batch of 8 copies, 4 per replica):
+# each replica folds its id into the step's seed, so their draws differ. Then a
+# mirrored fit() with the strong policy on the device.
+MIRRORED_AUGMENTATION_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    import keras
+    from kcls.config import ModelConfig, TrainConfig
+    from kcls.data.augment import build_augmentation
+    from kcls.models.classifier import build_classifier
+    from kcls.train.compute import make_strategy
+    from kcls.train.runner import Trainer, fit_phases
+
+    strategy = make_strategy("mirrored")
+    augmentation = build_augmentation("strong", seed=0)
+    with strategy.scope():
+        classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny"), 4, 32)
+        trainer = Trainer(classifier, augmentation)
+    image = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    images = np.repeat(image, 8, axis=0)
+    labels = keras.utils.to_categorical(np.arange(8) % 4, 4)
+    batches = tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+    @tf.function
+    def augment(data):
+        return strategy.run(trainer.augment_batch,
+                            args=(data, augmentation.seed_generator.next()))
+
+    augmented = augment(next(iter(strategy.experimental_distribute_dataset(batches))))
+    replicas = [values.numpy() for values in strategy.experimental_local_results(augmented[0])]
+    result = fit_phases(classifier, batches, None, 2,
+                        TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=False),
+                        device_augment=augmentation, verbose=0, strategy=strategy)
+    print(json.dumps({
+        "shapes": [list(values.shape) for values in replicas],
+        "replica_difference": float(np.abs(replicas[0] - replicas[1]).max()),
+        "augmentation": result["augmentation"],
+        "loss": result["history"]["loss"],
+    }))
+""")
+
+
+def run_on_two_cpus(tmp_path, script_text: str) -> dict:
+    """Runs `script_text` in a fresh interpreter; returns the JSON of its last line."""
     script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED_SCRIPT)
+    script.write_text(script_text)
     # The same kcls as this process, whichever checkout that is.
     source_root = os.path.dirname(os.path.dirname(kcls.__file__))
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -79,7 +126,12 @@ def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
     completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                                timeout=240, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
+    result = run_on_two_cpus(tmp_path, MIRRORED_SCRIPT)
     assert result["strategy"] == "MirroredStrategy x 2 replicas"
     assert result["mirrored_variable"] == "MirroredVariable"
     assert result["max_change"] > 1e-3  # it trained
@@ -87,6 +139,17 @@ def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
     assert result["max_difference"] < 1e-4, result
     np.testing.assert_allclose(result["losses"]["mirrored"], result["losses"]["single"],
                                rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_replicas_augment_differently_on_their_devices(tmp_path):
+    result = run_on_two_cpus(tmp_path, MIRRORED_AUGMENTATION_SCRIPT)
+    assert result["shapes"] == [[4, 32, 32, 3], [4, 32, 32, 3]]
+    assert result["replica_difference"] > 1.0, result
+    assert result["augmentation"]["device"] == [
+        "RandomFlip", "RandomShift", "RandAugment", "MixUpOrCutMix"]
+    assert result["augmentation"]["host"] == []
+    assert np.isfinite(result["loss"]).all()
 
 
 def test_default_and_multiworker_strategies(monkeypatch):

@@ -7,8 +7,10 @@ that MixUp/CutMix soft labels and label smoothing use the same loss.
 Order of the training pipeline: resize in parallel, cache the resized examples as
 uint8 (memory or file: the resize, the costly part, runs once, and the cache stays
 small), shuffle with a seeded buffer, repeat, batch (dropping the remainder, so XLA
-sees one static shape), augment whole batches with the layers XLA cannot compile,
-prefetch. Evaluation caches the float32 resized images, unrounded.
+sees one static shape), prefetch. No augmentation runs here: the training function
+augments whole batches on the device (`kcls.data.augment`, `kcls.train.runner.Trainer`),
+so the host CPU only decodes and resizes. Evaluation caches the float32 resized images,
+unrounded.
 
 An on-disk cache (`data.cache=PREFIX`) is a file per split,
 `PREFIX.<split>.<key>`, whose key is a digest of the source's fingerprint (its files or
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -78,7 +79,6 @@ def _resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfig,
-                   host_augment: keras.Layer | None = None,
                    class_weights: np.ndarray | None = None,
                    source_fingerprint: str | None = None) -> tf.data.Dataset:
     """Infinite, shuffled, batched training data; size an epoch with `steps_per_epoch`.
@@ -87,8 +87,6 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
         examples: `(uint8 [H, W, 3], int64)` examples.
         num_classes: int, depth of the one-hot labels.
         config: DataConfig, for batch size, cache, shuffle buffer, image size and seed.
-        host_augment: layers XLA cannot compile, applied to whole `{"images", "labels"}`
-            batches here (see `kcls.data.augment`); `None` for none.
         class_weights: float `[num_classes]` loss weight per class (e.g.
             `balanced_class_weights`); batches then carry a third element, the float32
             `[B]` weights of their examples' original classes (before MixUp/CutMix).
@@ -112,16 +110,6 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
         return batch if weights is None else (*batch, tf.gather(weights, labels))
 
     batches = batches.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
-    if host_augment is not None:
-        def augment(images: tf.Tensor, labels: tf.Tensor,
-                    *sample_weights: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            augmented = host_augment({"images": images, "labels": labels}, training=True)
-            return augmented["images"], augmented["labels"], *sample_weights
-
-        # Random layers advance a seed state on every call: calls in parallel would
-        # consume it in a racy order, so deterministic runs augment one batch at a time.
-        batches = batches.map(augment, num_parallel_calls=None if config.deterministic
-                              else tf.data.AUTOTUNE)
     return _with_options(batches, config).prefetch(tf.data.AUTOTUNE)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
+from kcls.data.augment import Augmentation, compiles_with_xla
 from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, PROGRESS_FILE
 from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
@@ -51,18 +52,30 @@ from kcls.train.schedule import (
 
 
 class Trainer(keras.Model):
-    """Trains `classifier` with batch augmentation inside the compiled training step.
+    """Trains `classifier`, augmenting each batch on the device before the compiled step.
+
+    The training function (`make_train_function`) is an ordinary `tf.function` that, per
+    step, draws one augmentation seed, runs `device_augment` on every replica's share
+    of the batch (the replica id folded into the seed, so replicas draw differently) as
+    plain TensorFlow ops on the replica's device, and then calls Keras's own one-step
+    function, which runs the forward pass, the gradients and the update under
+    `tf.function(jit_compile=self.jit_compile)`. XLA therefore compiles the model step
+    even when augmentation ops have no XLA kernel (RandAugment, MixUp, CutMix);
+    `jit_compile` only depends on the classifier's layers.
 
     `device_augment` takes and returns `{"images", "labels"}` batches, so label-mixing
-    layers (MixUp) can change the labels. Inference and evaluation call the bare
-    classifier: augmentation never reaches an export.
+    layers (MixUp) can change the labels; per-example loss weights pass through
+    unchanged. Inference and evaluation call the bare classifier: augmentation never
+    reaches an export. After the first training step, `compiled_functions()` tells what
+    the training function actually compiled.
     """
 
-    def __init__(self, classifier: keras.Model, device_augment: keras.Layer | None = None,
+    def __init__(self, classifier: keras.Model, device_augment: Augmentation | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.classifier = classifier
         self.device_augment = device_augment
+        self.train_graph: tf.Graph | None = None
         self.build(classifier.input_shape)
 
     def build(self, input_shape):
@@ -73,17 +86,95 @@ class Trainer(keras.Model):
     def call(self, images, training=False):
         return self.classifier(images, training=training)
 
-    def train_step(self, data):
+    @property
+    def jit_compile(self) -> bool:
+        return keras.Model.jit_compile.fget(self)
+
+    @jit_compile.setter
+    def jit_compile(self, value: bool) -> None:
+        # Keras asks every layer of the model, augmentation included; only the
+        # classifier's layers run in the compiled step.
+        self._jit_compile = bool(value) and compiles_with_xla(self.classifier)
+
+    def make_train_function(self, force: bool = False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution != 1:
+            raise ValueError("kcls's Trainer runs one step per call: compile it with "
+                             "steps_per_execution=1.")
+        # Keras's train function, given a list of one batch instead of an iterator, runs
+        # its one-step function on it: strategy.run(train_step), reduced across replicas,
+        # in a tf.function with jit_compile=self.jit_compile.
+        model_step = super().make_train_function(force=True) or self.train_function
+        strategy = self.distribute_strategy
+        augmentation = self.device_augment
+
+        @tf.function(reduce_retracing=True)
+        def augment_and_step(iterator):
+            self.train_graph = tf.compat.v1.get_default_graph()
+            data = iterator.get_next()
+            if augmentation is not None:
+                data = strategy.run(self.augment_batch,
+                                    args=(data, augmentation.seed_generator.next()))
+            return model_step([data])
+
+        def train_function(iterator):
+            try:
+                return augment_and_step(iterator)
+            except tf.errors.OutOfRangeError:
+                raise StopIteration from None
+
+        self.train_function = train_function
+        return train_function
+
+    def augment_batch(self, data: tuple[tf.Tensor, ...], seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """Augments one replica's `(images, labels[, sample_weights])` batch, in replica context.
+
+        Args:
+            data: float32 `[B, H, W, 3]` images, float32 `[B, C]` labels, optionally
+                float32 `[B]` loss weights (passed through).
+            seed: int `[2]`, the step's seed; the replica id is folded in.
+        """
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         images, labels, sample_weights = keras.utils.unpack_x_y_sample_weight(data)
+        augmented = self.device_augment(
+            {"images": images, "labels": labels}, training=True,
+            seed=tf.random.experimental.stateless_fold_in(seed, replica))
+        return keras.utils.pack_x_y_sample_weight(augmented["images"], augmented["labels"],
+                                                  sample_weights)
+
+    def compiled_functions(self) -> dict[str, bool | None]:
+        """What the traced training function runs under XLA.
+
+        Read from the graph the training function traced (its call ops marked
+        `_XlaMustCompile`, as `tf.function(jit_compile=True)` marks them), so it is what
+        ran, not what was asked for.
+
+        Returns:
+            `{"augmentation": bool or None, "model_step": bool}`: whether the
+            augmentation ops (None without augmentation) and Keras's one-step function
+            (forward pass, gradients, update) are XLA-compiled.
+
+        Raises:
+            ValueError: before the training function was traced (before `fit()`).
+        """
+        if self.train_graph is None:
+            raise ValueError("The training function has not been traced yet: call fit() first.")
+        nodes = self.train_graph.as_graph_def().node
+        compiled = [node for node in nodes if node.attr["_XlaMustCompile"].b]
+        augmentation = None
         if self.device_augment is not None:
-            augmented = self.device_augment({"images": images, "labels": labels}, training=True)
-            images, labels = augmented["images"], augmented["labels"]
-        return super().train_step((images, labels, sample_weights))
+            # The augmentation's ops sit in the outer graph, named in its layer's scope.
+            scope = self.device_augment.name
+            augmentation = any(node.name.startswith(scope) for node in compiled)
+        return {"augmentation": augmentation,
+                "model_step": any("one_step_on_data" in node.attr["f"].func.name
+                                  for node in compiled)}
 
 
 def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                validation_batches: tf.data.Dataset | None, steps_per_epoch: int,
-               config: TrainConfig, device_augment: keras.Layer | None = None,
+               config: TrainConfig, device_augment: Augmentation | None = None,
                callbacks: list[keras.callbacks.Callback] | None = None,
                verbose: int | str = "auto", *, run_dir: str | Path | None = None,
                strategy: tf.distribute.Strategy | None = None,
@@ -100,7 +191,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             `jit_compile` true or false (`kcls.train.compute.resolve_jit_compile`) and,
             when a phase trains the backbone, `train_batchnorm` true or false
             (`kcls.train.schedule.resolve_train_batchnorm`); `run_recipe` resolves both.
-        device_augment: jit-compatible augmentation run inside the step, or None.
+        device_augment: augmentation (`kcls.data.augment.build_augmentation`) run on
+            the device by the training function, before the model step; or None.
         callbacks: extra callbacks for every phase.
         verbose: `fit()` verbosity (progress bar by default).
         run_dir: where TensorBoard logs, the best weights and the resume backup go (see
@@ -116,9 +208,13 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         trainable_params, batchnorm_recalibrated_on (training images the BatchNorm
         statistics were re-estimated on after the phase, see `kcls.train.batchnorm`; 0
         when BatchNorm did not train), skipped_on_resume), `jit_compile` (what the
-        compiled step actually used), `resumed` (whether earlier progress was picked
-        up) and `best_weights` (path of the best checkpoint, or None), and with a budget
-        `time_budget` (its plan per phase next to the actual epochs and seconds).
+        compiled step actually used), `augmentation` (where augmentation ran: `host`
+        and `device` stage names, `compiled` (augmentation under XLA) and
+        `model_step_compiled`, read from the traced training function by
+        `Trainer.compiled_functions`; None when every phase was skipped on resume),
+        `resumed` (whether earlier progress was picked up) and `best_weights` (path of
+        the best checkpoint, or None), and with a budget `time_budget` (its plan per
+        phase next to the actual epochs and seconds).
     """
     phases = plan_phases(config)
     if not isinstance(config.jit_compile, bool):
@@ -147,6 +243,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
 
     phases_run: list[dict[str, Any]] = []
     jit_compile = config.jit_compile
+    compiled: dict[str, bool | None] | None = None
     epoch = 0
     pending_weights: Path | None = None
     for index, phase in enumerate(phases):
@@ -174,7 +271,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                 jit_compile=config.jit_compile)
         if config.jit_compile and not trainer.jit_compile:
-            warnings.warn("XLA was requested but a layer in the training step does not support "
+            warnings.warn("XLA was requested but a layer of the classifier does not support "
                           "it; training without jit_compile.", stacklevel=2)
         jit_compile = jit_compile and bool(trainer.jit_compile)
 
@@ -213,6 +310,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                 steps_per_epoch=steps_per_epoch, initial_epoch=epoch, epochs=epoch + epochs,
                 verbose=verbose, shuffle=False, callbacks=phase_callbacks)
 
+        if trainer.train_graph is not None:  # None when a resumed phase had no epoch left
+            compiled = trainer.compiled_functions()
         # Early stopping or a budget may end a phase early: the next starts after its last epoch.
         end = max(progress.last_epoch(epoch, epoch + epochs) + 1, epoch)
         recalibrated = 0
@@ -236,7 +335,11 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     if backup_dir is not None:
         shutil.rmtree(backup_dir, ignore_errors=True)
     best = run_dir / BEST_WEIGHTS_FILE if run_dir is not None else None
+    augmentation = None if compiled is None else {
+        "host": [], "device": device_augment.stage_names if device_augment else [],
+        "compiled": compiled["augmentation"], "model_step_compiled": compiled["model_step"]}
     result = {"history": progress.history(), "phases": phases_run, "jit_compile": jit_compile,
+              "augmentation": augmentation,
               "resumed": resumed, "best_weights": str(best) if best and best.exists() else None}
     if time_budget is not None:
         result["time_budget"] = time_budget.summary()
