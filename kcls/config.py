@@ -63,8 +63,9 @@ class DataConfig:
             (a file per split, named after a digest of the data and of the settings that
             shape the cached examples, so a changed seed or source never replays it).
         shuffle_buffer: number of examples in the shuffle buffer.
-        deterministic: same seed, same batches (slower: sequential augmentation, ordered tf.data).
-        seed: seed for splitting, shuffling and augmentation.
+        deterministic: same seed, same batches in the same order (slower: ordered tf.data).
+        seed: seed for splitting, shuffling and augmentation (whose random draws derive
+            from it, one seed per training step and replica).
     """
 
     source: str = "sklearn:digits"

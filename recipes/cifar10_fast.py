@@ -9,8 +9,8 @@ of 32x32 images with `data.source=folder:PATH` (20% held out for testing, strati
 seeded). Every training image trains: no validation split, since the schedule, not
 early stopping, decides when training ends.
 
-Augmentation: random flips and shifts of up to 4 pixels (reflect-padded), inside the
-compiled training step: nothing heavier pays off in a few minutes of training.
+Augmentation: random flips and shifts of up to 4 pixels (reflect-padded), on the device
+just before the training step: nothing heavier pays off in a few minutes of training.
 
 Model: `compact_resnet`, a ResNet-9-style network (0.41M parameters) whose stages
 downsample early, so a CPU trains it ~5x faster per image than a plain VGG-style

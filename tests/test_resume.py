@@ -133,6 +133,9 @@ def test_run_json_records_the_training_setup(tmp_path):
     assert sorted(run_info["class_weights"]) == [str(digit) for digit in range(10)]
     assert all(0.9 < weight < 1.1 for weight in run_info["class_weights"].values())
     assert run_info["best_weights"].endswith(BEST_WEIGHTS_FILE)
+    # quickstart's `light` policy without flips (digits), on the device, XLA off.
+    assert run_info["augmentation"] == {"host": [], "device": ["RandomShift"],
+                                        "compiled": False, "model_step_compiled": False}
     frozen, unfrozen = run_info["phases"]
     assert (frozen["unfreeze"], unfrozen["unfreeze"]) == ("none", "2")
     assert frozen["trainable_params"] < unfrozen["trainable_params"]
