@@ -215,6 +215,9 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         `resumed` (whether earlier progress was picked up) and `best_weights` (path of
         the best checkpoint, or None), and with a budget `time_budget` (its plan per
         phase next to the actual epochs and seconds).
+
+    Raises:
+        ConfigError: a TPU strategy with augmentation ops XLA cannot compile.
     """
     phases = plan_phases(config)
     if not isinstance(config.jit_compile, bool):
@@ -229,6 +232,12 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             "kcls.train.schedule.resolve_train_batchnorm (run_recipe does), or pass true or "
             "false.")
     strategy = strategy or tf.distribute.get_strategy()
+    if (isinstance(strategy, tf.distribute.TPUStrategy) and device_augment is not None
+            and not compiles_with_xla(device_augment)):
+        raise ConfigError(
+            f"Augmentation stages {device_augment.stage_names} have ops without an XLA kernel, "
+            "and TPUs run only XLA-compiled programs: use data.augment=light (flips and "
+            "shifts) or none on a TPU.")
     run_dir = Path(run_dir) if run_dir is not None else None
     resumable = run_dir is not None and time_budget is None
     backup_dir = run_dir / BACKUP_DIR if resumable else None
