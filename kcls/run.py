@@ -41,7 +41,7 @@ from kcls.config import (
     require_choice,
     to_json,
 )
-from kcls.data.augment import build_augmentation
+from kcls.data.augment import build_augmentation, place_augmentation
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import (
     balanced_class_weights,
@@ -157,6 +157,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
 
         augmentation = build_augmentation(recipe.data.augment, recipe.data.horizontal_flip,
                                           recipe.data.seed, recipe.data.mixup, recipe.data.cutmix)
+        host_augmentation, augmentation = place_augmentation(augmentation, strategy)
+        if host_augmentation is not None:
+            log(f"augmentation {', '.join(host_augmentation.stage_names)} on the host (tf.data): "
+                "TPUs run only XLA-compiled programs and these stages have ops XLA cannot compile")
         class_weights = None
         require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
         if recipe.train.class_weights == "balanced":
@@ -177,7 +181,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         training = fit_phases(
             classifier,
             train_pipeline(splits.train, num_classes, recipe.data, class_weights,
-                           splits.fingerprint),
+                           splits.fingerprint, host_augment=host_augmentation),
             validation_batches,
             steps_per_epoch, train_config, augmentation, verbose=verbose, run_dir=run_dir,
             strategy=strategy, time_budget=time_budget)
@@ -222,7 +226,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             "precision": precision, "jit_compile": training["jit_compile"],
             "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
             else f"{jit_compile_reason}; off: a layer of the classifier does not support XLA",
-            "augmentation": training["augmentation"],
+            "augmentation": training["augmentation"] and {
+                **training["augmentation"],
+                "host": host_augmentation.stage_names if host_augmentation else []},
             "train_batchnorm": train_config.train_batchnorm,
             "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
             "global_batch_size": recipe.data.batch_size,

@@ -5,7 +5,13 @@ import pytest
 import tensorflow as tf
 
 from kcls.config import DataConfig, ModelConfig, TrainConfig
-from kcls.data.augment import RandAugment, RandomShift, build_augmentation, compiles_with_xla
+from kcls.data.augment import (
+    RandAugment,
+    RandomShift,
+    build_augmentation,
+    compiles_with_xla,
+    place_augmentation,
+)
 from kcls.data.pipeline import train_pipeline
 from kcls.models.classifier import build_classifier
 from kcls.train.runner import fit_phases
@@ -119,6 +125,37 @@ def test_the_tf_data_pipeline_contains_no_augmentation_op():
         for node in function.node_def}
     assert AUGMENTATION_OPS <= augment_ops  # the check below can see augmentation
     assert not pipeline_ops & AUGMENTATION_OPS
+
+
+def test_off_a_tpu_every_policy_runs_on_the_device():
+    strategy = tf.distribute.get_strategy()
+    for policy in ("light", "randaugment", "strong"):
+        augmentation = build_augmentation(policy)
+        assert place_augmentation(augmentation, strategy) == (None, augmentation)
+    assert place_augmentation(None, strategy) == (None, None)
+
+
+def test_host_augmentation_for_tpus_is_per_batch_and_reproducible():
+    # What a TPU run gets for policies XLA cannot compile: the policy in tf.data, batch k
+    # seeded with (data.seed, k), parallel map and all.
+    rng = np.random.default_rng(0)
+    examples = tf.data.Dataset.from_tensor_slices(
+        (rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 4))
+    config = DataConfig(image_size=32, batch_size=8, augment="strong", shuffle_buffer=1,
+                        deterministic=True)
+
+    def first_batches(augment: bool) -> list[np.ndarray]:
+        host = build_augmentation("strong", seed=0) if augment else None
+        pipeline = train_pipeline(examples, 4, config, host_augment=host)
+        return [images for images, _ in pipeline.take(4).as_numpy_iterator()]
+
+    plain, augmented, again = first_batches(False), first_batches(True), first_batches(True)
+    for index in range(4):
+        assert not np.array_equal(plain[index], augmented[index])
+        np.testing.assert_array_equal(augmented[index], again[index])
+    # Batches 0 and 2 hold the same images (shuffle buffer 1, 16 examples): new draws.
+    np.testing.assert_array_equal(plain[0], plain[2])
+    assert not np.array_equal(augmented[0], augmented[2])
 
 
 @pytest.mark.slow

@@ -72,6 +72,22 @@ def build_augmentation(policy: AugmentPolicy, horizontal_flip: bool = True, seed
     return Augmentation(stages, seed=seed)
 
 
+def place_augmentation(augmentation: Augmentation | None, strategy: tf.distribute.Strategy
+                       ) -> tuple[Augmentation | None, Augmentation | None]:
+    """Where `augmentation` runs under `strategy`: `(host, device)`, one of them None.
+
+    On the device (the training function, `kcls.train.runner.Trainer`), except on TPUs
+    when a stage has ops without an XLA kernel (RandAugment, MixUp/CutMix): TPUs run only
+    XLA-compiled programs, so the whole policy then runs in the tf.data pipeline
+    (`kcls.data.pipeline.train_pipeline(host_augment=...)`), as on the host CPUs of
+    Cloud TPU VMs.
+    """
+    if (augmentation is not None and isinstance(strategy, tf.distribute.TPUStrategy)
+            and not compiles_with_xla(augmentation)):
+        return augmentation, None
+    return None, augmentation
+
+
 # Layers whose `supports_jit` is True but whose ops have no XLA kernel.
 _NOT_XLA_COMPILABLE = (keras.layers.MixUp, keras.layers.CutMix)
 

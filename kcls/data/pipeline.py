@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -80,7 +81,8 @@ def _resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfig,
                    class_weights: np.ndarray | None = None,
-                   source_fingerprint: str | None = None) -> tf.data.Dataset:
+                   source_fingerprint: str | None = None, *,
+                   host_augment: keras.Layer | None = None) -> tf.data.Dataset:
     """Infinite, shuffled, batched training data; size an epoch with `steps_per_epoch`.
 
     Args:
@@ -92,6 +94,10 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
             `[B]` weights of their examples' original classes (before MixUp/CutMix).
         source_fingerprint: `Splits.fingerprint` of the source of `examples`; required
             when `config.cache` is a file prefix (it keys the cache file).
+        host_augment: an `kcls.data.augment.Augmentation` to run here, on the host,
+            instead of on the device: only for TPUs with a policy XLA cannot compile
+            (`kcls.data.augment.place_augmentation`). Batch k draws from the seed
+            `(data.seed, k)`, so parallel calls stay reproducible.
     """
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         resized = prepare_image(image, config.image_size, config.resize)
@@ -110,6 +116,15 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
         return batch if weights is None else (*batch, tf.gather(weights, labels))
 
     batches = batches.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
+    if host_augment is not None:
+        def augment(index: tf.Tensor, batch: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
+            images, labels, *sample_weights = batch
+            seed = tf.stack([tf.constant(config.seed, tf.int64), index])
+            augmented = host_augment({"images": images, "labels": labels}, training=True,
+                                     seed=seed)
+            return (augmented["images"], augmented["labels"], *sample_weights)
+
+        batches = batches.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(batches, config).prefetch(tf.data.AUTOTUNE)
 
 

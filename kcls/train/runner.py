@@ -236,8 +236,9 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             and not compiles_with_xla(device_augment)):
         raise ConfigError(
             f"Augmentation stages {device_augment.stage_names} have ops without an XLA kernel, "
-            "and TPUs run only XLA-compiled programs: use data.augment=light (flips and "
-            "shifts) or none on a TPU.")
+            "and TPUs run only XLA-compiled programs: augment in the tf.data pipeline instead "
+            "(kcls.data.augment.place_augmentation and train_pipeline(host_augment=...), as "
+            "run_recipe does), or use data.augment=light.")
     run_dir = Path(run_dir) if run_dir is not None else None
     resumable = run_dir is not None and time_budget is None
     backup_dir = run_dir / BACKUP_DIR if resumable else None
