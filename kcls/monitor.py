@@ -19,8 +19,8 @@ components) into the output folder (file names: `kcls.layout`), and returns the 
 Example:
 
 >>> result = monitor("saved_models/quickstart", data="incoming/")  # doctest: +SKIP
->>> verdict_line(result)  # doctest: +SKIP
-'no drift: 250 images vs the reference (360 test images); smallest p 0.21 (threshold 0.0167)'
+>>> result["drift"], result["tests"]["embedding"]["p_value"]  # doctest: +SKIP
+(False, 0.54)
 """
 
 from __future__ import annotations

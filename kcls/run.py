@@ -146,9 +146,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     check_cache_writable(recipe.data)
     splits = splits or load_splits(recipe.data)
     calibrate = resolve_calibrate(recipe.evaluate.calibrate, splits.validation is not None)
-    calibration_examples = splits.validation
+    calibration_examples, calibration_count = splits.validation, splits.sizes["validation"]
     if calibrate == "temperature" and splits.validation is None:
+        train_count = splits.sizes["train"]
         splits, calibration_examples = carve_calibration_split(splits)
+        calibration_count = train_count - splits.sizes["train"]
     num_classes = len(splits.class_names)
     steps_per_epoch = max(splits.sizes["train"] // recipe.data.batch_size, 1)
     if recipe.train.steps_per_epoch:
@@ -173,6 +175,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             f"{len(splits.class_names)} classes | train {splits.sizes['train']}, "
             f"validation {splits.sizes['validation']}, test {splits.sizes['test']} | "
             f"run dir {run_dir}")
+        if calibrate == "temperature" and splits.validation is None:
+            log(f"{calibration_count} training images held out to fit the calibration "
+                "temperature (no validation split; evaluate.calibrate=temperature)")
 
         augmentation = build_augmentation(recipe.data.augment, recipe.data.horizontal_flip,
                                           recipe.data.seed, recipe.data.mixup, recipe.data.cutmix)
@@ -188,7 +193,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                 parse_duration(recipe.train.time_budget),
                 evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1)
                 + splits.sizes["test"] * (2 if recipe.export.flip_tta else 1)  # the profile
-                + (splits.sizes["validation"] if calibrate == "temperature" else 0),
+                + (calibration_count if calibrate == "temperature" else 0),
                 fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
                 else AFTER_TRAINING_SECONDS / 2)
         validation_batches = None

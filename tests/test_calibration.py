@@ -160,3 +160,23 @@ def test_export_and_tflite_graph_divide_the_logits_by_t(tiny_recipe, tmp_path):
     probability = tf.saved_model.load(str(saved)).signatures["serving_default"](
         images=tf.constant(images[:1].astype("float32")))["probabilities"]
     np.testing.assert_allclose(probability.numpy(), expected.numpy()[:1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_without_a_validation_split_t_is_fitted_on_a_training_carve_out(tiny_recipe,
+                                                                        tmp_path):
+    recipe = apply_overrides(tiny_recipe, ["data.validation_fraction=0",
+                                           "evaluate.calibrate=temperature",
+                                           "export.enabled=false"])
+    lines = []
+    result = run_recipe(recipe, tmp_path / "run", log=lines.append, verbose=0)
+    calibration = json.loads((result.run_dir / "run.json").read_text())["calibration"]
+    # 1,437 non-test digits: ceil(10%) held out, the rest trains.
+    assert calibration["fitted_on"] == "training carve-out (no validation split)"
+    assert calibration["fit_examples"] == 144
+    assert any(line.startswith("144 training images held out") for line in lines)
+    assert any("train 1293, validation 0" in line for line in lines)
+    uncalibrated = run_recipe(apply_overrides(recipe, ["evaluate.calibrate=auto"]),
+                              tmp_path / "auto", log=lambda line: None, verbose=0)
+    assert json.loads((uncalibrated.run_dir / "run.json").read_text())["temperature"] is None
+    assert "calibration" not in uncalibrated.metrics
