@@ -20,9 +20,11 @@ times per sample size without replacement from its pool and tested with
   50): every pool image corrupted;
 - `domain`: images of another data set (`--domain FOLDER`, read recursively).
 
-Prints one Markdown table: the pool's accuracy and mean top-1 confidence (how much the
-shift hurts the model), the share of draws flagged per scenario and sample size, and
-the smallest sample size flagged in at least 90% of draws. Outputs are computed once per
+Prints two Markdown tables, for images (`kcls monitor --data`: three tests) and for the
+same draws' predictions alone (`--predictions`: class and confidence tests): the pool's
+accuracy and mean top-1 confidence (how much the shift hurts the model), the share of
+draws flagged per scenario and sample size, and the smallest sample size flagged in at
+least 90% of draws. Outputs are computed once per
 image; only the statistics run per draw.
 """
 
@@ -147,38 +149,47 @@ def main() -> None:
     rows = []
     for name, (pool_probabilities, pool_embeddings) in pools.items():
         draws = args.iid_draws if name == "iid" else args.draws
-        rates, per_test = {}, {}
+        # Per sample size: share flagged with images (three tests) and from the
+        # predictions alone (`--predictions`: class and confidence tests, same draws).
+        rates, logged_rates, per_test = {}, {}, {}
         for size in SIZES:
             if size > len(pool_probabilities):
                 continue
-            flagged, tests = 0, {}
+            flagged, logged, tests = 0, 0, {}
             for _ in range(draws):
                 chosen = rng.choice(len(pool_probabilities), size, replace=False)
-                result = compare(profile, pool_probabilities[chosen].argmax(1),
-                                 pool_probabilities[chosen].max(1), pool_embeddings[chosen],
+                classes = pool_probabilities[chosen].argmax(1)
+                confidences = pool_probabilities[chosen].max(1)
+                result = compare(profile, classes, confidences, pool_embeddings[chosen],
                                  permutations=args.permutations,
                                  seed=int(rng.integers(1 << 31)))
                 flagged += result["drift"]
+                logged += compare(profile, classes, confidences)["drift"]
                 for test in result["flagged"]:
                     tests[test] = tests.get(test, 0) + 1
-            rates[size] = flagged / draws
+            rates[size], logged_rates[size] = flagged / draws, logged / draws
             per_test[size] = {test: count / draws for test, count in tests.items()}
-        smallest = next((size for size, rate in rates.items() if rate >= DETECTED), None)
         accuracy = (f"{np.mean(pool_probabilities.argmax(1) == pool_labels[name]):.3f}"
                     if name in pool_labels else "-")
         confidence = f"{pool_probabilities.max(1).mean():.3f}"
-        rows.append((name, draws, len(pool_probabilities), rates, per_test, smallest,
-                     accuracy, confidence))
-        print(f"{name}: {rates} {per_test}", file=sys.stderr)
+        rows.append((name, draws, len(pool_probabilities), rates, logged_rates, accuracy,
+                     confidence))
+        print(f"{name}: {rates} logged {logged_rates} {per_test}", file=sys.stderr)
 
-    print("| scenario | pool | accuracy | mean confidence | draws | "
-          + " | ".join(f"n={size}" for size in SIZES)
-          + f" | smallest n flagged in >= {DETECTED:.0%} |")
-    print("| --- " * (len(SIZES) + 6) + "|")
-    for name, draws, pool, rates, _, smallest, accuracy, confidence in rows:
-        cells = [f"{rates[size]:.2f}" if size in rates else "-" for size in SIZES]
-        print(f"| {name} | {pool} | {accuracy} | {confidence} | {draws} | " + " | ".join(cells)
-              + f" | {smallest or '-'} |")
+    for title, column in (("images (`--data`: three tests)", 3),
+                          ("predictions only (`--predictions`: two tests)", 4)):
+        print(f"\n{title}\n")
+        print("| scenario | pool | accuracy | mean confidence | draws | "
+              + " | ".join(f"n={size}" for size in SIZES)
+              + f" | smallest n flagged in >= {DETECTED:.0%} |")
+        print("| --- " * (len(SIZES) + 6) + "|")
+        for row in rows:
+            name, draws, pool, rates, accuracy, confidence = (
+                row[0], row[1], row[2], row[column], row[5], row[6])
+            cells = [f"{rates[size]:.2f}" if size in rates else "-" for size in SIZES]
+            smallest = next((size for size, rate in rates.items() if rate >= DETECTED), "-")
+            print(f"| {name} | {pool} | {accuracy} | {confidence} | {draws} | "
+                  + " | ".join(cells) + f" | {smallest} |")
     print(f"\n{time.time() - started:.0f} s in all; permutations {args.permutations}",
           file=sys.stderr)
 
