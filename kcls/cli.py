@@ -6,10 +6,12 @@
     kcls predict MODEL_DIR IMAGE... [--top-k K]
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
+    kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
     kcls export RUN_DIR [--base-dir DIR]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
+    kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
 """
 
 from __future__ import annotations
@@ -106,8 +108,12 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
               help="Name the model is served under (with --server or --grpc).")
 @click.option("--model-version", type=click.IntRange(min=1),
               help="Served version to ask (with --server or --grpc; default: the latest).")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append each served answer as a JSON line to this file (with --server "
+                   "or --grpc), the log `kcls monitor --predictions` reads.")
 def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target: str | None,
-            model_name: str | None, model_version: int | None) -> None:
+            model_name: str | None, model_version: int | None,
+            log_file: Path | None) -> None:
     """Classify images with an exported SavedModel, locally or through TF Serving.
 
     Locally, the first argument is MODEL_DIR: a version directory
@@ -123,6 +129,8 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
     if not remote and (model_name or model_version):
         raise click.UsageError("--model and --model-version only apply with --server or --grpc; "
                                "locally, pass the export folder as MODEL_DIR.")
+    if not remote and log_file:
+        raise click.UsageError("--log records served answers: use it with --server or --grpc.")
     if not remote and len(paths) < 2:
         raise click.UsageError("Expected MODEL_DIR and at least one IMAGE "
                                "(or --server/--grpc with --model).")
@@ -133,7 +141,7 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
         if path.is_dir():
             raise click.UsageError(f"{str(path)!r} is a directory, not an image file.")
     if remote:
-        _predict_remote(images, top_k, server, grpc_target, model_name, model_version)
+        _predict_remote(images, top_k, server, grpc_target, model_name, model_version, log_file)
         return
 
     start_tensorflow()
@@ -285,15 +293,62 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
                f"report {Path(report['out_dir']) / OPTIMIZE_TABLE_FILE}")
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_source", metavar="FOLDER",
+              help="A folder of recent production images (any layout, no labels), run "
+                   "through the export: class, confidence and embedding tests.")
+@click.option("--predictions", "predictions_file", metavar="FILE.jsonl",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Logged served answers (kcls predict --server ... --log FILE.jsonl, or "
+                   "TF Serving response bodies, one per line): class and confidence tests.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for monitor.json, monitor.md and plots "
+                   "(default: monitor/MODEL-UTCTIME).")
+@click.option("--alpha", default=0.05, show_default=True, type=float,
+              help="False-alarm rate on unchanged data (Bonferroni over the tests).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
+def monitor(model_dir: Path, data_source: str | None, predictions_file: Path | None,
+            out_dir: Path | None, alpha: float, overwrite: bool) -> None:
+    """Compare recent data with the reference profile of the export MODEL_DIR.
+
+    Prints one verdict line and exits with status 3 when drift is flagged (0 when not,
+    1 or 2 on errors), so cron jobs and CI can act on it.
+    """
+    start_tensorflow()
+    from kcls.layout import MONITOR_REPORT_FILE
+    from kcls.monitor import DRIFT_EXIT_CODE, MonitorError
+    from kcls.monitor import monitor as monitor_data
+    from kcls.prediction_log import PredictionLogError
+
+    try:
+        result = monitor_data(model_dir, data_source, predictions_file, out_dir, alpha,
+                              overwrite=overwrite, log=click.echo)
+    except (FileNotFoundError, PredictionLogError) as error:
+        raise click.ClickException(str(error)) from None
+    except MonitorError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(result["verdict"])
+    click.echo(f"report: {Path(result['out_dir']) / MONITOR_REPORT_FILE}")
+    if result["drift"]:
+        sys.exit(DRIFT_EXIT_CODE)
+
+
 def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,
-                    grpc_target: str | None, model_name: str, version: int | None) -> None:
+                    grpc_target: str | None, model_name: str, version: int | None,
+                    log_file: Path | None = None) -> None:
     from kcls import serving_client
+    from kcls.prediction_log import append_predictions, prediction_record
 
     call = (serving_client.rest_predict if server else serving_client.grpc_predict)
     try:
         for path in images:
             (prediction,) = call(server or grpc_target, model_name, [path.read_bytes()],
                                  version=version)
+            if log_file:
+                append_predictions(log_file, [prediction_record(
+                    str(path), prediction.labels, prediction.scores, prediction.classes,
+                    prediction.probabilities, model_name, version)])
             _echo_ranked(path, prediction.top(top_k))
     except serving_client.ServingError as error:
         raise click.ClickException(f"{path}: {error}") from None

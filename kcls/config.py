@@ -29,6 +29,7 @@ Strategy = Literal["auto", "mirrored", "multiworker", "default"]
 AugmentPolicy = Literal["none", "light", "randaugment", "strong"]
 ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
+Calibrate = Literal["auto", "temperature", "none"]
 JitCompile = Union[bool, Literal["auto"]]
 
 
@@ -243,10 +244,18 @@ class EvaluateConfig:
         flip_tta: also report metrics with horizontal-flip test-time augmentation
             (averaged probabilities of each image and its mirror), beside the plain ones.
         mistakes: how many of the most confident mistakes the report shows.
+        calibrate: `temperature` fits one temperature T on held-out data after training
+            (the validation split; without one, 10% of the training split is held out
+            for it, `kcls.data.sources.carve_calibration_split`) by minimising the NLL,
+            and the export serves `softmax(logits / T)` (Guo et al. 2017; accuracy is
+            unchanged); `none` serves `softmax(logits)`; `auto`: `temperature` when the
+            recipe has a validation split, else `none`. `run.json`, `kcls.json` and the
+            report record T and the test NLL and ECE before and after it.
     """
 
     flip_tta: bool = False
     mistakes: int = 16
+    calibrate: Calibrate = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate")

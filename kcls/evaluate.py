@@ -53,16 +53,18 @@ def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
                         class_names: list[str] | None = None,
-                        flip_tta: bool = False) -> Evaluation:
+                        flip_tta: bool = False,
+                        temperature: float | None = None) -> Evaluation:
     """All metrics of `classifier` on `batches`; with `flip_tta`, also under flip averaging.
 
     Flip test-time augmentation averages the probabilities of each image and its mirror;
     its metrics are reported separately under `metrics["tta"]`, never in place of the
-    plain ones.
+    plain ones. With a `temperature` T, the metrics are those of `softmax(logits / T)`,
+    what a calibrated export serves, and `metrics["calibration"]` compares them with T=1.
     """
     logits, labels = predict_logits(classifier, batches)
     flipped = predict_logits(classifier, batches, flip=True)[0] if flip_tta else None
-    return evaluate_predictions(logits, labels, class_names, flipped)
+    return evaluate_predictions(logits, labels, class_names, flipped, temperature)
 
 
 def evaluate_model(model_path: str, data_source: str | None = None,
@@ -78,6 +80,8 @@ def evaluate_model(model_path: str, data_source: str | None = None,
             out (same seed, so never an image it trained on).
         out_dir: where `metrics.json`, `report.md` and the plots go (None: no files).
         flip_tta: also report flip test-time augmentation metrics.
+        The model's calibration temperature (`kcls.json`, `run.json`), when it has one,
+        scales the logits as the export does.
         log: receives a line naming the files of the data that did not reach the model
             (unreadable or undecodable images of a folder), when there are any.
 
@@ -102,7 +106,8 @@ def evaluate_model(model_path: str, data_source: str | None = None,
             f"The evaluation data's classes {class_names} are not the model's classes "
             f"{loaded.class_names}; evaluate on data with the same class folders/labels.")
     batches = eval_pipeline(examples, len(class_names), dataclasses.replace(data, cache="none"))
-    evaluation = evaluate_classifier(loaded.classifier, batches, class_names, flip_tta)
+    evaluation = evaluate_classifier(loaded.classifier, batches, class_names, flip_tta,
+                                     loaded.temperature)
     # Read after the pass: files failing to decode during it were appended to `skipped`.
     evaluation.skipped = list(skipped)
     if skipped:

@@ -7,14 +7,22 @@
   (float32 `[N, k]`), `labels` (tf.string `[N, k]`). Decoding and resizing happen in
   the graph with `kcls.data.pipeline.prepare_image`, exactly as in evaluation. This is
   what TF Serving's REST API calls with `{"instances": [{"b64": "..."}]}`.
-- signature `predict_images`: `images` (uint8 `[N, H, W, 3]`) -> the same outputs.
+- signature `predict_images`: `images` (uint8 `[N, H, W, 3]`) -> the same outputs and
+  `embedding` (float32 `[N, D]`, the penultimate layer: what `kcls monitor` compares
+  with the reference profile).
 - signature `classify`, for TF Serving's Classify API (method name
   `tensorflow/serving/classify`): `inputs` (tf.string `[N]`, serialized `tf.Example`s
   with a bytes feature `image_bytes`) -> `classes` (tf.string `[N, k]`, labels) and
   `scores` (float32 `[N, k]`).
+- `assets/reference.json`: the reference profile of the test split (`kcls.profile`), which
+  `kcls monitor` compares production images or logged predictions with.
 - `assets/labels.txt` (one class name per line), `kcls.json` (recipe, metrics, versions)
   and `model.weights.h5` (the Keras weights, from which `kcls.load.load_classifier`
   rebuilds the classifier; TF Serving ignores it). File names: `kcls.layout`.
+
+With a calibration temperature T (`evaluate.calibrate`, `kcls.metrics.fit_temperature`)
+every signature serves `probabilities = softmax(logits / T)` (the argmax, hence the
+classes, unchanged) and `kcls.json` records T under `temperature` (null: T = 1).
 
 With `export.flip_tta` every signature averages the probabilities of each image and its
 horizontal mirror (the test-time augmentation `evaluate.flip_tta` measures).
@@ -60,12 +68,16 @@ from kcls.layout import (
     LABELS_FILE,
     METADATA_FILE,
     MODELS_CONFIG_FILE,
+    REFERENCE_FILE,
+    RUN_REFERENCE_FILE,
     SAVED_MODEL_FILE,
     WEIGHTS_FILE,
     exported_versions,
     versions,
 )
 from kcls.load import float32_architecture, load_run, load_run_metrics
+from kcls.models.classifier import embedding_model
+from kcls.profile import recipe_reference_profile
 from kcls.rundir import process_exists
 
 SERVING_MOUNT = "/models"  # where the docker command in the README mounts the base dir
@@ -83,7 +95,9 @@ _TEMPORARY_NAME = re.compile(
 
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
                        metrics: dict[str, Any] | None = None,
-                       base_dir: str | Path | None = None) -> Path:
+                       base_dir: str | Path | None = None,
+                       temperature: float | None = None,
+                       reference: dict[str, Any] | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
     Args:
@@ -92,6 +106,11 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         class_names: list[str], one per output class.
         metrics: test-split metrics to record in `kcls.json`.
         base_dir: overrides `recipe.export.base_dir`.
+        temperature: calibration temperature T > 0 the signatures divide the logits by;
+            None serves `softmax(logits)`.
+        reference: the reference profile (`kcls.profile.reference_profile`) written to
+            `assets/reference.json`; None writes none (`kcls monitor` then says how to
+            get one).
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/3`. The
@@ -107,7 +126,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
         archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
                                    recipe.export.top_k, recipe.data.resize,
-                                   recipe.export.flip_tta)
+                                   recipe.export.flip_tta, temperature)
         archive.write_out(str(temporary), verbose=False)
         # Keras' own weights file, which `kcls.load` reads: it addresses weights by layer
         # and variable, where the SavedModel only keeps a list of variables.
@@ -115,10 +134,13 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         _set_method_name(temporary, CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME)
         (temporary / LABELS_FILE).parent.mkdir(exist_ok=True)
         (temporary / LABELS_FILE).write_text("\n".join(class_names) + "\n")
+        if reference is not None:
+            (temporary / REFERENCE_FILE).write_text(json.dumps(reference))
         metadata = {"kcls_version": __version__, "tensorflow_version": tf.__version__,
                     "keras_version": keras.__version__, "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
-                    "metrics": metrics or {}, "recipe": to_dict(recipe)}
+                    "temperature": temperature, "metrics": metrics or {},
+                    "recipe": to_dict(recipe)}
         (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         version_dir = _publish(temporary, model_dir)
     finally:
@@ -131,8 +153,10 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
     """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
-    `<run_dir>/model.weights.h5` and exports it with the class names of `run.json` and
-    the test metrics of `metrics.json`. Training code is never imported.
+    `<run_dir>/model.weights.h5` and exports it with the class names and calibration
+    temperature of `run.json`, the test metrics of `metrics.json` and the reference
+    profile of `reference.json`; a run without that profile (from an older kcls) gets
+    one computed on its recipe's test split. Training code is never imported.
 
     Args:
         run_dir: a run directory written by `kcls recipe run` (or `kcls.run.run_recipe`).
@@ -146,8 +170,15 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
         ConfigError: the run's `config.json` does not match this kcls version's config.
     """
     loaded = load_run(run_dir)
+    reference_file = Path(run_dir) / RUN_REFERENCE_FILE
+    if reference_file.is_file():
+        reference = json.loads(reference_file.read_text())
+    else:
+        reference = recipe_reference_profile(loaded.classifier, loaded.recipe,
+                                             loaded.class_names, loaded.temperature)
     return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                              load_run_metrics(run_dir), base_dir)
+                              load_run_metrics(run_dir), base_dir, loaded.temperature,
+                              reference)
 
 
 def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Path:
@@ -293,19 +324,23 @@ def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> 
 
 
 def _serving_archive(model: keras.Model, class_names: list[str], image_size: int,
-                     top_k: int, resize: str = "resize",
-                     flip_tta: bool = False) -> keras.export.ExportArchive:
+                     top_k: int, resize: str = "resize", flip_tta: bool = False,
+                     temperature: float | None = None) -> keras.export.ExportArchive:
     top_k = min(top_k, len(class_names))
     label_table = tf.constant(class_names)
+    scale = 1.0 / (temperature or 1.0)  # a constant of the graph: T is fixed at export
+
+    with_embedding = embedding_model(model)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.nn.softmax(model(images, training=False))
+        embedding, logits = with_embedding(images, training=False)
+        probabilities = tf.nn.softmax(logits * scale)
         if flip_tta:
-            mirrored = tf.nn.softmax(model(tf.reverse(images, axis=[2]), training=False))
+            mirrored = tf.nn.softmax(model(tf.reverse(images, axis=[2]), training=False) * scale)
             probabilities = (probabilities + mirrored) / 2.0
         scores, classes = tf.math.top_k(probabilities, k=top_k)
         return {"probabilities": probabilities, "classes": classes, "scores": scores,
-                "labels": tf.gather(label_table, classes)}
+                "labels": tf.gather(label_table, classes), "embedding": embedding}
 
     def decode(image_bytes: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
@@ -315,7 +350,9 @@ def _serving_archive(model: keras.Model, class_names: list[str], image_size: int
         images = tf.map_fn(decode, image_bytes,
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                                              tf.float32))
-        return outputs(images)
+        served = outputs(images)
+        del served["embedding"]  # TF Serving clients get the outputs they always got
+        return served
 
     def predict_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return outputs(prepare_image(images, image_size, resize))

@@ -15,16 +15,22 @@ and locked by `kcls.rundir`):
     model.weights.h5     the trained classifier's Keras weights (`WEIGHTS_FILE`)
     best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
     metrics.json, report.md, *.png    the evaluation report (`METRICS_FILE`, ...)
+    reference.json       the reference profile of the test split (`RUN_REFERENCE_FILE`)
     samples/             a few held-out test images as PNG (`SAMPLES_DIR`)
     logs/                TensorBoard logs (`LOGS_DIR`)
     backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
     optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
 
 An export, `<base_dir>/<model>/<version>/` (`kcls.export`), is a SavedModel
-(`saved_model.pb`, `variables/`) plus `assets/labels.txt`, `kcls.json` (recipe, classes,
-metrics, versions) and `model.weights.h5`; `<base_dir>/models.config` lists the models
+(`saved_model.pb`, `variables/`) plus `assets/labels.txt`, `assets/reference.json` (the
+reference profile `kcls monitor` compares production data with, `REFERENCE_FILE`),
+`kcls.json` (recipe, classes, metrics, calibration temperature, versions) and
+`model.weights.h5`; `<base_dir>/models.config` lists the models
 for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
 `kcls optimize` output (TF Serving ignores folders whose names are not numbers).
+
+`kcls monitor` writes `monitor.json`, `monitor.md` and three plots into
+`monitor/<model>-<UTC time>/` (`MONITOR_DIR`) or its `--out` folder.
 
 `kcls optimize` writes `model.tflite`, `float32.tflite`, `optimize.json` and
 `optimize.md`; `prune` and `qat` also `saved_model/` and `result.json` (the TF-MOT child).
@@ -64,11 +70,20 @@ RELIABILITY_PLOT = "reliability.png"
 CONFIDENT_MISTAKES_PLOT = "confident_mistakes.png"
 PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
+RUN_REFERENCE_FILE = "reference.json"
 # Exports.
 SAVED_MODEL_FILE = "saved_model.pb"
 LABELS_FILE = "assets/labels.txt"
+REFERENCE_FILE = "assets/reference.json"
 METADATA_FILE = "kcls.json"
 MODELS_CONFIG_FILE = "models.config"
+# Drift monitoring (`kcls monitor`).
+MONITOR_DIR = "monitor"
+MONITOR_FILE = "monitor.json"
+MONITOR_REPORT_FILE = "monitor.md"
+MONITOR_CLASSES_PLOT = "monitor_classes.png"
+MONITOR_CONFIDENCE_PLOT = "monitor_confidence.png"
+MONITOR_EMBEDDING_PLOT = "monitor_embedding.png"
 # Optimized models.
 OPTIMIZED_DIR = "optimized"
 TFLITE_FILE = "model.tflite"

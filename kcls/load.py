@@ -38,11 +38,16 @@ from kcls.models.classifier import build_classifier
 
 @dataclasses.dataclass
 class LoadedClassifier:
-    """A float32 Keras classifier rebuilt from a run directory or an export, with its recipe."""
+    """A float32 Keras classifier rebuilt from a run directory or an export, with its recipe.
+
+    `temperature` is the calibration temperature T the export serves `softmax(logits / T)`
+    with (`kcls.metrics.fit_temperature`), or None for an uncalibrated model.
+    """
 
     classifier: keras.Model
     recipe: Recipe
     class_names: list[str]
+    temperature: float | None = None
 
 
 def load_classifier(path: str | Path) -> LoadedClassifier:
@@ -82,11 +87,14 @@ def load_run(run_dir: str | Path) -> LoadedClassifier:
                 "`kcls recipe run NAME` to get one.")
     recipe = _recipe_from(json.loads((run_dir / RUN_CONFIG_FILE).read_text()),
                           run_dir / RUN_CONFIG_FILE)
-    class_names = json.loads((run_dir / RUN_INFO_FILE).read_text()).get("class_names")
+    run_info = json.loads((run_dir / RUN_INFO_FILE).read_text())
+    class_names = run_info.get("class_names")
     if not class_names:
         raise FileNotFoundError(f"{run_dir / RUN_INFO_FILE} does not list the class names; "
                                 "re-run the recipe with `kcls recipe run NAME`.")
-    return _rebuild(recipe, class_names, run_dir / WEIGHTS_FILE, run_dir / RUN_CONFIG_FILE)
+    loaded = _rebuild(recipe, class_names, run_dir / WEIGHTS_FILE, run_dir / RUN_CONFIG_FILE)
+    loaded.temperature = run_info.get("temperature")
+    return loaded
 
 
 def load_export(export_dir: str | Path) -> LoadedClassifier:
@@ -98,9 +106,11 @@ def load_export(export_dir: str | Path) -> LoadedClassifier:
             f"The export {str(export_dir)!r} has no {WEIGHTS_FILE} (older kcls exports kept "
             "the weights in the SavedModel only); export the run again with "
             "`kcls export RUN_DIR`.")
-    return _rebuild(_recipe_from(metadata["recipe"], export_dir / METADATA_FILE),
-                    metadata["class_names"], export_dir / WEIGHTS_FILE,
-                    export_dir / METADATA_FILE)
+    loaded = _rebuild(_recipe_from(metadata["recipe"], export_dir / METADATA_FILE),
+                      metadata["class_names"], export_dir / WEIGHTS_FILE,
+                      export_dir / METADATA_FILE)
+    loaded.temperature = metadata.get("temperature")
+    return loaded
 
 
 def load_run_metrics(run_dir: str | Path) -> dict[str, Any]:

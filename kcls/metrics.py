@@ -2,7 +2,9 @@
 
 Accuracy, top-5 accuracy, negative log-likelihood (from the log-softmax of the logits,
 never from clipped probabilities), 15-bin expected calibration error, per-class
-precision/recall/F1/support, their averages and the confusion matrix (scikit-learn's).
+precision/recall/F1/support, their averages and the confusion matrix (scikit-learn's),
+and the temperature of temperature scaling (Guo et al. 2017, "On Calibration of Modern
+Neural Networks": one scalar T, `softmax(logits / T)`, fitted by minimising the NLL).
 Nothing here runs a model or touches a file: `kcls.evaluate` runs models, `kcls.report`
 writes reports, and both call these functions; they are tested on hand-made predictions
 whose right answers are known.
@@ -21,10 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
 from sklearn import metrics as sklearn_metrics
 
 CALIBRATION_BINS = 15
+# Temperatures `fit_temperature` searches, as bounds on log(T): T in [0.05, 20].
+_LOG_TEMPERATURE_BOUNDS = (float(np.log(0.05)), float(np.log(20.0)))
 
 
 @dataclass
@@ -32,22 +37,28 @@ class Evaluation:
     """Metrics and the predictions they were computed from.
 
     Attributes:
-        metrics: dict from `classification_metrics` (plus `tta` when flip-TTA was run).
-        probabilities: float32 `[N, C]` predicted class probabilities (without TTA).
+        metrics: dict from `classification_metrics` (plus `tta` when flip-TTA was run, and
+            `calibration` when the logits were temperature-scaled).
+        probabilities: float32 `[N, C]` predicted class probabilities (without TTA; after
+            temperature scaling, when there was one).
         labels: int64 `[N]` true classes.
         skipped: list[str] of the data's files that did not reach the model (unreadable
             or undecodable images; see `kcls.data.folder`), not counted in `N`.
+        uncalibrated_probabilities: float32 `[N, C]` probabilities before temperature
+            scaling, or None when there was none.
     """
 
     metrics: dict[str, Any]
     probabilities: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
     skipped: list[str] = field(default_factory=list)
+    uncalibrated_probabilities: np.ndarray | None = field(default=None, repr=False)
 
 
 def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,
                          class_names: list[str] | None = None,
-                         flipped_logits: np.ndarray | None = None) -> Evaluation:
+                         flipped_logits: np.ndarray | None = None,
+                         temperature: float | None = None) -> Evaluation:
     """Every metric of one set of predictions, and the predictions reports need.
 
     Args:
@@ -57,12 +68,67 @@ def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,
         flipped_logits: float `[N, C]` logits of the horizontally mirrored images; their
             flip-TTA metrics (mean probabilities of each image and its mirror) go under
             `metrics["tta"]`, never in place of the plain ones.
+        temperature: T > 0 of temperature scaling: every metric is then computed from
+            `softmax(logits / T)` (accuracy is unchanged) and `metrics["calibration"]`
+            holds T with the NLL and ECE `before` and `after` it. None: no scaling.
     """
+    logits = np.asarray(logits, np.float64)
+    uncalibrated = None
+    if temperature is not None:
+        uncalibrated = softmax(logits, axis=1).astype(np.float32)
+        before = summary_metrics(logits, labels)
+        logits = logits / temperature
+        flipped_logits = None if flipped_logits is None else (
+            np.asarray(flipped_logits, np.float64) / temperature)
     metrics = classification_metrics(logits, labels, class_names)
     if flipped_logits is not None:
         metrics["tta"] = summary_metrics(mean_probability_logits(logits, flipped_logits), labels)
-    return Evaluation(metrics, softmax(np.asarray(logits, np.float64), axis=1).astype(np.float32),
-                      np.asarray(labels, np.int64))
+    if temperature is not None:
+        metrics["calibration"] = {
+            "method": "temperature", "temperature": float(temperature),
+            "before": {key: before[key] for key in ("nll", "ece")},
+            "after": {key: metrics[key] for key in ("nll", "ece")}}
+    return Evaluation(metrics, softmax(logits, axis=1).astype(np.float32),
+                      np.asarray(labels, np.int64),
+                      uncalibrated_probabilities=uncalibrated)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the NLL of `softmax(logits / T)` (Guo et al. 2017).
+
+    One scalar divides every logit, so the argmax, hence accuracy, never changes; T > 1
+    softens an over-confident model, T < 1 sharpens an under-confident one. The NLL is
+    convex in 1/T, and the search is a bounded scalar minimisation over log T in
+    [log 0.05, log 20] (scipy's `minimize_scalar`), in float64.
+
+    Args:
+        logits: float `[N, C]` logits of held-out examples (never the training ones).
+        labels: int `[N]` true classes.
+
+    Returns:
+        float T > 0.
+
+    Raises:
+        ValueError: no examples, or `labels` not matching `logits`.
+
+    >>> fit_temperature(np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]]),
+    ...                 np.array([0, 1, 1, 0])) > 10  # right half the time: soften
+    True
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    if logits.ndim != 2 or len(logits) == 0 or labels.shape != (len(logits),):
+        raise ValueError(f"fit_temperature needs logits [N, C] with N >= 1 and labels [N]; "
+                         f"got logits {logits.shape} and labels {labels.shape}.")
+    rows = np.arange(len(labels))
+
+    def nll(log_temperature: float) -> float:
+        scaled = log_softmax(logits / np.exp(log_temperature), axis=1)
+        return float(-np.mean(scaled[rows, labels]))
+
+    result = minimize_scalar(nll, bounds=_LOG_TEMPERATURE_BOUNDS, method="bounded",
+                             options={"xatol": 1e-5})
+    return float(np.exp(result.x))
 
 
 def mean_probability_logits(*logits: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
     training_curves.png     loss and accuracy per epoch, both phases, unfreeze point marked
     confusion_matrix.png    row-normalised, class names on the axes
-    reliability.png         accuracy vs confidence in 15 bins, with the ECE
+    reliability.png         accuracy vs confidence in 15 bins, with the ECE (before and
+                            after temperature scaling, when the model was calibrated)
     confident_mistakes.png  the held-out images the model got wrong most confidently
 
 Example:
@@ -87,6 +88,17 @@ def markdown_report(metrics: dict[str, Any], plots: list[str],
     if "tta" in metrics:
         for key, value in metrics["tta"].items():
             lines.append(f"| {key} (flip TTA) | {_format(value)} |")
+    calibration = metrics.get("calibration")
+    if calibration and calibration.get("method") == "temperature":
+        fitted = (f" fitted on the {calibration['fitted_on']} ({calibration['fit_examples']} "
+                  "images)" if "fitted_on" in calibration else "")
+        lines += ["", "## Calibration", "",
+                  f"Temperature scaling: T = {calibration['temperature']:.4f}{fitted}; the "
+                  "export serves softmax(logits / T). Accuracy is unchanged.", "",
+                  "| metric | before (T = 1) | after |", "| --- | --- | --- |"]
+        for key in ("nll", "ece"):
+            lines.append(f"| {key} | {calibration['before'][key]:.4f} | "
+                         f"{calibration['after'][key]:.4f} |")
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support |",
               "| --- | --- | --- | --- | --- |"]
     for name, row in metrics["per_class"].items():
@@ -119,7 +131,7 @@ def plot_training_curves(history: dict[str, list[float]], phases: list[dict[str,
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> Path:
@@ -140,18 +152,26 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path
                           fontsize=7, color="white" if normalised[row, column] > 0.5 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
     axis.set_title("confusion matrix (row-normalised)")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_reliability(evaluation: Evaluation, path: Path) -> Path:
-    """Reliability diagram: accuracy per confidence bin against the diagonal."""
+    """Reliability diagram: accuracy per confidence bin against the diagonal; with a
+    calibrated model, the curve before temperature scaling too."""
     binned = calibration_bins(evaluation.probabilities, evaluation.labels)
     centres = (binned["edges"][:-1] + binned["edges"][1:]) / 2
     width = binned["edges"][1] - binned["edges"][0]
     filled = binned["count"] > 0
     figure, axis = plt.subplots(figsize=(5, 5))
+    calibration = evaluation.metrics.get("calibration")
+    scaled = evaluation.uncalibrated_probabilities is not None and calibration
     axis.bar(centres[filled], binned["accuracy"][filled], width=width, edgecolor="black",
-             label="accuracy")
+             label=f"after T = {calibration['temperature']:.2f}" if scaled else "accuracy")
+    if scaled:
+        before = calibration_bins(evaluation.uncalibrated_probabilities, evaluation.labels)
+        shown = before["count"] > 0
+        axis.plot(before["confidence"][shown], before["accuracy"][shown], "o-", color="tab:red",
+                  label=f"before (ECE {calibration['before']['ece']:.3f})")
     axis.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1)
@@ -159,7 +179,7 @@ def plot_reliability(evaluation: Evaluation, path: Path) -> Path:
     axis.set_ylabel("accuracy")
     axis.set_title(f"reliability (ECE {evaluation.metrics['ece']:.3f})")
     axis.legend(loc="upper left")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def confident_mistakes(evaluation: Evaluation, count: int = 16) -> np.ndarray:
@@ -189,10 +209,11 @@ def plot_confident_mistakes(evaluation: Evaluation, images: Mapping[int, np.ndar
     if not len(chosen):
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     figure.suptitle("most confident mistakes (true -> predicted, confidence)")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
+def save_figure(figure: plt.Figure, path: Path) -> Path:
+    """Saves `figure` as a 100-dpi PNG at `path`, closes it and returns `path`."""
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

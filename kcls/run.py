@@ -8,6 +8,8 @@ this module only wires them together and writes the run directory:
     <run_dir>/metrics.json   test-split metrics (per class, confusion matrix, calibration)
     <run_dir>/report.md      the metrics as tables, with the plots below
     <run_dir>/*.png          training curves, confusion matrix, reliability, confident mistakes
+    <run_dir>/reference.json the test split's reference profile (`kcls.profile`), exported
+                             for `kcls monitor`
     <run_dir>/model.weights.h5  trained weights, re-exported by `kcls export RUN_DIR`
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
@@ -33,6 +35,7 @@ import tensorflow as tf
 
 from kcls import __version__
 from kcls.config import (
+    Calibrate,
     ClassWeights,
     ConfigError,
     DataConfig,
@@ -49,18 +52,30 @@ from kcls.data.pipeline import (
     prepare_image,
     train_pipeline,
 )
-from kcls.data.sources import Splits, load_splits, train_class_counts
-from kcls.evaluate import evaluate_classifier
+from kcls.data.sources import (
+    Splits,
+    carve_calibration_split,
+    load_splits,
+    train_class_counts,
+)
+from kcls.evaluate import evaluate_classifier, predict_logits
 from kcls.export import export_saved_model
 from kcls.layout import (
     REPORT_FILE,
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
+    RUN_REFERENCE_FILE,
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
-from kcls.metrics import Evaluation, class_balance_warning
+from kcls.metrics import (
+    Evaluation,
+    class_balance_warning,
+    fit_temperature,
+    summary_metrics,
+)
 from kcls.models.classifier import build_classifier
+from kcls.profile import reference_profile, write_json
 from kcls.report import confident_mistakes, write_report
 from kcls.rundir import check_run_dir, claim_run_dir
 from kcls.train.budget import TimeBudget
@@ -130,6 +145,12 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         check_run_dir(run_dir)
     check_cache_writable(recipe.data)
     splits = splits or load_splits(recipe.data)
+    calibrate = resolve_calibrate(recipe.evaluate.calibrate, splits.validation is not None)
+    calibration_examples, calibration_count = splits.validation, splits.sizes["validation"]
+    if calibrate == "temperature" and splits.validation is None:
+        train_count = splits.sizes["train"]
+        splits, calibration_examples = carve_calibration_split(splits)
+        calibration_count = train_count - splits.sizes["train"]
     num_classes = len(splits.class_names)
     steps_per_epoch = max(splits.sizes["train"] // recipe.data.batch_size, 1)
     if recipe.train.steps_per_epoch:
@@ -154,6 +175,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             f"{len(splits.class_names)} classes | train {splits.sizes['train']}, "
             f"validation {splits.sizes['validation']}, test {splits.sizes['test']} | "
             f"run dir {run_dir}")
+        if calibrate == "temperature" and splits.validation is None:
+            log(f"{calibration_count} training images held out to fit the calibration "
+                "temperature (no validation split; evaluate.calibrate=temperature)")
 
         augmentation = build_augmentation(recipe.data.augment, recipe.data.horizontal_flip,
                                           recipe.data.seed, recipe.data.mixup, recipe.data.cutmix)
@@ -171,7 +195,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if recipe.train.time_budget is not None:
             time_budget = TimeBudget(
                 parse_duration(recipe.train.time_budget),
-                evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1),
+                evaluation_images=splits.sizes["test"] * (2 if recipe.evaluate.flip_tta else 1)
+                + splits.sizes["test"] * (2 if recipe.export.flip_tta else 1)  # the profile
+                + (calibration_count if calibrate == "temperature" else 0),
                 fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
                 else AFTER_TRAINING_SECONDS / 2)
         validation_batches = None
@@ -192,11 +218,27 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         trained = time.time()
         classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
+        temperature, calibration = None, {"method": "none"}
+        if calibrate == "temperature":
+            calibration_batches = validation_batches or eval_pipeline(
+                calibration_examples, num_classes, dataclasses.replace(recipe.data, cache="none"))
+            temperature, calibration = fit_calibration(
+                classifier, calibration_batches,
+                "validation split" if splits.validation is not None
+                else "training carve-out (no validation split)")
         test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
                                      splits.fingerprint)
         evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
-                                         flip_tta=recipe.evaluate.flip_tta)
+                                         flip_tta=recipe.evaluate.flip_tta,
+                                         temperature=temperature)
         metrics = evaluation.metrics
+        if temperature is not None:
+            metrics["calibration"].update(calibration)
+            before, after = metrics["calibration"]["before"], metrics["calibration"]["after"]
+            log(f"temperature scaling: T {temperature:.3f} fitted on {calibration['fitted_on']} "
+                f"({calibration['fit_examples']} images); test nll {before['nll']:.4f} -> "
+                f"{after['nll']:.4f}, ece {before['ece']:.4f} -> {after['ece']:.4f}")
+        calibration = metrics.get("calibration", calibration)
         support = {name: row["support"] for name, row in metrics["per_class"].items()}
         log("test support per class: " + ", ".join(f"{n} {c}" for n, c in support.items()))
         imbalance = class_balance_warning(support)
@@ -213,10 +255,14 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if splits.skipped:
             log(skipped_files_line(splits.skipped))
         _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
+        reference = reference_profile(classifier, test_batches, splits.class_names,
+                                      temperature, recipe.export.flip_tta)
+        write_json(run_dir / RUN_REFERENCE_FILE, reference)
 
         export_dir = None
         if recipe.export.enabled:
-            export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics)
+            export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics,
+                                            temperature=temperature, reference=reference)
             log(f"exported float32 SavedModel to {export_dir}")
 
         run_info = {
@@ -236,7 +282,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                 zip(splits.class_names, np.round(class_weights, 4).tolist())),
             "phases": training["phases"], "history": training["history"],
             "resumed": training["resumed"], "best_weights": training["best_weights"],
-            "metrics": metrics,
+            "metrics": metrics, "temperature": temperature, "calibration": calibration,
             "class_names": splits.class_names,
             "skipped_files": splits.skipped, "export_dir": str(export_dir) if export_dir else None,
             "seconds": {"training": round(trained - started, 1),
@@ -248,6 +294,30 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
         return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
                          splits.class_names)
+
+
+def resolve_calibrate(calibrate: str, has_validation: bool) -> str:
+    """`temperature` or `none`: what `evaluate.calibrate` (`auto` included) means here."""
+    require_choice(calibrate, Calibrate, "evaluate.calibrate")
+    if calibrate == "auto":
+        return "temperature" if has_validation else "none"
+    return calibrate
+
+
+def fit_calibration(classifier: keras.Model, batches: tf.data.Dataset,
+                    fitted_on: str) -> tuple[float, dict[str, Any]]:
+    """The temperature of `classifier` fitted on held-out `batches`, and what to record.
+
+    Returns:
+        `(T, {"fitted_on", "fit_examples", "fit_nll_before", "fit_nll_after"})`, the NLLs
+        on the fitting examples themselves.
+    """
+    logits, labels = predict_logits(classifier, batches)
+    temperature = fit_temperature(logits, labels)
+    return temperature, {
+        "fitted_on": fitted_on, "fit_examples": int(len(labels)),
+        "fit_nll_before": summary_metrics(logits, labels)["nll"],
+        "fit_nll_after": summary_metrics(logits / temperature, labels)["nll"]}
 
 
 def check_cache_writable(config: DataConfig) -> None:

@@ -12,6 +12,7 @@ from kcls.cli import main
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
 from kcls.export import export_saved_model
+from kcls.models.classifier import embedding_model
 from kcls.run import run_recipe
 
 
@@ -65,19 +66,30 @@ def test_run_writes_run_dir_and_first_version(tiny_run):
     assert matrix.sum(axis=1).tolist() == [row["support"] for row in metrics["per_class"].values()]
     labels = (result.export_dir / "assets" / "labels.txt").read_text().split()
     assert labels == [str(digit) for digit in range(10)]
+    # The reference profile `kcls monitor` reads: the run's, copied into the export.
+    reference = json.loads((result.export_dir / "assets" / "reference.json").read_text())
+    assert reference == json.loads((result.run_dir / "reference.json").read_text())
+    assert reference["examples"] == 360 and reference["class_names"] == labels
+    assert sum(reference["predicted_counts"]) == 360
+    assert reference["temperature"] == result.metrics["calibration"]["temperature"]
 
 
 def test_exported_signatures_match_the_keras_model(tiny_run):
     recipe, result = tiny_run
     splits = load_splits(recipe.data)
     images = np.stack([image for image, _ in splits.test.take(6).as_numpy_iterator()])
-    expected = tf.nn.softmax(
-        result.classifier(prepare_image(images, recipe.data.image_size), training=False)).numpy()
+    # The quickstart has a validation split, so the export serves softmax(logits / T).
+    temperature = result.metrics["calibration"]["temperature"]
+    prepared = prepare_image(images, recipe.data.image_size)
+    expected = tf.nn.softmax(result.classifier(prepared, training=False) / temperature).numpy()
 
     loaded = tf.saved_model.load(str(result.export_dir))
     encoded = tf.constant([tf.io.encode_png(image).numpy() for image in images])
     from_bytes = loaded.signatures["serving_default"](image_bytes=encoded)
     from_pixels = loaded.signatures["predict_images"](images=tf.constant(images))
+    assert set(from_bytes) == {"probabilities", "classes", "scores", "labels"}
+    embedding = embedding_model(result.classifier)(prepared, training=False)[0].numpy()
+    np.testing.assert_allclose(from_pixels["embedding"].numpy(), embedding, atol=1e-4)
     for outputs in (from_bytes, from_pixels):
         np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-5)
         np.testing.assert_array_equal(outputs["classes"].numpy()[:, 0], expected.argmax(axis=1))

@@ -245,7 +245,9 @@ def test_saved_model_cli_lists_the_three_signatures(exported):
                     "labels": ("DT_STRING", f"(-1, {k})")},
         "method": "tensorflow/serving/predict"}
     assert signatures["predict_images"]["inputs"] == {"images": ("DT_UINT8", "(-1, -1, -1, 3)")}
-    assert set(signatures["predict_images"]["outputs"]) == set(serving_client.OUTPUTS)
+    # predict_images adds the penultimate-layer embedding (for `kcls monitor`).
+    assert set(signatures["predict_images"]["outputs"]) == {*serving_client.OUTPUTS,
+                                                            "embedding"}
     assert signatures["classify"] == {
         "inputs": {"inputs": ("DT_STRING", "(-1)")},
         "outputs": {"classes": ("DT_STRING", f"(-1, {k})"), "scores": ("DT_FLOAT", f"(-1, {k})")},
@@ -347,6 +349,25 @@ def test_kcls_export_re_exports_a_finished_run_as_the_next_version(finished_run)
             image_bytes=tf.constant(samples))
         np.testing.assert_allclose(served["probabilities"].numpy(), keras_probabilities,
                                    atol=1e-5)
+
+
+def test_kcls_export_of_a_run_without_a_reference_profile_computes_it(finished_run,
+                                                                      tmp_path):
+    """Runs of older kcls versions have no reference.json: the export computes it on the
+    recipe's test split, which gives what the run itself wrote."""
+    run_dir = finished_run.run_dir
+    written = json.loads((run_dir / "reference.json").read_text())
+    old_run = tmp_path / "old_run"
+    shutil.copytree(run_dir, old_run, ignore=shutil.ignore_patterns("reference.json"))
+    result = CliRunner().invoke(main, ["export", str(old_run), "--base-dir",
+                                       str(tmp_path / "exports")])
+    assert result.exit_code == 0, result.output
+    (version,) = (tmp_path / "exports").glob("*/1")
+    computed = json.loads((version / "assets" / "reference.json").read_text())
+    assert computed["predicted_counts"] == written["predicted_counts"]
+    np.testing.assert_allclose(computed["confidences"], written["confidences"], atol=1e-4)
+    np.testing.assert_allclose(computed["embedding"]["mean"], written["embedding"]["mean"],
+                               atol=1e-4)
 
 
 def test_kcls_export_explains_a_folder_that_is_not_a_run(tmp_path):

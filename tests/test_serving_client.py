@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from kcls import serving_client
 from kcls.cli import main
+from kcls.prediction_log import read_predictions
 from kcls.serving_client import Prediction, ServingError
 
 IMAGES = [b"\x89PNG\r\n\x1a\n first image \x00\xff", b"\xff\xd8\xff second \x00 image"]
@@ -307,6 +308,27 @@ def test_cli_predict_server_errors_are_one_line(rest, tmp_path):
     result = CliRunner().invoke(main, ["predict", "--server", f"127.0.0.1:{closed_port()}",
                                        "--model", "tiny", str(bad)])
     assert result.exit_code == 1 and "cannot reach TF Serving" in result.output
+
+
+def test_cli_predict_server_log_appends_answers_kcls_monitor_reads(rest, tmp_path):
+    paths = []
+    for index, image in enumerate(IMAGES):
+        paths.append(tmp_path / f"{index}.png")
+        paths[-1].write_bytes(image)
+    log = tmp_path / "logs" / "served.jsonl"
+    for _ in range(2):  # appends, never overwrites
+        result = CliRunner().invoke(main, ["predict", "--server", rest, "--model", "tiny",
+                                           "--log", str(log), *map(str, paths)])
+        assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [record["image"] for record in records] == [str(path) for path in paths] * 2
+    assert records[0]["labels"] == [digest(IMAGES[0]), "other"]
+    assert records[0]["model"] == "tiny" and records[0]["time"].endswith("Z")
+    classes, confidences = read_predictions(log, ["a", "b", "c"])
+    assert classes.tolist() == [2, 2, 2, 2] and confidences.tolist() == [0.75] * 4
+    local = CliRunner().invoke(main, ["predict", str(tmp_path), str(paths[0]), "--log",
+                                      str(log)])
+    assert local.exit_code == 2 and "--log records served answers" in local.output
 
 
 def test_cli_predict_remote_needs_a_model_name(tmp_path):

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -213,6 +214,35 @@ def split_indices(labels: np.ndarray, config: DataConfig
     # would fill batches from one or two classes: shuffle the order once, as
     # keras.utils.image_dataset_from_directory does.
     return np.random.default_rng(config.seed).permutation(train), validation, test
+
+
+CALIBRATION_FRACTION = 0.1
+
+
+def carve_calibration_split(splits: Splits, fraction: float = CALIBRATION_FRACTION
+                            ) -> tuple[Splits, tf.data.Dataset]:
+    """Holds `fraction` of the training split out, for fitting a calibration temperature.
+
+    For recipes without a validation split (`kcls.config.EvaluateConfig.calibrate`): the
+    first `ceil(fraction * train)` training examples (the training split is in a seeded
+    random order for arrays and folders, TFDS's order otherwise) no longer train.
+
+    Returns:
+        `(splits without them, the held-out examples)`; the new splits' `fingerprint`
+        differs, so an on-disk cache of the full training split is never replayed.
+    """
+    count = int(np.ceil(fraction * splits.sizes["train"]))
+    if not 0 < count < splits.sizes["train"]:
+        raise ConfigError(
+            f"Cannot hold {fraction:.0%} of {splits.sizes['train']} training examples out "
+            "for evaluate.calibrate=temperature; use more data, a validation split "
+            "(data.validation_fraction > 0) or evaluate.calibrate=none.")
+    carved = dataclasses.replace(
+        splits, train=splits.train.skip(count),
+        sizes={**splits.sizes, "train": splits.sizes["train"] - count},
+        train_labels=None if splits.train_labels is None else splits.train_labels[count:],
+        fingerprint=fingerprint(splits.fingerprint, "calibration", count))
+    return carved, splits.train.take(count)
 
 
 def train_class_counts(splits: Splits) -> np.ndarray:

@@ -23,6 +23,7 @@ from kcls.models.backbones import build_backbone, get_spec
 from kcls.models.pretrained import load_imagenet_weights
 
 BACKBONE_LAYER = "backbone"
+EMBEDDING_LAYER = "pool"  # its output, the pooled backbone features, is the embedding
 
 
 def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
@@ -37,7 +38,8 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
 
     Returns:
         A functional `keras.Model`: float32 images `[B, S, S, 3]` in [0, 255] -> float32
-        logits `[B, num_classes]`. The backbone is the layer named `backbone`. The logits
+        logits `[B, num_classes]`. The backbone is the layer named `backbone`; the layer
+        named `pool` outputs the penultimate-layer embedding (`embedding_model`). The logits
         layer computes in float32 whatever the policy, for a stable softmax and loss.
         Variables are created under the current strategy: call inside `strategy.scope()`
         to train with a `tf.distribute` strategy.
@@ -47,10 +49,23 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
         backbone.name = BACKBONE_LAYER
         images = keras.Input((image_size, image_size, 3), name="images")
         features = backbone(images)
-        pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+        pooled = keras.layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(features)
         pooled = keras.layers.Dropout(config.dropout, name="dropout")(pooled)
         logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
         return keras.Model(images, logits, name=f"{config.backbone}_classifier")
+
+
+def embedding_model(classifier: keras.Model) -> keras.Model:
+    """The classifier with two outputs: `(embedding float32 [B, D], logits float32 [B, C])`.
+
+    The embedding is the pooled backbone output that the head's dropout and logits layer
+    read (the penultimate layer); the returned model shares the classifier's layers and
+    weights.
+    """
+    embedding = classifier.get_layer(EMBEDDING_LAYER).output
+    return keras.Model(classifier.inputs, [keras.ops.cast(embedding, "float32"),
+                                           classifier.outputs[0]],
+                       name=f"{classifier.name}_with_embedding")
 
 
 def build_imagenet_classifier(backbone_name: str, image_size: int | None = None) -> keras.Model:

@@ -37,20 +37,25 @@ class OptimizeError(ValueError):
 
 
 def write_probability_saved_model(classifier: keras.Model, image_size: int,
-                                  directory: str | Path) -> Path:
+                                  directory: str | Path,
+                                  temperature: float | None = None) -> Path:
     """Writes a SavedModel the TFLite converter takes: one fixed-shape float signature.
 
     Args:
         classifier: float32 keras.Model, images `[B, S, S, 3]` in [0, 255] -> logits `[B, C]`.
         image_size: int, S.
         directory: where to write it.
+        temperature: calibration temperature T: probabilities are `softmax(logits / T)`,
+            as in the export (None: T = 1).
 
     Returns:
         `directory`, whose `serving_default` maps `images` float32 `[1, S, S, 3]` to
         `probabilities` float32 `[1, C]`.
     """
+    scale = 1.0 / (temperature or 1.0)
+
     def probabilities(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {OUTPUT_NAME: tf.nn.softmax(classifier(images, training=False))}
+        return {OUTPUT_NAME: tf.nn.softmax(classifier(images, training=False) * scale)}
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)

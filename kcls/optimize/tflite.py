@@ -129,7 +129,8 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
         saved_model = write_probability_saved_model(loaded.classifier, recipe.data.image_size,
-                                                    Path(temporary) / "saved_model")
+                                                    Path(temporary) / "saved_model",
+                                                    loaded.temperature)
         float_model = convert(saved_model)
         if method in TRAINING_METHODS:
             optimized_model, mot_result = fine_tune_with_mot(
