@@ -209,3 +209,28 @@ def test_the_same_seed_gives_the_same_first_loss(tmp_path):
                        log=lambda line: None, verbose=0).history["loss"][0]
               for index in range(2)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_readme_flow_pretrain_then_fine_tune_from_the_weights(tmp_path, tiny_recipe):
+    from kcls.config import apply_overrides
+    from kcls.run import run_recipe
+
+    labelled = tmp_path / "labelled"
+    write_images(labelled / "one", 12, seed=1)
+    write_images(labelled / "two", 12, seed=2)
+    result = CliRunner().invoke(main, [
+        "pretrain", str(labelled), "--backbone", "resnet_v2_tiny", "--out", str(tmp_path / "ssl"),
+        "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8"])
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "ssl" / BACKBONE_WEIGHTS_FILE
+    assert f"backbone weights {weights}" in result.output
+    # The frozen phase alone: the fine-tuned classifier's backbone is the pretrained one.
+    recipe = apply_overrides(tiny_recipe, [
+        f"data.source=folder:{labelled}", f"model.weights={weights}", "train.unfrozen_epochs=0",
+        "export.enabled=false", "data.validation_fraction=0"])
+    run = run_recipe(recipe, tmp_path / "run", log=lambda line: None, verbose=0)
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)), tf.float32)
+    pretrained = build_backbone("resnet_v2_tiny", 32, weights=str(weights))
+    assert np.allclose(run.classifier.get_layer(BACKBONE_LAYER)(images), pretrained(images),
+                       atol=1e-4)
