@@ -106,8 +106,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--backbone", default="resnet_v2_tiny")
     parser.add_argument("--budget", default="30m", help="pretraining wall-clock budget")
-    parser.add_argument("--batch-size", type=int, default=256, help="pretraining batch")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="pretraining peak")
+    parser.add_argument("--batch-size", type=int, default=128, help="pretraining batch")
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="pretraining peak")
     parser.add_argument("--epochs", type=int, default=40, help="fine-tune epochs of every leg")
     parser.add_argument("--frozen-epochs", type=int, default=5,
                         help="of --epochs, those with the backbone frozen (pretrained leg)")

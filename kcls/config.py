@@ -387,7 +387,9 @@ class PretrainConfig:
         image_size: side of the square input, in pixels (use the fine-tune's `data.image_size`).
         resize: how images become squares (as `data.resize`).
         batch_size: images per step (each gives two views); larger batches give the loss
-            more negatives.
+            more negatives, smaller ones more steps per epoch. On 8,000 CIFAR-10 images
+            (`compact_resnet`) 128 with learning rate 2e-3 learned faster per epoch than 256
+            with 1e-3 (kNN accuracy 0.476 vs 0.442 after 25 epochs; docs/pretraining.md).
         epochs: passes over the images; with `time_budget` they are planned instead.
         learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay).
         warmup_fraction: share of the steps spent warming up.
@@ -416,9 +418,9 @@ class PretrainConfig:
     weights: Optional[str] = None
     image_size: int = 32
     resize: ResizeMode = "resize"
-    batch_size: int = 256
+    batch_size: int = 128
     epochs: int = 100
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_fraction: float = 0.05
     weight_decay: float = 1e-4
     temperature: float = 0.2
