@@ -12,6 +12,7 @@
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
     kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
+    kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -332,6 +333,49 @@ def monitor(model_dir: Path, data_source: str | None, predictions_file: Path | N
     click.echo(f"report: {Path(result['out_dir']) / MONITOR_REPORT_FILE}")
     if result["drift"]:
         sys.exit(DRIFT_EXIT_CODE)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--backbone", help="Backbone to pretrain (pretrain.backbone; default "
+              "resnet_v2_tiny).")
+@click.option("--weights", help="Start from: none, imagenet (domain-adaptive pretraining) or "
+              "a .weights.h5 file (pretrain.weights).")
+@click.option("--knn", "knn_folder", type=click.Path(path_type=Path),
+              help="Labelled image folder (one sub-folder per class) for a kNN accuracy per "
+                   "epoch (pretrain.knn_source).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a pretraining setting, e.g. --set pretrain.time_budget=30m "
+                   "(repeatable; see docs/pretraining.md).")
+@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default: a new runs/pretrain/TIMESTAMP).")
+def pretrain(folder: Path, backbone: str | None, weights: str | None, knn_folder: Path | None,
+             overrides: tuple[str, ...], run_dir: Path | None) -> None:
+    """Self-supervised (SimCLR) pretraining of a backbone on the images in FOLDER.
+
+    Labels are not needed: sub-folders are searched and their names ignored. Writes
+    RUN_DIR/backbone.weights.h5; fine-tune from it with
+    `kcls recipe run NAME --set model.backbone=NAME --set model.weights=PATH`.
+    """
+    from kcls.config import PretrainConfig, apply_pretrain_overrides
+
+    options = [f"pretrain.source=folder:{folder}"]
+    options += [f"pretrain.backbone={backbone}"] if backbone else []
+    options += [f"pretrain.weights={weights}"] if weights else []
+    options += [f"pretrain.knn_source=folder:{knn_folder}"] if knn_folder else []
+    try:
+        config = apply_pretrain_overrides(PretrainConfig(source=f"folder:{folder}"),
+                                          options + list(overrides))
+        start_tensorflow()
+        from kcls.ssl.pretrain import pretrain as run_pretraining
+
+        verbose = "auto" if sys.stdout.isatty() else 2
+        result = run_pretraining(config, run_dir, log=click.echo, verbose=verbose)
+    except ConfigError as error:
+        if _debug():
+            raise
+        raise click.UsageError(str(error)) from None
+    click.echo(f"done: backbone weights {result.weights_path}")
 
 
 def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,

@@ -227,11 +227,7 @@ class TrainConfig:
                  "'all' or a positive number of top backbone blocks")
         _require(self.clipnorm is None or self.clipnorm > 0, "train.clipnorm", self.clipnorm,
                  "a positive number or none")
-        if self.time_budget is not None:
-            try:
-                parse_duration(self.time_budget)
-            except ValueError as error:
-                raise ConfigError(f"Invalid value for 'train.time_budget': {error}.") from None
+        _check_duration(self.time_budget, "train.time_budget")
         _require(self.early_stopping_patience >= 0, "train.early_stopping_patience",
                  self.early_stopping_patience, "0 (off) or a positive number of epochs")
 
@@ -384,6 +380,125 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     return Recipe(name=data["name"], description=data.get("description", ""), **sections)
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining of a backbone on unlabelled images (`kcls pretrain`).
+
+    SimCLR (see `kcls.ssl`): two augmented views of every image, a projection head,
+    the NT-Xent loss; the head is dropped and the backbone's weights are written for
+    `model.weights=PATH`. Set with `kcls pretrain FOLDER --set pretrain.FIELD=VALUE`.
+
+    Attributes:
+        source: `folder:PATH`, a folder of images, searched recursively; sub-folder
+            names (labels) are ignored. Required (`kcls pretrain FOLDER` sets it).
+        backbone: a name from `kcls.models.backbones.BACKBONES`.
+        weights: where the backbone starts: `None` (random initialisation), `imagenet`
+            (domain-adaptive pretraining) or a `.weights.h5` file from the same backbone.
+        image_size: side of the square input, in pixels (use the fine-tune's `data.image_size`).
+        resize: how images become squares (as `data.resize`).
+        batch_size: images per step (each gives two views); larger batches give the loss
+            more negatives, smaller ones more steps per epoch. On 8,000 CIFAR-10 images
+            (`compact_resnet`) 128 with learning rate 2e-3 learned faster per epoch than 256
+            with 1e-3 (kNN accuracy 0.476 vs 0.442 after 25 epochs; docs/pretraining.md).
+        epochs: passes over the images; with `time_budget` they are planned instead.
+        learning_rate: peak AdamW learning rate (linear warm-up, then cosine decay).
+        warmup_fraction: share of the steps spent warming up.
+        weight_decay: decoupled weight decay (not on biases and norms).
+        temperature: NT-Xent softmax temperature.
+        projection_hidden: width of the projection head's hidden layer.
+        projection_dim: size of the projections the loss compares.
+        crop_scale: smallest random crop, as a fraction of the image area.
+        color_jitter: colour jitter strength (0 turns it off).
+        grayscale: probability of a greyscale view.
+        horizontal_flip: mirror half of the views (off for text, digits).
+        knn_source: `folder:PATH` of labelled images (one sub-folder per class) to
+            report a kNN accuracy per epoch on: 20% of them (stratified, seeded) are
+            classified by the votes of the other 80%. `None`: no kNN accuracy.
+        knn_neighbors: k of the kNN vote.
+        time_budget: wall-clock budget from the first step (`30m`, `1h`): the epochs
+            are planned from the measured step time (see `kcls.train.budget`).
+        cache: `memory` keeps the resized images in RAM, `none` decodes every epoch.
+        jit_compile: compile the step with XLA: `true`, `false` or `auto` (as
+            `train.jit_compile`).
+        seed: seed of the initialisation, shuffling and augmentation.
+    """
+
+    source: Optional[str] = None
+    backbone: str = "resnet_v2_tiny"
+    weights: Optional[str] = None
+    image_size: int = 32
+    resize: ResizeMode = "resize"
+    batch_size: int = 128
+    epochs: int = 100
+    learning_rate: float = 2e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    projection_hidden: int = 512
+    projection_dim: int = 128
+    crop_scale: float = 0.2
+    color_jitter: float = 0.5
+    grayscale: float = 0.2
+    horizontal_flip: bool = True
+    knn_source: Optional[str] = None
+    knn_neighbors: int = 20
+    time_budget: Optional[str] = None
+    cache: Literal["memory", "none"] = "memory"
+    jit_compile: JitCompile = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "pretrain")
+        for key in ("source", "knn_source"):
+            value = getattr(self, key)
+            _require(value is None or value.startswith("folder:")
+                     and bool(value[len("folder:"):].strip()),
+                     f"pretrain.{key}", value, "'folder:PATH', a folder of images")
+        _require(self.image_size >= 16, "pretrain.image_size", self.image_size,
+                 "at least 16 pixels")
+        _require(self.batch_size >= 2, "pretrain.batch_size", self.batch_size,
+                 "at least 2 images (the loss contrasts images of a batch)")
+        _require(self.epochs >= 1, "pretrain.epochs", self.epochs, "a positive integer")
+        for key in ("learning_rate", "temperature"):
+            _require(getattr(self, key) > 0, f"pretrain.{key}", getattr(self, key),
+                     "a positive number")
+        _require(0.0 <= self.warmup_fraction < 1.0, "pretrain.warmup_fraction",
+                 self.warmup_fraction, "a number in [0, 1)")
+        _require(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay,
+                 "0 or more")
+        for key in ("projection_hidden", "projection_dim", "knn_neighbors"):
+            _require(getattr(self, key) >= 1, f"pretrain.{key}", getattr(self, key),
+                     "a positive integer")
+        _require(0.0 < self.crop_scale <= 1.0, "pretrain.crop_scale", self.crop_scale,
+                 "a fraction of the area in (0, 1]")
+        _require(self.color_jitter >= 0, "pretrain.color_jitter", self.color_jitter, "0 or more")
+        _require(0.0 <= self.grayscale <= 1.0, "pretrain.grayscale", self.grayscale,
+                 "a probability in [0, 1]")
+        _check_duration(self.time_budget, "pretrain.time_budget")
+
+
+def apply_pretrain_overrides(config: PretrainConfig,
+                             overrides: list[str] | tuple[str, ...]) -> PretrainConfig:
+    """Returns `config` with `pretrain.field=value` overrides applied (see `apply_overrides`).
+
+    Raises:
+        ConfigError: malformed override, unknown key (the message lists the valid keys),
+            or a value that does not parse or fails validation.
+    """
+    field_types = typing.get_type_hints(PretrainConfig)
+    for override in overrides:
+        key, separator, raw_value = override.partition("=")
+        key = key.strip()
+        section_name, _, field_name = key.partition(".")
+        if not separator or section_name != "pretrain" or field_name not in field_types:
+            raise ConfigError(
+                f"Unknown or malformed override {override!r}: expected pretrain.FIELD=VALUE "
+                f"with FIELD one of {', '.join(field_types)}.")
+        value = _parse_value(key, raw_value.strip(), field_types[field_name])
+        config = dataclasses.replace(config, **{field_name: value})
+    return config
+
+
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                   "evaluate": EvaluateConfig, "export": ExportConfig}
 
@@ -444,6 +559,15 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise ValueError(f"{text!r} is not a positive duration")
     return total
+
+
+def _check_duration(value: str | None, key: str) -> None:
+    """Raises `ConfigError` unless `value` is None or a duration `parse_duration` reads."""
+    if value is not None:
+        try:
+            parse_duration(value)
+        except ValueError as error:
+            raise ConfigError(f"Invalid value for {key!r}: {error}.") from None
 
 
 def check_fields(section: Any, section_name: str) -> None:

@@ -21,7 +21,7 @@ import re
 import typing
 from typing import Any, Literal, Union
 
-from kcls.config import SECTIONS, Recipe
+from kcls.config import SECTIONS, PretrainConfig, Recipe
 
 _ATTRIBUTE = re.compile(r"^(\w+): (.*)$")
 
@@ -31,7 +31,8 @@ def configuration_reference() -> str:
 
     Returns:
         str, one table per recipe section (`data`, `model`, `train`, `evaluate`,
-        `export`) with a row per field: key, type, default, description.
+        `export`) and one for `kcls pretrain` (`pretrain`), with a row per field: key,
+        type, default, description.
     """
     recipe = Recipe(name="reference")
     lines = [
@@ -47,8 +48,10 @@ def configuration_reference() -> str:
         "recipe's resolved values; the defaults below are those of the dataclasses, which",
         "each recipe changes where it needs to.",
     ]
-    for section_name in SECTIONS:
-        section = getattr(recipe, section_name)
+    sections = [(name, getattr(recipe, name)) for name in SECTIONS]
+    # `kcls pretrain` settings: not a recipe section, set with the same --set syntax.
+    sections.append(("pretrain", PretrainConfig()))
+    for section_name, section in sections:
         section_type = type(section)
         summary, descriptions = _parse_docstring(inspect.getdoc(section_type) or "")
         hints = typing.get_type_hints(section_type)

@@ -21,6 +21,10 @@ and locked by `kcls.rundir`):
     backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
     optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
 
+A pretraining run directory (`kcls pretrain`, default `runs/pretrain/<timestamp>[-N]/`)
+holds `pretrain_config.json`, `backbone.weights.h5` (for `model.weights=PATH`),
+`pretrain_curves.png`, `run.json` and, while it runs, `run.lock`.
+
 An export, `<base_dir>/<model>/<version>/` (`kcls.export`), is a SavedModel
 (`saved_model.pb`, `variables/`) plus `assets/labels.txt`, `assets/reference.json` (the
 reference profile `kcls monitor` compares production data with, `REFERENCE_FILE`),
@@ -92,6 +96,12 @@ OPTIMIZE_REPORT_FILE = "optimize.json"
 OPTIMIZE_TABLE_FILE = "optimize.md"
 MOT_SAVED_MODEL_DIR = "saved_model"
 MOT_RESULT_FILE = "result.json"
+# Pretraining run directory (`kcls pretrain`, `kcls.ssl.pretrain`): besides RUN_INFO_FILE
+# and RUN_LOCK_FILE, the pretraining settings, the backbone weights for
+# `model.weights=PATH`, and the loss / kNN accuracy curves.
+PRETRAIN_CONFIG_FILE = "pretrain_config.json"
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
+PRETRAIN_CURVES_PLOT = "pretrain_curves.png"
 # User cache.
 CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
 FOLDER_CHECKS_DIR = "folder_checks"

@@ -50,3 +50,10 @@ def test_every_library_kcls_imports_is_a_declared_dependency():
 def test_pytest_does_not_hide_deprecation_warnings():
     filters = SETTINGS["tool"]["pytest"]["ini_options"].get("filterwarnings", [])
     assert "ignore::DeprecationWarning" not in filters
+
+
+def test_every_kcls_package_is_listed_for_the_wheel():
+    # An editable install finds unlisted sub-packages; a wheel (pip install .) leaves them out.
+    packages = {".".join(path.parent.relative_to(ROOT).parts)
+                for path in (ROOT / "kcls").rglob("__init__.py")}
+    assert packages <= set(SETTINGS["tool"]["setuptools"]["packages"])

@@ -107,16 +107,8 @@ def scan_folder(root: str | Path) -> FolderFiles:
     candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
                   for path in sorted(class_dir.rglob("*"))
                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        readable = list(pool.map(lambda candidate: _is_readable(candidate[0]), candidates))
-    stamps = {str(path): _stamp(path) for (path, _), ok in zip(candidates, readable) if ok}
-    cache = decode_check_cache(root)
-    decoded_before = _read_decode_checks(cache)
-    failed = set(_undecodable([path for path, stamp in stamps.items()
-                               if decoded_before.get(path) != stamp]))
-    usable = [ok and str(path) not in failed for (path, _), ok in zip(candidates, readable)]
+    usable = _check_images(root, [path for path, _ in candidates])
     kept = [c for c, ok in zip(candidates, usable) if ok]
-    _write_decode_checks(cache, root, {str(path): stamps[str(path)] for path, _ in kept})
     skipped = [printable_path(path) for (path, _), ok in zip(candidates, usable) if not ok]
     counts = np.bincount([label for _, label in kept], minlength=len(class_dirs))
     empty = [class_dirs[i].name for i in np.flatnonzero(counts == 0)]
@@ -127,6 +119,53 @@ def scan_folder(root: str | Path) -> FolderFiles:
     return FolderFiles([str(path) for path, _ in kept],
                        np.asarray([label for _, label in kept], dtype=np.int64),
                        [d.name for d in class_dirs], skipped)
+
+
+def scan_images(root: str | Path) -> FolderFiles:
+    """Lists and checks every image under `root`, at any depth, ignoring sub-folder names.
+
+    For unlabelled data (self-supervised pretraining): the same checks as `scan_folder`,
+    so unreadable files are skipped and named, but no classes. Hidden files and folders
+    (names starting with `.`) are left out.
+
+    Returns:
+        FolderFiles with all labels 0 and no class names.
+
+    Raises:
+        ConfigError: `root` missing or not a folder, or no readable image in it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"Image folder {str(root)!r} does not exist. Pass a folder of "
+                          "images (sub-folders are searched too).")
+    candidates = [path for path in sorted(root.rglob("*"))
+                  if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    usable = _check_images(root, candidates)
+    paths = [str(path) for path, ok in zip(candidates, usable) if ok]
+    if not paths:
+        raise ConfigError(
+            f"Image folder {str(root)!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}"
+            f"{f'; {len(candidates)} unreadable' if candidates else ''}). Point it at a "
+            "folder of images.")
+    return FolderFiles(paths, np.zeros(len(paths), np.int64), [],
+                       [printable_path(path) for path, ok in zip(candidates, usable) if not ok])
+
+
+def _check_images(root: Path, candidates: list[Path]) -> list[bool]:
+    """Whether each of `candidates` passes Pillow's check and decodes with TensorFlow
+    (decoding only the files not recorded as decoded in `decode_check_cache(root)`)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        readable = list(pool.map(_is_readable, candidates))
+    stamps = {str(path): _stamp(path) for path, ok in zip(candidates, readable) if ok}
+    cache = decode_check_cache(root)
+    decoded_before = _read_decode_checks(cache)
+    failed = set(_undecodable([path for path, stamp in stamps.items()
+                               if decoded_before.get(path) != stamp]))
+    usable = [ok and str(path) not in failed for path, ok in zip(candidates, readable)]
+    _write_decode_checks(cache, root, {str(path): stamps[str(path)]
+                                       for path, ok in zip(candidates, usable) if ok})
+    return usable
 
 
 def _check_class_name(class_dir: Path) -> None:
