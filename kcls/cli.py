@@ -79,7 +79,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
     resolved = _resolve(name, overrides)
     start_tensorflow()
-    from kcls.run import run_recipe
+    from kcls.run import headline, run_recipe
 
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
@@ -89,7 +89,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
         if _debug():
             raise
         raise click.UsageError(str(error)) from None
-    click.echo(f"done: test accuracy {result.metrics['accuracy']:.4f}; run dir {result.run_dir}"
+    click.echo(f"done: test {headline(result.metrics)}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
 
 

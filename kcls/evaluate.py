@@ -27,6 +27,7 @@ from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
 from kcls.load import load_classifier
 from kcls.metrics import Evaluation, evaluate_predictions
+from kcls.multilabel_metrics import sigmoid
 from kcls.report import write_report
 
 
@@ -49,6 +50,25 @@ def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
         logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
         labels.append(np.argmax(one_hot, axis=-1))
     return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+
+def predict_multilabel(classifier: keras.Model, batches: tf.data.Dataset
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Runs a multi-label `classifier` in inference mode over `batches`.
+
+    Args:
+        classifier: keras.Model, images -> float32 logits `[B, C]`, one per label.
+        batches: finite dataset of `(float32 images, float32 multi-hot labels [B, C])`.
+
+    Returns:
+        `(probabilities float64 [N, C] = sigmoid(logits), targets float32 [N, C])`.
+    """
+    logits, targets = [], []
+    for images, labels in batches:
+        logits.append(classifier.predict_on_batch(images))
+        targets.append(labels.numpy())
+    return (sigmoid(np.concatenate(logits)),
+            np.concatenate(targets).astype(np.float32))
 
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,

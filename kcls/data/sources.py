@@ -6,6 +6,8 @@ A source is named by `DataConfig.source`:
   10 classes), offline everywhere scikit-learn is installed.
 - `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`.
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
+- `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
+  examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
 
 Sources without a test split get one carved off, stratified and seeded; every source
 gets a validation split carved off its training data the same way.
@@ -80,6 +82,8 @@ def load_splits(config: DataConfig) -> Splits:
         return _tfds_splits(argument, config)
     if kind == "folder":
         return _folder_splits(argument, config)
+    if kind == "manifest":
+        return _manifest_splits(argument, config)
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
@@ -125,6 +129,44 @@ def _folder_splits(root: str, config: DataConfig) -> Splits:
         files.paths, files.labels.tolist(), files.class_names,
         [(stat.st_size, stat.st_mtime_ns) for stat in stats])
     return splits
+
+
+def _manifest_splits(manifest: str, config: DataConfig) -> Splits:
+    """The manifest's own splits (its `split` column), or seeded random ones (multi-label
+    sets cannot be stratified by one class)."""
+    from kcls.data.folder import decode_files
+    from kcls.data.manifest import read_manifest
+
+    files = read_manifest(manifest)
+    paths = np.asarray(files.paths)
+    if files.splits is not None:
+        named = np.asarray(files.splits)
+        train, validation, test = (np.flatnonzero(named == name)
+                                   for name in ("train", "validation", "test"))
+        train = np.random.default_rng(config.seed).permutation(train)
+    else:
+        order = np.random.default_rng(config.seed).permutation(len(paths))
+        test_count = int(np.ceil(config.test_fraction * len(order)))
+        validation_count = int(np.ceil(config.validation_fraction * (len(order) - test_count)))
+        test, validation, train = (np.sort(order[:test_count]),
+                                   np.sort(order[test_count:test_count + validation_count]),
+                                   order[test_count + validation_count:])
+    if not len(train) or not len(test):
+        raise ConfigError(
+            f"Manifest {manifest!r} leaves {len(train)} training and {len(test)} test "
+            "images; both need at least one (check its split column or data.test_fraction).")
+
+    def dataset(selected: np.ndarray) -> tf.data.Dataset:
+        return decode_files(paths[selected], files.targets[selected], files.skipped)
+
+    stats = [os.stat(path) for path in files.paths]
+    return Splits(dataset(train), dataset(validation) if len(validation) else None,
+                  dataset(test), files.class_names,
+                  {"train": len(train), "validation": len(validation), "test": len(test)},
+                  skipped=files.skipped, train_labels=files.targets[train],
+                  fingerprint=fingerprint(
+                      files.paths, files.targets.tobytes(), files.splits, files.class_names,
+                      [(stat.st_size, stat.st_mtime_ns) for stat in stats]))
 
 
 def fingerprint(*parts: object) -> str:
