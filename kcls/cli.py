@@ -197,12 +197,13 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     summary = {key: metrics[key] for key in ("examples", "accuracy", "top5_accuracy", "nll",
-                                             "ece") if key in metrics}
+                                             "ece", "mAP", "micro_f1", "macro_f1",
+                                             "label_cardinality") if key in metrics}
     click.echo("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in summary.items()))
     if "tta" in metrics:
         click.echo(f"flip TTA accuracy {metrics['tta']['accuracy']:.4f}")
-    for name, row in metrics["per_class"].items():
+    for name, row in metrics.get("per_class", metrics.get("per_label", {})).items():
         click.echo(f"  {name}: precision {row['precision']:.3f} recall {row['recall']:.3f} "
                    f"f1 {row['f1']:.3f} support {row['support']}")
     if out_dir:
@@ -357,7 +358,9 @@ def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,
 
 
 def _echo_ranked(path: Path, ranked: list[tuple[str, float]]) -> None:
-    click.echo(f"{path}: " + "  ".join(f"{label} ({score:.3f})" for label, score in ranked))
+    # A multi-label model serves blank labels for those below their thresholds.
+    click.echo(f"{path}: " + ("  ".join(f"{label} ({score:.3f})" for label, score in ranked
+                                        if label) or "(no label above its threshold)"))
 
 
 def start_tensorflow() -> None:

@@ -116,9 +116,11 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
             resolved = Path(path) if Path(path).is_absolute() else manifest.parent / path
             kept.append((number, resolved, labels, split))
     usable = check_images(manifest.parent, [path for _, path, _, _ in kept])
-    for (number, path, _, _), ok in zip(kept, usable):
+    for (number, _, _, _), ok in zip(kept, usable):
         if not ok:
-            skip(number, printable_path(path), "missing, unreadable or undecodable image",
+            # Named as the manifest writes it (row 1 is the header).
+            skip(number, printable_path(rows[number - 2]["path"].strip()),
+                 "missing, unreadable or undecodable image",
                  "missing or undecodable images")
     kept = [entry for entry, ok in zip(kept, usable) if ok]
     if reasons:
