@@ -219,7 +219,8 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 @click.option("--overwrite", is_flag=True,
               help="Replace existing overlays of the same name (default: a new name).")
 def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
-    """Write Grad-CAM overlays of the top-1 class for IMAGES.
+    """Write Grad-CAM overlays of the top-1 class for IMAGES (of every predicted label for a
+    multi-label model).
 
     MODEL_DIR is an export (version or model folder) or a run directory.
     """

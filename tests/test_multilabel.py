@@ -183,6 +183,8 @@ def test_mosaics_keep_every_source_image_in_one_split(tmp_path: Path):
 def test_trained_multilabel_model_serves_what_it_predicts_in_memory(tmp_path: Path):
     from kcls.cli import main
     from kcls.evaluate import evaluate_model
+    from kcls.explain import explain_files
+    from kcls.load import load_classifier
     from kcls.run import run_recipe
 
     rng = np.random.default_rng(0)
@@ -240,3 +242,14 @@ def test_trained_multilabel_model_serves_what_it_predicts_in_memory(tmp_path: Pa
     monitor = CliRunner().invoke(main, ["monitor", str(result.export_dir), "--data",
                                         f"manifest:{manifest}"])
     assert monitor.exit_code != 0 and "multi-label" in monitor.output
+    optimize = CliRunner().invoke(main, ["optimize", str(result.export_dir), "--method",
+                                         "ptq-dynamic"])
+    assert optimize.exit_code != 0 and "multi-label" in optimize.output
+
+    # Grad-CAM: one overlay per label the export serves for the image.
+    served_labels = [label.decode() for label in outputs["labels"].numpy()[2] if label]
+    written = explain_files(load_classifier(result.export_dir), [files[2]], tmp_path / "cams")
+    expected_labels = served_labels or [metadata["class_names"][
+        int(np.argmax(outputs["probabilities"].numpy()[2]))]]
+    assert [label for _, label, _ in written] == expected_labels
+    assert all(path.name == f"2_{label}_gradcam.png" for path, label, _ in written)
