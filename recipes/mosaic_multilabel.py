@@ -14,9 +14,11 @@ binary cross-entropy with label smoothing; per-label thresholds are tuned on the
 validation split to maximise F1 and served by the export.
 
 Schedule: the whole network from scratch (no frozen phase, nothing is pretrained),
-light augmentation (flips), 12 epochs.
+light augmentation (flips), 30 epochs.
 
-Expected: see docs/multilabel.md for the measured mAP and F1 (shared 2-core CPU).
+Expected: test mAP 0.672, micro F1 0.629, macro F1 0.639 (chance: mAP 0.34, micro F1
+0.51 by predicting every label) in 8.6 minutes on a shared 2-core CPU (AMD EPYC); 12
+epochs: mAP 0.582 in 4.8 minutes. See docs/multilabel.md.
 """
 
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, TrainConfig
@@ -37,7 +39,7 @@ def get_config() -> Recipe:
                           task="multilabel"),
         train=TrainConfig(
             frozen_epochs=0,
-            unfrozen_epochs=12,
+            unfrozen_epochs=30,
             learning_rate=3e-3,
             unfrozen_lr_factor=1.0,  # phase 2 only, from scratch: the full rate
             weight_decay=5e-4,
