@@ -193,7 +193,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         class_weights = positive_weights = None
         require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
         if recipe.train.class_weights == "balanced" and multilabel:
-            positive_weights = balanced_positive_weights(splits.train_labels)
+            targets = splits.train_labels  # TFDS keeps none: one pass over the labels
+            if targets is None:
+                targets = np.stack([label for _, label in splits.train.as_numpy_iterator()])
+            positive_weights = balanced_positive_weights(targets)
             log("positive weights per label (balanced): " + ", ".join(
                 f"{name} {weight:.2f}"
                 for name, weight in zip(splits.class_names, positive_weights)))

@@ -253,3 +253,34 @@ def test_trained_multilabel_model_serves_what_it_predicts_in_memory(tmp_path: Pa
         int(np.argmax(outputs["probabilities"].numpy()[2]))]]
     assert [label for _, label, _ in written] == expected_labels
     assert all(path.name == f"2_{label}_gradcam.png" for path, label, _ in written)
+
+
+def test_tfds_sequence_labels_become_multi_hot(tmp_path: Path):
+    import tensorflow_datasets as tfds
+
+    class KclsTinyTags(tfds.core.GeneratorBasedBuilder):
+        """Six 16x16 images with 0 to 2 of three tags, prepared locally (no download)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(16, 16, 3)),
+                "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=LABELS))}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(6), "test": self._generate_examples(3)}
+
+        def _generate_examples(self, count):
+            for index in range(count):
+                yield index, {"image": np.full((16, 16, 3), index * 20, np.uint8),
+                              "labels": [[], [0], [1, 2]][index % 3]}
+
+    KclsTinyTags(data_dir=str(tmp_path)).download_and_prepare()
+    splits = load_splits(DataConfig(source="tfds:kcls_tiny_tags", data_dir=str(tmp_path),
+                                    validation_fraction=0.0))
+    assert splits.class_names == LABELS and splits.sizes["test"] == 3
+    expected = [[0, 0, 0], [1, 0, 0], [0, 1, 1]]
+    for image, label in splits.test.as_numpy_iterator():  # TFDS shuffles the order
+        assert label.dtype == np.float32
+        np.testing.assert_array_equal(label, expected[image[0, 0, 0] // 20 % 3])

@@ -4,7 +4,9 @@ A source is named by `DataConfig.source`:
 
 - `sklearn:digits` — scikit-learn's bundled 8x8 handwritten digits (1,797 real images,
   10 classes), offline everywhere scikit-learn is installed.
-- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`.
+- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`; a
+  `labels` feature that is a sequence of class labels makes it multi-label (float32
+  multi-hot `[C]` labels).
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
 - `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
   examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
@@ -340,13 +342,24 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
             "--set data.data_dir=DIR, or train on local images with "
             "--set data.source=folder:PATH (one sub-folder per class).")
     features = builder.info.features
-    if "image" not in features or "label" not in features:
-        raise ConfigError(f"TFDS dataset {name!r} has no 'image' and 'label' features.")
-    class_names = list(features["label"].names)
+    label_key = next((key for key in ("label", "labels") if key in features), None)
+    if "image" not in features or label_key is None:
+        raise ConfigError(f"TFDS dataset {name!r} has no 'image' and 'label' (or 'labels') "
+                          "features.")
+    # A sequence of class labels (e.g. `labels: Sequence(ClassLabel)`) is multi-label:
+    # examples then carry float32 multi-hot [C] labels.
+    multilabel = isinstance(features[label_key], tfds.features.Sequence)
+    class_feature = features[label_key].feature if multilabel else features[label_key]
+    class_names = list(class_feature.names)
 
     def load(split: str) -> tf.data.Dataset:
-        dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        return dataset.map(_as_rgb_example, num_parallel_calls=tf.data.AUTOTUNE)
+        if not multilabel:
+            dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+            return dataset.map(_as_rgb_example, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+        return dataset.map(lambda example: _as_rgb_example(
+            example["image"], multi_hot(example[label_key], len(class_names))),
+            num_parallel_calls=tf.data.AUTOTUNE)
 
     def count(split: str) -> int:
         try:
@@ -374,6 +387,16 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
 
 
 def _as_rgb_example(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Grayscale and RGBA become RGB; labels become int64."""
+    """Grayscale and RGBA become RGB; class labels become int64 (multi-hot ones stay)."""
     image = tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image[..., :3]
-    return image, tf.cast(label, tf.int64)
+    return image, tf.cast(label, tf.int64) if label.dtype.is_integer else label
+
+
+def multi_hot(classes: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """float32 `[num_classes]` with 1 at each of the int `classes` `[K]` (K may be 0).
+
+    >>> multi_hot(tf.constant([2, 0, 2]), 4).numpy().tolist()
+    [1.0, 0.0, 1.0, 0.0]
+    """
+    counts = tf.reduce_sum(tf.one_hot(classes, num_classes), axis=0)
+    return tf.minimum(counts, 1.0)
