@@ -80,7 +80,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
     resolved = _resolve(name, overrides)
     start_tensorflow()
-    from kcls.run import run_recipe
+    from kcls.run import headline, run_recipe
 
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
@@ -90,7 +90,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
         if _debug():
             raise
         raise click.UsageError(str(error)) from None
-    click.echo(f"done: test accuracy {result.metrics['accuracy']:.4f}; run dir {result.run_dir}"
+    click.echo(f"done: test {headline(result.metrics)}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
 
 
@@ -198,12 +198,13 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     summary = {key: metrics[key] for key in ("examples", "accuracy", "top5_accuracy", "nll",
-                                             "ece") if key in metrics}
+                                             "ece", "mAP", "micro_f1", "macro_f1",
+                                             "label_cardinality") if key in metrics}
     click.echo("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in summary.items()))
     if "tta" in metrics:
         click.echo(f"flip TTA accuracy {metrics['tta']['accuracy']:.4f}")
-    for name, row in metrics["per_class"].items():
+    for name, row in metrics.get("per_class", metrics.get("per_label", {})).items():
         click.echo(f"  {name}: precision {row['precision']:.3f} recall {row['recall']:.3f} "
                    f"f1 {row['f1']:.3f} support {row['support']}")
     if out_dir:
@@ -219,7 +220,8 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 @click.option("--overwrite", is_flag=True,
               help="Replace existing overlays of the same name (default: a new name).")
 def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
-    """Write Grad-CAM overlays of the top-1 class for IMAGES.
+    """Write Grad-CAM overlays of the top-1 class for IMAGES (of every predicted label for a
+    multi-label model).
 
     MODEL_DIR is an export (version or model folder) or a run directory.
     """
@@ -401,7 +403,9 @@ def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,
 
 
 def _echo_ranked(path: Path, ranked: list[tuple[str, float]]) -> None:
-    click.echo(f"{path}: " + "  ".join(f"{label} ({score:.3f})" for label, score in ranked))
+    # A multi-label model serves blank labels for those below their thresholds.
+    click.echo(f"{path}: " + ("  ".join(f"{label} ({score:.3f})" for label, score in ranked
+                                        if label) or "(no label above its threshold)"))
 
 
 def start_tensorflow() -> None:

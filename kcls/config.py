@@ -30,6 +30,7 @@ AugmentPolicy = Literal["none", "light", "randaugment", "strong"]
 ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
 Calibrate = Literal["auto", "temperature", "none"]
+Task = Literal["multiclass", "multilabel"]
 JitCompile = Union[bool, Literal["auto"]]
 
 
@@ -42,7 +43,8 @@ class DataConfig:
     """Where images come from and how they are batched.
 
     Attributes:
-        source: `sklearn:digits` (bundled, offline), `tfds:NAME` or `folder:PATH`.
+        source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH` or
+            `manifest:PATH.csv` (multi-label, `kcls.data.manifest`).
         data_dir: TFDS data directory; `None` means the TFDS default (`~/tensorflow_datasets`).
         train_split: TFDS split (slicing allowed, e.g. `train[:90%]`) for training and
             validation.
@@ -90,9 +92,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_fields(self, "data")
         kind, separator, _ = self.source.partition(":")
-        _require(kind in ("sklearn", "tfds", "folder") and bool(separator),
+        _require(kind in ("sklearn", "tfds", "folder", "manifest") and bool(separator),
                  "data.source", self.source,
-                 "one of 'sklearn:digits', 'tfds:NAME' or 'folder:PATH'")
+                 "one of 'sklearn:digits', 'tfds:NAME', 'folder:PATH' or "
+                 "'manifest:PATH.csv'")
         _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction",
                  self.validation_fraction, "a number in [0, 1)")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,
@@ -118,11 +121,15 @@ class ModelConfig:
             weights ship with kcls; for the others the KerasCV preset, downloaded once and
             cached) or a path to a `.weights.h5` file saved from the same backbone.
         dropout: dropout rate before the classification layer.
+        task: `multiclass` (one label per image: softmax and categorical cross-entropy)
+            or `multilabel` (any set of labels per image: one sigmoid per label and
+            binary cross-entropy; see docs/multilabel.md).
     """
 
     backbone: str = "resnet_v2_tiny"
     weights: Optional[str] = None
     dropout: float = 0.2
+    task: Task = "multiclass"
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
@@ -309,6 +316,14 @@ class Recipe:
                     f"Invalid value {section!r} for {section_name!r}: expected a "
                     f"kcls.config.{expected.__name__}, e.g. {section_name}="
                     f"{expected.__name__}(...).")
+        if self.model.task == "multilabel":
+            # One temperature rescales a softmax; per-label sigmoids are tuned with
+            # per-label thresholds instead (kcls.multilabel.tune_thresholds).
+            _require(self.evaluate.calibrate != "temperature", "evaluate.calibrate",
+                     self.evaluate.calibrate, "auto or none with model.task=multilabel "
+                     "(per-label thresholds are tuned on the validation split instead)")
+            _require(not self.evaluate.flip_tta, "evaluate.flip_tta", self.evaluate.flip_tta,
+                     "false with model.task=multilabel (not supported yet)")
 
     @property
     def model_name(self) -> str:

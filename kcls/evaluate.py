@@ -25,9 +25,10 @@ from kcls.config import ConfigError
 from kcls.data.folder import decode_files, scan_folder, skipped_files_line
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
-from kcls.load import load_classifier
+from kcls.load import LoadedClassifier, load_classifier
 from kcls.metrics import Evaluation, evaluate_predictions
-from kcls.report import write_report
+from kcls.multilabel_metrics import DEFAULT_THRESHOLD, multilabel_metrics, sigmoid
+from kcls.report import write_multilabel_report, write_report
 
 
 def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
@@ -49,6 +50,25 @@ def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
         logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
         labels.append(np.argmax(one_hot, axis=-1))
     return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+
+def predict_multilabel(classifier: keras.Model, batches: tf.data.Dataset
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Runs a multi-label `classifier` in inference mode over `batches`.
+
+    Args:
+        classifier: keras.Model, images -> float32 logits `[B, C]`, one per label.
+        batches: finite dataset of `(float32 images, float32 multi-hot labels [B, C])`.
+
+    Returns:
+        `(probabilities float64 [N, C] = sigmoid(logits), targets float32 [N, C])`.
+    """
+    logits, targets = [], []
+    for images, labels in batches:
+        logits.append(classifier.predict_on_batch(images))
+        targets.append(labels.numpy())
+    return (sigmoid(np.concatenate(logits)),
+            np.concatenate(targets).astype(np.float32))
 
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
@@ -79,7 +99,10 @@ def evaluate_model(model_path: str, data_source: str | None = None,
             test split of that source. `None`: the test split the model's recipe held
             out (same seed, so never an image it trained on).
         out_dir: where `metrics.json`, `report.md` and the plots go (None: no files).
-        flip_tta: also report flip test-time augmentation metrics.
+        flip_tta: also report flip test-time augmentation metrics (single-label only).
+        A multi-label model (`model.task=multilabel`) is scored with
+        `kcls.multilabel_metrics` at its tuned thresholds, on the test split of its
+        manifest or of `data_source` (`manifest:PATH.csv`: the test split it makes).
         The model's calibration temperature (`kcls.json`, `run.json`), when it has one,
         scales the logits as the export does.
         log: receives a line naming the files of the data that did not reach the model
@@ -94,6 +117,8 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     """
     loaded = load_classifier(model_path)
     data = loaded.recipe.data
+    if loaded.recipe.model.task == "multilabel":
+        return _evaluate_multilabel_model(loaded, data_source, out_dir, log)
     if data_source and data_source.startswith("folder:"):
         files = scan_folder(data_source.partition(":")[2])
         class_names, skipped = files.class_names, files.skipped
@@ -115,3 +140,28 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     if out_dir:
         write_report(out_dir, evaluation, class_names)
     return evaluation
+
+
+def _evaluate_multilabel_model(loaded: LoadedClassifier, data_source: str | None,
+                               out_dir: str | None, log: Callable[[str], None]) -> Evaluation:
+    """`evaluate_model` for a multi-label model: the test split of its manifest (or of
+    `data_source`), scored at the model's tuned thresholds; `Evaluation.labels` holds the
+    float32 multi-hot targets `[N, C]`."""
+    data = loaded.recipe.data
+    splits = load_splits(dataclasses.replace(data, source=data_source or data.source))
+    if splits.class_names != loaded.class_names:
+        raise ConfigError(
+            f"The evaluation data's labels {splits.class_names} are not the model's labels "
+            f"{loaded.class_names}; put the model's labels.txt beside the manifest.")
+    batches = eval_pipeline(splits.test, len(splits.class_names),
+                            dataclasses.replace(data, cache="none"))
+    probabilities, targets = predict_multilabel(loaded.classifier, batches)
+    thresholds = loaded.thresholds or [DEFAULT_THRESHOLD] * len(splits.class_names)
+    metrics = multilabel_metrics(probabilities, targets, thresholds, splits.class_names)
+    metrics["thresholds_tuned_on"] = "the model's validation split (stored in the model)"
+    if splits.skipped:
+        log(skipped_files_line(splits.skipped))
+    if out_dir:
+        write_multilabel_report(out_dir, metrics, probabilities, targets, splits.class_names,
+                                skipped=list(splits.skipped))
+    return Evaluation(metrics, probabilities.astype(np.float32), targets, list(splits.skipped))

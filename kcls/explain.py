@@ -1,4 +1,5 @@
-"""Grad-CAM: where in the image the classifier looked for its top-1 class.
+"""Grad-CAM: where in the image the classifier looked for its top-1 class (for a
+multi-label model, for each label it predicts: one overlay per label).
 
 Grad-CAM (Selvaraju et al., 2017) weights the channels of the backbone's last
 convolutional feature map by the spatial mean of the class score's gradient, sums
@@ -68,7 +69,8 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
 def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
                   out_dir: str | Path, overwrite: bool = False
                   ) -> list[tuple[Path, str, float]]:
-    """Writes a Grad-CAM overlay of each image for its top-1 class into `out_dir`.
+    """Writes a Grad-CAM overlay of each image for its top-1 class into `out_dir`; for a
+    multi-label model one per predicted label, `photo_<label>_gradcam.png`.
 
     The overlay of `photo.jpg` is `<out_dir>/photo_gradcam.png`. Names are unique within
     a call: a second `photo.*` (e.g. from another folder) gets `photo_gradcam-2.png`,
@@ -82,8 +84,8 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
         overwrite: bool, replace existing overlays of the same name.
 
     Returns:
-        `(overlay path, top-1 label, probability)` per image, in the order of
-        `image_paths`.
+        `(overlay path, label, probability)` per overlay, in the order of `image_paths`
+        (a multi-label image's labels most probable first).
 
     Raises:
         ValueError: a file that is not a decodable image (the message names it).
@@ -98,21 +100,40 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
         except tf.errors.InvalidArgumentError:
             raise ValueError(f"{path}: not a decodable JPEG, PNG, GIF or BMP image.") from None
         prepared = prepare_image(decoded, size, mode)[None]
-        heatmaps, classes = grad_cam(loaded.classifier, prepared)
-        probabilities = tf.nn.softmax(loaded.classifier(prepared, training=False))[0].numpy()
+        logits = loaded.classifier(prepared, training=False)
         image = tf.cast(tf.round(prepared[0]), tf.uint8).numpy()
-        png = tf.io.encode_png(overlay(image, heatmaps[0])).numpy()
-        while True:
-            target = _overlay_path(out_dir, path.stem, {target for target, _, _ in written},
-                                   overwrite)
-            try:  # "x": another process may have taken the name since the check
-                with open(target, "wb" if overwrite else "xb") as file:
-                    file.write(png)
-                break
-            except FileExistsError:
-                continue
-        written.append((target, loaded.class_names[classes[0]], float(probabilities[classes[0]])))
+        for label, probability, stem in _explained_labels(loaded, logits[0], path.stem):
+            heatmaps, _ = grad_cam(loaded.classifier, prepared, np.array([label]))
+            png = tf.io.encode_png(overlay(image, heatmaps[0])).numpy()
+            while True:
+                target = _overlay_path(out_dir, stem, {target for target, _, _ in written},
+                                       overwrite)
+                try:  # "x": another process may have taken the name since the check
+                    with open(target, "wb" if overwrite else "xb") as file:
+                        file.write(png)
+                    break
+                except FileExistsError:
+                    continue
+            written.append((target, loaded.class_names[label], probability))
     return written
+
+
+def _explained_labels(loaded: LoadedClassifier, logits: tf.Tensor, stem: str
+                      ) -> list[tuple[int, float, str]]:
+    """`(class index, probability, overlay stem)` of what to explain for one image: the
+    top-1 class (softmax); for a multi-label model every label at or above its threshold
+    (the most probable one when none is), stems `<stem>_<label>`."""
+    if loaded.thresholds is None:
+        probabilities = tf.nn.softmax(logits).numpy()
+        top = int(np.argmax(probabilities))
+        return [(top, float(probabilities[top]), stem)]
+    probabilities = tf.math.sigmoid(logits).numpy()
+    labels = np.flatnonzero(probabilities >= np.asarray(loaded.thresholds))
+    if not len(labels):
+        labels = [int(np.argmax(probabilities))]
+    labels = sorted(labels, key=lambda label: -probabilities[label])
+    return [(int(label), float(probabilities[label]),
+             f"{stem}_{loaded.class_names[label]}") for label in labels]
 
 
 def _overlay_path(out_dir: Path, stem: str, taken: set[Path], overwrite: bool) -> Path:

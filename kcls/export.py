@@ -24,6 +24,14 @@ With a calibration temperature T (`evaluate.calibrate`, `kcls.metrics.fit_temper
 every signature serves `probabilities = softmax(logits / T)` (the argmax, hence the
 classes, unchanged) and `kcls.json` records T under `temperature` (null: T = 1).
 
+A multi-label model (`model.task=multilabel`) serves `probabilities = sigmoid(logits)`
+per label, `predicted` (int32 `[N, C]`, 1 where a label's probability reaches its
+threshold), and `classes`, `scores` and `labels` over all C labels, best first, with
+the labels below their thresholds blanked (`""`): the labels above threshold, in
+order. The per-label thresholds (tuned on the validation split,
+`kcls.multilabel_metrics.tune_thresholds`) are constants of the graph and listed in
+`kcls.json` under `thresholds`; `task` names the task there.
+
 With `export.flip_tta` every signature averages the probabilities of each image and its
 horizontal mirror (the test-time augmentation `evaluate.flip_tta` measures).
 
@@ -97,7 +105,8 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
                        metrics: dict[str, Any] | None = None,
                        base_dir: str | Path | None = None,
                        temperature: float | None = None,
-                       reference: dict[str, Any] | None = None) -> Path:
+                       reference: dict[str, Any] | None = None,
+                       thresholds: list[float] | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
     Args:
@@ -111,6 +120,8 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         reference: the reference profile (`kcls.profile.reference_profile`) written to
             `assets/reference.json`; None writes none (`kcls monitor` then says how to
             get one).
+        thresholds: per-label probability thresholds `[C]` of a multi-label model
+            (`model.task=multilabel`, see the module docstring); required for one.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/3`. The
@@ -126,7 +137,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
         archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
                                    recipe.export.top_k, recipe.data.resize,
-                                   recipe.export.flip_tta, temperature)
+                                   recipe.export.flip_tta, temperature, thresholds)
         archive.write_out(str(temporary), verbose=False)
         # Keras' own weights file, which `kcls.load` reads: it addresses weights by layer
         # and variable, where the SavedModel only keeps a list of variables.
@@ -140,6 +151,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
                     "keras_version": keras.__version__, "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
                     "temperature": temperature, "metrics": metrics or {},
+                    "task": recipe.model.task, "thresholds": thresholds,
                     "recipe": to_dict(recipe)}
         (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         version_dir = _publish(temporary, model_dir)
@@ -170,6 +182,11 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
         ConfigError: the run's `config.json` does not match this kcls version's config.
     """
     loaded = load_run(run_dir)
+    metrics = load_run_metrics(run_dir)
+    if loaded.recipe.model.task == "multilabel":  # no reference profile; tuned thresholds
+        return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
+                                  metrics, base_dir, thresholds=[
+                                      metrics["thresholds"][name] for name in loaded.class_names])
     reference_file = Path(run_dir) / RUN_REFERENCE_FILE
     if reference_file.is_file():
         reference = json.loads(reference_file.read_text())
@@ -177,8 +194,7 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
         reference = recipe_reference_profile(loaded.classifier, loaded.recipe,
                                              loaded.class_names, loaded.temperature)
     return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                              load_run_metrics(run_dir), base_dir, loaded.temperature,
-                              reference)
+                              metrics, base_dir, loaded.temperature, reference)
 
 
 def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Path:
@@ -325,22 +341,32 @@ def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> 
 
 def _serving_archive(model: keras.Model, class_names: list[str], image_size: int,
                      top_k: int, resize: str = "resize", flip_tta: bool = False,
-                     temperature: float | None = None) -> keras.export.ExportArchive:
-    top_k = min(top_k, len(class_names))
+                     temperature: float | None = None,
+                     thresholds: list[float] | None = None) -> keras.export.ExportArchive:
+    top_k = len(class_names) if thresholds is not None else min(top_k, len(class_names))
     label_table = tf.constant(class_names)
+    activation = tf.nn.softmax if thresholds is None else tf.math.sigmoid
+    threshold_vector = None if thresholds is None else tf.constant(thresholds, tf.float32)
     scale = 1.0 / (temperature or 1.0)  # a constant of the graph: T is fixed at export
 
     with_embedding = embedding_model(model)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
         embedding, logits = with_embedding(images, training=False)
-        probabilities = tf.nn.softmax(logits * scale)
+        probabilities = activation(logits * scale)
         if flip_tta:
-            mirrored = tf.nn.softmax(model(tf.reverse(images, axis=[2]), training=False) * scale)
+            mirrored = activation(model(tf.reverse(images, axis=[2]), training=False) * scale)
             probabilities = (probabilities + mirrored) / 2.0
         scores, classes = tf.math.top_k(probabilities, k=top_k)
-        return {"probabilities": probabilities, "classes": classes, "scores": scores,
-                "labels": tf.gather(label_table, classes), "embedding": embedding}
+        labels = tf.gather(label_table, classes)
+        served = {"probabilities": probabilities, "classes": classes, "scores": scores,
+                  "labels": labels, "embedding": embedding}
+        if thresholds is not None:
+            above = probabilities >= threshold_vector
+            served["predicted"] = tf.cast(above, tf.int32)
+            # Best first; a label below its threshold is blanked.
+            served["labels"] = tf.where(tf.gather(above, classes, batch_dims=1), labels, "")
+        return served
 
     def decode(image_bytes: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)

@@ -75,9 +75,12 @@ CONFIDENT_MISTAKES_PLOT = "confident_mistakes.png"
 PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
 RUN_REFERENCE_FILE = "reference.json"
+PR_CURVES_PLOT = "pr_curves.png"  # multi-label runs (`kcls.multilabel`)
 # Exports.
 SAVED_MODEL_FILE = "saved_model.pb"
 LABELS_FILE = "assets/labels.txt"
+# Beside a data manifest (`kcls.data.manifest`): the class names, one per line.
+MANIFEST_LABELS_FILE = "labels.txt"
 REFERENCE_FILE = "assets/reference.json"
 METADATA_FILE = "kcls.json"
 MODELS_CONFIG_FILE = "models.config"

@@ -42,12 +42,15 @@ class LoadedClassifier:
 
     `temperature` is the calibration temperature T the export serves `softmax(logits / T)`
     with (`kcls.metrics.fit_temperature`), or None for an uncalibrated model.
+    `thresholds` are a multi-label model's per-label probability thresholds `[C]`
+    (`kcls.multilabel_metrics.tune_thresholds`), None for a single-label one.
     """
 
     classifier: keras.Model
     recipe: Recipe
     class_names: list[str]
     temperature: float | None = None
+    thresholds: list[float] | None = None
 
 
 def load_classifier(path: str | Path) -> LoadedClassifier:
@@ -94,6 +97,9 @@ def load_run(run_dir: str | Path) -> LoadedClassifier:
                                 "re-run the recipe with `kcls recipe run NAME`.")
     loaded = _rebuild(recipe, class_names, run_dir / WEIGHTS_FILE, run_dir / RUN_CONFIG_FILE)
     loaded.temperature = run_info.get("temperature")
+    tuned = load_run_metrics(run_dir).get("thresholds")
+    if tuned:
+        loaded.thresholds = [tuned[name] for name in class_names]
     return loaded
 
 
@@ -110,6 +116,7 @@ def load_export(export_dir: str | Path) -> LoadedClassifier:
                       metadata["class_names"], export_dir / WEIGHTS_FILE,
                       export_dir / METADATA_FILE)
     loaded.temperature = metadata.get("temperature")
+    loaded.thresholds = metadata.get("thresholds")
     return loaded
 
 

@@ -38,6 +38,7 @@ import tensorflow as tf
 from kcls.data.folder import IMAGE_EXTENSIONS, printable_path, skipped_files_line
 from kcls.drift import ALPHA, PERMUTATIONS, compare
 from kcls.layout import (
+    METADATA_FILE,
     MONITOR_CLASSES_PLOT,
     MONITOR_CONFIDENCE_PLOT,
     MONITOR_DIR,
@@ -73,7 +74,8 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         FileNotFoundError: `model_dir` is not an export (`kcls.layout.resolve_export_dir`).
         MissingReferenceError: the export has no `assets/reference.json`; the message
             names the command that exports one.
-        MonitorError: `model_dir` is a run directory, or the profile is unreadable.
+        MonitorError: `model_dir` is a run directory or a multi-label export, or the
+            profile is unreadable.
     """
     if is_run_dir(model_dir):
         raise MonitorError(f"{str(model_dir)!r} is a run directory; monitor its export "
@@ -81,6 +83,12 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                            f"{model_dir}`.")
     export_dir = resolve_export_dir(model_dir)
     reference_file = export_dir / REFERENCE_FILE
+    metadata_file = export_dir / METADATA_FILE
+    if (metadata_file.is_file()
+            and json.loads(metadata_file.read_text()).get("task") == "multilabel"):
+        raise MonitorError(
+            f"The export {str(export_dir)!r} is a multi-label model (model.task=multilabel); "
+            "`kcls monitor` compares single-label predictions and cannot monitor it yet.")
     if not reference_file.is_file():
         raise MissingReferenceError(
             f"The export {str(export_dir)!r} has no reference profile ({REFERENCE_FILE}; "

@@ -31,13 +31,15 @@ class Predictor:
     loaded: Any  # keeps the signature's variables alive
 
     def predict_bytes(self, image_bytes: bytes) -> list[tuple[str, float]]:
-        """Top-k `(label, probability)` pairs, best first, for one encoded image."""
+        """Top-k `(label, probability)` pairs, best first, for one encoded image; for a
+        multi-label model, the labels above their thresholds (the served blanks dropped)."""
         try:
             outputs = self.signature(image_bytes=tf.constant([image_bytes]))
         except tf.errors.InvalidArgumentError:
             raise PredictionError("not a decodable JPEG, PNG, GIF or BMP image") from None
         labels = [label.decode() for label in outputs["labels"].numpy()[0]]
-        return list(zip(labels, outputs["scores"].numpy()[0].tolist()))
+        return [(label, score) for label, score
+                in zip(labels, outputs["scores"].numpy()[0].tolist()) if label]
 
     def predict_file(self, path: str | Path) -> list[tuple[str, float]]:
         """Top-k `(label, probability)` pairs for the image file at `path`."""

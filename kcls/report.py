@@ -30,11 +30,13 @@ from kcls.layout import (  # noqa: E402
     CONFIDENT_MISTAKES_PLOT,
     CONFUSION_MATRIX_PLOT,
     METRICS_FILE,
+    PR_CURVES_PLOT,
     RELIABILITY_PLOT,
     REPORT_FILE,
     TRAINING_CURVES_PLOT,
 )
 from kcls.metrics import Evaluation, calibration_bins  # noqa: E402
+from kcls.multilabel_metrics import precision_recall_curves  # noqa: E402
 
 
 def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[str],
@@ -116,11 +118,84 @@ def markdown_report(metrics: dict[str, Any], plots: list[str],
     return "\n".join(lines) + "\n"
 
 
+def write_multilabel_report(run_dir: str | Path, metrics: dict[str, Any],
+                            probabilities: np.ndarray, targets: np.ndarray,
+                            class_names: list[str],
+                            history: dict[str, list[float]] | None = None,
+                            phases: list[dict[str, Any]] | None = None,
+                            skipped: list[str] | None = None) -> list[Path]:
+    """Writes `metrics.json`, `report.md`, the PR curves and the training curves of a
+    multi-label model (`kcls.multilabel_metrics.multilabel_metrics` gives `metrics`).
+
+    Args:
+        probabilities: float `[N, C]` test probabilities; targets: `[N, C]` of 0/1.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = [run_dir / METRICS_FILE]
+    written[0].write_text(json.dumps(metrics, indent=2))
+    if history:
+        written.append(plot_training_curves(history, phases or [], run_dir / TRAINING_CURVES_PLOT))
+    written.append(plot_precision_recall(probabilities, targets, class_names,
+                                         metrics["thresholds"], run_dir / PR_CURVES_PLOT))
+    lines = ["# Multi-label evaluation on the held-out split", "",
+             "| metric | value |", "| --- | --- |"]
+    for key in ("examples", "mAP", "micro_f1", "macro_f1", "micro_precision", "micro_recall",
+                "exact_match", "label_cardinality", "predicted_cardinality"):
+        lines.append(f"| {key} | {_format(metrics[key])} |")
+    lines += ["", "F1, precision and recall at the per-label thresholds tuned on the "
+              f"{metrics.get('thresholds_tuned_on', 'validation split')}.", "",
+              "## Per label", "",
+              "| label | threshold | AP | precision | recall | F1 | support |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in metrics["per_label"].items():
+        average_precision = row["average_precision"]
+        lines.append(f"| {name} | {metrics['thresholds'][name]:.3f} | "
+                     + (f"{average_precision:.3f}" if average_precision is not None else "-")
+                     + f" | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | "
+                     f"{row['support']} |")
+    if skipped:
+        lines += ["", f"## Skipped files ({len(skipped)})", "",
+                  "Not among the examples above.", ""]
+        lines += [f"- `{name}`" for name in skipped]
+    lines += ["", "## Plots", ""] + [f"![{path.name}]({path.name})" for path in written[1:]]
+    report = run_dir / REPORT_FILE
+    report.write_text("\n".join(lines) + "\n")
+    return [*written, report]
+
+
+def plot_precision_recall(probabilities: np.ndarray, targets: np.ndarray,
+                          class_names: list[str], thresholds: Mapping[str, float],
+                          path: Path) -> Path:
+    """One precision-recall curve per label, its tuned threshold marked with a dot."""
+    figure, axis = plt.subplots(figsize=(7, 6))
+    curves = precision_recall_curves(probabilities, targets)
+    truth = np.asarray(targets) > 0.5
+    for label, (name, curve) in enumerate(zip(class_names, curves)):
+        if curve is None:
+            continue
+        precision, recall = curve
+        lines = axis.plot(recall, precision, label=name)
+        predicted = probabilities[:, label] >= thresholds[name]
+        hits = np.sum(predicted & truth[:, label])
+        axis.plot(hits / max(truth[:, label].sum(), 1), hits / max(predicted.sum(), 1), "o",
+                  color=lines[0].get_color())
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_title("Precision-recall per label (dots: tuned thresholds)")
+    axis.legend(fontsize="small", loc="lower left")
+    return save_figure(figure, path)
+
+
 def plot_training_curves(history: dict[str, list[float]], phases: list[dict[str, Any]],
                          path: Path) -> Path:
     """Loss and accuracy (train and validation) per epoch; a line where phase 2 starts."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    # Multi-label runs track the PR AUC (kcls.train.losses) instead of accuracy.
+    score = next((name for name in ("accuracy", "pr_auc") if name in history), "accuracy")
+    for axis, metric in zip(axes, ("loss", score)):
         for key, style in ((metric, "-"), (f"val_{metric}", "--")):
             if key in history:
                 epochs = np.arange(1, len(history[key]) + 1)

@@ -40,6 +40,7 @@ from kcls.config import (
     ConfigError,
     DataConfig,
     Recipe,
+    Task,
     parse_duration,
     require_choice,
     to_json,
@@ -58,7 +59,7 @@ from kcls.data.sources import (
     load_splits,
     train_class_counts,
 )
-from kcls.evaluate import evaluate_classifier, predict_logits
+from kcls.evaluate import evaluate_classifier, predict_logits, predict_multilabel
 from kcls.export import export_saved_model
 from kcls.layout import (
     REPORT_FILE,
@@ -75,8 +76,9 @@ from kcls.metrics import (
     summary_metrics,
 )
 from kcls.models.classifier import build_classifier
+from kcls.multilabel_metrics import DEFAULT_THRESHOLD, multilabel_metrics, tune_thresholds
 from kcls.profile import reference_profile, write_json
-from kcls.report import confident_mistakes, write_report
+from kcls.report import confident_mistakes, write_multilabel_report, write_report
 from kcls.rundir import check_run_dir, claim_run_dir
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import (
@@ -145,7 +147,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         check_run_dir(run_dir)
     check_cache_writable(recipe.data)
     splits = splits or load_splits(recipe.data)
-    calibrate = resolve_calibrate(recipe.evaluate.calibrate, splits.validation is not None)
+    multilabel = recipe.model.task == "multilabel"
+    check_task(splits, recipe.model.task, recipe.data.source)
+    calibrate = resolve_calibrate(recipe.evaluate.calibrate,
+                                  splits.validation is not None and not multilabel)
     calibration_examples, calibration_count = splits.validation, splits.sizes["validation"]
     if calibrate == "temperature" and splits.validation is None:
         train_count = splits.sizes["train"]
@@ -185,9 +190,17 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if host_augmentation is not None:
             log(f"augmentation {', '.join(host_augmentation.stage_names)} on the host (tf.data): "
                 "TPUs run only XLA-compiled programs and these stages have ops XLA cannot compile")
-        class_weights = None
+        class_weights = positive_weights = None
         require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
-        if recipe.train.class_weights == "balanced":
+        if recipe.train.class_weights == "balanced" and multilabel:
+            targets = splits.train_labels  # TFDS keeps none: one pass over the labels
+            if targets is None:
+                targets = np.stack([label for _, label in splits.train.as_numpy_iterator()])
+            positive_weights = balanced_positive_weights(targets)
+            log("positive weights per label (balanced): " + ", ".join(
+                f"{name} {weight:.2f}"
+                for name, weight in zip(splits.class_names, positive_weights)))
+        elif recipe.train.class_weights == "balanced":
             class_weights = balanced_class_weights(train_class_counts(splits))
             log("class weights (balanced): " + ", ".join(
                 f"{name} {weight:.2f}" for name, weight in zip(splits.class_names, class_weights)))
@@ -210,7 +223,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                            splits.fingerprint, host_augment=host_augmentation),
             validation_batches,
             steps_per_epoch, train_config, augmentation, verbose=verbose, run_dir=run_dir,
-            strategy=strategy, time_budget=time_budget)
+            strategy=strategy, time_budget=time_budget, task=recipe.model.task,
+            positive_weights=positive_weights)
         if training["resumed"]:
             log("resumed an interrupted run: " + ", ".join(
                 f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
@@ -219,51 +233,59 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
         temperature, calibration = None, {"method": "none"}
-        if calibrate == "temperature":
-            calibration_batches = validation_batches or eval_pipeline(
-                calibration_examples, num_classes, dataclasses.replace(recipe.data, cache="none"))
-            temperature, calibration = fit_calibration(
-                classifier, calibration_batches,
-                "validation split" if splits.validation is not None
-                else "training carve-out (no validation split)")
-        test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
-                                     splits.fingerprint)
-        evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
-                                         flip_tta=recipe.evaluate.flip_tta,
-                                         temperature=temperature)
-        metrics = evaluation.metrics
-        if temperature is not None:
-            metrics["calibration"].update(calibration)
-            before, after = metrics["calibration"]["before"], metrics["calibration"]["after"]
-            log(f"temperature scaling: T {temperature:.3f} fitted on {calibration['fitted_on']} "
-                f"({calibration['fit_examples']} images); test nll {before['nll']:.4f} -> "
-                f"{after['nll']:.4f}, ece {before['ece']:.4f} -> {after['ece']:.4f}")
-        calibration = metrics.get("calibration", calibration)
-        support = {name: row["support"] for name, row in metrics["per_class"].items()}
-        log("test support per class: " + ", ".join(f"{n} {c}" for n, c in support.items()))
-        imbalance = class_balance_warning(support)
-        if imbalance:
-            log(f"warning: {imbalance}")
-        evaluation.skipped = list(splits.skipped)  # the report names them too
-        write_report(run_dir, evaluation, splits.class_names, training["history"],
-                     training["phases"], _mistake_images(splits, recipe, evaluation),
-                     mistakes=recipe.evaluate.mistakes)
-        log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out images "
-            f"(chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece {metrics['ece']:.4f}"
-            + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
-            + f"; report {run_dir / REPORT_FILE}")
-        if splits.skipped:
-            log(skipped_files_line(splits.skipped))
-        _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
-        reference = reference_profile(classifier, test_batches, splits.class_names,
-                                      temperature, recipe.export.flip_tta)
-        write_json(run_dir / RUN_REFERENCE_FILE, reference)
+        if multilabel:
+            metrics, export_dir = _evaluate_multilabel(
+                classifier, recipe, splits, validation_batches, training, run_dir, log)
+        else:
+            if calibrate == "temperature":
+                calibration_batches = validation_batches or eval_pipeline(
+                    calibration_examples, num_classes,
+                    dataclasses.replace(recipe.data, cache="none"))
+                temperature, calibration = fit_calibration(
+                    classifier, calibration_batches,
+                    "validation split" if splits.validation is not None
+                    else "training carve-out (no validation split)")
+            test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
+                                         splits.fingerprint)
+            evaluation = evaluate_classifier(classifier, test_batches, splits.class_names,
+                                             flip_tta=recipe.evaluate.flip_tta,
+                                             temperature=temperature)
+            metrics = evaluation.metrics
+            if temperature is not None:
+                metrics["calibration"].update(calibration)
+                before, after = metrics["calibration"]["before"], metrics["calibration"]["after"]
+                log(f"temperature scaling: T {temperature:.3f} fitted on "
+                    f"{calibration['fitted_on']} "
+                    f"({calibration['fit_examples']} images); test nll {before['nll']:.4f} -> "
+                    f"{after['nll']:.4f}, ece {before['ece']:.4f} -> {after['ece']:.4f}")
+            calibration = metrics.get("calibration", calibration)
+            support = {name: row["support"] for name, row in metrics["per_class"].items()}
+            log("test support per class: " + ", ".join(f"{n} {c}" for n, c in support.items()))
+            imbalance = class_balance_warning(support)
+            if imbalance:
+                log(f"warning: {imbalance}")
+            evaluation.skipped = list(splits.skipped)  # the report names them too
+            write_report(run_dir, evaluation, splits.class_names, training["history"],
+                         training["phases"], _mistake_images(splits, recipe, evaluation),
+                         mistakes=recipe.evaluate.mistakes)
+            log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out "
+                f"images (chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece "
+                f"{metrics['ece']:.4f}"
+                + (f"; flip TTA accuracy {metrics['tta']['accuracy']:.4f}"
+                   if "tta" in metrics else "")
+                + f"; report {run_dir / REPORT_FILE}")
+            if splits.skipped:
+                log(skipped_files_line(splits.skipped))
+            _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
+            reference = reference_profile(classifier, test_batches, splits.class_names,
+                                          temperature, recipe.export.flip_tta)
+            write_json(run_dir / RUN_REFERENCE_FILE, reference)
 
-        export_dir = None
-        if recipe.export.enabled:
-            export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics,
-                                            temperature=temperature, reference=reference)
-            log(f"exported float32 SavedModel to {export_dir}")
+            export_dir = None
+            if recipe.export.enabled:
+                export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics,
+                                                temperature=temperature, reference=reference)
+                log(f"exported float32 SavedModel to {export_dir}")
 
         run_info = {
             "kcls_version": __version__, "tensorflow_version": tf.__version__,
@@ -280,6 +302,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             "global_batch_size": recipe.data.batch_size,
             "class_weights": None if class_weights is None else dict(
                 zip(splits.class_names, np.round(class_weights, 4).tolist())),
+            "task": recipe.model.task,
+            "positive_weights": None if positive_weights is None else dict(
+                zip(splits.class_names, np.round(positive_weights, 4).tolist())),
             "phases": training["phases"], "history": training["history"],
             "resumed": training["resumed"], "best_weights": training["best_weights"],
             "metrics": metrics, "temperature": temperature, "calibration": calibration,
@@ -294,6 +319,81 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
         return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
                          splits.class_names)
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The test metric(s) a run is judged by, for one line: accuracy, or for a multi-label
+    model mAP and micro F1."""
+    if metrics.get("task") == "multilabel":
+        return f"mAP {metrics['mAP']:.4f}, micro F1 {metrics['micro_f1']:.4f}"
+    return f"accuracy {metrics['accuracy']:.4f}"
+
+
+def check_task(splits: Splits, task: str, source: str) -> None:
+    """Raises unless the labels of `splits` suit `task` (`model.task`).
+
+    Raises:
+        ConfigError: multi-hot labels (a manifest) with `multiclass`, or class indices
+            with `multilabel`, naming the setting to change.
+    """
+    require_choice(task, Task, "model.task")
+    label_rank = len(splits.train.element_spec[1].shape)
+    if task == "multiclass" and label_rank == 1:
+        raise ConfigError(
+            f"data.source={source!r} gives each image a set of labels: set "
+            "model.task=multilabel.")
+    if task == "multilabel" and label_rank == 0:
+        raise ConfigError(
+            f"data.source={source!r} gives each image one class; model.task=multilabel "
+            "needs sets of labels: use a manifest (data.source=manifest:PATH.csv, see "
+            "docs/multilabel.md) or model.task=multiclass.")
+
+
+def balanced_positive_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-label weights of the positives, `negatives / positives` of the training labels
+    (float `[N, C]` multi-hot), so that each label's positives and negatives weigh the
+    same in the loss; 1 for a label without positives."""
+    positives = np.asarray(targets, np.float64).sum(axis=0)
+    negatives = len(targets) - positives
+    return np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
+
+
+def _evaluate_multilabel(classifier: keras.Model, recipe: Recipe, splits: Splits,
+                         validation_batches: tf.data.Dataset | None,
+                         training: dict[str, Any], run_dir: Path,
+                         log: Callable[[str], None]) -> tuple[dict[str, Any], Path | None]:
+    """Tunes per-label thresholds on the validation split (0.5 without one), evaluates the
+    test split, writes the report and the samples, and exports.
+
+    Returns:
+        `(test metrics, export version directory or None)`.
+    """
+    num_classes = len(splits.class_names)
+    thresholds, tuned_on = np.full(num_classes, DEFAULT_THRESHOLD), "default 0.5"
+    if validation_batches is not None:
+        thresholds = tune_thresholds(*predict_multilabel(classifier, validation_batches))
+        tuned_on = f"validation split ({splits.sizes['validation']} images)"
+    test_batches = eval_pipeline(splits.test, num_classes, recipe.data, "test",
+                                 splits.fingerprint)
+    probabilities, targets = predict_multilabel(classifier, test_batches)
+    metrics = multilabel_metrics(probabilities, targets, thresholds, splits.class_names)
+    metrics["thresholds_tuned_on"] = tuned_on
+    write_multilabel_report(run_dir, metrics, probabilities, targets, splits.class_names,
+                            training["history"], training["phases"], list(splits.skipped))
+    log(f"test mAP {metrics['mAP']:.4f}, micro F1 {metrics['micro_f1']:.4f}, macro F1 "
+        f"{metrics['macro_f1']:.4f} on {metrics['examples']} held-out images (thresholds "
+        f"tuned on the {tuned_on}; label cardinality {metrics['label_cardinality']:.2f}, "
+        f"predicted {metrics['predicted_cardinality']:.2f}); report {run_dir / REPORT_FILE}")
+    if splits.skipped:
+        log(skipped_files_line(splits.skipped))
+    _write_samples(splits, recipe, run_dir / SAMPLES_DIR)
+    export_dir = None
+    if recipe.export.enabled:
+        export_dir = export_saved_model(classifier, recipe, splits.class_names, metrics,
+                                        thresholds=thresholds.tolist())
+        log(f"exported float32 SavedModel to {export_dir} (no reference profile: "
+            "`kcls monitor` handles single-label models only)")
+    return metrics, export_dir
 
 
 def resolve_calibrate(calibrate: str, has_validation: bool) -> str:
@@ -370,8 +470,10 @@ def _write_samples(splits: Splits, recipe: Recipe, folder: Path) -> None:
     for index, (image, label) in enumerate(splits.test.take(SAMPLE_IMAGES)):
         resized = tf.cast(tf.round(prepare_image(image, recipe.data.image_size,
                                                  recipe.data.resize)), tf.uint8)
-        name = f"{index}_{splits.class_names[int(label)]}.png".replace("/", "_")
+        names = ([splits.class_names[int(label)]] if np.ndim(label) == 0 else
+                 [splits.class_names[i] for i in np.flatnonzero(label.numpy() > 0.5)])
+        name = f"{index}_{'+'.join(names)}.png".replace("/", "_")
         tf.io.write_file(str(folder / name), tf.io.encode_png(resized))
 
 
-__all__ = ["RunResult", "check_cache_writable", "run_recipe"]
+__all__ = ["RunResult", "check_cache_writable", "headline", "run_recipe"]

@@ -107,7 +107,7 @@ def scan_folder(root: str | Path) -> FolderFiles:
     candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
                   for path in sorted(class_dir.rglob("*"))
                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    usable = _check_images(root, [path for path, _ in candidates])
+    usable = check_images(root, [path for path, _ in candidates])
     kept = [c for c, ok in zip(candidates, usable) if ok]
     skipped = [printable_path(path) for (path, _), ok in zip(candidates, usable) if not ok]
     counts = np.bincount([label for _, label in kept], minlength=len(class_dirs))
@@ -141,7 +141,7 @@ def scan_images(root: str | Path) -> FolderFiles:
     candidates = [path for path in sorted(root.rglob("*"))
                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
                   and not any(part.startswith(".") for part in path.relative_to(root).parts)]
-    usable = _check_images(root, candidates)
+    usable = check_images(root, candidates)
     paths = [str(path) for path, ok in zip(candidates, usable) if ok]
     if not paths:
         raise ConfigError(
@@ -152,19 +152,28 @@ def scan_images(root: str | Path) -> FolderFiles:
                        [printable_path(path) for path, ok in zip(candidates, usable) if not ok])
 
 
-def _check_images(root: Path, candidates: list[Path]) -> list[bool]:
-    """Whether each of `candidates` passes Pillow's check and decodes with TensorFlow
-    (decoding only the files not recorded as decoded in `decode_check_cache(root)`)."""
+def check_images(root: str | Path, paths: Sequence[Path]) -> list[bool]:
+    """Whether each image file will reach the model: steps 1-3 of the module docstring.
+
+    Args:
+        root: the folder whose decode-check record (`decode_check_cache`) to use.
+        paths: image files (under `root` or anywhere).
+
+    Returns:
+        one bool per path, False for a file that is missing, unreadable, undecodable or
+        has a name that is not UTF-8.
+    """
+    root, paths = Path(root), [Path(path) for path in paths]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        readable = list(pool.map(_is_readable, candidates))
-    stamps = {str(path): _stamp(path) for path, ok in zip(candidates, readable) if ok}
+        readable = list(pool.map(_is_readable, paths))
+    stamps = {str(path): _stamp(path) for path, ok in zip(paths, readable) if ok}
     cache = decode_check_cache(root)
     decoded_before = _read_decode_checks(cache)
     failed = set(_undecodable([path for path, stamp in stamps.items()
                                if decoded_before.get(path) != stamp]))
-    usable = [ok and str(path) not in failed for path, ok in zip(candidates, readable)]
+    usable = [ok and str(path) not in failed for path, ok in zip(paths, readable)]
     _write_decode_checks(cache, root, {str(path): stamps[str(path)]
-                                       for path, ok in zip(candidates, usable) if ok})
+                                       for path, ok in zip(paths, usable) if ok})
     return usable
 
 
@@ -194,7 +203,7 @@ def decode_image_file(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.
 
 def decode_files(paths: Sequence[str], labels: np.ndarray,
                  failed: list[str] | None = None) -> tf.data.Dataset:
-    """The decoded `(uint8 [H, W, 3], int64 label)` examples of `paths`, in their order.
+    """The decoded `(uint8 [H, W, 3], label)` examples of `paths`, in their order.
 
     A file that fails to read or decode is left out and its path appended to `failed`
     (once, however many passes are made), so that whoever reports `failed` afterwards
@@ -202,14 +211,17 @@ def decode_files(paths: Sequence[str], labels: np.ndarray,
 
     Args:
         paths: sequence of str, image files (UTF-8 names, see `scan_folder`).
-        labels: int array `(len(paths),)`.
+        labels: int array `(len(paths),)` of classes (int64 labels), or float array
+            `(len(paths), C)` of multi-hot labels (float32 labels).
         failed: list[str] to append the paths of files that fail to; `None` for a new
             list nobody reads.
     """
     failed = [] if failed is None else failed
     lock = threading.Lock()  # tf.data may call `record` from several threads
+    labels = np.asarray(labels)
+    labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)
     examples = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(list(paths), tf.string), np.asarray(labels, np.int64)))
+        (tf.constant(list(paths), tf.string), labels))
 
     def attempt(path: tf.Tensor, label: tf.Tensor) -> tf.data.Dataset:
         # One file in its own dataset: `ignore_errors` empties it on failure and the

@@ -2,7 +2,9 @@
 
 Both pipelines turn source examples `(uint8 [H, W, 3], int64 label)` into batches
 `(float32 [B, S, S, 3] in [0, 255], float32 one-hot [B, C])`. Labels are one-hot so
-that MixUp/CutMix soft labels and label smoothing use the same loss.
+that MixUp/CutMix soft labels and label smoothing use the same loss. Multi-label
+sources (`model.task=multilabel`) give float32 multi-hot `[C]` labels instead, which
+pass through unchanged (`targets`).
 
 Order of the training pipeline: resize in parallel, cache the resized examples as
 uint8 (memory or file: the resize, the costly part, runs once, and the cache stays
@@ -112,7 +114,7 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
     def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        batch = (tf.cast(images, tf.float32), tf.one_hot(labels, num_classes))
+        batch = (tf.cast(images, tf.float32), targets(labels, num_classes))
         return batch if weights is None else (*batch, tf.gather(weights, labels))
 
     batches = batches.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE)
@@ -126,6 +128,19 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
 
         batches = batches.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(batches, config).prefetch(tf.data.AUTOTUNE)
+
+
+def targets(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """float32 training targets: int class indices (`[...]`) one-hot, multi-hot label
+    vectors (float `[..., C]`, one more dimension than a class index) as they are.
+
+    Args:
+        labels: int64 `[]`/`[B]` class indices, or float32 `[C]`/`[B, C]` multi-hot.
+        num_classes: int, C.
+    """
+    if labels.dtype.is_integer:
+        return tf.one_hot(labels, num_classes)
+    return tf.cast(labels, tf.float32)
 
 
 def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
@@ -155,7 +170,7 @@ def eval_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfi
     """
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return (prepare_image(image, config.image_size, config.resize),
-                tf.one_hot(label, num_classes))
+                targets(label, num_classes))
 
     examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     batches = _cache(examples, config, split, source_fingerprint).batch(config.batch_size)

@@ -4,8 +4,12 @@ A source is named by `DataConfig.source`:
 
 - `sklearn:digits` — scikit-learn's bundled 8x8 handwritten digits (1,797 real images,
   10 classes), offline everywhere scikit-learn is installed.
-- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`.
+- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`; a
+  `labels` feature that is a sequence of class labels makes it multi-label (float32
+  multi-hot `[C]` labels).
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
+- `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
+  examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
 
 Sources without a test split get one carved off, stratified and seeded; every source
 gets a validation split carved off its training data the same way.
@@ -80,6 +84,8 @@ def load_splits(config: DataConfig) -> Splits:
         return _tfds_splits(argument, config)
     if kind == "folder":
         return _folder_splits(argument, config)
+    if kind == "manifest":
+        return _manifest_splits(argument, config)
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
@@ -125,6 +131,44 @@ def _folder_splits(root: str, config: DataConfig) -> Splits:
         files.paths, files.labels.tolist(), files.class_names,
         [(stat.st_size, stat.st_mtime_ns) for stat in stats])
     return splits
+
+
+def _manifest_splits(manifest: str, config: DataConfig) -> Splits:
+    """The manifest's own splits (its `split` column), or seeded random ones (multi-label
+    sets cannot be stratified by one class)."""
+    from kcls.data.folder import decode_files
+    from kcls.data.manifest import read_manifest
+
+    files = read_manifest(manifest)
+    paths = np.asarray(files.paths)
+    if files.splits is not None:
+        named = np.asarray(files.splits)
+        train, validation, test = (np.flatnonzero(named == name)
+                                   for name in ("train", "validation", "test"))
+        train = np.random.default_rng(config.seed).permutation(train)
+    else:
+        order = np.random.default_rng(config.seed).permutation(len(paths))
+        test_count = int(np.ceil(config.test_fraction * len(order)))
+        validation_count = int(np.ceil(config.validation_fraction * (len(order) - test_count)))
+        test, validation, train = (np.sort(order[:test_count]),
+                                   np.sort(order[test_count:test_count + validation_count]),
+                                   order[test_count + validation_count:])
+    if not len(train) or not len(test):
+        raise ConfigError(
+            f"Manifest {manifest!r} leaves {len(train)} training and {len(test)} test "
+            "images; both need at least one (check its split column or data.test_fraction).")
+
+    def dataset(selected: np.ndarray) -> tf.data.Dataset:
+        return decode_files(paths[selected], files.targets[selected], files.skipped)
+
+    stats = [os.stat(path) for path in files.paths]
+    return Splits(dataset(train), dataset(validation) if len(validation) else None,
+                  dataset(test), files.class_names,
+                  {"train": len(train), "validation": len(validation), "test": len(test)},
+                  skipped=files.skipped, train_labels=files.targets[train],
+                  fingerprint=fingerprint(
+                      files.paths, files.targets.tobytes(), files.splits, files.class_names,
+                      [(stat.st_size, stat.st_mtime_ns) for stat in stats]))
 
 
 def fingerprint(*parts: object) -> str:
@@ -298,13 +342,24 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
             "--set data.data_dir=DIR, or train on local images with "
             "--set data.source=folder:PATH (one sub-folder per class).")
     features = builder.info.features
-    if "image" not in features or "label" not in features:
-        raise ConfigError(f"TFDS dataset {name!r} has no 'image' and 'label' features.")
-    class_names = list(features["label"].names)
+    label_key = next((key for key in ("label", "labels") if key in features), None)
+    if "image" not in features or label_key is None:
+        raise ConfigError(f"TFDS dataset {name!r} has no 'image' and 'label' (or 'labels') "
+                          "features.")
+    # A sequence of class labels (e.g. `labels: Sequence(ClassLabel)`) is multi-label:
+    # examples then carry float32 multi-hot [C] labels.
+    multilabel = isinstance(features[label_key], tfds.features.Sequence)
+    class_feature = features[label_key].feature if multilabel else features[label_key]
+    class_names = list(class_feature.names)
 
     def load(split: str) -> tf.data.Dataset:
-        dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        return dataset.map(_as_rgb_example, num_parallel_calls=tf.data.AUTOTUNE)
+        if not multilabel:
+            dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+            return dataset.map(_as_rgb_example, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+        return dataset.map(lambda example: _as_rgb_example(
+            example["image"], multi_hot(example[label_key], len(class_names))),
+            num_parallel_calls=tf.data.AUTOTUNE)
 
     def count(split: str) -> int:
         try:
@@ -332,6 +387,16 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
 
 
 def _as_rgb_example(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Grayscale and RGBA become RGB; labels become int64."""
+    """Grayscale and RGBA become RGB; class labels become int64 (multi-hot ones stay)."""
     image = tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image[..., :3]
-    return image, tf.cast(label, tf.int64)
+    return image, tf.cast(label, tf.int64) if label.dtype.is_integer else label
+
+
+def multi_hot(classes: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """float32 `[num_classes]` with 1 at each of the int `classes` `[K]` (K may be 0).
+
+    >>> multi_hot(tf.constant([2, 0, 2]), 4).numpy().tolist()
+    [1.0, 0.0, 1.0, 0.0]
+    """
+    counts = tf.reduce_sum(tf.one_hot(classes, num_classes), axis=0)
+    return tf.minimum(counts, 1.0)

@@ -125,6 +125,10 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
     loaded = load_classifier(model_path)
     recipe = loaded.recipe
+    if recipe.model.task == "multilabel":
+        raise OptimizeError(
+            f"{str(model_path)!r} is a multi-label model (model.task=multilabel); kcls "
+            "optimize converts and scores single-label models only so far.")
     out_dir = Path(out_dir) if out_dir else optimized_dir(model_path, method)
     skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:

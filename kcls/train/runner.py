@@ -42,6 +42,7 @@ from kcls.data.augment import Augmentation, compiles_with_xla
 from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, PROGRESS_FILE
 from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
+from kcls.train.losses import task_loss_and_metrics
 from kcls.train.schedule import (
     Phase,
     WarmupCosine,
@@ -178,7 +179,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                callbacks: list[keras.callbacks.Callback] | None = None,
                verbose: int | str = "auto", *, run_dir: str | Path | None = None,
                strategy: tf.distribute.Strategy | None = None,
-               time_budget: TimeBudget | None = None) -> dict[str, Any]:
+               time_budget: TimeBudget | None = None, task: str = "multiclass",
+               positive_weights: np.ndarray | None = None) -> dict[str, Any]:
     """Runs the frozen and unfrozen phases with `fit()`, continuing one epoch counter.
 
     Args:
@@ -201,6 +203,11 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         time_budget: plan each phase's epochs from the measured step time to fit this
             budget (see `kcls.train.budget`); the configured epochs then only set the
             phases' shares. A budgeted run is planned for one sitting: it does not resume.
+        task: `model.task`: `multiclass` (softmax cross-entropy, accuracy) or
+            `multilabel` (binary cross-entropy on multi-hot labels, PR AUC); see
+            `kcls.train.losses`.
+        positive_weights: float `[C]` per-label weights of the positives in the
+            multilabel loss (`train.class_weights=balanced`), or None.
 
     Returns:
         dict with `history` (metric name -> per-epoch list over both phases), `phases`
@@ -274,11 +281,12 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             schedule = WarmupCosine(phase.learning_rate, phase.epochs * steps_per_epoch,
                                     config.warmup_fraction)
             trainer = Trainer(classifier, device_augment)
+            loss, metrics = task_loss_and_metrics(task, config.label_smoothing,
+                                                  positive_weights)
             trainer.compile(
                 optimizer=_optimizer(classifier, schedule, config),
-                loss=keras.losses.CategoricalCrossentropy(
-                    from_logits=True, label_smoothing=config.label_smoothing),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                loss=loss,
+                metrics=metrics,
                 jit_compile=config.jit_compile)
         if config.jit_compile and not trainer.jit_compile:
             warnings.warn("XLA was requested but a layer of the classifier does not support "
