@@ -64,7 +64,17 @@ ROWS = {
     "c": "whole network from the first step",
     "d": "kcls finetune: frozen -> unfrozen",
     "e": "keras.io-style hand-written",
+    "f": "whole network, Keras's default rate 1e-3",
+    "g": "whole network, rate from the LR finder",
+    "h": "whole network, layer decay 0.65",
+    "i": "whole network, layer decay 0.75",
+    "j": "whole network, layer decay 0.85",
+    "k": "frozen -> unfrozen, layer decay 0.75 in phase 2",
+    "l": "frozen -> unfrozen, rates from the LR finder",
 }
+# Rows h-j: one phase, the head at the recipe's head rate, backbone block k from the top
+# at that rate times decay**k (BEiT/timm-style fine-tuning).
+LAYER_DECAY = {"h": 0.65, "i": 0.75, "j": 0.85}
 # Per dataset: recipe overrides applied before the command line's --set.
 # CIFAR-10 is 33x larger than hymenoptera: 128 px and 1 + 5 epochs keep a row near 12
 # minutes on 2 CPU cores (measured as good as 2 + 8 epochs: 0.8845 vs 0.8850).
@@ -104,7 +114,7 @@ def load_dataset(name: str) -> Splits:
 
 
 def row_recipe(recipe: Recipe, row: str) -> Recipe:
-    """The recipe of kcls row `row` (a-d): the finetune recipe with that row's changes."""
+    """The recipe of kcls row `row` (a-d, f-l): the finetune recipe with that row's changes."""
     train = recipe.train
     epochs = train.frozen_epochs + train.unfrozen_epochs
     unfrozen_rate = train.learning_rate * train.unfrozen_lr_factor
@@ -119,6 +129,18 @@ def row_recipe(recipe: Recipe, row: str) -> Recipe:
         return apply_overrides(recipe, [
             "train.frozen_epochs=0", f"train.unfrozen_epochs={epochs}",
             f"train.learning_rate={unfrozen_rate}", "train.unfrozen_lr_factor=1.0"])
+    whole_network = ["train.frozen_epochs=0", f"train.unfrozen_epochs={epochs}",
+                     "train.unfrozen_lr_factor=1.0"]
+    if row == "f":
+        return apply_overrides(recipe, whole_network + ["train.learning_rate=1e-3"])
+    if row == "g":
+        return apply_overrides(recipe, whole_network + ["train.learning_rate=auto"])
+    if row in LAYER_DECAY:
+        return apply_overrides(recipe, whole_network + [f"train.layer_decay={LAYER_DECAY[row]}"])
+    if row == "k":
+        return apply_overrides(recipe, ["train.layer_decay=0.75"])
+    if row == "l":
+        return apply_overrides(recipe, ["train.learning_rate=auto"])
     return recipe
 
 

@@ -23,7 +23,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ from kcls.data.sources import Splits, load_splits, train_class_counts
 from kcls.evaluate import evaluate_classifier
 from kcls.export import export_saved_model
 from kcls.layout import (
+    LR_FIND_FILE,
+    LR_FIND_PLOT,
     REPORT_FILE,
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
@@ -71,8 +73,10 @@ from kcls.train.compute import (
     resolve_jit_compile,
     resolve_precision,
 )
-from kcls.train.runner import check_resumable, fit_phases
-from kcls.train.schedule import resolve_train_batchnorm
+from kcls.train.lr_find import STEPS as LR_FIND_STEPS
+from kcls.train.lr_find import LearningRateSearch, plot_learning_rate_search
+from kcls.train.runner import check_resumable, find_phase_learning_rate, fit_phases
+from kcls.train.schedule import plan_phases, resolve_train_batchnorm
 
 SAMPLE_IMAGES = 8
 # With a time budget: seconds kept after training for the work that does not scale with
@@ -243,6 +247,85 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                          splits.class_names)
 
 
+def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
+                              out_dir: str | Path = ".", steps: int = LR_FIND_STEPS,
+                              overwrite: bool = False, log: Callable[[str], None] = print,
+                              verbose: int | str = 0,
+                              splits: Splits | None = None) -> LearningRateSearch:
+    """The learning-rate range test of one phase of `recipe`, on its data and model.
+
+    `kcls lr-find` calls it. The model is the recipe's (pretrained weights, new head)
+    frozen or unfrozen as `phase` trains it, with the recipe's optimizer, layer decay,
+    loss, augmentation and batches; its weights are left unchanged. Writes
+    `<out_dir>/lr_find.png` (loss against rate, the suggestion marked) and
+    `<out_dir>/lr_find.json` (the curve and the suggestion). Under
+    `train.learning_rate=auto` a run does this itself before each phase, the unfrozen
+    phase's test then starting from the head the frozen phase trained.
+
+    Args:
+        recipe: Recipe, the resolved configuration.
+        phase: `frozen` or `unfrozen`; None: the recipe's first phase.
+        out_dir: folder for the plot and the JSON.
+        steps: int, the most steps the test takes (one batch each).
+        overwrite: replace an existing plot and JSON in `out_dir`.
+        log: receives one-line progress messages.
+        verbose: `fit()` verbosity.
+        splits: data to use instead of `recipe.data.source`.
+
+    Returns:
+        LearningRateSearch: the curve and `suggestion`, the phase's peak rate.
+
+    Raises:
+        ConfigError: an unknown or empty phase, files in the way, or data, backbone or
+            weights that cannot be found.
+    """
+    phases = {planned.name: planned for planned in plan_phases(recipe.train)}
+    phase = phase or next(iter(phases))
+    if phase not in phases:
+        raise ConfigError(f"The recipe {recipe.name!r} has no {phase!r} phase (it trains "
+                          f"{', '.join(phases)}): pick one of those, or give the phase epochs "
+                          f"with --set train.{phase}_epochs=N.")
+    out_dir = Path(out_dir)
+    targets = [out_dir / LR_FIND_PLOT, out_dir / LR_FIND_FILE]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{', '.join(existing)} already exist: pass --overwrite to replace "
+                          "them, or another --out folder.")
+    strategy = make_strategy(recipe.train.strategy)
+    check_cache_writable(recipe.data)
+    splits = splits or load_splits(recipe.data)
+    num_classes = len(splits.class_names)
+    precision = resolve_precision(recipe.train.precision)
+    jit_compile, _ = resolve_jit_compile(recipe.train.jit_compile, recipe.model.backbone)
+    train_config = dataclasses.replace(
+        recipe.train, jit_compile=jit_compile,
+        train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
+    keras.utils.set_random_seed(recipe.train.seed)
+    with strategy.scope():
+        classifier = build_classifier(recipe.model, num_classes, recipe.data.image_size,
+                                      precision)
+    augmentation = build_augmentation(recipe.data.augment, recipe.data.horizontal_flip,
+                                      recipe.data.seed, recipe.data.mixup, recipe.data.cutmix)
+    require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
+    class_weights = (balanced_class_weights(train_class_counts(splits))
+                     if recipe.train.class_weights == "balanced" else None)
+    log(f"learning-rate range test | recipe {recipe.name} | {phase} phase | at most {steps} "
+        f"steps of batch {recipe.data.batch_size} | {precision} | train {splits.sizes['train']}")
+    search = find_phase_learning_rate(
+        classifier, train_pipeline(splits.train, num_classes, recipe.data, augmentation.host,
+                                   class_weights, splits.fingerprint),
+        train_config, phases[phase], augmentation.device, strategy, steps=steps,
+        verbose=verbose)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_learning_rate_search(search, targets[0],
+                              title=f"{recipe.name}: learning-rate range test, {phase} phase")
+    temporary = targets[1].with_name(f".{targets[1].name}.tmp")
+    temporary.write_text(json.dumps({"recipe": recipe.name, "phase": phase, **asdict(search)},
+                                    indent=1))
+    temporary.replace(targets[1])
+    return search
+
+
 def check_cache_writable(config: DataConfig) -> None:
     """Raises unless the folder of an on-disk `data.cache` prefix exists and can be written.
 
@@ -297,4 +380,4 @@ def _write_samples(splits: Splits, recipe: Recipe, folder: Path) -> None:
         tf.io.write_file(str(folder / name), tf.io.encode_png(resized))
 
 
-__all__ = ["RunResult", "check_cache_writable", "run_recipe"]
+__all__ = ["RunResult", "check_cache_writable", "find_recipe_learning_rate", "run_recipe"]
