@@ -12,6 +12,8 @@ this module only wires them together and writes the run directory:
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
     <run_dir>/best.weights.h5  classifier weights of the best validation epoch
+    <run_dir>/lr_find_*.png  with train.learning_rate=auto: each phase's learning-rate
+                             range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.runner`):
                              run again with the same run_dir to resume a killed run
 """
@@ -54,6 +56,7 @@ from kcls.evaluate import evaluate_classifier
 from kcls.export import export_saved_model
 from kcls.layout import (
     LR_FIND_FILE,
+    LR_FIND_PHASE_PLOT,
     LR_FIND_PLOT,
     REPORT_FILE,
     RUN_CONFIG_FILE,
@@ -189,6 +192,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             log("resumed an interrupted run: " + ", ".join(
                 f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
                 for phase in training["phases"]))
+        searched = [phase for phase in training["phases"] if "learning_rate_search" in phase]
+        if searched:
+            log("learning rates found by the range test (minimum/10): " + ", ".join(
+                f"{phase['name']} {phase['learning_rate']:.2e}" for phase in searched)
+                + f"; plots {run_dir / LR_FIND_PHASE_PLOT.format(phase='*')}")
         trained = time.time()
         classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 

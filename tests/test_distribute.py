@@ -69,9 +69,12 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path, layer_decay):
     script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED_SCRIPT)
+    # With layer decay the per-variable learning rates apply on every replica alike.
+    script.write_text(MIRRORED_SCRIPT.replace(
+        "jit_compile=False)", f"jit_compile=False, layer_decay={layer_decay})"))
     # The same kcls as this process, whichever checkout that is.
     source_root = os.path.dirname(os.path.dirname(kcls.__file__))
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
