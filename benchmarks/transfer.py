@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import tempfile
@@ -53,6 +54,7 @@ from kcls.config import DataConfig, Recipe, apply_overrides  # noqa: E402
 from kcls.data.folder import decode_image_file, scan_folder  # noqa: E402
 from kcls.data.pipeline import prepare_image  # noqa: E402
 from kcls.data.sources import Splits, split_indices  # noqa: E402
+from kcls.layout import RUN_INFO_FILE  # noqa: E402
 from kcls.models.backbones import build_backbone  # noqa: E402
 from kcls.recipes import load_recipe  # noqa: E402
 from kcls.run import run_recipe  # noqa: E402
@@ -151,7 +153,11 @@ def run_kcls_row(recipe: Recipe, splits: Splits, work_dir: Path) -> tuple[float,
     started = time.time()
     result = run_recipe(recipe, run_dir=work_dir, splits=splits, verbose=2,
                         log=lambda line: print("   ", line, flush=True))
-    return float(result.metrics["accuracy"]), time.time() - started
+    seconds = time.time() - started
+    phases = json.loads((result.run_dir / RUN_INFO_FILE).read_text())["phases"]
+    print("    peak learning rates: " + ", ".join(
+        f"{phase['name']} {phase['learning_rate']:.2e}" for phase in phases), flush=True)
+    return float(result.metrics["accuracy"]), seconds
 
 
 def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float]:
@@ -207,6 +213,8 @@ def main() -> None:
     parser.add_argument("--rows", default="".join(ROWS))
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per row with train.seed 0, 1, ...; the table shows the mean")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first train.seed (add seeds to rows measured before)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override for the finetune recipe (all rows), e.g. data.batch_size=64")
     arguments = parser.parse_args()
@@ -224,7 +232,7 @@ def main() -> None:
                   f"{recipe.data.image_size} px, {epochs} epochs", flush=True)
             for row in arguments.rows:
                 accuracies, times = [], []
-                for seed in range(arguments.seeds):
+                for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
                     print(f"-- {dataset} {row}: {ROWS[row]}, seed {seed}", flush=True)
                     seeded = apply_overrides(recipe, [f"train.seed={seed}"])
                     if row == "e":
