@@ -113,6 +113,9 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             `jit_compile` true or false (`kcls.train.compute.resolve_jit_compile`) and,
             when a phase trains the backbone, `train_batchnorm` true or false
             (`kcls.train.schedule.resolve_train_batchnorm`); `run_recipe` resolves both.
+            `learning_rate=auto` runs the range test (`find_phase_learning_rate`) before
+            each phase, plotted into `run_dir` (`lr_find_<phase>.png`); `layer_decay`
+            gives the backbone blocks layer-wise rates (`kcls.train.layerwise`).
         device_augment: jit-compatible augmentation run inside the step, or None.
         callbacks: extra callbacks for every phase.
         verbose: `fit()` verbosity (progress bar by default).
@@ -128,7 +131,9 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         (per phase: name, first_epoch, epochs, learning_rate, unfreeze,
         trainable_params, batchnorm_recalibrated_on (training images the BatchNorm
         statistics were re-estimated on after the phase, see `kcls.train.batchnorm`; 0
-        when BatchNorm did not train), skipped_on_resume), `jit_compile` (what the
+        when BatchNorm did not train), skipped_on_resume, and with
+        `train.learning_rate=auto` learning_rate_search: the range test's summary, whose
+        suggestion is the phase's learning_rate), `jit_compile` (what the
         compiled step actually used), `resumed` (whether earlier progress was picked
         up) and `best_weights` (path of the best checkpoint, or None), and with a budget
         `time_budget` (its plan per phase next to the actual epochs and seconds).
