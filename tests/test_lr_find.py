@@ -57,6 +57,12 @@ def test_suggestion_rule_on_a_recorded_curve():
     # A loss that only falls: the minimum is the last rate, and the note says so.
     falling = suggest_learning_rate(list(rates), list(-np.log10(rates)))
     assert falling.minimum_rate > 0.5 and "still falling" in falling.notes[0]
+    # Flat and noisy until it diverges: the minimum is where the loss stops improving,
+    # not wherever the noise dipped lowest.
+    noisy = 1.3 + 0.15 * np.random.default_rng(0).normal(size=52)
+    noisy[-6:] += [0.3, 0.8, 1.5, 3.0, 6.0, 12.0]
+    flat = suggest_learning_rate(list(rates[:52]), list(noisy), diverged=True)
+    assert rates[38] <= flat.minimum_rate < rates[46]  # 10**-2.2 .. 10**-1.4: the divergence
     # A non-finite loss ends the usable curve.
     exploded = suggest_learning_rate(list(rates), list(losses[:45]) + [np.nan] * 16, True)
     assert exploded.minimum_rate == pytest.approx(1e-2, rel=0.05)

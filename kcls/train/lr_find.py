@@ -11,8 +11,11 @@ The suggestion follows fastai's `lr_min` rule, **minimum / 10**: the rate at whi
 smoothed loss is lowest, divided by 10. At the minimum the loss is about to blow up;
 a tenth of it still descends fast and leaves a margin for the schedule's peak. The
 smoothing is a centred moving average (no lag, so the minimum sits at the rate where it
-happened); the steepest descent of the smoothed curve is reported too, as a second
-opinion. Rates are peak rates for kcls's warm-up + cosine schedule.
+happened), and the minimum is taken noise-aware: the highest rate, before the loss
+climbs away, whose smoothed loss is within the noise of the lowest (on a curve that is
+flat until it diverges, the lowest point is wherever the noise dipped). The steepest
+descent of the smoothed curve is reported too, as a second opinion. Rates are peak
+rates for kcls's warm-up + cosine schedule.
 
 Example:
 
@@ -196,7 +199,7 @@ def suggest_learning_rate(learning_rates: list[float], losses: list[float],
     window = max(3, int(round(SMOOTHING_FRACTION * len(raw))) | 1)
     smoothed = np.full_like(raw, np.nan)
     smoothed[:usable] = uniform_filter1d(raw[:usable], size=min(window, usable), mode="nearest")
-    lowest = int(np.nanargmin(smoothed))
+    lowest = _noise_aware_minimum(raw[:usable], smoothed[:usable], window)
     notes = []
     steepest = None
     if lowest > 0:
@@ -212,6 +215,28 @@ def suggest_learning_rate(learning_rates: list[float], losses: list[float],
         suggestion=float(rates[lowest] / 10), rule=SUGGESTION_RULE,
         minimum_rate=float(rates[lowest]), steepest_rate=steepest, diverged=diverged,
         notes=notes)
+
+
+def _noise_aware_minimum(raw: np.ndarray, smoothed: np.ndarray, window: int) -> int:
+    """The index of the highest rate, before the loss climbs away, whose smoothed loss is
+    within noise of the lowest.
+
+    On a curve that stays flat until it diverges (a head that already fits, a noisy
+    loss), the lowest point is wherever the noise dipped, possibly near the smallest
+    rates; every point within noise of it is as good a minimum, and the highest of them
+    is where the loss actually stops improving. The noise is the robust spread (median
+    absolute deviation) of the losses around the smoothed curve before the minimum,
+    divided by the square root of the smoothing window.
+    """
+    lowest = int(np.argmin(smoothed))
+    before = slice(0, lowest + 1) if lowest >= 4 else slice(0, len(raw))
+    residuals = raw[before] - smoothed[before]
+    spread = 1.4826 * float(np.median(np.abs(residuals - np.median(residuals))))
+    tolerance = 4.0 * spread / np.sqrt(window)
+    rising = np.flatnonzero(smoothed[lowest:] > smoothed[lowest] + 4.0 * tolerance)
+    end = lowest + int(rising[0]) if rising.size else len(smoothed)
+    within = np.flatnonzero(smoothed[:end] <= smoothed[lowest] + tolerance)
+    return int(within[-1])
 
 
 def plot_learning_rate_search(search: LearningRateSearch, path: str | Path,
@@ -238,11 +263,16 @@ def plot_learning_rate_search(search: LearningRateSearch, path: str | Path,
     if search.steepest_rate is not None:
         axes.axvline(search.steepest_rate, color="C2", linestyle=":",
                      label=f"steepest descent {search.steepest_rate:.2g}")
-    finite = np.asarray(search.smoothed_losses, dtype="float64")
-    finite = finite[np.isfinite(finite)]
-    if finite.size:  # a diverged tail would flatten the interesting part
-        low, high = float(finite.min()), float(finite[0])
-        axes.set_ylim(low - 0.1 * (high - low + 1e-3), max(high, low) + 0.5 * (high - low + 1e-3))
+    # Up to the minimum: a diverged tail would flatten the interesting part.
+    rates = np.asarray(search.learning_rates)
+    shown = rates <= search.minimum_rate
+    curves = np.concatenate([np.asarray(search.smoothed_losses)[shown],
+                             np.asarray(search.losses)[shown]])
+    curves = curves[np.isfinite(curves)]
+    if curves.size:
+        low, high = np.percentile(curves, [1, 99])
+        margin = 0.15 * (high - low) + 1e-3
+        axes.set_ylim(low - margin, high + 2 * margin)
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (peak)")
     axes.set_ylabel("training loss")
