@@ -18,7 +18,12 @@ total number of epochs and is scored on the same held-out images:
      contrast), a head of BatchNorm + dropout + softmax trained at Adam 1e-2 on the frozen
      backbone, then the top 20 layers unfrozen (BatchNorm kept frozen) at Adam 1e-5.
 
-Rows a-d run through `kcls.run.run_recipe` with the recipe's data pipeline and
+- f-l: the learning-rate tools (docs/transfer.md, "Learning rates"): the whole network
+     from the first step at Keras's default 1e-3 (f), at the range test's rate (g), with
+     layer decay 0.65/0.75/0.85 and the head at the recipe's head rate (h/i/j); the
+     recipe with layer decay 0.75 in phase 2 (k) and with `train.learning_rate=auto` (l).
+
+Rows a-d and f-l run through `kcls.run.run_recipe` with the recipe's data pipeline and
 augmentation, differing only in the settings named above; `--set` changes the recipe
 for all of them. Datasets:
 
