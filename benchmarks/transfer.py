@@ -18,7 +18,12 @@ total number of epochs and is scored on the same held-out images:
      contrast), a head of BatchNorm + dropout + softmax trained at Adam 1e-2 on the frozen
      backbone, then the top 20 layers unfrozen (BatchNorm kept frozen) at Adam 1e-5.
 
-Rows a-d run through `kcls.run.run_recipe` with the recipe's data pipeline and
+- f-l: the learning-rate tools (docs/transfer.md, "Learning rates"): the whole network
+     from the first step at Keras's default 1e-3 (f), at the range test's rate (g), with
+     layer decay 0.65/0.75/0.85 and the head at the recipe's head rate (h/i/j); the
+     recipe with layer decay 0.75 in phase 2 (k) and with `train.learning_rate=auto` (l).
+
+Rows a-d and f-l run through `kcls.run.run_recipe` with the recipe's data pipeline and
 augmentation, differing only in the settings named above; `--set` changes the recipe
 for all of them. Datasets:
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import tempfile
@@ -53,6 +59,7 @@ from kcls.config import DataConfig, Recipe, apply_overrides  # noqa: E402
 from kcls.data.folder import decode_image_file, scan_folder  # noqa: E402
 from kcls.data.pipeline import prepare_image  # noqa: E402
 from kcls.data.sources import Splits, split_indices  # noqa: E402
+from kcls.layout import RUN_INFO_FILE  # noqa: E402
 from kcls.models.backbones import build_backbone  # noqa: E402
 from kcls.recipes import load_recipe  # noqa: E402
 from kcls.run import run_recipe  # noqa: E402
@@ -64,7 +71,17 @@ ROWS = {
     "c": "whole network from the first step",
     "d": "kcls finetune: frozen -> unfrozen",
     "e": "keras.io-style hand-written",
+    "f": "whole network, Keras's default rate 1e-3",
+    "g": "whole network, rate from the LR finder",
+    "h": "whole network, layer decay 0.65",
+    "i": "whole network, layer decay 0.75",
+    "j": "whole network, layer decay 0.85",
+    "k": "frozen -> unfrozen, layer decay 0.75 in phase 2",
+    "l": "frozen -> unfrozen, rates from the LR finder",
 }
+# Rows h-j: one phase, the head at the recipe's head rate, backbone block k from the top
+# at that rate times decay**k (BEiT/timm-style fine-tuning).
+LAYER_DECAY = {"h": 0.65, "i": 0.75, "j": 0.85}
 # Per dataset: recipe overrides applied before the command line's --set.
 # CIFAR-10 is 33x larger than hymenoptera: 128 px and 1 + 5 epochs keep a row near 12
 # minutes on 2 CPU cores (measured as good as 2 + 8 epochs: 0.8845 vs 0.8850).
@@ -104,7 +121,7 @@ def load_dataset(name: str) -> Splits:
 
 
 def row_recipe(recipe: Recipe, row: str) -> Recipe:
-    """The recipe of kcls row `row` (a-d): the finetune recipe with that row's changes."""
+    """The recipe of kcls row `row` (a-d, f-l): the finetune recipe with that row's changes."""
     train = recipe.train
     epochs = train.frozen_epochs + train.unfrozen_epochs
     unfrozen_rate = train.learning_rate * train.unfrozen_lr_factor
@@ -119,6 +136,18 @@ def row_recipe(recipe: Recipe, row: str) -> Recipe:
         return apply_overrides(recipe, [
             "train.frozen_epochs=0", f"train.unfrozen_epochs={epochs}",
             f"train.learning_rate={unfrozen_rate}", "train.unfrozen_lr_factor=1.0"])
+    whole_network = ["train.frozen_epochs=0", f"train.unfrozen_epochs={epochs}",
+                     "train.unfrozen_lr_factor=1.0"]
+    if row == "f":
+        return apply_overrides(recipe, whole_network + ["train.learning_rate=1e-3"])
+    if row == "g":
+        return apply_overrides(recipe, whole_network + ["train.learning_rate=auto"])
+    if row in LAYER_DECAY:
+        return apply_overrides(recipe, whole_network + [f"train.layer_decay={LAYER_DECAY[row]}"])
+    if row == "k":
+        return apply_overrides(recipe, ["train.layer_decay=0.75"])
+    if row == "l":
+        return apply_overrides(recipe, ["train.learning_rate=auto"])
     return recipe
 
 
@@ -129,7 +158,11 @@ def run_kcls_row(recipe: Recipe, splits: Splits, work_dir: Path) -> tuple[float,
     started = time.time()
     result = run_recipe(recipe, run_dir=work_dir, splits=splits, verbose=2,
                         log=lambda line: print("   ", line, flush=True))
-    return float(result.metrics["accuracy"]), time.time() - started
+    seconds = time.time() - started
+    phases = json.loads((result.run_dir / RUN_INFO_FILE).read_text())["phases"]
+    print("    peak learning rates: " + ", ".join(
+        f"{phase['name']} {phase['learning_rate']:.2e}" for phase in phases), flush=True)
+    return float(result.metrics["accuracy"]), seconds
 
 
 def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float]:
@@ -185,6 +218,8 @@ def main() -> None:
     parser.add_argument("--rows", default="".join(ROWS))
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per row with train.seed 0, 1, ...; the table shows the mean")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first train.seed (add seeds to rows measured before)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override for the finetune recipe (all rows), e.g. data.batch_size=64")
     arguments = parser.parse_args()
@@ -202,7 +237,7 @@ def main() -> None:
                   f"{recipe.data.image_size} px, {epochs} epochs", flush=True)
             for row in arguments.rows:
                 accuracies, times = [], []
-                for seed in range(arguments.seeds):
+                for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
                     print(f"-- {dataset} {row}: {ROWS[row]}, seed {seed}", flush=True)
                     seeded = apply_overrides(recipe, [f"train.seed={seed}"])
                     if row == "e":

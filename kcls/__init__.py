@@ -20,4 +20,13 @@ def run_recipe(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-__all__ = ["Recipe", "apply_overrides", "list_recipes", "load_recipe", "run_recipe"]
+def find_learning_rate(*args, **kwargs):
+    """See `kcls.run.find_recipe_learning_rate`: the learning-rate range test of a recipe
+    (`kcls lr-find`; imported lazily: it loads TensorFlow)."""
+    from kcls.run import find_recipe_learning_rate
+
+    return find_recipe_learning_rate(*args, **kwargs)
+
+
+__all__ = ["Recipe", "apply_overrides", "find_learning_rate", "list_recipes", "load_recipe",
+           "run_recipe"]

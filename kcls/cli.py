@@ -13,6 +13,7 @@
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
     kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
     kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
+    kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
 """
 
 from __future__ import annotations
@@ -92,6 +93,53 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
         raise click.UsageError(str(error)) from None
     click.echo(f"done: test {headline(result.metrics)}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
+
+
+@main.command("lr-find")
+@click.argument("name", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--phase", type=click.Choice(["frozen", "unfrozen"]),
+              help="The phase to test: its trainable layers and optimizer (default: the "
+                   "recipe's first phase). 'unfrozen' starts from the new, untrained head; "
+                   "train.learning_rate=auto tests it after the frozen phase instead.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=5),
+              help="The most training steps of the test (it stops when the loss diverges).")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for lr_find.png and lr_find.json.")
+@click.option("--overwrite", is_flag=True, help="Replace lr_find.png and lr_find.json there.")
+def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int,
+            out_dir: Path, overwrite: bool) -> None:
+    """The learning-rate range test of RECIPE: which peak learning rate to train at.
+
+    Trains the recipe's model on its data for at most --steps steps while the learning
+    rate grows from 1e-7 to 10, then restores the weights. Suggests the rate at the
+    lowest smoothed loss divided by 10 (fastai's lr_min rule); use it with
+    --set train.learning_rate=RATE, or let train.learning_rate=auto run the test
+    before each phase.
+    """
+    resolved = _resolve(name, overrides)
+    start_tensorflow()
+    from kcls.layout import LR_FIND_PLOT
+    from kcls.run import find_recipe_learning_rate
+
+    try:
+        search = find_recipe_learning_rate(resolved, phase, out_dir, steps, overwrite,
+                                           log=click.echo)
+    except ConfigError as error:
+        if _debug():
+            raise
+        raise click.UsageError(str(error)) from None
+    click.echo(f"{len(search.losses)} steps from {search.learning_rates[0]:.1e} to "
+               f"{search.learning_rates[-1]:.1e}" + (" (stopped: the loss diverged)"
+                                                      if search.diverged else ""))
+    steepest = (f", steepest descent at {search.steepest_rate:.2e}"
+                if search.steepest_rate is not None else "")
+    click.echo(f"lowest smoothed loss at {search.minimum_rate:.2e}{steepest}")
+    for note in search.notes:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"suggested learning rate ({search.rule}): {search.suggestion:.2e}; plot "
+               f"{out_dir / LR_FIND_PLOT}")
 
 
 @main.command()

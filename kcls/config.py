@@ -32,6 +32,7 @@ ClassWeights = Literal["none", "balanced"]
 Calibrate = Literal["auto", "temperature", "none"]
 Task = Literal["multiclass", "multilabel"]
 JitCompile = Union[bool, Literal["auto"]]
+LearningRate = Union[float, Literal["auto"]]
 
 
 class ConfigError(ValueError):
@@ -159,8 +160,15 @@ class TrainConfig:
             re-estimated with the final weights (`kcls.train.batchnorm`). `run.json`
             records the value used.
         optimizer: `adamw`, or `sgd` with Nesterov momentum 0.9; both decay weights decoupled.
-        learning_rate: peak learning rate of phase 1.
+        learning_rate: peak learning rate of phase 1, or `auto`: before each phase the
+            learning-rate range test (`kcls lr-find`, `kcls.train.lr_find`) runs on the
+            phase's model and data, and its suggestion is the phase's peak rate
+            (`unfrozen_lr_factor` is then unused); `run.json` records the rates chosen.
         unfrozen_lr_factor: phase 2 peak learning rate as a fraction of phase 1's.
+        layer_decay: layer-wise learning rates: backbone block `k` counted from the top
+            (the last block `k = 1`, the stem `k = n`) trains at the phase's rate times
+            `layer_decay**k`, the head at the full rate (BEiT/timm's `--layer-decay`;
+            see `kcls.train.layerwise`). `None` (or 1): one rate for every layer.
         warmup_fraction: share of each phase spent in linear warm-up before cosine decay.
         weight_decay: decoupled weight decay (not applied to biases and norms).
         clipnorm: clip each gradient to this L2 norm; `None` does not clip.
@@ -195,8 +203,9 @@ class TrainConfig:
     unfreeze: str = "all"
     train_batchnorm: Optional[bool] = None
     optimizer: Optimizer = "adamw"
-    learning_rate: float = 1e-3
+    learning_rate: LearningRate = 1e-3
     unfrozen_lr_factor: float = 0.1
+    layer_decay: Optional[float] = None
     warmup_fraction: float = 0.1
     weight_decay: float = 1e-4
     clipnorm: Optional[float] = None
@@ -218,8 +227,10 @@ class TrainConfig:
                  "0 or more")
         _require(self.frozen_epochs + self.unfrozen_epochs > 0, "train.frozen_epochs",
                  self.frozen_epochs, "at least one epoch in one of the two phases")
-        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate,
-                 "a positive number")
+        _require(self.learning_rate == "auto" or self.learning_rate > 0, "train.learning_rate",
+                 self.learning_rate, "a positive number or auto (the learning-rate finder)")
+        _require(self.layer_decay is None or 0.0 < self.layer_decay <= 1.0, "train.layer_decay",
+                 self.layer_decay, "a number in (0, 1], e.g. 0.75, or none")
         _require(self.unfrozen_lr_factor > 0, "train.unfrozen_lr_factor",
                  self.unfrozen_lr_factor, "a positive number")
         _require(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction",

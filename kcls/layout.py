@@ -16,6 +16,8 @@ and locked by `kcls.rundir`):
     best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
     metrics.json, report.md, *.png    the evaluation report (`METRICS_FILE`, ...)
     reference.json       the reference profile of the test split (`RUN_REFERENCE_FILE`)
+    lr_find_<phase>.png  the learning-rate range test of each phase, with
+                         train.learning_rate=auto (`LR_FIND_PHASE_PLOT`)
     samples/             a few held-out test images as PNG (`SAMPLES_DIR`)
     logs/                TensorBoard logs (`LOGS_DIR`)
     backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
@@ -76,6 +78,12 @@ PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
 RUN_REFERENCE_FILE = "reference.json"
 PR_CURVES_PLOT = "pr_curves.png"  # multi-label runs (`kcls.multilabel`)
+# The learning-rate range test: `kcls lr-find` writes LR_FIND_PLOT and LR_FIND_FILE (the
+# curve); a run with train.learning_rate=auto writes one plot per phase into its run
+# directory (`LR_FIND_PHASE_PLOT.format(phase="frozen")`).
+LR_FIND_PLOT = "lr_find.png"
+LR_FIND_FILE = "lr_find.json"
+LR_FIND_PHASE_PLOT = "lr_find_{phase}.png"
 # Exports.
 SAVED_MODEL_FILE = "saved_model.pb"
 LABELS_FILE = "assets/labels.txt"

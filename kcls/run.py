@@ -14,6 +14,8 @@ this module only wires them together and writes the run directory:
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
     <run_dir>/best.weights.h5  classifier weights of the best validation epoch
+    <run_dir>/lr_find_*.png  with train.learning_rate=auto: each phase's learning-rate
+                             range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.runner`):
                              run again with the same run_dir to resume a killed run
 """
@@ -25,7 +27,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,9 @@ from kcls.data.sources import (
 from kcls.evaluate import evaluate_classifier, predict_logits, predict_multilabel
 from kcls.export import export_saved_model
 from kcls.layout import (
+    LR_FIND_FILE,
+    LR_FIND_PHASE_PLOT,
+    LR_FIND_PLOT,
     REPORT_FILE,
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
@@ -88,8 +93,10 @@ from kcls.train.compute import (
     resolve_jit_compile,
     resolve_precision,
 )
-from kcls.train.runner import check_resumable, fit_phases
-from kcls.train.schedule import resolve_train_batchnorm
+from kcls.train.lr_find import STEPS as LR_FIND_STEPS
+from kcls.train.lr_find import LearningRateSearch, plot_learning_rate_search
+from kcls.train.runner import check_resumable, find_phase_learning_rate, fit_phases
+from kcls.train.schedule import plan_phases, resolve_train_batchnorm
 
 SAMPLE_IMAGES = 8
 # With a time budget: seconds kept after training for the work that does not scale with
@@ -190,18 +197,12 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if host_augmentation is not None:
             log(f"augmentation {', '.join(host_augmentation.stage_names)} on the host (tf.data): "
                 "TPUs run only XLA-compiled programs and these stages have ops XLA cannot compile")
-        class_weights = positive_weights = None
-        require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
-        if recipe.train.class_weights == "balanced" and multilabel:
-            targets = splits.train_labels  # TFDS keeps none: one pass over the labels
-            if targets is None:
-                targets = np.stack([label for _, label in splits.train.as_numpy_iterator()])
-            positive_weights = balanced_positive_weights(targets)
+        class_weights, positive_weights = loss_weights(recipe, splits)
+        if positive_weights is not None:
             log("positive weights per label (balanced): " + ", ".join(
                 f"{name} {weight:.2f}"
                 for name, weight in zip(splits.class_names, positive_weights)))
-        elif recipe.train.class_weights == "balanced":
-            class_weights = balanced_class_weights(train_class_counts(splits))
+        if class_weights is not None:
             log("class weights (balanced): " + ", ".join(
                 f"{name} {weight:.2f}" for name, weight in zip(splits.class_names, class_weights)))
         time_budget = None
@@ -229,6 +230,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             log("resumed an interrupted run: " + ", ".join(
                 f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
                 for phase in training["phases"]))
+        searched = [phase for phase in training["phases"] if "learning_rate_search" in phase]
+        if searched:
+            log("learning rates found by the range test (minimum/10): " + ", ".join(
+                f"{phase['name']} {phase['learning_rate']:.2e}" for phase in searched)
+                + f"; plots {run_dir / LR_FIND_PHASE_PLOT.format(phase='*')}")
         trained = time.time()
         classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
@@ -349,6 +355,26 @@ def check_task(splits: Splits, task: str, source: str) -> None:
             "docs/multilabel.md) or model.task=multiclass.")
 
 
+def loss_weights(recipe: Recipe, splits: Splits) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """`train.class_weights` for the data of `splits`: `(class_weights, positive_weights)`.
+
+    Returns:
+        With `balanced`, per-class weights float `[C]` for single-label data
+        (`balanced_class_weights`) or per-label positive weights float `[C]` for
+        multi-label data (`balanced_positive_weights`), the other None; `(None, None)`
+        with `none`.
+    """
+    require_choice(recipe.train.class_weights, ClassWeights, "train.class_weights")
+    if recipe.train.class_weights != "balanced":
+        return None, None
+    if recipe.model.task == "multilabel":
+        targets = splits.train_labels  # TFDS keeps none: one pass over the labels
+        if targets is None:
+            targets = np.stack([label for _, label in splits.train.as_numpy_iterator()])
+        return None, balanced_positive_weights(targets)
+    return balanced_class_weights(train_class_counts(splits)), None
+
+
 def balanced_positive_weights(targets: np.ndarray) -> np.ndarray:
     """Per-label weights of the positives, `negatives / positives` of the training labels
     (float `[N, C]` multi-hot), so that each label's positives and negatives weigh the
@@ -420,6 +446,84 @@ def fit_calibration(classifier: keras.Model, batches: tf.data.Dataset,
         "fit_nll_after": summary_metrics(logits / temperature, labels)["nll"]}
 
 
+def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
+                              out_dir: str | Path = ".", steps: int = LR_FIND_STEPS,
+                              overwrite: bool = False, log: Callable[[str], None] = print,
+                              verbose: int | str = 0,
+                              splits: Splits | None = None) -> LearningRateSearch:
+    """The learning-rate range test of one phase of `recipe`, on its data and model.
+
+    `kcls lr-find` calls it. The model is the recipe's (pretrained weights, new head)
+    frozen or unfrozen as `phase` trains it, with the recipe's optimizer, layer decay,
+    loss, augmentation and batches; its weights are left unchanged. Writes
+    `<out_dir>/lr_find.png` (loss against rate, the suggestion marked) and
+    `<out_dir>/lr_find.json` (the curve and the suggestion). Under
+    `train.learning_rate=auto` a run does this itself before each phase, the unfrozen
+    phase's test then starting from the head the frozen phase trained.
+
+    Args:
+        recipe: Recipe, the resolved configuration.
+        phase: `frozen` or `unfrozen`; None: the recipe's first phase.
+        out_dir: folder for the plot and the JSON.
+        steps: int, the most steps the test takes (one batch each).
+        overwrite: replace an existing plot and JSON in `out_dir`.
+        log: receives one-line progress messages.
+        verbose: `fit()` verbosity.
+        splits: data to use instead of `recipe.data.source`.
+
+    Returns:
+        LearningRateSearch: the curve and `suggestion`, the phase's peak rate.
+
+    Raises:
+        ConfigError: an unknown or empty phase, files in the way, or data, backbone or
+            weights that cannot be found.
+    """
+    phases = {planned.name: planned for planned in plan_phases(recipe.train)}
+    phase = phase or next(iter(phases))
+    if phase not in phases:
+        raise ConfigError(f"The recipe {recipe.name!r} has no {phase!r} phase (it trains "
+                          f"{', '.join(phases)}): pick one of those, or give the phase epochs "
+                          f"with --set train.{phase}_epochs=N.")
+    out_dir = Path(out_dir)
+    targets = [out_dir / LR_FIND_PLOT, out_dir / LR_FIND_FILE]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{', '.join(existing)} already exist: pass --overwrite to replace "
+                          "them, or another --out folder.")
+    strategy = make_strategy(recipe.train.strategy)
+    check_cache_writable(recipe.data)
+    splits = splits or load_splits(recipe.data)
+    num_classes = len(splits.class_names)
+    precision = resolve_precision(recipe.train.precision)
+    jit_compile, _ = resolve_jit_compile(recipe.train.jit_compile, recipe.model.backbone)
+    train_config = dataclasses.replace(
+        recipe.train, jit_compile=jit_compile,
+        train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
+    keras.utils.set_random_seed(recipe.train.seed)
+    with strategy.scope():
+        classifier = build_classifier(recipe.model, num_classes, recipe.data.image_size,
+                                      precision)
+    host_augmentation, augmentation = place_augmentation(build_augmentation(
+        recipe.data.augment, recipe.data.horizontal_flip, recipe.data.seed, recipe.data.mixup,
+        recipe.data.cutmix), strategy)
+    class_weights, positive_weights = loss_weights(recipe, splits)
+    log(f"learning-rate range test | recipe {recipe.name} | {phase} phase | at most {steps} "
+        f"steps of batch {recipe.data.batch_size} | {precision} | train {splits.sizes['train']}")
+    search = find_phase_learning_rate(
+        classifier, train_pipeline(splits.train, num_classes, recipe.data, class_weights,
+                                   splits.fingerprint, host_augment=host_augmentation),
+        train_config, phases[phase], augmentation, strategy, steps=steps, verbose=verbose,
+        task=recipe.model.task, positive_weights=positive_weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_learning_rate_search(search, targets[0],
+                              title=f"{recipe.name}: learning-rate range test, {phase} phase")
+    temporary = targets[1].with_name(f".{targets[1].name}.tmp")
+    temporary.write_text(json.dumps({"recipe": recipe.name, "phase": phase, **asdict(search)},
+                                    indent=1))
+    temporary.replace(targets[1])
+    return search
+
+
 def check_cache_writable(config: DataConfig) -> None:
     """Raises unless the folder of an on-disk `data.cache` prefix exists and can be written.
 
@@ -476,4 +580,5 @@ def _write_samples(splits: Splits, recipe: Recipe, folder: Path) -> None:
         tf.io.write_file(str(folder / name), tf.io.encode_png(resized))
 
 
-__all__ = ["RunResult", "check_cache_writable", "headline", "run_recipe"]
+__all__ = ["RunResult", "check_cache_writable", "find_recipe_learning_rate", "headline",
+           "run_recipe"]

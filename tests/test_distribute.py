@@ -130,8 +130,11 @@ def run_on_two_cpus(tmp_path, script_text: str) -> dict:
 
 
 @pytest.mark.slow
-def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path):
-    result = run_on_two_cpus(tmp_path, MIRRORED_SCRIPT)
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_mirrored_training_on_two_cpus_matches_one_device(tmp_path, layer_decay):
+    # With layer decay the per-variable learning rates apply on every replica alike.
+    result = run_on_two_cpus(tmp_path, MIRRORED_SCRIPT.replace(
+        "jit_compile=False)", f"jit_compile=False, layer_decay={layer_decay})"))
     assert result["strategy"] == "MirroredStrategy x 2 replicas"
     assert result["mirrored_variable"] == "MirroredVariable"
     assert result["max_change"] > 1e-3  # it trained

@@ -39,10 +39,23 @@ import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
 from kcls.data.augment import Augmentation, compiles_with_xla
-from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, PROGRESS_FILE
+from kcls.layout import (
+    BACKUP_DIR,
+    BEST_WEIGHTS_FILE,
+    LOGS_DIR,
+    LR_FIND_PHASE_PLOT,
+    PROGRESS_FILE,
+)
 from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
+from kcls.train.layerwise import layer_decay_multipliers
 from kcls.train.losses import task_loss_and_metrics
+from kcls.train.lr_find import (
+    STEPS,
+    LearningRateSearch,
+    find_learning_rate,
+    plot_learning_rate_search,
+)
 from kcls.train.schedule import (
     Phase,
     WarmupCosine,
@@ -193,6 +206,9 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             `jit_compile` true or false (`kcls.train.compute.resolve_jit_compile`) and,
             when a phase trains the backbone, `train_batchnorm` true or false
             (`kcls.train.schedule.resolve_train_batchnorm`); `run_recipe` resolves both.
+            `learning_rate=auto` runs the range test (`find_phase_learning_rate`) before
+            each phase, plotted into `run_dir` (`lr_find_<phase>.png`); `layer_decay`
+            gives the backbone blocks layer-wise rates (`kcls.train.layerwise`).
         device_augment: augmentation (`kcls.data.augment.build_augmentation`) run on
             the device by the training function, before the model step; or None.
         callbacks: extra callbacks for every phase.
@@ -214,14 +230,15 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         (per phase: name, first_epoch, epochs, learning_rate, unfreeze,
         trainable_params, batchnorm_recalibrated_on (training images the BatchNorm
         statistics were re-estimated on after the phase, see `kcls.train.batchnorm`; 0
-        when BatchNorm did not train), skipped_on_resume), `jit_compile` (what the
-        compiled step actually used), `augmentation` (where augmentation ran: `host`
-        and `device` stage names, `compiled` (augmentation under XLA) and
-        `model_step_compiled`, read from the traced training function by
-        `Trainer.compiled_functions`; None when every phase was skipped on resume),
-        `resumed` (whether earlier progress was picked up) and `best_weights` (path of
-        the best checkpoint, or None), and with a budget `time_budget` (its plan per
-        phase next to the actual epochs and seconds).
+        when BatchNorm did not train), skipped_on_resume, and with
+        `train.learning_rate=auto` learning_rate_search: the range test's summary, whose
+        suggestion is the phase's learning_rate), `jit_compile` (what the compiled step
+        actually used), `augmentation` (where augmentation ran: `host` and `device`
+        stage names, `compiled` (augmentation under XLA) and `model_step_compiled`, read
+        from the traced training function by `Trainer.compiled_functions`; None when
+        every phase was skipped on resume), `resumed` (whether earlier progress was
+        picked up) and `best_weights` (path of the best checkpoint, or None), and with a
+        budget `time_budget` (its plan per phase next to the actual epochs and seconds).
 
     Raises:
         ConfigError: a TPU strategy with augmentation ops XLA cannot compile.
@@ -275,10 +292,15 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             pending_weights = None
         set_backbone_trainable(classifier, phase.backbone_trainable, config.unfreeze,
                                bool(config.train_batchnorm))
+        learning_rate = phase.learning_rate
+        if learning_rate is None:  # train.learning_rate=auto
+            learning_rate = _found_learning_rate(
+                progress, phase, classifier, train_batches, config, device_augment, strategy,
+                run_dir, time_budget, task, positive_weights)
         # A fresh Trainer per phase: BackupAndRestore leaves the restored epoch on the
         # model it restored, and fit() would start the next phase there.
         with strategy.scope():
-            schedule = WarmupCosine(phase.learning_rate, phase.epochs * steps_per_epoch,
+            schedule = WarmupCosine(learning_rate, phase.epochs * steps_per_epoch,
                                     config.warmup_fraction)
             trainer = Trainer(classifier, device_augment)
             loss, metrics = task_loss_and_metrics(task, config.label_smoothing,
@@ -337,11 +359,13 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             recalibrated = recalibrate_batchnorm(classifier, train_batches,
                                                  max_batches=(end - epoch) * steps_per_epoch)
         record = {"name": phase.name, "first_epoch": epoch, "epochs": end - epoch,
-                  "learning_rate": phase.learning_rate,
+                  "learning_rate": learning_rate,
                   "unfreeze": config.unfreeze if phase.backbone_trainable else "none",
                   "trainable_params": _count(classifier.trainable_weights),
                   "batchnorm_recalibrated_on": recalibrated,
                   "skipped_on_resume": False}
+        if phase.name in progress.searches:
+            record["learning_rate_search"] = progress.searches[phase.name]
         phases_run.append(record)
         if backup_dir is not None:
             classifier.save_weights(backup_dir / f"{phase.name}.weights.h5")
@@ -387,9 +411,71 @@ def _schedule(config: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
     return {**dataclasses.asdict(config), "steps_per_epoch": steps_per_epoch}
 
 
-def _optimizer(classifier: keras.Model, schedule: WarmupCosine,
+def find_phase_learning_rate(classifier: keras.Model, train_batches: tf.data.Dataset,
+                             config: TrainConfig, phase: Phase,
+                             device_augment: keras.Layer | None = None,
+                             strategy: tf.distribute.Strategy | None = None,
+                             steps: int = STEPS, verbose: int | str = 0,
+                             task: str = "multiclass",
+                             positive_weights: np.ndarray | None = None) -> LearningRateSearch:
+    """The learning-rate range test (`kcls.train.lr_find`) for one phase of `config`.
+
+    The classifier is frozen or unfrozen as the phase trains it and trained with the
+    phase's optimizer (weight decay, layer decay, loss scaling), loss and augmentation;
+    its weights are restored afterwards.
+
+    Args:
+        classifier: keras.Model from `build_classifier`, built in `strategy.scope()`.
+        train_batches: infinite training dataset, as `fit_phases` takes it.
+        config: TrainConfig with `jit_compile` and `train_batchnorm` resolved.
+        phase: the phase to test (from `plan_phases`).
+        device_augment: the augmentation run inside the step, or None.
+        strategy: the strategy `classifier` was built under; None for the current one.
+        steps: int, the most steps the test takes.
+        verbose: `fit()` verbosity.
+        task, positive_weights: the loss, as `fit_phases` takes them.
+
+    Returns:
+        LearningRateSearch with the curve and its suggestion (a peak rate for the phase).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    set_backbone_trainable(classifier, phase.backbone_trainable, config.unfreeze,
+                           bool(config.train_batchnorm))
+    with strategy.scope():
+        trainer = Trainer(classifier, device_augment)
+        return find_learning_rate(
+            trainer, train_batches, lambda ramp: _optimizer(classifier, ramp, config),
+            task_loss_and_metrics(task, config.label_smoothing, positive_weights)[0],
+            steps=steps, jit_compile=bool(config.jit_compile), verbose=verbose)
+
+
+def _found_learning_rate(progress: _Progress, phase: Phase, classifier: keras.Model,
+                         train_batches: tf.data.Dataset, config: TrainConfig,
+                         device_augment: keras.Layer | None, strategy: tf.distribute.Strategy,
+                         run_dir: Path | None, time_budget: TimeBudget | None,
+                         task: str, positive_weights: np.ndarray | None) -> float:
+    """The phase's peak rate under `train.learning_rate=auto`: the range test's suggestion,
+    or on resume the one found before the interruption."""
+    if phase.name not in progress.searches:
+        if time_budget is not None and time_budget.started is None:
+            time_budget.started = time_budget.clock()  # the search spends the budget too
+        search = find_phase_learning_rate(classifier, train_batches, config, phase,
+                                          device_augment, strategy, task=task,
+                                          positive_weights=positive_weights)
+        if run_dir is not None:
+            plot_learning_rate_search(search, run_dir / LR_FIND_PHASE_PLOT.format(phase=phase.name),
+                                      title=f"learning-rate range test, {phase.name} phase")
+        progress.searched(phase, search.summary())
+    return float(progress.searches[phase.name]["suggestion"])
+
+
+def _optimizer(classifier: keras.Model,
+               schedule: keras.optimizers.schedules.LearningRateSchedule,
                config: TrainConfig) -> keras.Optimizer:
-    optimizer = make_optimizer(schedule, config)
+    multipliers = None
+    if config.layer_decay is not None and config.layer_decay != 1.0:
+        multipliers = layer_decay_multipliers(classifier, config.layer_decay)
+    optimizer = make_optimizer(schedule, config, multipliers)
     # compile() adds loss scaling only when the *Trainer's* policy is mixed_float16, and
     # the Trainer is float32 (so images enter the classifier unrounded).
     if classifier.dtype_policy.name == "mixed_float16":
@@ -426,6 +512,8 @@ class _Progress:
         self.epochs: dict[int, dict[str, float]] = {
             int(epoch): logs for epoch, logs in state.get("epochs", {}).items()}
         self.completed: dict[str, dict[str, Any]] = state.get("completed", {})
+        # Per phase, the range test's outcome under train.learning_rate=auto.
+        self.searches: dict[str, dict[str, Any]] = state.get("learning_rate_searches", {})
 
     @classmethod
     def load(cls, backup_dir: Path | None, schedule: dict[str, Any]) -> _Progress:
@@ -464,6 +552,10 @@ class _Progress:
                                       if key != "skipped_on_resume"}
         self._save()
 
+    def searched(self, phase: Phase, summary: dict[str, Any]) -> None:
+        self.searches[phase.name] = summary
+        self._save()
+
     def best(self, monitor: str) -> float | None:
         values = [logs[monitor] for logs in self.epochs.values() if monitor in logs]
         return min(values) if values else None
@@ -480,6 +572,7 @@ class _Progress:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"schedule": self.schedule, "completed": self.completed,
+                 "learning_rate_searches": self.searches,
                  "epochs": {str(epoch): logs for epoch, logs in sorted(self.epochs.items())}}
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state, indent=1))

@@ -27,6 +27,7 @@ import keras
 from kcls.config import Optimizer, TrainConfig, require_choice
 from kcls.models.backbones import backbone_blocks
 from kcls.models.classifier import BACKBONE_LAYER
+from kcls.train.layerwise import LayerwiseAdamW, LayerwiseSGD
 
 SGD_MOMENTUM = 0.9
 EMA_MOMENTUM = 0.99
@@ -42,21 +43,25 @@ class Phase:
     Attributes:
         name: `frozen` or `unfrozen`.
         epochs: number of epochs of this phase.
-        learning_rate: peak learning rate (after warm-up).
+        learning_rate: peak learning rate (after warm-up); None with
+            `train.learning_rate=auto`: the range test finds it when the phase starts.
         backbone_trainable: whether backbone weights are trained.
     """
 
     name: str
     epochs: int
-    learning_rate: float
+    learning_rate: float | None
     backbone_trainable: bool
 
 
 def plan_phases(config: TrainConfig) -> list[Phase]:
     """The phases with at least one epoch, in order."""
-    phases = [Phase("frozen", config.frozen_epochs, config.learning_rate, False),
+    automatic = config.learning_rate == "auto"
+    phases = [Phase("frozen", config.frozen_epochs,
+                    None if automatic else config.learning_rate, False),
               Phase("unfrozen", config.unfrozen_epochs,
-                    config.learning_rate * config.unfrozen_lr_factor, True)]
+                    None if automatic else config.learning_rate * config.unfrozen_lr_factor,
+                    True)]
     return [phase for phase in phases if phase.epochs > 0]
 
 
@@ -94,7 +99,8 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedule | float,
-                   config: TrainConfig) -> keras.Optimizer:
+                   config: TrainConfig,
+                   learning_rate_multipliers: dict[str, float] | None = None) -> keras.Optimizer:
     """An optimizer for one phase: AdamW or SGD (momentum 0.9), fresh for every phase.
 
     Both decay weights decoupled from the gradient (`weight_decay * learning_rate * w`
@@ -106,6 +112,9 @@ def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedul
     Args:
         learning_rate: the phase's schedule (`WarmupCosine`) or a constant.
         config: TrainConfig, optimizer choice, decay, clipping and EMA.
+        learning_rate_multipliers: variable path -> learning-rate multiplier (see
+            `kcls.train.layerwise`, e.g. from `layer_decay_multipliers`); variables not
+            in it, or all when None, train at the plain rate.
 
     Returns:
         An unbuilt `keras.Optimizer`.
@@ -113,10 +122,14 @@ def make_optimizer(learning_rate: keras.optimizers.schedules.LearningRateSchedul
     common = dict(learning_rate=learning_rate, weight_decay=config.weight_decay,
                   clipnorm=config.clipnorm, use_ema=config.ema, ema_momentum=EMA_MOMENTUM)
     require_choice(config.optimizer, Optimizer, "train.optimizer")
+    sgd, adamw = keras.optimizers.SGD, keras.optimizers.AdamW
+    if learning_rate_multipliers:
+        sgd, adamw = LayerwiseSGD, LayerwiseAdamW
+        common["learning_rate_multipliers"] = learning_rate_multipliers
     if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(momentum=SGD_MOMENTUM, nesterov=True, **common)
+        optimizer = sgd(momentum=SGD_MOMENTUM, nesterov=True, **common)
     else:
-        optimizer = keras.optimizers.AdamW(**common)
+        optimizer = adamw(**common)
     optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
     return optimizer
 
