@@ -271,7 +271,8 @@ def test_the_finetune_recipe_runs_on_a_photo_folder_and_its_export_predicts(tmp_
     assert result.exit_code == 0, result.output
     config = json.loads((models / "finetune" / "1" / "kcls.json").read_text())
     assert config["recipe"]["model"] == {"backbone": "efficientnet_lite0",
-                                         "weights": "imagenet", "dropout": 0.2}
+                                         "weights": "imagenet", "dropout": 0.2,
+                                         "task": "multiclass"}
     sample = sorted((tmp_path / "run" / "samples").glob("*.png"))[0]
     predicted = CliRunner().invoke(main, ["predict", str(models / "finetune"), str(sample)])
     assert predicted.exit_code == 0, predicted.output
