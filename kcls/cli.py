@@ -326,6 +326,7 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
     from kcls.layout import OPTIMIZE_TABLE_FILE
     from kcls.optimize import OptimizeError
     from kcls.optimize import optimize as optimize_model
+    from kcls.optimize.tflite import deltas_line, metrics_line
 
     try:
         report = optimize_model(model_path, method, out_dir, io_type or "int8",
@@ -337,11 +338,10 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
         raise click.UsageError(str(error)) from None
     for name, row in (("float32", report["float32"]), (method, report["optimized"])):
         click.echo(f"{name:<12} {row['size_bytes']:>10,} bytes ({row['zipped_bytes']:,} zipped)"
-                   f"  accuracy {row['accuracy']:.4f}  {row['latency_ms']:.3f} ms/image")
+                   f"  {metrics_line(report, row)}  {row['latency_ms']:.3f} ms/image")
     ratios = report["ratios"]
-    click.echo(f"{ratios['size']:.2f}x smaller, {ratios['speedup']:.2f}x faster, accuracy "
-               f"{ratios['accuracy_delta']:+.4f}, top-1 agreement {report['agreement']:.4f}; "
-               f"report {Path(report['out_dir']) / OPTIMIZE_TABLE_FILE}")
+    click.echo(f"{ratios['size']:.2f}x smaller, {ratios['speedup']:.2f}x faster, "
+               f"{deltas_line(report)}; report {Path(report['out_dir']) / OPTIMIZE_TABLE_FILE}")
 
 
 @main.command()

@@ -30,6 +30,7 @@ from kcls.data.manifest import read_manifest
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
 from kcls.multilabel_metrics import multilabel_metrics, sigmoid, tune_thresholds
+from kcls.optimize.interpreter import TFLiteClassifier
 from kcls.train.losses import WeightedBinaryCrossentropy
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_train_10k"
@@ -242,9 +243,28 @@ def test_trained_multilabel_model_serves_what_it_predicts_in_memory(tmp_path: Pa
     monitor = CliRunner().invoke(main, ["monitor", str(result.export_dir), "--data",
                                         f"manifest:{manifest}"])
     assert monitor.exit_code != 0 and "multi-label" in monitor.output
+
+    # TFLite (ptq-dynamic): sigmoid probabilities, scored with mAP and micro F1 at the
+    # export's thresholds; the float32 TFLite baseline scores what `kcls evaluate` does.
     optimize = CliRunner().invoke(main, ["optimize", str(result.export_dir), "--method",
-                                         "ptq-dynamic"])
-    assert optimize.exit_code != 0 and "multi-label" in optimize.output
+                                         "ptq-dynamic", "--out", str(tmp_path / "ptq"),
+                                         "--latency-runs", "2"])
+    assert optimize.exit_code == 0, optimize.output
+    assert "mAP" in optimize.output and "label-set agreement" in optimize.output
+    float_tflite = TFLiteClassifier.from_bytes((tmp_path / "ptq" / "float32.tflite").read_bytes())
+    np.testing.assert_allclose(float_tflite.predict(images), expected, atol=1e-4)
+    # int8 weights on a barely trained model: close, not equal.
+    tflite = TFLiteClassifier.from_bytes((tmp_path / "ptq" / "model.tflite").read_bytes())
+    np.testing.assert_allclose(tflite.predict(images), expected, atol=0.15)
+    report = json.loads((tmp_path / "ptq" / "optimize.json").read_text())
+    assert report["task"] == "multilabel" and report["metrics"] == ["mAP", "micro_f1"]
+    assert report["float32"]["mAP"] == pytest.approx(evaluation.metrics["mAP"], abs=1e-4)
+    assert report["float32"]["micro_f1"] == pytest.approx(evaluation.metrics["micro_f1"],
+                                                          abs=1e-4)
+    assert 0 <= report["optimized"]["mAP"] <= 1 and "mAP_delta" in report["ratios"]
+    assert "| mAP | micro_f1 |" in (tmp_path / "ptq" / "optimize.md").read_text()
+    refused = CliRunner().invoke(main, ["optimize", str(result.export_dir), "--method", "qat"])
+    assert refused.exit_code != 0 and "ptq-dynamic" in refused.output
 
     # Grad-CAM: one overlay per label the export serves for the image.
     served_labels = [label.decode() for label in outputs["labels"].numpy()[2] if label]

@@ -38,7 +38,8 @@ class OptimizeError(ValueError):
 
 def write_probability_saved_model(classifier: keras.Model, image_size: int,
                                   directory: str | Path,
-                                  temperature: float | None = None) -> Path:
+                                  temperature: float | None = None,
+                                  multilabel: bool = False) -> Path:
     """Writes a SavedModel the TFLite converter takes: one fixed-shape float signature.
 
     Args:
@@ -47,6 +48,8 @@ def write_probability_saved_model(classifier: keras.Model, image_size: int,
         directory: where to write it.
         temperature: calibration temperature T: probabilities are `softmax(logits / T)`,
             as in the export (None: T = 1).
+        multilabel: a multi-label model (`model.task=multilabel`): probabilities are
+            `sigmoid(logits)`, one per label, as in the export; `temperature` is ignored.
 
     Returns:
         `directory`, whose `serving_default` maps `images` float32 `[1, S, S, 3]` to
@@ -55,7 +58,10 @@ def write_probability_saved_model(classifier: keras.Model, image_size: int,
     scale = 1.0 / (temperature or 1.0)
 
     def probabilities(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {OUTPUT_NAME: tf.nn.softmax(classifier(images, training=False) * scale)}
+        logits = classifier(images, training=False)
+        if multilabel:
+            return {OUTPUT_NAME: tf.sigmoid(logits)}
+        return {OUTPUT_NAME: tf.nn.softmax(logits * scale)}
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from kcls.multilabel_metrics import multilabel_metrics
+
 
 @dataclasses.dataclass
 class TFLiteClassifier:
@@ -118,26 +120,36 @@ def zipped_size(model: bytes) -> int:
 
 
 def measure(model: bytes, images: np.ndarray, labels: np.ndarray, latency_runs: int = 100,
-            num_threads: int = 1) -> tuple[dict[str, Any], np.ndarray]:
-    """Size, test accuracy and batch-1 latency of a TFLite classifier.
+            num_threads: int = 1, thresholds: list[float] | None = None
+            ) -> tuple[dict[str, Any], np.ndarray]:
+    """Size, test accuracy (or mAP and micro F1) and batch-1 latency of a TFLite classifier.
 
     Args:
         model: the flatbuffer.
         images: float32 `[N, S, S, 3]` in [0, 255].
-        labels: int64 `[N]`.
+        labels: int64 `[N]`, or for a multi-label model multi-hot int64 `[N, C]`.
         latency_runs: timed invocations (after 10 warm-up ones).
         num_threads: interpreter threads.
+        thresholds: a multi-label model's per-label thresholds `[C]` (its outputs are
+            sigmoid probabilities); None for a single-label (softmax) model.
 
     Returns:
-        `(row, predictions)`: the row has `size_bytes`, `zipped_bytes`, `accuracy`,
-        `latency_ms`, `input_dtype`; predictions are int64 top-1 classes `[N]`.
+        `(row, predictions)`: the row has `size_bytes`, `zipped_bytes`, `latency_ms`,
+        `input_dtype` and `accuracy`, or for a multi-label model `mAP` and `micro_f1` at
+        `thresholds` (`kcls.multilabel_metrics.multilabel_metrics`); predictions are int64
+        top-1 classes `[N]`, or multi-hot int64 `[N, C]` (probability >= threshold).
     """
     runner = TFLiteClassifier.from_bytes(model, num_threads)
-    predictions = np.argmax(runner.predict(images), axis=-1)
-    row = {"size_bytes": len(model), "zipped_bytes": zipped_size(model),
-           "accuracy": float(np.mean(predictions == labels)),
-           "latency_ms": runner.latency_ms(images[:1], latency_runs),
-           "input_dtype": runner.input_dtype.name}
+    probabilities = runner.predict(images)
+    row: dict[str, Any] = {"size_bytes": len(model), "zipped_bytes": zipped_size(model)}
+    if thresholds is None:
+        predictions = np.argmax(probabilities, axis=-1)
+        row["accuracy"] = float(np.mean(predictions == labels))
+    else:
+        predictions = (probabilities >= np.asarray(thresholds)).astype(np.int64)
+        scores = multilabel_metrics(probabilities, labels, thresholds,
+                                    [str(label) for label in range(labels.shape[1])])
+        row.update({"mAP": scores["mAP"], "micro_f1": scores["micro_f1"]})
+    row.update({"latency_ms": runner.latency_ms(images[:1], latency_runs),
+                "input_dtype": runner.input_dtype.name})
     return row, predictions
-
-

@@ -12,7 +12,9 @@
    (`kcls.optimize.mot`, `kcls.optimize.mot_worker`), whose progress reaches `log`;
 4. evaluates both with the TFLite interpreter on the recipe's held-out test split (the
    same examples `kcls evaluate` uses), one image at a time, and measures warm latency
-   (batch 1, median of `latency_runs` invocations; `kcls.optimize.interpreter`);
+   (batch 1, median of `latency_runs` invocations; `kcls.optimize.interpreter`): top-1
+   accuracy, or for a multi-label model (`model.task=multilabel`, sigmoid outputs) mAP
+   and micro F1 at the per-label thresholds stored with the model;
 5. writes `model.tflite`, `float32.tflite`, `optimize.json` and `optimize.md` to `out_dir`.
 
 `out_dir` defaults to `<run_dir>/optimized/<method>/` for a run directory and to
@@ -49,6 +51,7 @@ from kcls.layout import (
     optimized_dir,
 )
 from kcls.load import load_classifier
+from kcls.multilabel_metrics import DEFAULT_THRESHOLD
 from kcls.optimize.convert import (
     IO_TYPES,
     PTQ_METHODS,
@@ -65,7 +68,8 @@ METHODS = PTQ_METHODS + TRAINING_METHODS
 
 def held_out_examples(recipe: Recipe, skipped: list[str] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """The recipe's held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]`.
+    """The recipe's held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]`
+    (multi-label: multi-hot int64 `[N, C]`).
 
     `skipped` receives the source's files that do not reach the model (`Splits.skipped`).
     """
@@ -110,9 +114,11 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         The report written to `<out_dir>/optimize.json`: `method`, `io_type`,
         `per_channel`, `interpreter` (see `interpreter_name`), `out_dir`,
         `test_examples`, `skipped_files` (files of the data that reached neither
-        calibration or fine-tuning nor the test: unreadable or undecodable), `float32`
-        and `optimized` rows (see `measure`), `agreement` (share
-        of test images with the same top-1 class as float32 TFLite), `ratios` and, for
+        calibration or fine-tuning nor the test: unreadable or undecodable), `task`,
+        `metrics` (the rows' quality keys: `accuracy`, or `mAP` and `micro_f1` for a
+        multi-label model), `float32` and `optimized` rows (see `measure`), `agreement`
+        (share of test images with the same top-1 class, or the same predicted label
+        set, as float32 TFLite), `ratios` (with `<metric>_delta` per metric) and, for
         `prune`, `sparsity` (share of zeros per kernel and `overall`).
 
     Raises:
@@ -125,16 +131,20 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
     loaded = load_classifier(model_path)
     recipe = loaded.recipe
-    if recipe.model.task == "multilabel":
+    multilabel = recipe.model.task == "multilabel"
+    if multilabel and method in TRAINING_METHODS:
         raise OptimizeError(
-            f"{str(model_path)!r} is a multi-label model (model.task=multilabel); kcls "
-            "optimize converts and scores single-label models only so far.")
+            f"--method {method} does not take multi-label models (model.task=multilabel) "
+            f"yet; use {', '.join(PTQ_METHODS)}.")
+    thresholds = loaded.thresholds if multilabel else None
+    if multilabel and thresholds is None:
+        thresholds = [DEFAULT_THRESHOLD] * len(loaded.class_names)
     out_dir = Path(out_dir) if out_dir else optimized_dir(model_path, method)
     skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
         saved_model = write_probability_saved_model(loaded.classifier, recipe.data.image_size,
                                                     Path(temporary) / "saved_model",
-                                                    loaded.temperature)
+                                                    loaded.temperature, multilabel)
         float_model = convert(saved_model)
         if method in TRAINING_METHODS:
             optimized_model, mot_result = fine_tune_with_mot(
@@ -148,22 +158,27 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     skipped.extend(name for name in mot_result.get("skipped_files", []) if name not in skipped)
     if skipped:
         log(skipped_files_line(skipped))
-    float_row, float_predictions = measure(float_model, images, labels, latency_runs, num_threads)
-    row, predictions = measure(optimized_model, images, labels, latency_runs, num_threads)
+    float_row, float_predictions = measure(float_model, images, labels, latency_runs,
+                                           num_threads, thresholds)
+    row, predictions = measure(optimized_model, images, labels, latency_runs, num_threads,
+                               thresholds)
+    same = predictions == float_predictions
+    metrics = ["mAP", "micro_f1"] if multilabel else ["accuracy"]
     report = {
         "method": method, "io_type": io_type if method == "ptq-int8" else "float32",
         "per_channel": per_channel if method == "ptq-int8" else None,
         "interpreter": interpreter_name(),
         "source": str(model_path), "out_dir": str(out_dir), "test_examples": int(len(labels)),
-        "skipped_files": skipped,
+        "skipped_files": skipped, "task": recipe.model.task, "metrics": metrics,
         "num_threads": num_threads, "latency_runs": latency_runs,
         "float32": float_row, "optimized": row,
-        "agreement": float(np.mean(predictions == float_predictions)),
+        "agreement": float(np.mean(same.all(axis=-1) if multilabel else same)),
         **({"sparsity": mot_result["sparsity"]} if mot_result.get("sparsity") else {}),
         "ratios": {"size": float_row["size_bytes"] / row["size_bytes"],
                    "zipped_size": float_row["zipped_bytes"] / row["zipped_bytes"],
                    "speedup": float_row["latency_ms"] / row["latency_ms"],
-                   "accuracy_delta": row["accuracy"] - float_row["accuracy"]},
+                   **{f"{metric}_delta": _delta(row[metric], float_row[metric])
+                      for metric in metrics}},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TFLITE_FILE).write_bytes(optimized_model)
@@ -173,25 +188,50 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     return report
 
 
+def _delta(value: float | None, baseline: float | None) -> float | None:
+    """`value - baseline`, None when either is (mAP without any positive label)."""
+    return None if value is None or baseline is None else value - baseline
+
+
+def metrics_line(report: dict[str, Any], row: dict[str, Any]) -> str:
+    """A row's quality metrics, e.g. `accuracy 0.9100` or `mAP 0.8100  micro_f1 0.7000`."""
+    return "  ".join(f"{metric} {_number(row[metric])}"
+                     for metric in report.get("metrics", ["accuracy"]))
+
+
+def deltas_line(report: dict[str, Any]) -> str:
+    """The quality changes vs float32 and the agreement, e.g. `accuracy +0.0010, top-1 ...`."""
+    metrics = report.get("metrics", ["accuracy"])
+    deltas = ", ".join(f"{metric} {_number(report['ratios'][f'{metric}_delta'], '+')}"
+                       for metric in metrics)
+    kind = "label-set" if report.get("task") == "multilabel" else "top-1"
+    return f"{deltas}, {kind} agreement with float32 {report['agreement']:.4f}"
+
+
+def _number(value: float | None, sign: str = "") -> str:
+    return "n/a" if value is None else f"{value:{sign}.4f}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The report as a Markdown table: float32 TFLite vs the optimized model."""
+    metrics = report.get("metrics", ["accuracy"])
     lines = [f"# {report['method']} vs float32 TFLite",
              "",
              f"{report['test_examples']} held-out test images; latency: batch 1, warm, median "
              f"of {report['latency_runs']} runs, {report['num_threads']} interpreter thread(s) "
              f"({report.get('interpreter', 'tf.lite')}).",
              "",
-             "| model | input | size (bytes) | zipped (bytes) | accuracy | latency (ms) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             f"| model | input | size (bytes) | zipped (bytes) | {' | '.join(metrics)} "
+             "| latency (ms) |",
+             "| --- | --- | ---: | ---: | " + "---: | " * len(metrics) + "---: |"]
     for name, row in (("float32", report["float32"]), (report["method"], report["optimized"])):
+        scores = " | ".join(_number(row[metric]) for metric in metrics)
         lines.append(f"| {name} | {row['input_dtype']} | {row['size_bytes']:,} | "
-                     f"{row['zipped_bytes']:,} | {row['accuracy']:.4f} | "
-                     f"{row['latency_ms']:.3f} |")
+                     f"{row['zipped_bytes']:,} | {scores} | {row['latency_ms']:.3f} |")
     ratios = report["ratios"]
     lines += ["",
               f"{ratios['size']:.2f}x smaller ({ratios['zipped_size']:.2f}x zipped), "
-              f"{ratios['speedup']:.2f}x faster, accuracy {ratios['accuracy_delta']:+.4f}, "
-              f"top-1 agreement with float32 {report['agreement']:.4f}.", ""]
+              f"{ratios['speedup']:.2f}x faster, {deltas_line(report)}.", ""]
     return "\n".join(lines)
 
 
