@@ -263,8 +263,19 @@ def test_trained_multilabel_model_serves_what_it_predicts_in_memory(tmp_path: Pa
                                                           abs=1e-4)
     assert 0 <= report["optimized"]["mAP"] <= 1 and "mAP_delta" in report["ratios"]
     assert "| mAP | micro_f1 |" in (tmp_path / "ptq" / "optimize.md").read_text()
-    refused = CliRunner().invoke(main, ["optimize", str(result.export_dir), "--method", "qat"])
-    assert refused.exit_code != 0 and "ptq-dynamic" in refused.output
+    # Pruning fine-tunes in the TF-MOT child with binary cross-entropy on multi-hot labels
+    # and serves sigmoid probabilities.
+    pruned = CliRunner().invoke(main, ["optimize", str(result.export_dir), "--method", "prune",
+                                       "--out", str(tmp_path / "prune"), "--latency-runs", "2",
+                                       "--epochs", "1"])
+    assert pruned.exit_code == 0, pruned.output
+    pruned_report = json.loads((tmp_path / "prune" / "optimize.json").read_text())
+    assert pruned_report["task"] == "multilabel" and 0 <= pruned_report["optimized"]["mAP"] <= 1
+    pruned_tflite = TFLiteClassifier.from_bytes(
+        (tmp_path / "prune" / "model.tflite").read_bytes())
+    probabilities = pruned_tflite.predict(images)
+    assert probabilities.shape == expected.shape
+    assert not np.allclose(probabilities.sum(axis=-1), 1.0, atol=1e-3)  # sigmoid, not softmax
 
     # Grad-CAM: one overlay per label the export serves for the image.
     served_labels = [label.decode() for label in outputs["labels"].numpy()[2] if label]

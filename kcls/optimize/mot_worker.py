@@ -99,9 +99,10 @@ def training_batches(recipe: Any, num_classes: int) -> tuple[tf.data.Dataset, li
     """Training split, no augmentation, and the source's files that do not reach it.
 
     Returns:
-        `(batches, skipped)`: batches of float32 `[B, S, S, 3]` and one-hot float32
-        `[B, C]`; `skipped` is `Splits.skipped`, to which files failing to decode
-        during training are appended (read it after training).
+        `(batches, skipped)`: batches of float32 `[B, S, S, 3]` and float32 `[B, C]`
+        labels (one-hot, or multi-hot as a multi-label source gives them); `skipped` is
+        `Splits.skipped`, to which files failing to decode during training are appended
+        (read it after training).
     """
     from kcls.data.pipeline import prepare_image
     from kcls.data.sources import load_splits
@@ -109,7 +110,9 @@ def training_batches(recipe: Any, num_classes: int) -> tuple[tf.data.Dataset, li
     data = recipe.data
 
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return prepare_image(image, data.image_size, data.resize), tf.one_hot(label, num_classes)
+        targets = (tf.cast(label, tf.float32) if label.shape.rank == 1
+                   else tf.one_hot(label, num_classes))
+        return prepare_image(image, data.image_size, data.resize), targets
 
     splits = load_splits(data)
     examples = splits.train.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -167,10 +170,13 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         annotated = tf.keras.models.clone_model(model, clone_function=lambda layer: (
             annotate(layer) if isinstance(layer, QUANTIZED_LAYERS) else layer))
         model_for_training = tfmot.quantization.keras.quantize_apply(annotated)
+    multilabel = recipe.model.task == "multilabel"
     model_for_training.compile(
         optimizer=tf.keras.optimizers.Adam(float(job["learning_rate"])),
-        loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"])
+        loss=(tf.keras.losses.BinaryCrossentropy(from_logits=True) if multilabel
+              else tf.keras.losses.CategoricalCrossentropy(from_logits=True)),
+        metrics=[tf.keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+                 if multilabel else "accuracy"])
     skipped: list[str] = []
     if steps:  # zero epochs: rebuild, load and convert only (what the transfer test checks)
         say(f"{method}: fine-tuning {job['epochs']} epoch(s) of {job['steps_per_epoch']} steps")
@@ -188,7 +194,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="images")])
     def probabilities(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probabilities": tf.nn.softmax(final(images, training=False))}
+        logits = final(images, training=False)
+        return {"probabilities": tf.sigmoid(logits) if multilabel else tf.nn.softmax(logits)}
 
     # A plain module holding the variables and the one signature: saving the Keras model
     # itself traces every layer's call functions, which takes minutes on 2 CPU cores.

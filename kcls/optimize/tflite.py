@@ -132,10 +132,6 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     loaded = load_classifier(model_path)
     recipe = loaded.recipe
     multilabel = recipe.model.task == "multilabel"
-    if multilabel and method in TRAINING_METHODS:
-        raise OptimizeError(
-            f"--method {method} does not take multi-label models (model.task=multilabel) "
-            f"yet; use {', '.join(PTQ_METHODS)}.")
     thresholds = loaded.thresholds if multilabel else None
     if multilabel and thresholds is None:
         thresholds = [DEFAULT_THRESHOLD] * len(loaded.class_names)
