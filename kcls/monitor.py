@@ -35,7 +35,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from kcls.data.folder import IMAGE_EXTENSIONS, printable_path, skipped_files_line
+from kcls.data.folder import (
+    IMAGE_EXTENSIONS,
+    list_image_files,
+    printable_path,
+    skipped_files_line,
+)
 from kcls.drift import ALPHA, PERMUTATIONS, compare
 from kcls.layout import (
     METADATA_FILE,
@@ -113,9 +118,7 @@ def image_files(source: str | Path) -> list[Path]:
     if not root.is_dir():
         raise MonitorError(f"--data {str(source)!r} is not a folder; pass a folder of recent "
                            "images, e.g. --data incoming/.")
-    files = sorted(path for path in root.rglob("*")
-                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-                   and not any(part.startswith(".") for part in path.relative_to(root).parts))
+    files = list_image_files(root)
     if not files:
         raise MonitorError(f"--data {str(source)!r} holds no image file "
                            f"({', '.join(IMAGE_EXTENSIONS)}).")

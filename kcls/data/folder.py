@@ -138,9 +138,7 @@ def scan_images(root: str | Path) -> FolderFiles:
     if not root.is_dir():
         raise ConfigError(f"Image folder {str(root)!r} does not exist. Pass a folder of "
                           "images (sub-folders are searched too).")
-    candidates = [path for path in sorted(root.rglob("*"))
-                  if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-                  and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    candidates = list_image_files(root)
     usable = check_images(root, candidates)
     paths = [str(path) for path, ok in zip(candidates, usable) if ok]
     if not paths:
@@ -150,6 +148,14 @@ def scan_images(root: str | Path) -> FolderFiles:
             "folder of images.")
     return FolderFiles(paths, np.zeros(len(paths), np.int64), [],
                        [printable_path(path) for path, ok in zip(candidates, usable) if not ok])
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """The image files (by extension) under the folder `root`, at any depth, sorted;
+    hidden files and folders (names starting with `.`) left out. Nothing is opened."""
+    return [path for path in sorted(root.rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(root).parts)]
 
 
 def check_images(root: str | Path, paths: Sequence[Path]) -> list[bool]:
