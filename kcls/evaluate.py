@@ -43,13 +43,8 @@ def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
     Returns:
         `(logits float32 [N, C], labels int64 [N])`.
     """
-    # One pass, batch by batch: `predict()` would read the data twice (images, then
-    # labels) and warn that a dataset of unknown length "ran out of data".
-    logits, labels = [], []
-    for images, one_hot in batches:
-        logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
-        labels.append(np.argmax(one_hot, axis=-1))
-    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
+    logits, one_hot = _predict_batches(classifier, batches, flip)
+    return logits, np.argmax(one_hot, axis=-1).astype(np.int64)
 
 
 def predict_multilabel(classifier: keras.Model, batches: tf.data.Dataset
@@ -63,12 +58,21 @@ def predict_multilabel(classifier: keras.Model, batches: tf.data.Dataset
     Returns:
         `(probabilities float64 [N, C] = sigmoid(logits), targets float32 [N, C])`.
     """
-    logits, targets = [], []
-    for images, labels in batches:
-        logits.append(classifier.predict_on_batch(images))
-        targets.append(labels.numpy())
-    return (sigmoid(np.concatenate(logits)),
-            np.concatenate(targets).astype(np.float32))
+    logits, targets = _predict_batches(classifier, batches)
+    return sigmoid(logits), targets
+
+
+def _predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
+                     flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`(logits float32 [N, C], labels float32 [N, C])` of `classifier` over `batches`."""
+    # One pass, batch by batch: `predict()` would read the data twice (images, then
+    # labels) and warn that a dataset of unknown length "ran out of data".
+    logits, labels = [], []
+    for images, batch_labels in batches:
+        logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
+        labels.append(batch_labels.numpy())
+    return (np.concatenate(logits).astype(np.float32),
+            np.concatenate(labels).astype(np.float32))
 
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
