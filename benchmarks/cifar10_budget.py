@@ -49,7 +49,7 @@ from kcls.config import DataConfig, apply_overrides, parse_duration  # noqa: E40
 from kcls.data.folder import scan_folder  # noqa: E402
 from kcls.data.sources import split_indices  # noqa: E402
 from kcls.recipes import load_recipe  # noqa: E402
-from kcls.run import run_recipe  # noqa: E402
+from kcls.workflows.run import run_recipe  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10_train_10k"
 TEST_FRACTION = 0.2

@@ -7,11 +7,11 @@
 
 The export's recipe names its test split (same seed, never a training image). It is cut
 in two halves (seeded, stratified): the *reference* half gets a reference profile
-(`kcls.drift.build_profile` on the export's own `predict_images` outputs, as
+(`kcls.monitoring.drift.build_profile` on the export's own `predict_images` outputs, as
 `kcls recipe run` builds one on the whole split), and the *pool* half stands in for
 fresh production images from the same distribution. Scenarios, each sampled `--draws`
 times per sample size without replacement from its pool and tested with
-`kcls.drift.compare` (the decision `kcls monitor` prints; images, so three tests):
+`kcls.monitoring.drift.compare` (the decision `kcls monitor` prints; images, so three tests):
 
 - `iid`: pool images as they are: every flag is a false alarm;
 - `prior`: pool images of two classes only (the first two of the recipe's classes);
@@ -47,9 +47,9 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 from kcls.config import from_dict  # noqa: E402
 from kcls.data.sources import load_splits  # noqa: E402
-from kcls.drift import build_profile, compare  # noqa: E402
 from kcls.layout import METADATA_FILE, resolve_export_dir  # noqa: E402
-from kcls.monitor import image_files, image_outputs  # noqa: E402
+from kcls.monitoring.drift import build_profile, compare  # noqa: E402
+from kcls.monitoring.monitor import image_files, image_outputs  # noqa: E402
 
 SIZES = (10, 20, 50, 100, 200, 500)
 DETECTED = 0.9  # "flags it": at least this share of draws

@@ -75,7 +75,7 @@ def train_quickstart(folder: Path) -> Path:
     """Trains the quickstart recipe with its export under `folder`; returns the run dir."""
     from kcls.config import apply_overrides
     from kcls.recipes import load_recipe
-    from kcls.run import run_recipe
+    from kcls.workflows.run import run_recipe
 
     recipe = apply_overrides(load_recipe("quickstart"),
                              [f"export.base_dir={folder / 'saved_models'}"])

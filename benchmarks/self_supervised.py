@@ -49,8 +49,8 @@ from kcls.config import (  # noqa: E402
 )
 from kcls.data.folder import decode_files, scan_folder  # noqa: E402
 from kcls.data.sources import Splits, split_indices  # noqa: E402
-from kcls.run import run_recipe  # noqa: E402
-from kcls.ssl.pretrain import PretrainData, pretrain  # noqa: E402
+from kcls.workflows.pretrain import PretrainData, pretrain  # noqa: E402
+from kcls.workflows.run import run_recipe  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10_train_10k"
 SEED = 0

@@ -23,7 +23,7 @@ total number of epochs and is scored on the same held-out images:
      layer decay 0.65/0.75/0.85 and the head at the recipe's head rate (h/i/j); the
      recipe with layer decay 0.75 in phase 2 (k) and with `train.learning_rate=auto` (l).
 
-Rows a-d and f-l run through `kcls.run.run_recipe` with the recipe's data pipeline and
+Rows a-d and f-l run through `kcls.workflows.run.run_recipe` with the recipe's data pipeline and
 augmentation, differing only in the settings named above; `--set` changes the recipe
 for all of them. Datasets:
 
@@ -62,7 +62,7 @@ from kcls.data.sources import Splits, split_indices  # noqa: E402
 from kcls.layout import RUN_INFO_FILE  # noqa: E402
 from kcls.models.backbones import build_backbone  # noqa: E402
 from kcls.recipes import load_recipe  # noqa: E402
-from kcls.run import run_recipe  # noqa: E402
+from kcls.workflows.run import run_recipe  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ROWS = {

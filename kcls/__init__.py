@@ -14,16 +14,16 @@ from kcls.recipes import list_recipes, load_recipe
 
 
 def run_recipe(*args, **kwargs):
-    """See `kcls.run.run_recipe` (imported lazily: it loads TensorFlow)."""
-    from kcls.run import run_recipe as run
+    """See `kcls.workflows.run.run_recipe` (imported lazily: it loads TensorFlow)."""
+    from kcls.workflows.run import run_recipe as run
 
     return run(*args, **kwargs)
 
 
 def find_learning_rate(*args, **kwargs):
-    """See `kcls.run.find_recipe_learning_rate`: the learning-rate range test of a recipe
+    """See `kcls.workflows.run.find_recipe_learning_rate`: the learning-rate range test of a recipe
     (`kcls lr-find`; imported lazily: it loads TensorFlow)."""
-    from kcls.run import find_recipe_learning_rate
+    from kcls.workflows.run import find_recipe_learning_rate
 
     return find_recipe_learning_rate(*args, **kwargs)
 

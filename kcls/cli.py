@@ -81,7 +81,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
     resolved = _resolve(name, overrides)
     start_tensorflow()
-    from kcls.run import headline, run_recipe
+    from kcls.workflows.run import headline, run_recipe
 
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
@@ -121,7 +121,7 @@ def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int
     resolved = _resolve(name, overrides)
     start_tensorflow()
     from kcls.layout import LR_FIND_PLOT
-    from kcls.run import find_recipe_learning_rate
+    from kcls.workflows.run import find_recipe_learning_rate
 
     try:
         search = find_recipe_learning_rate(resolved, phase, out_dir, steps, overwrite,
@@ -194,7 +194,7 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
         return
 
     start_tensorflow()
-    from kcls.predict import PredictionError, UnreadableExportError, load_predictor
+    from kcls.serving.predict import PredictionError, UnreadableExportError, load_predictor
 
     try:
         predictor = load_predictor(paths[0])
@@ -211,8 +211,8 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
 def export(run_dir: Path, base_dir: Path | None) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
-    from kcls.export import export_run
     from kcls.layout import MODELS_CONFIG_FILE
+    from kcls.workflows.export import export_run
 
     try:
         version_dir = export_run(run_dir, base_dir)
@@ -236,7 +236,7 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
              flip_tta: bool) -> None:
     """Evaluate an export or a run directory (MODEL_DIR) on held-out data."""
     start_tensorflow()
-    from kcls.evaluate import evaluate_model
+    from kcls.evaluation.evaluate import evaluate_model
 
     try:
         metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
@@ -274,7 +274,7 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite:
     MODEL_DIR is an export (version or model folder) or a run directory.
     """
     start_tensorflow()
-    from kcls.explain import explain_files
+    from kcls.evaluation.explain import explain_files
     from kcls.load import load_classifier
 
     try:
@@ -368,9 +368,9 @@ def monitor(model_dir: Path, data_source: str | None, predictions_file: Path | N
     """
     start_tensorflow()
     from kcls.layout import MONITOR_REPORT_FILE
-    from kcls.monitor import DRIFT_EXIT_CODE, MonitorError
-    from kcls.monitor import monitor as monitor_data
-    from kcls.prediction_log import PredictionLogError
+    from kcls.monitoring.monitor import DRIFT_EXIT_CODE, MonitorError
+    from kcls.monitoring.monitor import monitor as monitor_data
+    from kcls.monitoring.prediction_log import PredictionLogError
 
     try:
         result = monitor_data(model_dir, data_source, predictions_file, out_dir, alpha,
@@ -417,7 +417,7 @@ def pretrain(folder: Path, backbone: str | None, weights: str | None, knn_folder
         config = apply_pretrain_overrides(PretrainConfig(source=f"folder:{folder}"),
                                           options + list(overrides))
         start_tensorflow()
-        from kcls.ssl.pretrain import pretrain as run_pretraining
+        from kcls.workflows.pretrain import pretrain as run_pretraining
 
         verbose = "auto" if sys.stdout.isatty() else 2
         result = run_pretraining(config, run_dir, log=click.echo, verbose=verbose)
@@ -431,8 +431,8 @@ def pretrain(folder: Path, backbone: str | None, weights: str | None, knn_folder
 def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,
                     grpc_target: str | None, model_name: str, version: int | None,
                     log_file: Path | None = None) -> None:
-    from kcls import serving_client
-    from kcls.prediction_log import append_predictions, prediction_record
+    from kcls.monitoring.prediction_log import append_predictions, prediction_record
+    from kcls.serving import client as serving_client
 
     call = (serving_client.rest_predict if server else serving_client.grpc_predict)
     try:

@@ -329,7 +329,7 @@ class Recipe:
                     f"{expected.__name__}(...).")
         if self.model.task == "multilabel":
             # One temperature rescales a softmax; per-label sigmoids are tuned with
-            # per-label thresholds instead (kcls.multilabel.tune_thresholds).
+            # per-label thresholds instead (kcls.metrics.multilabel.tune_thresholds).
             _require(self.evaluate.calibrate != "temperature", "evaluate.calibrate",
                      self.evaluate.calibrate, "auto or none with model.task=multilabel "
                      "(per-label thresholds are tuned on the validation split instead)")

@@ -1,12 +1,12 @@
 """Where kcls puts things: the run directory, the export and the optimized models.
 
 Every file name kcls writes and reads back is named here, once; the writers
-(`kcls.run`, `kcls.train.runner`, `kcls.report`, `kcls.export`, `kcls.optimize`) and
-the readers (`kcls.load`, `kcls.predict`) import it. This module imports nothing from
+(`kcls.workflows.run`, `kcls.train.phases`, `kcls.evaluation.report`, `kcls.serving.export`, `kcls.optimize`) and
+the readers (`kcls.load`, `kcls.serving.predict`) import it. This module imports nothing from
 kcls and nothing heavy, so every layer, the TF-MOT child process included, can use it.
 
 A run directory (`kcls recipe run`, default `runs/<recipe>/<timestamp>[-N]/`, created
-and locked by `kcls.rundir`):
+and locked by `kcls.workflows.run_directory`):
 
     config.json          the resolved recipe (`RUN_CONFIG_FILE`)
     run.lock             pid and host of the run using the directory, while it runs
@@ -27,7 +27,7 @@ A pretraining run directory (`kcls pretrain`, default `runs/pretrain/<timestamp>
 holds `pretrain_config.json`, `backbone.weights.h5` (for `model.weights=PATH`),
 `pretrain_curves.png`, `run.json` and, while it runs, `run.lock`.
 
-An export, `<base_dir>/<model>/<version>/` (`kcls.export`), is a SavedModel
+An export, `<base_dir>/<model>/<version>/` (`kcls.serving.export`), is a SavedModel
 (`saved_model.pb`, `variables/`) plus `assets/labels.txt`, `assets/reference.json` (the
 reference profile `kcls monitor` compares production data with, `REFERENCE_FILE`),
 `kcls.json` (recipe, classes, metrics, calibration temperature, versions) and
@@ -77,7 +77,7 @@ CONFIDENT_MISTAKES_PLOT = "confident_mistakes.png"
 PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
 RUN_REFERENCE_FILE = "reference.json"
-PR_CURVES_PLOT = "pr_curves.png"  # multi-label runs (`kcls.multilabel`)
+PR_CURVES_PLOT = "pr_curves.png"  # multi-label runs (`kcls.metrics.multilabel`)
 # The learning-rate range test: `kcls lr-find` writes LR_FIND_PLOT and LR_FIND_FILE (the
 # curve); a run with train.learning_rate=auto writes one plot per phase into its run
 # directory (`LR_FIND_PHASE_PLOT.format(phase="frozen")`).
@@ -107,7 +107,7 @@ OPTIMIZE_REPORT_FILE = "optimize.json"
 OPTIMIZE_TABLE_FILE = "optimize.md"
 MOT_SAVED_MODEL_DIR = "saved_model"
 MOT_RESULT_FILE = "result.json"
-# Pretraining run directory (`kcls pretrain`, `kcls.ssl.pretrain`): besides RUN_INFO_FILE
+# Pretraining run directory (`kcls pretrain`, `kcls.workflows.pretrain`): besides RUN_INFO_FILE
 # and RUN_LOCK_FILE, the pretraining settings, the backbone weights for
 # `model.weights=PATH`, and the loss / kNN accuracy curves.
 PRETRAIN_CONFIG_FILE = "pretrain_config.json"

@@ -41,9 +41,9 @@ class LoadedClassifier:
     """A float32 Keras classifier rebuilt from a run directory or an export, with its recipe.
 
     `temperature` is the calibration temperature T the export serves `softmax(logits / T)`
-    with (`kcls.metrics.fit_temperature`), or None for an uncalibrated model.
+    with (`kcls.metrics.calibration.fit_temperature`), or None for an uncalibrated model.
     `thresholds` are a multi-label model's per-label probability thresholds `[C]`
-    (`kcls.multilabel_metrics.tune_thresholds`), None for a single-label one.
+    (`kcls.metrics.multilabel.tune_thresholds`), None for a single-label one.
     """
 
     classifier: keras.Model

@@ -14,7 +14,7 @@ from kcls.data.augment import (
 )
 from kcls.data.pipeline import train_pipeline
 from kcls.models.classifier import build_classifier
-from kcls.train.runner import fit_phases
+from kcls.train.phases import fit_phases
 
 # Op types that only augmentation produces (flips, shifts' reflect padding, RandAugment's
 # per-image partitions and projective transforms, random draws).

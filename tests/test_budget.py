@@ -8,9 +8,9 @@ import pytest
 
 from kcls.config import ConfigError, Recipe, apply_overrides, parse_duration
 from kcls.recipes import load_recipe
-from kcls.run import run_recipe
 from kcls.train.budget import CALIBRATION_STEPS, BudgetPlanner, TimeBudget
 from kcls.train.schedule import WarmupCosine
+from kcls.workflows.run import run_recipe
 
 
 def test_durations_parse_and_bad_ones_name_the_key():

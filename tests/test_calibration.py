@@ -14,13 +14,14 @@ from sklearn.neural_network import MLPClassifier
 
 from kcls.config import ConfigError, apply_overrides
 from kcls.data.sources import carve_calibration_split, splits_from_arrays
-from kcls.export import export_saved_model
 from kcls.load import load_classifier
-from kcls.metrics import evaluate_predictions, expected_calibration_error, fit_temperature
+from kcls.metrics.calibration import expected_calibration_error, fit_temperature
+from kcls.metrics.classification import evaluate_predictions
 from kcls.models.classifier import build_classifier
 from kcls.optimize.convert import convert, write_probability_saved_model
 from kcls.optimize.interpreter import TFLiteClassifier
-from kcls.run import resolve_calibrate, run_recipe
+from kcls.serving.export import export_saved_model
+from kcls.workflows.run import resolve_calibrate, run_recipe
 
 
 def nll(logits, labels):

@@ -226,7 +226,7 @@ def test_tfds_source_reads_a_prepared_dataset_and_carves_validation(tmp_path: Pa
 def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
     from kcls.config import apply_overrides
     from kcls.recipes import load_recipe
-    from kcls.run import run_recipe
+    from kcls.workflows.run import run_recipe
 
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()

@@ -15,7 +15,7 @@ import kcls
 from kcls.config import ConfigError, ModelConfig, TrainConfig
 from kcls.models.classifier import build_classifier
 from kcls.train.compute import describe_strategy, make_strategy
-from kcls.train.runner import fit_phases
+from kcls.train.phases import fit_phases
 
 # Logical devices must be configured before TensorFlow initialises its runtime, which
 # this pytest process has long done: the mirrored run happens in a fresh interpreter.
@@ -31,7 +31,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from kcls.config import ModelConfig, TrainConfig
     from kcls.models.classifier import build_classifier
     from kcls.train.compute import describe_strategy, make_strategy
-    from kcls.train.runner import fit_phases
+    from kcls.train.phases import fit_phases
 
     strategy = make_strategy("mirrored")
     model_config = ModelConfig(backbone="resnet_v2_tiny", dropout=0.0)
@@ -84,7 +84,7 @@ MIRRORED_AUGMENTATION_SCRIPT = textwrap.dedent("""
     from kcls.data.augment import build_augmentation
     from kcls.models.classifier import build_classifier
     from kcls.train.compute import make_strategy
-    from kcls.train.runner import Trainer, fit_phases
+    from kcls.train.phases import Trainer, fit_phases
 
     strategy = make_strategy("mirrored")
     augmentation = build_augmentation("strong", seed=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kcls.drift import (
+from kcls.monitoring.drift import (
     build_profile,
     class_shift_test,
     compare,

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from kcls.cli import main
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
-from kcls.export import export_saved_model
 from kcls.models.classifier import embedding_model
-from kcls.run import run_recipe
+from kcls.serving.export import export_saved_model
+from kcls.workflows.run import run_recipe
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kcls.evaluation.report import confident_mistakes, write_report
 from kcls.layout import PLOT_FILES
-from kcls.metrics import (
+from kcls.metrics.calibration import expected_calibration_error
+from kcls.metrics.classification import (
     Evaluation,
     class_balance_warning,
     classification_metrics,
-    expected_calibration_error,
 )
-from kcls.report import confident_mistakes, write_report
 
 
 def one_hot_probabilities(predictions, num_classes, confidence=0.9):
@@ -113,7 +113,7 @@ def test_nll_comes_from_the_logits_not_from_clipped_probabilities():
     import keras
     import tensorflow as tf
 
-    from kcls.evaluate import evaluate_classifier
+    from kcls.evaluation.evaluate import evaluate_classifier
 
     # Logits (40, 0) for every image, whose true class is 1: its probability is e^-40,
     # far below any clipping floor, and its negative log-likelihood is 40.
@@ -135,9 +135,9 @@ def test_kcls_evaluate_on_a_damaged_folder_counts_and_names_every_skipped_file(
     import keras
 
     from kcls.config import ModelConfig, Recipe
-    from kcls.evaluate import evaluate_model
-    from kcls.export import export_saved_model
+    from kcls.evaluation.evaluate import evaluate_model
     from kcls.models.classifier import build_classifier
+    from kcls.serving.export import export_saved_model
 
     keras.utils.set_random_seed(0)
     classifier = build_classifier(ModelConfig(backbone="resnet_v2_tiny", dropout=0.0), 2, 32)

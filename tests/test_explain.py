@@ -11,11 +11,11 @@ from PIL import Image
 
 from kcls.cli import main
 from kcls.config import ModelConfig, Recipe, TrainConfig
-from kcls.explain import grad_cam
-from kcls.export import export_saved_model
+from kcls.evaluation.explain import grad_cam
 from kcls.load import load_classifier
 from kcls.models.classifier import build_classifier
-from kcls.train.runner import fit_phases
+from kcls.serving.export import export_saved_model
+from kcls.train.phases import fit_phases
 
 
 def patch_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,7 +107,7 @@ def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
 
 def test_images_with_the_same_name_get_their_own_overlays_and_none_is_overwritten(
         trained_classifier, tmp_path):
-    from kcls.explain import explain_files
+    from kcls.evaluation.explain import explain_files
 
     recipe = Recipe(name="patches", model=ModelConfig(backbone="resnet_v2_tiny", dropout=0.0))
     loaded = load_classifier(export_saved_model(trained_classifier, recipe, ["left", "right"],

@@ -21,15 +21,17 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from kcls import export as export_module
-from kcls import serving_client
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, apply_overrides
 from kcls.data.pipeline import prepare_image
-from kcls.export import export_saved_model, write_models_config
+from kcls.files import owner_tag
 from kcls.layout import versions
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
+from kcls.serving import client as serving_client
+from kcls.serving import export as export_module
+from kcls.serving.export import export_saved_model
+from kcls.serving.publish import write_models_config
 
 CLASS_NAMES = ["cat", "dog", "owl"]
 IMAGE_SIZE = 32
@@ -316,7 +318,7 @@ def test_models_config_lists_every_exported_model_for_the_docker_mount(exported,
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A real (one training step) quickstart run that also exported version 1."""
-    from kcls.run import run_recipe
+    from kcls.workflows.run import run_recipe
 
     base = tmp_path_factory.mktemp("run")
     recipe = apply_overrides(load_recipe("quickstart"), [
@@ -423,14 +425,14 @@ def test_an_export_cleans_the_temporary_folders_of_killed_exports(classifier, tm
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True)
     dead_pid = int(finished.stdout)  # an export killed with `kill -9`, on this host
-    stale = [model_dir / f".tmp-{export_module.owner_tag(dead_pid)}-{'a' * 32}",
+    stale = [model_dir / f".tmp-{owner_tag(dead_pid)}-{'a' * 32}",
              model_dir / f".tmp-{'b' * 32}",  # an older kcls's name, two hours old
-             tmp_path / f".models.config.tmp-{export_module.owner_tag(dead_pid)}-{'c' * 32}"]
-    kept = [model_dir / f".tmp-{export_module.owner_tag(os.getpid())}-{'d' * 32}",  # running
+             tmp_path / f".tmp-{owner_tag(dead_pid)}-{'c' * 32}-models.config"]
+    kept = [model_dir / f".tmp-{owner_tag(os.getpid())}-{'d' * 32}",  # running
             model_dir / f".tmp-{'e' * 32}",  # an older kcls's name, recent
             model_dir / ".hidden-notes"]  # not a kcls temporary
     for folder in stale + kept:
-        if folder.name.startswith(".models.config"):
+        if folder.name.endswith("models.config"):
             folder.write_text("half a config")
         else:
             folder.mkdir()

@@ -12,7 +12,7 @@ from kcls.config import ConfigError, ModelConfig, Recipe, TrainConfig, apply_ove
 from kcls.models.backbones import backbone_blocks
 from kcls.models.classifier import BACKBONE_LAYER, build_classifier
 from kcls.train.layerwise import LayerwiseSGD, layer_decay_multipliers
-from kcls.train.runner import _optimizer, fit_phases
+from kcls.train.phases import _optimizer, fit_phases
 from kcls.train.schedule import make_optimizer
 
 NUM_CLASSES = 4

@@ -13,7 +13,7 @@ from kcls.config import ModelConfig, TrainConfig
 from kcls.layout import BACKUP_DIR, LR_FIND_FILE, LR_FIND_PHASE_PLOT, LR_FIND_PLOT, PROGRESS_FILE
 from kcls.models.classifier import build_classifier
 from kcls.train.lr_find import find_learning_rate, suggest_learning_rate
-from kcls.train.runner import find_phase_learning_rate, fit_phases
+from kcls.train.phases import find_phase_learning_rate, fit_phases
 from kcls.train.schedule import plan_phases
 
 

@@ -12,17 +12,17 @@ from PIL import Image
 
 from kcls.cli import main
 from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe
-from kcls.export import export_saved_model
 from kcls.layout import REFERENCE_FILE
 from kcls.models.classifier import build_classifier
-from kcls.monitor import DRIFT_EXIT_CODE, MonitorError, image_files, monitor
-from kcls.prediction_log import (
+from kcls.monitoring.monitor import DRIFT_EXIT_CODE, MonitorError, image_files, monitor
+from kcls.monitoring.prediction_log import (
     PredictionLogError,
     append_predictions,
     prediction_record,
     read_predictions,
 )
-from kcls.profile import reference_profile
+from kcls.monitoring.profile import reference_profile
+from kcls.serving.export import export_saved_model
 
 CLASS_NAMES = ["red", "green", "blue"]
 IMAGE_SIZE = 32

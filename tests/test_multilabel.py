@@ -29,7 +29,7 @@ from kcls.config import (
 from kcls.data.manifest import read_manifest
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
-from kcls.multilabel_metrics import multilabel_metrics, sigmoid, tune_thresholds
+from kcls.metrics.multilabel import multilabel_metrics, sigmoid, tune_thresholds
 from kcls.optimize.interpreter import TFLiteClassifier
 from kcls.train.losses import WeightedBinaryCrossentropy
 
@@ -183,10 +183,10 @@ def test_mosaics_keep_every_source_image_in_one_split(tmp_path: Path):
 @pytest.mark.slow
 def test_trained_multilabel_model_serves_what_it_predicts_in_memory(tmp_path: Path):
     from kcls.cli import main
-    from kcls.evaluate import evaluate_model
-    from kcls.explain import explain_files
+    from kcls.evaluation.evaluate import evaluate_model
+    from kcls.evaluation.explain import explain_files
     from kcls.load import load_classifier
-    from kcls.run import run_recipe
+    from kcls.workflows.run import run_recipe
 
     rng = np.random.default_rng(0)
     rows = []

@@ -30,9 +30,9 @@ def trained(tmp_path_factory):
     """A resnet_v2_tiny trained for 60 steps on digits, exported; (recipe, classifier, export)."""
     from kcls.data.pipeline import train_pipeline
     from kcls.data.sources import load_splits
-    from kcls.export import export_saved_model
     from kcls.models.classifier import build_classifier
-    from kcls.train.runner import fit_phases
+    from kcls.serving.export import export_saved_model
+    from kcls.train.phases import fit_phases
 
     base_dir = tmp_path_factory.mktemp("saved_models")
     data = DataConfig(source="sklearn:digits", image_size=IMAGE_SIZE, batch_size=32,

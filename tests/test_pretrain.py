@@ -22,8 +22,8 @@ from kcls.layout import BACKBONE_WEIGHTS_FILE, PRETRAIN_CURVES_PLOT, RUN_INFO_FI
 from kcls.models.backbones import build_backbone
 from kcls.models.classifier import BACKBONE_LAYER, build_classifier
 from kcls.ssl.augment import ContrastiveAugment
-from kcls.ssl.pretrain import pretrain
 from kcls.ssl.simclr import knn_accuracy, nt_xent_loss
+from kcls.workflows.pretrain import pretrain
 
 
 def hand_nt_xent(first: np.ndarray, second: np.ndarray, temperature: float) -> float:
@@ -214,7 +214,7 @@ def test_the_same_seed_gives_the_same_first_loss(tmp_path):
 @pytest.mark.slow
 def test_the_readme_flow_pretrain_then_fine_tune_from_the_weights(tmp_path, tiny_recipe):
     from kcls.config import apply_overrides
-    from kcls.run import run_recipe
+    from kcls.workflows.run import run_recipe
 
     labelled = tmp_path / "labelled"
     write_images(labelled / "one", 12, seed=1)

@@ -21,7 +21,7 @@ import tensorflow as tf
 from kcls.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from kcls.data.folder import decode_image_file, scan_folder
 from kcls.data.pipeline import eval_pipeline, prepare_image, train_pipeline
-from kcls.evaluate import predict_logits
+from kcls.evaluation.evaluate import predict_logits
 from kcls.models.backbones import backbone_blocks, build_backbone
 from kcls.models.classifier import build_classifier, build_imagenet_classifier
 from kcls.models.pretrained import (
@@ -36,7 +36,7 @@ from kcls.models.pretrained import (
     load_imagenet_weights,
 )
 from kcls.models.torch_checkpoint import CheckpointError, read_legacy_checkpoint
-from kcls.train.runner import fit_phases
+from kcls.train.phases import fit_phases
 from kcls.train.schedule import resolve_train_batchnorm
 
 HYMENOPTERA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hymenoptera"

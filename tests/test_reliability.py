@@ -29,7 +29,6 @@ from kcls.config import (
     Recipe,
     TrainConfig,
 )
-from kcls.export import export_saved_model
 from kcls.layout import (
     BACKUP_DIR,
     LABELS_FILE,
@@ -45,9 +44,10 @@ from kcls.layout import (
     versions,
 )
 from kcls.models.classifier import build_classifier
-from kcls.run import run_recipe
-from kcls.rundir import claim_run_dir
-from kcls.train.runner import fit_phases
+from kcls.serving.export import export_saved_model
+from kcls.train.phases import fit_phases
+from kcls.workflows.run import run_recipe
+from kcls.workflows.run_directory import claim_run_dir
 
 CLASS_NAMES = ["cat", "dog"]
 

@@ -12,8 +12,8 @@ from kcls.config import ConfigError, ModelConfig, TrainConfig, apply_overrides
 from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
-from kcls.run import run_recipe
-from kcls.train.runner import fit_phases
+from kcls.train.phases import fit_phases
+from kcls.workflows.run import run_recipe
 
 # Phase 2 trains the top block only: a smaller backward pass to trace, a faster test.
 CONFIG = TrainConfig(frozen_epochs=2, unfrozen_epochs=3, unfreeze="1", train_batchnorm=False,

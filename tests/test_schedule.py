@@ -8,7 +8,7 @@ import tensorflow as tf
 from kcls.config import ConfigError, ModelConfig, Recipe, TrainConfig, apply_overrides
 from kcls.models.backbones import backbone_blocks
 from kcls.models.classifier import build_classifier
-from kcls.train.runner import fit_phases
+from kcls.train.phases import fit_phases
 from kcls.train.schedule import WarmupCosine, make_optimizer, plan_phases
 
 NUM_CLASSES = 4

@@ -1,4 +1,4 @@
-"""kcls.serving_client: request builders against TF Serving's documented shapes, response
+"""kcls.serving.client: request builders against TF Serving's documented shapes, response
 parsers, and the REST/gRPC transports against small fake servers on 127.0.0.1.
 
 The fakes answer like TF Serving (JSON/proto layout, `{"error": ...}` bodies, gRPC
@@ -22,10 +22,10 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from kcls import serving_client
 from kcls.cli import main
-from kcls.prediction_log import read_predictions
-from kcls.serving_client import Prediction, ServingError
+from kcls.monitoring.prediction_log import read_predictions
+from kcls.serving import client as serving_client
+from kcls.serving.client import Prediction, ServingError
 
 IMAGES = [b"\x89PNG\r\n\x1a\n first image \x00\xff", b"\xff\xd8\xff second \x00 image"]
 CORRUPT = b"BAD: not an image"

@@ -17,9 +17,9 @@ from sklearn.datasets import load_digits
 
 from kcls.config import DataConfig, ModelConfig, TrainConfig
 from kcls.data.pipeline import eval_pipeline, train_pipeline
-from kcls.evaluate import predict_logits
+from kcls.evaluation.evaluate import predict_logits
 from kcls.models.classifier import build_classifier
-from kcls.train.runner import fit_phases
+from kcls.train.phases import fit_phases
 
 IMAGE_SIZE = 16
 DATA = DataConfig(image_size=IMAGE_SIZE, batch_size=32, augment="none", deterministic=True,

@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError
+from kcls.files import write_json
 from kcls.layout import FOLDER_CHECKS_DIR, cache_root
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -333,11 +334,8 @@ def _read_decode_checks(cache: Path) -> dict[str, list[int]]:
 
 
 def _write_decode_checks(cache: Path, root: Path, decoded: dict[str, list[int]]) -> None:
-    temporary = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps({"root": printable_path(root.resolve()),
-                                         "tensorflow": tf.__version__, "decoded": decoded}))
-        os.replace(temporary, cache)  # a concurrent scan reads the old or the new record
+    try:  # atomic: a concurrent scan reads the old or the new record
+        write_json(cache, {"root": printable_path(root.resolve()), "tensorflow": tf.__version__,
+                           "decoded": decoded}, indent=None)
     except OSError:  # a read-only cache only costs the next scan its decoding time
-        temporary.unlink(missing_ok=True)
+        pass

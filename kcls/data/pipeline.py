@@ -10,7 +10,7 @@ Order of the training pipeline: resize in parallel, cache the resized examples a
 uint8 (memory or file: the resize, the costly part, runs once, and the cache stays
 small), shuffle with a seeded buffer, repeat, batch (dropping the remainder, so XLA
 sees one static shape), prefetch. No augmentation runs here: the training function
-augments whole batches on the device (`kcls.data.augment`, `kcls.train.runner.Trainer`),
+augments whole batches on the device (`kcls.data.augment`, `kcls.train.phases.Trainer`),
 so the host CPU only decodes and resizes. Evaluation caches the float32 resized images,
 unrounded.
 
@@ -199,7 +199,7 @@ def _cache(examples: tf.data.Dataset, config: DataConfig, split: str,
     if not source_fingerprint:
         raise ValueError(
             f"data.cache={config.cache!r} caches to files, which are keyed on the data they "
-            "hold: pass source_fingerprint=splits.fingerprint (kcls.run.run_recipe does), or "
+            "hold: pass source_fingerprint=splits.fingerprint (kcls.workflows.run.run_recipe does), or "
             "use data.cache=memory.")
     return examples.cache(cache_file(config, split, source_fingerprint))
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from kcls.multilabel_metrics import multilabel_metrics
+from kcls.metrics.multilabel import multilabel_metrics
 
 
 @dataclasses.dataclass
@@ -136,7 +136,7 @@ def measure(model: bytes, images: np.ndarray, labels: np.ndarray, latency_runs: 
     Returns:
         `(row, predictions)`: the row has `size_bytes`, `zipped_bytes`, `latency_ms`,
         `input_dtype` and `accuracy`, or for a multi-label model `mAP` and `micro_f1` at
-        `thresholds` (`kcls.multilabel_metrics.multilabel_metrics`); predictions are int64
+        `thresholds` (`kcls.metrics.multilabel.multilabel_metrics`); predictions are int64
         top-1 classes `[N]`, or multi-hot int64 `[N, C]` (probability >= threshold).
     """
     runner = TFLiteClassifier.from_bytes(model, num_threads)

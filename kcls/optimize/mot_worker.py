@@ -44,6 +44,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from kcls.files import write_bytes, write_json  # noqa: E402
 from kcls.layout import MOT_RESULT_FILE, MOT_SAVED_MODEL_DIR, TFLITE_FILE  # noqa: E402
 
 # Only these are wrapped: TF-MOT rejects others (e.g. the backbones' Rescaling layer)
@@ -209,11 +210,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     if method == "qat":
         # Uses the fake-quantization ranges learned in training: an int8 model, no calibration.
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    (out_dir / TFLITE_FILE).write_bytes(converter.convert())
+    write_bytes(out_dir / TFLITE_FILE, converter.convert())
     # Files of the data that did not reach fine-tuning; the parent reports them.
     result = {"method": method, "sparsity": sparsity, "steps": steps,
               "skipped_files": list(skipped)}
-    (out_dir / MOT_RESULT_FILE).write_text(json.dumps(result, indent=2))
+    write_json(out_dir / MOT_RESULT_FILE, result)
     return result
 
 

@@ -30,7 +30,6 @@ True
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ from kcls.config import Recipe
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
+from kcls.files import write_bytes, write_json, write_text
 from kcls.layout import (
     FLOAT32_TFLITE_FILE,
     OPTIMIZE_REPORT_FILE,
@@ -51,7 +51,7 @@ from kcls.layout import (
     optimized_dir,
 )
 from kcls.load import load_classifier
-from kcls.multilabel_metrics import DEFAULT_THRESHOLD
+from kcls.metrics.multilabel import DEFAULT_THRESHOLD
 from kcls.optimize.convert import (
     IO_TYPES,
     PTQ_METHODS,
@@ -176,11 +176,10 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
                    **{f"{metric}_delta": _delta(row[metric], float_row[metric])
                       for metric in metrics}},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TFLITE_FILE).write_bytes(optimized_model)
-    (out_dir / FLOAT32_TFLITE_FILE).write_bytes(float_model)
-    (out_dir / OPTIMIZE_REPORT_FILE).write_text(json.dumps(report, indent=2))
-    (out_dir / OPTIMIZE_TABLE_FILE).write_text(markdown_table(report))
+    write_bytes(out_dir / TFLITE_FILE, optimized_model)
+    write_bytes(out_dir / FLOAT32_TFLITE_FILE, float_model)
+    write_json(out_dir / OPTIMIZE_REPORT_FILE, report)
+    write_text(out_dir / OPTIMIZE_TABLE_FILE, markdown_table(report))
     return report
 
 

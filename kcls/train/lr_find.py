@@ -243,14 +243,10 @@ def plot_learning_rate_search(search: LearningRateSearch, path: str | Path,
                               title: str = "") -> Path:
     """Writes the loss against the learning rate (log axis), the suggestion marked, as a PNG.
 
-    Written to a temporary file and renamed, so `path` is never half-written.
+    Written atomically (`kcls.figures.save_figure`).
     """
-    import matplotlib
+    from kcls.figures import plt, save_figure  # matplotlib only when plotting
 
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     axes.plot(search.learning_rates, search.losses, color="0.75", linewidth=1,
               label="loss per step")
@@ -278,10 +274,4 @@ def plot_learning_rate_search(search: LearningRateSearch, path: str | Path,
     axes.set_ylabel("training loss")
     axes.set_title(title or "learning-rate range test")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return save_figure(figure, path)

@@ -3,7 +3,7 @@
 `reference_profile` runs the classifier (as the export serves it: temperature-scaled,
 flip-averaged with `export.flip_tta`) over evaluation batches and summarises the
 probabilities, the top-1 confidences and the penultimate-layer embeddings with
-`kcls.drift.build_profile`. `kcls.run` writes it into the run directory and every export
+`kcls.monitoring.drift.build_profile`. `kcls.workflows.run` writes it into the run directory and every export
 (`assets/reference.json`, see `kcls.layout`), where `kcls monitor` reads it back.
 
 Example:
@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -29,8 +27,8 @@ from scipy.special import softmax
 from kcls.config import ConfigError, Recipe
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
-from kcls.drift import build_profile
 from kcls.models.classifier import embedding_model
+from kcls.monitoring.drift import build_profile
 
 
 def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset,
@@ -68,7 +66,7 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset,
 def reference_profile(classifier: keras.Model, batches: tf.data.Dataset,
                       class_names: list[str], temperature: float | None = None,
                       flip_tta: bool = False) -> dict[str, Any]:
-    """The reference profile (`kcls.drift.build_profile`) of `classifier` on `batches`,
+    """The reference profile (`kcls.monitoring.drift.build_profile`) of `classifier` on `batches`,
     with the `temperature` and `flip_tta` it was computed under."""
     probabilities, embeddings, labels = profile_outputs(classifier, batches, temperature,
                                                         flip_tta)
@@ -95,13 +93,3 @@ def recipe_reference_profile(classifier: keras.Model, recipe: Recipe,
                             dataclasses.replace(recipe.data, cache="none"))
     return reference_profile(classifier, batches, class_names, temperature,
                              recipe.export.flip_tta)
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """Writes `data` as JSON to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data))
-    temporary.replace(path)
-    return path

@@ -14,19 +14,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kcls.layout import (  # noqa: E402
+from kcls.figures import plt, save_figure
+from kcls.files import write_json, write_text
+from kcls.layout import (
     CONFIDENT_MISTAKES_PLOT,
     CONFUSION_MATRIX_PLOT,
     METRICS_FILE,
@@ -35,8 +31,9 @@ from kcls.layout import (  # noqa: E402
     REPORT_FILE,
     TRAINING_CURVES_PLOT,
 )
-from kcls.metrics import Evaluation, calibration_bins  # noqa: E402
-from kcls.multilabel_metrics import precision_recall_curves  # noqa: E402
+from kcls.metrics.calibration import calibration_bins
+from kcls.metrics.classification import Evaluation
+from kcls.metrics.multilabel import precision_recall_curves
 
 
 def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[str],
@@ -62,8 +59,7 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    written = [run_dir / METRICS_FILE]
-    written[0].write_text(json.dumps(evaluation.metrics, indent=2))
+    written = [write_json(run_dir / METRICS_FILE, evaluation.metrics)]
     if history:
         written.append(plot_training_curves(history, phases or [], run_dir / TRAINING_CURVES_PLOT))
     written.append(plot_confusion_matrix(np.asarray(evaluation.metrics["confusion_matrix"]),
@@ -72,9 +68,8 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, class_names: list[
     if images is not None:
         written.append(plot_confident_mistakes(evaluation, images, class_names,
                                                run_dir / CONFIDENT_MISTAKES_PLOT, mistakes))
-    report = run_dir / REPORT_FILE
-    report.write_text(markdown_report(evaluation.metrics, [p.name for p in written[1:]],
-                                      evaluation.skipped))
+    report = write_text(run_dir / REPORT_FILE, markdown_report(
+        evaluation.metrics, [p.name for p in written[1:]], evaluation.skipped))
     return [*written, report]
 
 
@@ -125,15 +120,14 @@ def write_multilabel_report(run_dir: str | Path, metrics: dict[str, Any],
                             phases: list[dict[str, Any]] | None = None,
                             skipped: list[str] | None = None) -> list[Path]:
     """Writes `metrics.json`, `report.md`, the PR curves and the training curves of a
-    multi-label model (`kcls.multilabel_metrics.multilabel_metrics` gives `metrics`).
+    multi-label model (`kcls.metrics.multilabel.multilabel_metrics` gives `metrics`).
 
     Args:
         probabilities: float `[N, C]` test probabilities; targets: `[N, C]` of 0/1.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    written = [run_dir / METRICS_FILE]
-    written[0].write_text(json.dumps(metrics, indent=2))
+    written = [write_json(run_dir / METRICS_FILE, metrics)]
     if history:
         written.append(plot_training_curves(history, phases or [], run_dir / TRAINING_CURVES_PLOT))
     written.append(plot_precision_recall(probabilities, targets, class_names,
@@ -159,8 +153,7 @@ def write_multilabel_report(run_dir: str | Path, metrics: dict[str, Any],
                   "Not among the examples above.", ""]
         lines += [f"- `{name}`" for name in skipped]
     lines += ["", "## Plots", ""] + [f"![{path.name}]({path.name})" for path in written[1:]]
-    report = run_dir / REPORT_FILE
-    report.write_text("\n".join(lines) + "\n")
+    report = write_text(run_dir / REPORT_FILE, "\n".join(lines) + "\n")
     return [*written, report]
 
 
@@ -285,14 +278,6 @@ def plot_confident_mistakes(evaluation: Evaluation, images: Mapping[int, np.ndar
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     figure.suptitle("most confident mistakes (true -> predicted, confidence)")
     return save_figure(figure, path)
-
-
-def save_figure(figure: plt.Figure, path: Path) -> Path:
-    """Saves `figure` as a 100-dpi PNG at `path`, closes it and returns `path`."""
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
 
 
 def _format(value: Any) -> str:

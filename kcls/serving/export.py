@@ -14,13 +14,13 @@
   `tensorflow/serving/classify`): `inputs` (tf.string `[N]`, serialized `tf.Example`s
   with a bytes feature `image_bytes`) -> `classes` (tf.string `[N, k]`, labels) and
   `scores` (float32 `[N, k]`).
-- `assets/reference.json`: the reference profile of the test split (`kcls.profile`), which
+- `assets/reference.json`: the reference profile of the test split (`kcls.monitoring.profile`), which
   `kcls monitor` compares production images or logged predictions with.
 - `assets/labels.txt` (one class name per line), `kcls.json` (recipe, metrics, versions)
   and `model.weights.h5` (the Keras weights, from which `kcls.load.load_classifier`
   rebuilds the classifier; TF Serving ignores it). File names: `kcls.layout`.
 
-With a calibration temperature T (`evaluate.calibrate`, `kcls.metrics.fit_temperature`)
+With a calibration temperature T (`evaluate.calibrate`, `kcls.metrics.calibration.fit_temperature`)
 every signature serves `probabilities = softmax(logits / T)` (the argmax, hence the
 classes, unchanged) and `kcls.json` records T under `temperature` (null: T = 1).
 
@@ -29,39 +29,25 @@ per label, `predicted` (int32 `[N, C]`, 1 where a label's probability reaches it
 threshold), and `classes`, `scores` and `labels` over all C labels, best first, with
 the labels below their thresholds blanked (`""`): the labels above threshold, in
 order. The per-label thresholds (tuned on the validation split,
-`kcls.multilabel_metrics.tune_thresholds`) are constants of the graph and listed in
+`kcls.metrics.multilabel.tune_thresholds`) are constants of the graph and listed in
 `kcls.json` under `thresholds`; `task` names the task there.
 
 With `export.flip_tta` every signature averages the probabilities of each image and its
 horizontal mirror (the test-time augmentation `evaluate.flip_tta` measures).
 
 After each export, `<base_dir>/models.config` lists every model under `base_dir` for
-`tensorflow_model_server --model_config_file`, with base paths under `/models`, the
-folder the README's `docker run -v "$PWD/saved_models:/models"` mounts `base_dir` at.
-
-`export_run` re-exports a finished run directory (`kcls export RUN_DIR`): it loads the
-classifier with `kcls.load.load_run` and never imports training code.
+TF Serving (`kcls.serving.publish`).
 
 Exports are always float32: a model trained under a mixed policy is rebuilt under
 float32 and its weights copied, because bf16/fp16 graphs break CPU serving and the
 TFLite converter. A version is written to a hidden temporary sibling folder and then
-renamed, so a server polling the base path never loads a half-written version. The
-folder's name, `.tmp-<host>-<pid>-<random>`, records the process writing it: an export
-killed before the rename leaves it behind, and the next export into the same base
-directory removes it once that process is gone (or, for a process on another machine
-or a name without an owner, once it is an hour old).
+renamed (`kcls.serving.publish`), so a server polling the base path never loads a
+half-written version.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import shutil
-import socket
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,37 +55,18 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from kcls import __version__
 from kcls.config import Recipe, to_dict
 from kcls.data.pipeline import prepare_image
-from kcls.layout import (
-    LABELS_FILE,
-    METADATA_FILE,
-    MODELS_CONFIG_FILE,
-    REFERENCE_FILE,
-    RUN_REFERENCE_FILE,
-    SAVED_MODEL_FILE,
-    WEIGHTS_FILE,
-    exported_versions,
-    versions,
-)
-from kcls.load import float32_architecture, load_run, load_run_metrics
+from kcls.environment import software_versions
+from kcls.files import write_bytes, write_json, write_text
+from kcls.layout import LABELS_FILE, METADATA_FILE, REFERENCE_FILE, SAVED_MODEL_FILE, WEIGHTS_FILE
+from kcls.load import float32_architecture
 from kcls.models.classifier import embedding_model
-from kcls.profile import recipe_reference_profile
-from kcls.rundir import process_exists
+from kcls.serving.publish import new_version_folder, publish_version, write_models_config
 
-SERVING_MOUNT = "/models"  # where the docker command in the README mounts the base dir
 IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature of `classify`
 CLASSIFY_SIGNATURE = "classify"
 CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
-
-# Temporaries of killed exports: see `clean_stale_temporaries`.
-STALE_TEMPORARY_SECONDS = 3600.0
-_LIVE_OWNER_STALE_SECONDS = 86400.0
-_TEMPORARY_NAME = re.compile(
-    r"\.(?:" + re.escape(MODELS_CONFIG_FILE) + r"\.)?tmp-"
-    r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{32}")
-
 
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
                        metrics: dict[str, Any] | None = None,
@@ -117,7 +84,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         base_dir: overrides `recipe.export.base_dir`.
         temperature: calibration temperature T > 0 the signatures divide the logits by;
             None serves `softmax(logits)`.
-        reference: the reference profile (`kcls.profile.reference_profile`) written to
+        reference: the reference profile (`kcls.monitoring.profile.reference_profile`) written to
             `assets/reference.json`; None writes none (`kcls monitor` then says how to
             get one).
         thresholds: per-label probability thresholds `[C]` of a multi-label model
@@ -129,10 +96,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
     """
     base_dir = Path(base_dir or recipe.export.base_dir)
     model_dir = base_dir / recipe.model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(model_dir)
-    clean_stale_temporaries(base_dir)
-    temporary = model_dir / f".tmp-{owner_tag()}-{uuid.uuid4().hex}"
+    temporary = new_version_folder(model_dir)
     try:
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
         archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
@@ -143,164 +107,20 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         # and variable, where the SavedModel only keeps a list of variables.
         float32_classifier.save_weights(temporary / WEIGHTS_FILE)
         _set_method_name(temporary, CLASSIFY_SIGNATURE, CLASSIFY_METHOD_NAME)
-        (temporary / LABELS_FILE).parent.mkdir(exist_ok=True)
-        (temporary / LABELS_FILE).write_text("\n".join(class_names) + "\n")
+        write_text(temporary / LABELS_FILE, "\n".join(class_names) + "\n")
         if reference is not None:
-            (temporary / REFERENCE_FILE).write_text(json.dumps(reference))
-        metadata = {"kcls_version": __version__, "tensorflow_version": tf.__version__,
-                    "keras_version": keras.__version__, "model_name": recipe.model_name,
+            write_json(temporary / REFERENCE_FILE, reference, indent=None)
+        metadata = {**software_versions(), "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
                     "temperature": temperature, "metrics": metrics or {},
                     "task": recipe.model.task, "thresholds": thresholds,
                     "recipe": to_dict(recipe)}
-        (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        version_dir = _publish(temporary, model_dir)
+        write_json(temporary / METADATA_FILE, metadata)
+        version_dir = publish_version(temporary, model_dir)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     write_models_config(base_dir)
     return version_dir
-
-
-def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
-    """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
-
-    Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
-    `<run_dir>/model.weights.h5` and exports it with the class names and calibration
-    temperature of `run.json`, the test metrics of `metrics.json` and the reference
-    profile of `reference.json`; a run without that profile (from an older kcls) gets
-    one computed on its recipe's test split. Training code is never imported.
-
-    Args:
-        run_dir: a run directory written by `kcls recipe run` (or `kcls.run.run_recipe`).
-        base_dir: export base directory; defaults to the run's `export.base_dir`.
-
-    Returns:
-        Path of the new version directory, e.g. `saved_models/quickstart/4`.
-
-    Raises:
-        FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
-        ConfigError: the run's `config.json` does not match this kcls version's config.
-    """
-    loaded = load_run(run_dir)
-    metrics = load_run_metrics(run_dir)
-    if loaded.recipe.model.task == "multilabel":  # no reference profile; tuned thresholds
-        return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                                  metrics, base_dir, thresholds=[
-                                      metrics["thresholds"][name] for name in loaded.class_names])
-    reference_file = Path(run_dir) / RUN_REFERENCE_FILE
-    if reference_file.is_file():
-        reference = json.loads(reference_file.read_text())
-    else:
-        reference = recipe_reference_profile(loaded.classifier, loaded.recipe,
-                                             loaded.class_names, loaded.temperature)
-    return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                              metrics, base_dir, loaded.temperature, reference)
-
-
-def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Path:
-    """Rewrites `<base_dir>/models.config` to list every exported model, atomically.
-
-    The file is TF Serving's `ModelServerConfig` in text format, one `config` per model
-    folder that holds at least one numbered SavedModel version:
-
-        model_config_list {
-          config {
-            name: "quickstart"
-            base_path: "/models/quickstart"
-            model_platform: "tensorflow"
-          }
-        }
-
-    Args:
-        base_dir: the export base directory (e.g. `saved_models`).
-        mount: where the server sees `base_dir`; `/models` matches
-            `docker run -v "$PWD/saved_models:/models" tensorflow/serving`.
-
-    Returns:
-        Path of the `models.config` file.
-    """
-    base_dir = Path(base_dir)
-    names = sorted(folder.name for folder in base_dir.iterdir()
-                   if folder.is_dir() and not folder.name.startswith(".")
-                   and exported_versions(folder))
-    entries = "".join(
-        f"  config {{\n    name: {_quoted(name)}\n"
-        f"    base_path: {_quoted(mount.rstrip('/') + '/' + name)}\n"
-        f'    model_platform: "tensorflow"\n  }}\n' for name in names)
-    target = base_dir / MODELS_CONFIG_FILE
-    temporary = base_dir / f".{MODELS_CONFIG_FILE}.tmp-{owner_tag()}-{uuid.uuid4().hex}"
-    try:
-        temporary.write_text(f"model_config_list {{\n{entries}}}\n")
-        os.replace(temporary, target)  # a server re-reading the file never sees half of it
-    finally:
-        temporary.unlink(missing_ok=True)
-    return target
-
-
-def owner_tag(pid: int | None = None) -> str:
-    """`<host>-<pid>`, naming the process that writes a temporary export file or folder.
-
-    `host` is a short digest of this machine's host name (a base directory may be on a
-    disk several machines share); `pid` defaults to this process.
-    """
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-    return f"{host}-{os.getpid() if pid is None else pid}"
-
-
-def clean_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Removes the temporary files and folders that killed exports left in `folder`.
-
-    A temporary (`.tmp-*` beside the versions, `.models.config.tmp-*` in the base
-    directory) is stale when the process named in it (`owner_tag`) ran on this machine
-    and is gone, or when it is older than `STALE_TEMPORARY_SECONDS` and its owner cannot
-    be checked (another machine, or a name written by an older kcls). A live owner's
-    temporaries stay until they are a day old (its pid may have been reused).
-
-    Returns:
-        The paths removed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    host = owner_tag().split("-")[0]
-    removed = []
-    for path in folder.iterdir():
-        match = _TEMPORARY_NAME.fullmatch(path.name)
-        if not match:
-            continue
-        try:
-            age = time.time() - path.lstat().st_mtime
-        except FileNotFoundError:  # its owner just renamed or removed it
-            continue
-        if match["host"] == host:
-            stale = (not process_exists(int(match["pid"]))
-                     or age > _LIVE_OWNER_STALE_SECONDS)
-        else:
-            stale = age > STALE_TEMPORARY_SECONDS
-        if stale:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def _publish(temporary: Path, model_dir: Path) -> Path:
-    """Renames `temporary` to the next free integer version, atomically."""
-    while True:
-        target = model_dir / str((versions(model_dir) or [0])[-1] + 1)
-        try:
-            os.rename(temporary, target)  # fails if another export took `target` meanwhile
-            return target
-        except OSError:
-            if not target.exists():
-                raise
-
-
-def _quoted(text: str) -> str:
-    """`text` as a protobuf text-format string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _set_method_name(export_dir: Path, signature: str, method_name: str) -> None:
@@ -314,7 +134,7 @@ def _set_method_name(export_dir: Path, signature: str, method_name: str) -> None
     saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
     for meta_graph in saved_model.meta_graphs:
         meta_graph.signature_def[signature].method_name = method_name
-    path.write_bytes(saved_model.SerializeToString(deterministic=True))
+    write_bytes(path, saved_model.SerializeToString(deterministic=True))
     _refresh_fingerprint(export_dir)
 
 
@@ -328,7 +148,7 @@ def _refresh_fingerprint(export_dir: Path) -> None:
     except ImportError:  # private API: a stale fingerprint is worse than none
         fingerprint.unlink()
         return
-    fingerprint.write_bytes(fingerprinting.CreateFingerprintDef(str(export_dir)))
+    write_bytes(fingerprint, fingerprinting.CreateFingerprintDef(str(export_dir)))
 
 
 def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> keras.Model:

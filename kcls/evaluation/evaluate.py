@@ -2,8 +2,8 @@
 
 `evaluate_classifier` runs a Keras classifier over an evaluation pipeline (optionally
 with horizontal-flip test-time augmentation) and computes every metric of
-`kcls.metrics` from the one set of predictions; `evaluate_model` does it for an export or
-a run directory on held-out data and writes the report (`kcls.report`).
+`kcls.metrics.classification` from the one set of predictions; `evaluate_model` does it for an export or
+a run directory on held-out data and writes the report (`kcls.evaluation.report`).
 
 Example:
 
@@ -25,10 +25,10 @@ from kcls.config import ConfigError
 from kcls.data.folder import decode_files, scan_folder, skipped_files_line
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
+from kcls.evaluation.report import write_multilabel_report, write_report
 from kcls.load import LoadedClassifier, load_classifier
-from kcls.metrics import Evaluation, evaluate_predictions
-from kcls.multilabel_metrics import DEFAULT_THRESHOLD, multilabel_metrics, sigmoid
-from kcls.report import write_multilabel_report, write_report
+from kcls.metrics.classification import Evaluation, evaluate_predictions
+from kcls.metrics.multilabel import DEFAULT_THRESHOLD, multilabel_metrics, sigmoid
 
 
 def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
@@ -105,7 +105,7 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         out_dir: where `metrics.json`, `report.md` and the plots go (None: no files).
         flip_tta: also report flip test-time augmentation metrics (single-label only).
         A multi-label model (`model.task=multilabel`) is scored with
-        `kcls.multilabel_metrics` at its tuned thresholds, on the test split of its
+        `kcls.metrics.multilabel` at its tuned thresholds, on the test split of its
         manifest or of `data_source` (`manifest:PATH.csv`: the test split it makes).
         The model's calibration temperature (`kcls.json`, `run.json`), when it has one,
         scales the logits as the export does.

@@ -21,8 +21,6 @@ PosixPath('runs/pretrain/20260101-120000/backbone.weights.h5')
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,8 @@ from kcls.config import ConfigError, DataConfig, PretrainConfig, parse_duration
 from kcls.data.folder import decode_files, scan_folder, scan_images, skipped_files_line
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import split_indices
+from kcls.environment import software_versions
+from kcls.files import save_weights, write_json
 from kcls.layout import (
     BACKBONE_WEIGHTS_FILE,
     PRETRAIN_CONFIG_FILE,
@@ -45,12 +45,12 @@ from kcls.layout import (
     RUN_INFO_FILE,
 )
 from kcls.models.backbones import build_backbone, get_spec
-from kcls.rundir import check_run_dir, claim_run_dir
 from kcls.ssl.augment import ContrastiveAugment
 from kcls.ssl.simclr import KnnMonitor, SimCLR
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.compute import describe_devices, resolve_jit_compile
 from kcls.train.schedule import NO_WEIGHT_DECAY, WarmupCosine
+from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
 RUN_NAME = "pretrain"
 KNN_HOLDOUT = 0.2  # share of the labelled kNN images classified by the others' votes
@@ -166,8 +166,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
     model.compile(optimizer=optimizer, jit_compile=jit_compile)
 
     with claim_run_dir(run_dir, RUN_NAME, log) as run_dir:
-        (run_dir / PRETRAIN_CONFIG_FILE).write_text(
-            json.dumps(dataclasses.asdict(config), indent=2))
+        write_json(run_dir / PRETRAIN_CONFIG_FILE, dataclasses.asdict(config))
         log(f"kcls {__version__} | pretrain {config.backbone} (SimCLR, from "
             f"{config.weights or 'random initialisation'}) | {describe_devices()} | XLA "
             f"{'on' if jit_compile else 'off'} ({jit_reason}) | {data.count} images, "
@@ -191,15 +190,11 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
                             callbacks=callbacks).history
         trained = time.time()
         weights_path = run_dir / BACKBONE_WEIGHTS_FILE
-        # Written aside, then renamed: an interrupted save leaves no half-written weights.
-        temporary = run_dir / f".{os.getpid()}.{BACKBONE_WEIGHTS_FILE}"
-        backbone.save_weights(temporary)
-        os.replace(temporary, weights_path)
+        save_weights(backbone, weights_path)
         history = {name: [float(value) for value in values] for name, values in history.items()}
         plot_pretrain_curves(history, run_dir / PRETRAIN_CURVES_PLOT)
         run_info: dict[str, Any] = {
-            "kcls_version": __version__, "tensorflow_version": tf.__version__,
-            "keras_version": keras.__version__, "devices": describe_devices(),
+            **software_versions(), "devices": describe_devices(),
             "method": "simclr", "jit_compile": bool(model.jit_compile),
             "jit_compile_reason": jit_reason, "images": data.count,
             "steps_per_epoch": steps_per_epoch, "epochs": len(history.get("loss", [])),
@@ -209,7 +204,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
                         "total": round(time.time() - started, 1)}}
         if budget is not None:
             run_info["time_budget"] = budget.summary()
-        (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
+        write_json(run_dir / RUN_INFO_FILE, run_info)
         if data.skipped:
             log(skipped_files_line(data.skipped))
         knn = history.get("knn_accuracy")
@@ -248,10 +243,7 @@ def _feature_batches(examples: tf.data.Dataset, config: PretrainConfig) -> tf.da
 
 def plot_pretrain_curves(history: dict[str, list[float]], path: Path) -> Path:
     """Loss (and kNN accuracy, when measured) per epoch, as a PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
+    from kcls.figures import plt, save_figure  # matplotlib only when plotting
 
     metrics = [name for name in ("loss", "knn_accuracy") if history.get(name)]
     figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -259,9 +251,4 @@ def plot_pretrain_curves(history: dict[str, list[float]], path: Path) -> Path:
         axis.plot(np.arange(1, len(history[metric]) + 1), history[metric], marker="o")
         axis.set_xlabel("epoch")
         axis.set_title(metric)
-    figure.tight_layout()
-    temporary = path.with_name(f".{os.getpid()}.{path.name}")
-    figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return save_figure(figure, path)

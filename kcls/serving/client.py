@@ -40,7 +40,7 @@ from typing import Any
 
 DEFAULT_SIGNATURE = "serving_default"
 CLASSIFY_SIGNATURE = "classify"
-IMAGE_INPUT = "image_bytes"  # the input of `serving_default`, see kcls.export
+IMAGE_INPUT = "image_bytes"  # the input of `serving_default`, see kcls.serving.export
 OUTPUTS = ("probabilities", "classes", "scores", "labels")
 DEFAULT_TIMEOUT = 30.0
 

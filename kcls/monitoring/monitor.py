@@ -1,15 +1,15 @@
 """`kcls monitor`: has what a deployed model sees drifted from what it was tested on?
 
 Compares recent production data with the reference profile every export carries
-(`assets/reference.json`, `kcls.profile`):
+(`assets/reference.json`, `kcls.monitoring.profile`):
 
 - `data`: a folder of recent images (any layout, no labels needed), run through the
   export's own `predict_images` signature, which also returns the penultimate-layer
   embedding: predicted-class, confidence and embedding tests;
-- `predictions`: a JSON-lines log of served predictions (`kcls.prediction_log`, written
+- `predictions`: a JSON-lines log of served predictions (`kcls.monitoring.prediction_log`, written
   by `kcls predict --server ... --log FILE`): predicted-class and confidence tests.
 
-The statistics and the decision rule are `kcls.drift.compare`'s. `monitor` writes
+The statistics and the decision rule are `kcls.monitoring.drift.compare`'s. `monitor` writes
 `monitor.json` (every statistic and p-value, the decision), `monitor.md` and three plots
 (reference vs current: predicted classes, confidence, the first two embedding principal
 components) into the output folder (file names: `kcls.layout`), and returns the result;
@@ -41,7 +41,8 @@ from kcls.data.folder import (
     printable_path,
     skipped_files_line,
 )
-from kcls.drift import ALPHA, PERMUTATIONS, compare
+from kcls.figures import plt, save_figure
+from kcls.files import write_json, write_text
 from kcls.layout import (
     METADATA_FILE,
     MONITOR_CLASSES_PLOT,
@@ -54,9 +55,8 @@ from kcls.layout import (
     is_run_dir,
     resolve_export_dir,
 )
-from kcls.prediction_log import read_predictions
-from kcls.profile import write_json
-from kcls.report import plt, save_figure
+from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare
+from kcls.monitoring.prediction_log import read_predictions
 
 DRIFT_EXIT_CODE = 3  # click uses 1 (errors) and 2 (usage errors)
 MIN_EXAMPLES = 10
@@ -177,16 +177,16 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
     Args:
         model_dir: an export (version or model folder: latest version).
         data: a folder of recent images (`PATH` or `folder:PATH`).
-        predictions: a JSON-lines prediction log (`kcls.prediction_log`). Exactly one of
+        predictions: a JSON-lines prediction log (`kcls.monitoring.prediction_log`). Exactly one of
             `data` and `predictions`.
         out_dir: where the report goes; default `monitor/<model>-<UTC time>/`.
-        alpha: family-wise false-alarm rate of the decision (`kcls.drift.compare`).
+        alpha: family-wise false-alarm rate of the decision (`kcls.monitoring.drift.compare`).
         permutations: relabellings of the embedding MMD test.
         overwrite: replace the report of an earlier `monitor` call in `out_dir`.
         log: receives a line naming the image files that did not decode, if any.
 
     Returns:
-        The `kcls.drift.compare` result plus `model_dir` (the export version), `source`,
+        The `kcls.monitoring.drift.compare` result plus `model_dir` (the export version), `source`,
         `reference_examples`, `skipped` and `out_dir`; also written to `monitor.json`.
 
     Raises:
@@ -253,8 +253,8 @@ def write_monitor_report(out_dir: str | Path, result: dict[str, Any],
              plot_confidence(result, profile, out_dir / MONITOR_CONFIDENCE_PLOT)]
     if "projected" in result["current"] and "embedding" in profile:
         plots.append(plot_embedding(result, profile, out_dir / MONITOR_EMBEDDING_PLOT))
-    report = out_dir / MONITOR_REPORT_FILE
-    report.write_text(markdown_monitor_report(result, [path.name for path in plots]))
+    report = write_text(out_dir / MONITOR_REPORT_FILE,
+                        markdown_monitor_report(result, [path.name for path in plots]))
     written = write_json(out_dir / MONITOR_FILE, result)
     return [written, report, *plots]
 

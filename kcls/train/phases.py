@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from kcls.config import ConfigError, TrainConfig
 from kcls.data.augment import Augmentation, compiles_with_xla
+from kcls.files import write_json
 from kcls.layout import (
     BACKUP_DIR,
     BEST_WEIGHTS_FILE,
@@ -570,10 +571,7 @@ class _Progress:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"schedule": self.schedule, "completed": self.completed,
                  "learning_rate_searches": self.searches,
                  "epochs": {str(epoch): logs for epoch, logs in sorted(self.epochs.items())}}
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state, indent=1))
-        temporary.replace(self.path)
+        write_json(self.path, state, indent=1)

@@ -8,7 +8,7 @@ this module only wires them together and writes the run directory:
     <run_dir>/metrics.json   test-split metrics (per class, confusion matrix, calibration)
     <run_dir>/report.md      the metrics as tables, with the plots below
     <run_dir>/*.png          training curves, confusion matrix, reliability, confident mistakes
-    <run_dir>/reference.json the test split's reference profile (`kcls.profile`), exported
+    <run_dir>/reference.json the test split's reference profile (`kcls.monitoring.profile`), exported
                              for `kcls monitor`
     <run_dir>/model.weights.h5  trained weights, re-exported by `kcls export RUN_DIR`
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
@@ -16,14 +16,13 @@ this module only wires them together and writes the run directory:
     <run_dir>/best.weights.h5  classifier weights of the best validation epoch
     <run_dir>/lr_find_*.png  with train.learning_rate=auto: each phase's learning-rate
                              range test (loss against rate, the rate chosen marked)
-    <run_dir>/backup/        resume state while training (see `kcls.train.runner`):
+    <run_dir>/backup/        resume state while training (see `kcls.train.phases`):
                              run again with the same run_dir to resume a killed run
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,8 +60,9 @@ from kcls.data.sources import (
     load_splits,
     train_class_counts,
 )
-from kcls.evaluate import evaluate_classifier, predict_logits, predict_multilabel
-from kcls.export import export_saved_model
+from kcls.evaluation.evaluate import evaluate_classifier, predict_logits, predict_multilabel
+from kcls.evaluation.report import confident_mistakes, write_multilabel_report, write_report
+from kcls.files import save_weights, write_json, write_text
 from kcls.layout import (
     LR_FIND_FILE,
     LR_FIND_PHASE_PLOT,
@@ -74,17 +74,16 @@ from kcls.layout import (
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
-from kcls.metrics import (
+from kcls.metrics.calibration import fit_temperature
+from kcls.metrics.classification import (
     Evaluation,
     class_balance_warning,
-    fit_temperature,
     summary_metrics,
 )
+from kcls.metrics.multilabel import DEFAULT_THRESHOLD, multilabel_metrics, tune_thresholds
 from kcls.models.classifier import build_classifier
-from kcls.multilabel_metrics import DEFAULT_THRESHOLD, multilabel_metrics, tune_thresholds
-from kcls.profile import reference_profile, write_json
-from kcls.report import confident_mistakes, write_multilabel_report, write_report
-from kcls.rundir import check_run_dir, claim_run_dir
+from kcls.monitoring.profile import reference_profile
+from kcls.serving.export import export_saved_model
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import (
     describe_devices,
@@ -95,8 +94,9 @@ from kcls.train.compute import (
 )
 from kcls.train.lr_find import STEPS as LR_FIND_STEPS
 from kcls.train.lr_find import LearningRateSearch, plot_learning_rate_search
-from kcls.train.runner import check_resumable, find_phase_learning_rate, fit_phases
+from kcls.train.phases import check_resumable, find_phase_learning_rate, fit_phases
 from kcls.train.schedule import plan_phases, resolve_train_batchnorm
+from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
 SAMPLE_IMAGES = 8
 # With a time budget: seconds kept after training for the work that does not scale with
@@ -180,7 +180,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         classifier = build_classifier(recipe.model, num_classes, recipe.data.image_size,
                                       precision)
     with claim_run_dir(run_dir, recipe.name, log) as run_dir:
-        (run_dir / RUN_CONFIG_FILE).write_text(to_json(recipe))
+        write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
         log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
             f"{describe_strategy(strategy)} | {precision} | XLA {'on' if jit_compile else 'off'} "
             f"({jit_compile_reason}) | "
@@ -236,7 +236,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                 f"{phase['name']} {phase['learning_rate']:.2e}" for phase in searched)
                 + f"; plots {run_dir / LR_FIND_PHASE_PLOT.format(phase='*')}")
         trained = time.time()
-        classifier.save_weights(run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+        save_weights(classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
 
         temperature, calibration = None, {"method": "none"}
         if multilabel:
@@ -322,7 +322,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if time_budget is not None:
             run_info["time_budget"] = time_budget.summary()
             log(_budget_line(time_budget))
-        (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
+        write_json(run_dir / RUN_INFO_FILE, run_info)
         return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
                          splits.class_names)
 
@@ -517,10 +517,7 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_learning_rate_search(search, targets[0],
                               title=f"{recipe.name}: learning-rate range test, {phase} phase")
-    temporary = targets[1].with_name(f".{targets[1].name}.tmp")
-    temporary.write_text(json.dumps({"recipe": recipe.name, "phase": phase, **asdict(search)},
-                                    indent=1))
-    temporary.replace(targets[1])
+    write_json(targets[1], {"recipe": recipe.name, "phase": phase, **asdict(search)}, indent=1)
     return search
 
 

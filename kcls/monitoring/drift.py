@@ -19,7 +19,7 @@ outputs, two-sample tests on reduced embeddings):
 Drift is flagged when any test's p-value is below `alpha / number_of_tests` (Bonferroni),
 so the chance of a false alarm on i.i.d. data stays at most `alpha` (0.05 by default;
 see docs/monitoring.md for the rates measured). Nothing here runs a model or reads a
-file: `kcls.profile` and `kcls.monitor` do, and call these functions.
+file: `kcls.monitoring.profile` and `kcls.monitoring.monitor` do, and call these functions.
 
 Example:
 

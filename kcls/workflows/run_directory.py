@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kcls.config import ConfigError
+from kcls.files import process_exists
 from kcls.layout import RUN_INFO_FILE, RUN_LOCK_FILE, RUNS_DIR, WEIGHTS_FILE
 
 MAX_SUFFIX = 1000  # runs of one recipe started in the same second
@@ -168,17 +169,6 @@ def _alive(owner: dict[str, Any]) -> bool:
     return process_exists(pid)
 
 
-def process_exists(pid: int) -> bool:
-    """Whether a process with id `pid` runs on this machine (whoever owns it)."""
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _locked_message(run_dir: Path, owner: dict[str, Any]) -> str:
     who = (f"process {owner['pid']} on {owner.get('host')} (started {owner.get('started')})"
            if owner.get("pid") else "another process")
@@ -187,4 +177,4 @@ def _locked_message(run_dir: Path, owner: dict[str, Any]) -> str:
             f"{run_dir / RUN_LOCK_FILE}.")
 
 
-__all__ = ["check_run_dir", "claim_run_dir", "process_exists"]
+__all__ = ["check_run_dir", "claim_run_dir"]

@@ -1,0 +1,1 @@
+"""What is deployed: SavedModel export and publishing, local prediction, TF Serving clients."""

@@ -1,0 +1,52 @@
+"""`kcls export RUN_DIR`: the next SavedModel version of a finished run.
+
+Example:
+
+>>> version_dir = export_run("runs/quickstart/20260101-120000")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kcls.layout import RUN_REFERENCE_FILE
+from kcls.load import load_run, load_run_metrics
+from kcls.monitoring.profile import recipe_reference_profile
+from kcls.serving.export import export_saved_model
+
+
+def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
+    """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
+
+    Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
+    `<run_dir>/model.weights.h5` and exports it with the class names and calibration
+    temperature of `run.json`, the test metrics of `metrics.json` and the reference
+    profile of `reference.json`; a run without that profile (from an older kcls) gets
+    one computed on its recipe's test split. Training code is never imported.
+
+    Args:
+        run_dir: a run directory written by `kcls recipe run` (or `kcls.workflows.run.run_recipe`).
+        base_dir: export base directory; defaults to the run's `export.base_dir`.
+
+    Returns:
+        Path of the new version directory, e.g. `saved_models/quickstart/4`.
+
+    Raises:
+        FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
+        ConfigError: the run's `config.json` does not match this kcls version's config.
+    """
+    loaded = load_run(run_dir)
+    metrics = load_run_metrics(run_dir)
+    if loaded.recipe.model.task == "multilabel":  # no reference profile; tuned thresholds
+        return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
+                                  metrics, base_dir, thresholds=[
+                                      metrics["thresholds"][name] for name in loaded.class_names])
+    reference_file = Path(run_dir) / RUN_REFERENCE_FILE
+    if reference_file.is_file():
+        reference = json.loads(reference_file.read_text())
+    else:
+        reference = recipe_reference_profile(loaded.classifier, loaded.recipe,
+                                             loaded.class_names, loaded.temperature)
+    return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
+                              metrics, base_dir, loaded.temperature, reference)
