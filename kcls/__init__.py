@@ -21,9 +21,9 @@ def run_recipe(*args, **kwargs):
 
 
 def find_learning_rate(*args, **kwargs):
-    """See `kcls.workflows.run.find_recipe_learning_rate`: the learning-rate range test of a recipe
-    (`kcls lr-find`; imported lazily: it loads TensorFlow)."""
-    from kcls.workflows.run import find_recipe_learning_rate
+    """See `kcls.workflows.lr_find.find_recipe_learning_rate`: the learning-rate range test
+    of a recipe (`kcls lr-find`; imported lazily: it loads TensorFlow)."""
+    from kcls.workflows.lr_find import find_recipe_learning_rate
 
     return find_recipe_learning_rate(*args, **kwargs)
 

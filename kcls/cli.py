@@ -31,17 +31,57 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import click  # noqa: E402
 
-from kcls.config import ConfigError, apply_overrides, to_json  # noqa: E402
+from kcls.config import apply_overrides, to_json  # noqa: E402
 from kcls.recipes import list_recipes, load_recipe  # noqa: E402
 
 SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatable)."
+# kcls's own errors by module, and how each ends a command: as a usage error (exit 2) or
+# a failure (exit 1). Looked up in `sys.modules`: an error's module is loaded if it raised
+# one, and `kcls recipe list` never pays for importing TensorFlow.
+USER_ERRORS = (
+    ("kcls.config", "ConfigError", click.UsageError),
+    ("kcls.monitoring.monitor", "MonitorError", click.UsageError),
+    ("kcls.serving.client", "MissingServingApiError", click.UsageError),
+    ("kcls.optimize.convert", "OptimizeError", click.ClickException),
+    ("kcls.serving.predict", "PredictionError", click.ClickException),
+    ("kcls.serving.predict", "UnreadableExportError", click.ClickException),
+    ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
+    ("kcls.serving.client", "ServingError", click.ClickException),
+    ("kcls.evaluation.explain", "ImageError", click.ClickException),
+    ("builtins", "FileNotFoundError", click.ClickException),
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The command group that turns kcls's errors into one line naming the problem and
+    the fix, for every command; `kcls --debug` shows the traceback instead."""
+
+    def invoke(self, context: click.Context):
+        try:
+            return super().invoke(context)
+        except click.ClickException:
+            raise
+        except Exception as error:
+            message = user_error(error)
+            if message is None or _debug():
+                raise
+            raise message from None
+
+
+def user_error(error: Exception) -> click.ClickException | None:
+    """The one-line click error for one of kcls's `USER_ERRORS`, or None for any other."""
+    for module, name, kind in USER_ERRORS:
+        error_type = getattr(sys.modules.get(module), name, None)
+        if error_type is not None and isinstance(error, error_type):
+            return kind(str(error))
+    return None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kcls")
 @click.option("--debug", is_flag=True,
-              help="Show the full traceback of configuration errors (e.g. a broken recipe "
-                   "file) instead of a one-line message.")
+              help="Show the full traceback of errors (e.g. a broken recipe file) instead "
+                   "of a one-line message.")
 @click.pass_context
 def main(context: click.Context, debug: bool) -> None:
     """kcls: image-classification recipes for Keras/TensorFlow."""
@@ -81,17 +121,12 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
     resolved = _resolve(name, overrides)
     start_tensorflow()
-    from kcls.workflows.run import headline, run_recipe
+    from kcls.workflows.run import run_recipe
 
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
-    try:
-        result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
-    except ConfigError as error:
-        if _debug():
-            raise
-        raise click.UsageError(str(error)) from None
-    click.echo(f"done: test {headline(result.metrics)}; run dir {result.run_dir}"
+    result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
+    click.echo(f"done: test {result.headline()}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
 
 
@@ -121,15 +156,10 @@ def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int
     resolved = _resolve(name, overrides)
     start_tensorflow()
     from kcls.layout import LR_FIND_PLOT
-    from kcls.workflows.run import find_recipe_learning_rate
+    from kcls.workflows.lr_find import find_recipe_learning_rate
 
-    try:
-        search = find_recipe_learning_rate(resolved, phase, out_dir, steps, overwrite,
-                                           log=click.echo)
-    except ConfigError as error:
-        if _debug():
-            raise
-        raise click.UsageError(str(error)) from None
+    search = find_recipe_learning_rate(resolved, phase, out_dir, steps, overwrite,
+                                       log=click.echo)
     click.echo(f"{len(search.losses)} steps from {search.learning_rates[0]:.1e} to "
                f"{search.learning_rates[-1]:.1e}" + (" (stopped: the loss diverged)"
                                                       if search.diverged else ""))
@@ -194,14 +224,11 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
         return
 
     start_tensorflow()
-    from kcls.serving.predict import PredictionError, UnreadableExportError, load_predictor
+    from kcls.serving.predict import load_predictor
 
-    try:
-        predictor = load_predictor(paths[0])
-        for path in images:
-            _echo_ranked(path, predictor.predict_file(path)[:top_k])
-    except (FileNotFoundError, PredictionError, UnreadableExportError) as error:
-        raise click.ClickException(str(error)) from None
+    predictor = load_predictor(paths[0])
+    for path in images:
+        _echo_ranked(path, predictor.predict_file(path)[:top_k])
 
 
 @main.command("export")
@@ -214,12 +241,7 @@ def export(run_dir: Path, base_dir: Path | None) -> None:
     from kcls.layout import MODELS_CONFIG_FILE
     from kcls.workflows.export import export_run
 
-    try:
-        version_dir = export_run(run_dir, base_dir)
-    except FileNotFoundError as error:
-        raise click.ClickException(str(error)) from None
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+    version_dir = export_run(run_dir, base_dir)
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
 
@@ -238,13 +260,8 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
     start_tensorflow()
     from kcls.evaluation.evaluate import evaluate_model
 
-    try:
-        metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
-                                 log=click.echo).metrics
-    except FileNotFoundError as error:
-        raise click.ClickException(str(error)) from None
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+    metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
+                             log=click.echo).metrics
     summary = {key: metrics[key] for key in ("examples", "accuracy", "top5_accuracy", "nll",
                                              "ece", "mAP", "micro_f1", "macro_f1",
                                              "label_cardinality") if key in metrics}
@@ -277,10 +294,7 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite:
     from kcls.evaluation.explain import explain_files
     from kcls.load import load_classifier
 
-    try:
-        written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
-    except (FileNotFoundError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
     for image, (target, label, probability) in zip(images, written):
         click.echo(f"{image} -> {target}: {label} ({probability:.3f})")
 
@@ -324,18 +338,12 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
             f"--io-type and --per-tensor only apply to --method ptq-int8, not {method}.")
     start_tensorflow()
     from kcls.layout import OPTIMIZE_TABLE_FILE
-    from kcls.optimize import OptimizeError
     from kcls.optimize import optimize as optimize_model
     from kcls.optimize.tflite import deltas_line, metrics_line
 
-    try:
-        report = optimize_model(model_path, method, out_dir, io_type or "int8",
-                                calibration_images, latency_runs, threads, epochs,
-                                target_sparsity, per_channel=not per_tensor, log=click.echo)
-    except (FileNotFoundError, OptimizeError) as error:
-        raise click.ClickException(str(error)) from None
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+    report = optimize_model(model_path, method, out_dir, io_type or "int8",
+                            calibration_images, latency_runs, threads, epochs,
+                            target_sparsity, per_channel=not per_tensor, log=click.echo)
     for name, row in (("float32", report["float32"]), (method, report["optimized"])):
         click.echo(f"{name:<12} {row['size_bytes']:>10,} bytes ({row['zipped_bytes']:,} zipped)"
                    f"  {metrics_line(report, row)}  {row['latency_ms']:.3f} ms/image")
@@ -368,17 +376,11 @@ def monitor(model_dir: Path, data_source: str | None, predictions_file: Path | N
     """
     start_tensorflow()
     from kcls.layout import MONITOR_REPORT_FILE
-    from kcls.monitoring.monitor import DRIFT_EXIT_CODE, MonitorError
+    from kcls.monitoring.monitor import DRIFT_EXIT_CODE
     from kcls.monitoring.monitor import monitor as monitor_data
-    from kcls.monitoring.prediction_log import PredictionLogError
 
-    try:
-        result = monitor_data(model_dir, data_source, predictions_file, out_dir, alpha,
-                              overwrite=overwrite, log=click.echo)
-    except (FileNotFoundError, PredictionLogError) as error:
-        raise click.ClickException(str(error)) from None
-    except MonitorError as error:
-        raise click.UsageError(str(error)) from None
+    result = monitor_data(model_dir, data_source, predictions_file, out_dir, alpha,
+                          overwrite=overwrite, log=click.echo)
     click.echo(result["verdict"])
     click.echo(f"report: {Path(result['out_dir']) / MONITOR_REPORT_FILE}")
     if result["drift"]:
@@ -413,18 +415,13 @@ def pretrain(folder: Path, backbone: str | None, weights: str | None, knn_folder
     options += [f"pretrain.backbone={backbone}"] if backbone else []
     options += [f"pretrain.weights={weights}"] if weights else []
     options += [f"pretrain.knn_source=folder:{knn_folder}"] if knn_folder else []
-    try:
-        config = apply_pretrain_overrides(PretrainConfig(source=f"folder:{folder}"),
-                                          options + list(overrides))
-        start_tensorflow()
-        from kcls.workflows.pretrain import pretrain as run_pretraining
+    config = apply_pretrain_overrides(PretrainConfig(source=f"folder:{folder}"),
+                                      options + list(overrides))
+    start_tensorflow()
+    from kcls.workflows.pretrain import pretrain as run_pretraining
 
-        verbose = "auto" if sys.stdout.isatty() else 2
-        result = run_pretraining(config, run_dir, log=click.echo, verbose=verbose)
-    except ConfigError as error:
-        if _debug():
-            raise
-        raise click.UsageError(str(error)) from None
+    verbose = "auto" if sys.stdout.isatty() else 2
+    result = run_pretraining(config, run_dir, log=click.echo, verbose=verbose)
     click.echo(f"done: backbone weights {result.weights_path}")
 
 
@@ -446,7 +443,7 @@ def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,
             _echo_ranked(path, prediction.top(top_k))
     except serving_client.ServingError as error:
         raise click.ClickException(f"{path}: {error}") from None
-    except (ValueError, serving_client.MissingServingApiError) as error:
+    except ValueError as error:  # an address or a request that cannot be made
         raise click.UsageError(str(error)) from None
 
 
@@ -486,12 +483,7 @@ def _native_stderr_muted(mute: bool) -> Iterator[None]:
 
 
 def _resolve(name: str, overrides: tuple[str, ...]):
-    try:
-        return apply_overrides(load_recipe(name), list(overrides))
-    except ConfigError as error:
-        if _debug():
-            raise  # with the recipe's own exception as its cause
-        raise click.UsageError(str(error)) from None
+    return apply_overrides(load_recipe(name), list(overrides))
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)

@@ -35,6 +35,31 @@ JitCompile = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
 
 
+
+@dataclass(frozen=True)
+class TaskCapabilities:
+    """What a problem type (`model.task`, a `kcls.tasks.Task`) supports: the dataclasses
+    check recipes against it, the task reads it back.
+
+    Attributes:
+        calibrations: the `evaluate.calibrate` values it accepts.
+        calibration_note: why others are refused.
+        flip_tta: whether flip test-time augmentation is measured (`evaluate.flip_tta`).
+    """
+
+    calibrations: tuple[str, ...]
+    calibration_note: str
+    flip_tta: bool
+
+
+TASK_CAPABILITIES = {
+    "multiclass": TaskCapabilities(("auto", "temperature", "none"),
+                                   "temperature scaling of the softmax", True),
+    # One temperature rescales a softmax; per-label sigmoids get per-label thresholds.
+    "multilabel": TaskCapabilities(("auto", "none"), "per-label thresholds are tuned on the "
+                                   "validation split instead", False),
+}
+
 class ConfigError(ValueError):
     """A configuration value or override that cannot be used, with the fix in its message."""
 
@@ -327,14 +352,13 @@ class Recipe:
                     f"Invalid value {section!r} for {section_name!r}: expected a "
                     f"kcls.config.{expected.__name__}, e.g. {section_name}="
                     f"{expected.__name__}(...).")
-        if self.model.task == "multilabel":
-            # One temperature rescales a softmax; per-label sigmoids are tuned with
-            # per-label thresholds instead (kcls.metrics.multilabel.tune_thresholds).
-            _require(self.evaluate.calibrate != "temperature", "evaluate.calibrate",
-                     self.evaluate.calibrate, "auto or none with model.task=multilabel "
-                     "(per-label thresholds are tuned on the validation split instead)")
-            _require(not self.evaluate.flip_tta, "evaluate.flip_tta", self.evaluate.flip_tta,
-                     "false with model.task=multilabel (not supported yet)")
+        capabilities = TASK_CAPABILITIES[self.model.task]
+        task = f"model.task={self.model.task}"
+        _require(self.evaluate.calibrate in capabilities.calibrations, "evaluate.calibrate",
+                 self.evaluate.calibrate, f"{' or '.join(capabilities.calibrations)} with "
+                 f"{task} ({capabilities.calibration_note})")
+        _require(capabilities.flip_tta or not self.evaluate.flip_tta, "evaluate.flip_tta",
+                 self.evaluate.flip_tta, f"false with {task} (not supported yet)")
 
     @property
     def model_name(self) -> str:

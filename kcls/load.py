@@ -34,23 +34,22 @@ from kcls.layout import (
     resolve_export_dir,
 )
 from kcls.models.classifier import build_classifier
+from kcls.tasks import Task, task_from_metadata
 
 
 @dataclasses.dataclass
 class LoadedClassifier:
     """A float32 Keras classifier rebuilt from a run directory or an export, with its recipe.
 
-    `temperature` is the calibration temperature T the export serves `softmax(logits / T)`
-    with (`kcls.metrics.calibration.fit_temperature`), or None for an uncalibrated model.
-    `thresholds` are a multi-label model's per-label probability thresholds `[C]`
-    (`kcls.metrics.multilabel.tune_thresholds`), None for a single-label one.
+    `task` is the model's problem type with what was fitted after training (a
+    calibration temperature, per-label thresholds): it reads the logits as the export
+    serves them.
     """
 
     classifier: keras.Model
     recipe: Recipe
     class_names: list[str]
-    temperature: float | None = None
-    thresholds: list[float] | None = None
+    task: Task
 
 
 def load_classifier(path: str | Path) -> LoadedClassifier:
@@ -95,12 +94,11 @@ def load_run(run_dir: str | Path) -> LoadedClassifier:
     if not class_names:
         raise FileNotFoundError(f"{run_dir / RUN_INFO_FILE} does not list the class names; "
                                 "re-run the recipe with `kcls recipe run NAME`.")
-    loaded = _rebuild(recipe, class_names, run_dir / WEIGHTS_FILE, run_dir / RUN_CONFIG_FILE)
-    loaded.temperature = run_info.get("temperature")
     tuned = load_run_metrics(run_dir).get("thresholds")
-    if tuned:
-        loaded.thresholds = [tuned[name] for name in class_names]
-    return loaded
+    task = task_from_metadata(recipe.model.task, {
+        "temperature": run_info.get("temperature"),
+        "thresholds": [tuned[name] for name in class_names] if tuned else None})
+    return _rebuild(recipe, class_names, task, run_dir / WEIGHTS_FILE, run_dir / RUN_CONFIG_FILE)
 
 
 def load_export(export_dir: str | Path) -> LoadedClassifier:
@@ -112,12 +110,10 @@ def load_export(export_dir: str | Path) -> LoadedClassifier:
             f"The export {str(export_dir)!r} has no {WEIGHTS_FILE} (older kcls exports kept "
             "the weights in the SavedModel only); export the run again with "
             "`kcls export RUN_DIR`.")
-    loaded = _rebuild(_recipe_from(metadata["recipe"], export_dir / METADATA_FILE),
-                      metadata["class_names"], export_dir / WEIGHTS_FILE,
-                      export_dir / METADATA_FILE)
-    loaded.temperature = metadata.get("temperature")
-    loaded.thresholds = metadata.get("thresholds")
-    return loaded
+    recipe = _recipe_from(metadata["recipe"], export_dir / METADATA_FILE)
+    return _rebuild(recipe, metadata["class_names"],
+                    task_from_metadata(recipe.model.task, metadata),
+                    export_dir / WEIGHTS_FILE, export_dir / METADATA_FILE)
 
 
 def load_run_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -132,7 +128,7 @@ def float32_architecture(recipe: Recipe, num_classes: int) -> keras.Model:
                             recipe.data.image_size, "float32")
 
 
-def _rebuild(recipe: Recipe, class_names: list[str], weights_file: Path,
+def _rebuild(recipe: Recipe, class_names: list[str], task: Task, weights_file: Path,
              config_file: Path) -> LoadedClassifier:
     classifier = float32_architecture(recipe, len(class_names))
     try:
@@ -140,7 +136,7 @@ def _rebuild(recipe: Recipe, class_names: list[str], weights_file: Path,
     except ValueError as error:
         raise ConfigError(f"The weights {str(weights_file)!r} do not fit the architecture "
                           f"{config_file} describes: {error}") from None
-    return LoadedClassifier(classifier, recipe, class_names)
+    return LoadedClassifier(classifier, recipe, class_names, task)
 
 
 def _recipe_from(data: dict[str, Any], source: Path) -> Recipe:

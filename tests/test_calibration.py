@@ -21,7 +21,8 @@ from kcls.models.classifier import build_classifier
 from kcls.optimize.convert import convert, write_probability_saved_model
 from kcls.optimize.interpreter import TFLiteClassifier
 from kcls.serving.export import export_saved_model
-from kcls.workflows.run import resolve_calibrate, run_recipe
+from kcls.tasks import SingleLabelTask
+from kcls.workflows.run import run_recipe
 
 
 def nll(logits, labels):
@@ -103,12 +104,14 @@ def test_temperature_scaling_at_least_halves_the_ece_of_an_over_confident_model(
 
 
 def test_auto_calibrates_only_with_a_validation_split():
-    assert resolve_calibrate("auto", has_validation=True) == "temperature"
-    assert resolve_calibrate("auto", has_validation=False) == "none"
-    assert resolve_calibrate("temperature", has_validation=False) == "temperature"
-    assert resolve_calibrate("none", has_validation=True) == "none"
+    task = SingleLabelTask()
+    assert task.calibration_plan("auto", has_validation=True).method == "temperature"
+    assert task.calibration_plan("auto", has_validation=False).method == "none"
+    carved = task.calibration_plan("temperature", has_validation=False)
+    assert carved.method == "temperature" and carved.carve_out
+    assert task.calibration_plan("none", has_validation=True).method == "none"
     with pytest.raises(ConfigError, match="evaluate.calibrate"):
-        resolve_calibrate("platt", has_validation=True)
+        task.calibration_plan("platt", has_validation=True)
 
 
 def test_the_calibration_carve_out_never_trains(tiny_recipe):
@@ -153,12 +156,14 @@ def test_export_and_tflite_model_divide_the_logits_by_t(tiny_recipe, tmp_path):
     classifier = build_classifier(tiny_recipe.model, 3, 32)
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     expected = tf.nn.softmax(classifier(images.astype("float32"), training=False) / 4.0)
-    export_dir = export_saved_model(classifier, tiny_recipe, ["a", "b", "c"], temperature=4.0)
+    export_dir = export_saved_model(classifier, tiny_recipe, ["a", "b", "c"],
+                                    task=SingleLabelTask(4.0))
     assert json.loads((export_dir / "kcls.json").read_text())["temperature"] == 4.0
     served = tf.saved_model.load(str(export_dir)).signatures["predict_images"](
         images=tf.constant(images))
     np.testing.assert_allclose(served["probabilities"].numpy(), expected.numpy(), atol=1e-5)
-    saved = write_probability_saved_model(classifier, 32, tmp_path / "tflite_source", 4.0)
+    saved = write_probability_saved_model(classifier, 32, tmp_path / "tflite_source",
+                                          SingleLabelTask(4.0))
     tflite = TFLiteClassifier.from_bytes(convert(saved))
     np.testing.assert_allclose(tflite.predict(images.astype("float32")), expected.numpy(),
                                atol=1e-4)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from kcls.cli import main
@@ -89,3 +90,29 @@ def test_a_recipe_file_with_a_syntax_error_names_the_line(tmp_path):
     result = invoke("recipe", "run", str(path))
     assert result.exit_code == 2
     assert f"{path}, line 1: SyntaxError" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [
+    ["recipe", "show", "quickstart", "--set", "train.nope=1"],
+    ["recipe", "run", "quickstart", "--set", "train.nope=1"],
+    ["lr-find", "quickstart", "--set", "train.nope=1"],
+    ["predict", "{empty}", "{image}"],
+    ["export", "{empty}"],
+    ["evaluate", "{empty}"],
+    ["explain", "{empty}", "{image}"],
+    ["optimize", "{empty}", "--method", "ptq-dynamic"],
+    ["monitor", "{empty}", "--data", "{empty}"],
+    ["pretrain", "{empty}", "--set", "pretrain.nope=1"],
+], ids=lambda command: " ".join(command[:2]))
+def test_every_command_gives_one_line_errors_and_debug_gives_the_traceback(command, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    image = tmp_path / "image.png"
+    image.write_bytes(b"not an image")
+    arguments = [part.format(empty=empty, image=image) for part in command]
+    result = invoke(*arguments)
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output and result.output.strip().startswith(
+        ("Usage:", "Error:")), result.output
+    debug = invoke("--debug", *arguments)
+    assert isinstance(debug.exception, (ValueError, OSError)), (debug.exception, debug.output)

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kcls.evaluation.report import confident_mistakes, write_report
+from kcls.evaluation.plots import confident_mistakes
+from kcls.evaluation.report import write_report
 from kcls.layout import PLOT_FILES
 from kcls.metrics.calibration import expected_calibration_error
 from kcls.metrics.classification import (
-    Evaluation,
     class_balance_warning,
     classification_metrics,
 )
+from kcls.metrics.evaluation import Evaluation
+from kcls.tasks import SingleLabelTask
 
 
 def one_hot_probabilities(predictions, num_classes, confidence=0.9):
@@ -100,7 +102,8 @@ def test_report_writes_tables_and_four_valid_pngs(tmp_path):
                "accuracy": [0.3, 0.5, 0.7], "val_accuracy": [0.3, 0.4, 0.6]}
     phases = [{"name": "frozen", "first_epoch": 0, "epochs": 1},
               {"name": "unfrozen", "first_epoch": 1, "epochs": 2}]
-    write_report(tmp_path, evaluation, ["x", "y", "z"], history, phases, images, mistakes=4)
+    write_report(tmp_path, evaluation, SingleLabelTask(), ["x", "y", "z"], history, phases,
+                 images, mistakes=4)
     for name in PLOT_FILES:
         with Image.open(tmp_path / name) as image:
             image.verify()

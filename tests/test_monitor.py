@@ -23,6 +23,7 @@ from kcls.monitoring.prediction_log import (
 )
 from kcls.monitoring.profile import reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.tasks import SingleLabelTask
 
 CLASS_NAMES = ["red", "green", "blue"]
 IMAGE_SIZE = 32
@@ -69,8 +70,8 @@ def exported(classifier, tmp_path_factory):
     images, labels = colour_images(300, seed=0)
     batches = tf.data.Dataset.from_tensor_slices(
         (images.astype("float32"), tf.one_hot(labels, 3))).batch(64)
-    reference = reference_profile(classifier, batches, CLASS_NAMES, temperature=1.5)
-    return export_saved_model(classifier, recipe, CLASS_NAMES, temperature=1.5,
+    reference = reference_profile(classifier, batches, CLASS_NAMES, SingleLabelTask(1.5))
+    return export_saved_model(classifier, recipe, CLASS_NAMES, task=SingleLabelTask(1.5),
                               reference=reference)
 
 

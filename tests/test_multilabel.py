@@ -31,7 +31,7 @@ from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
 from kcls.metrics.multilabel import multilabel_metrics, sigmoid, tune_thresholds
 from kcls.optimize.interpreter import TFLiteClassifier
-from kcls.train.losses import WeightedBinaryCrossentropy
+from kcls.tasks.multi_label import WeightedBinaryCrossentropy
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_train_10k"
 LABELS = ["cat", "dog", "sun"]

@@ -32,12 +32,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import DataConfig, ResizeMode, require_choice
+from kcls.config import ConfigError, DataConfig, ResizeMode, require_choice
 from kcls.data.sources import fingerprint
 
 # DataConfig fields that act after the cache (batching, augmentation, shuffling): every
@@ -199,7 +201,7 @@ def _cache(examples: tf.data.Dataset, config: DataConfig, split: str,
     if not source_fingerprint:
         raise ValueError(
             f"data.cache={config.cache!r} caches to files, which are keyed on the data they "
-            "hold: pass source_fingerprint=splits.fingerprint (kcls.workflows.run.run_recipe does), or "
+            "hold: pass source_fingerprint=splits.fingerprint (kcls.workflows.prepare does), or "
             "use data.cache=memory.")
     return examples.cache(cache_file(config, split, source_fingerprint))
 
@@ -209,3 +211,27 @@ def _with_options(dataset: tf.data.Dataset, config: DataConfig,
     options = tf.data.Options()
     options.deterministic = config.deterministic if deterministic is None else deterministic
     return dataset.with_options(options)
+
+
+def check_cache_writable(config: DataConfig) -> None:
+    """Raises unless the folder of an on-disk `data.cache` prefix exists and can be written.
+
+    tf.data neither creates the folder nor checks it before the first epoch ends, by
+    which time the run directory exists: `run_recipe` checks first.
+
+    Raises:
+        ConfigError: naming the folder, the reason and the alternatives.
+    """
+    if config.cache in ("memory", "none"):
+        return
+    folder = Path(config.cache).expanduser().parent
+    fix = "Use a writable folder, data.cache=memory (RAM) or data.cache=none."
+    if not folder.is_dir():
+        raise ConfigError(f"data.cache={config.cache!r}: the folder {str(folder)!r} does not "
+                          f"exist. Create it (mkdir -p {folder}), or: {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(f"data.cache={config.cache!r}: cannot write into {str(folder)!r} "
+                          f"({error.strerror or error}). {fix}") from None

@@ -89,6 +89,42 @@ def load_splits(config: DataConfig) -> Splits:
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
+def test_examples(config: DataConfig, class_names: list[str], source: str | None = None
+                  ) -> tuple[tf.data.Dataset, list[str]]:
+    """The held-out examples to score a trained model on, and their skipped files.
+
+    Args:
+        config: the model's DataConfig: its source, seed and fractions name the test
+            split it held out (never an image it trained on).
+        class_names: the model's classes, which the data must have, in that order.
+        source: another `data.source` to score on instead: `folder:PATH` takes every
+            image of that folder (its class folders must be the model's classes), any
+            other source its test split.
+
+    Returns:
+        `(examples, skipped)`: unbatched `(uint8 image, label)` examples, and the files
+        that did not reach them (appended to while the examples are read).
+
+    Raises:
+        ConfigError: unusable data, or classes that differ from `class_names`.
+    """
+    if source and source.startswith("folder:"):
+        from kcls.data.folder import decode_files, scan_folder
+
+        files = scan_folder(source.partition(":")[2])
+        found, skipped = files.class_names, files.skipped
+        examples = decode_files(files.paths, files.labels, skipped)
+    else:
+        splits = load_splits(dataclasses.replace(config, source=source or config.source))
+        found, examples, skipped = splits.class_names, splits.test, splits.skipped
+    if found != class_names:
+        raise ConfigError(
+            f"The evaluation data's classes {found} are not the model's classes "
+            f"{class_names}; evaluate on data with the same class folders or labels (for a "
+            "manifest, the model's labels.txt beside it).")
+    return examples, skipped
+
+
 def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list[str],
                        config: DataConfig) -> Splits:
     """Splits in-memory examples into stratified, seeded train/validation/test datasets.
@@ -348,12 +384,12 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
                           "features.")
     # A sequence of class labels (e.g. `labels: Sequence(ClassLabel)`) is multi-label:
     # examples then carry float32 multi-hot [C] labels.
-    multilabel = isinstance(features[label_key], tfds.features.Sequence)
-    class_feature = features[label_key].feature if multilabel else features[label_key]
+    label_sets = isinstance(features[label_key], tfds.features.Sequence)
+    class_feature = features[label_key].feature if label_sets else features[label_key]
     class_names = list(class_feature.names)
 
     def load(split: str) -> tf.data.Dataset:
-        if not multilabel:
+        if not label_sets:
             dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
             return dataset.map(_as_rgb_example, num_parallel_calls=tf.data.AUTOTUNE)
         dataset = builder.as_dataset(split=split, shuffle_files=False)

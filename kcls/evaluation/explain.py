@@ -26,6 +26,10 @@ from kcls.load import LoadedClassifier
 from kcls.models.classifier import BACKBONE_LAYER
 
 
+class ImageError(ValueError):
+    """A file to explain that is not an image TensorFlow can decode."""
+
+
 def grad_cam(classifier: keras.Model, images: tf.Tensor,
              class_indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmaps of `classifier` for `images`.
@@ -88,7 +92,7 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
         (a multi-label image's labels most probable first).
 
     Raises:
-        ValueError: a file that is not a decodable image (the message names it).
+        ImageError: a file that is not a decodable image (the message names it).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,7 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
         try:
             decoded = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False)
         except tf.errors.InvalidArgumentError:
-            raise ValueError(f"{path}: not a decodable JPEG, PNG, GIF or BMP image.") from None
+            raise ImageError(f"{path}: not a decodable JPEG, PNG, GIF or BMP image.") from None
         prepared = prepare_image(decoded, size, mode)[None]
         logits = loaded.classifier(prepared, training=False)
         image = tf.cast(tf.round(prepared[0]), tf.uint8).numpy()
@@ -121,19 +125,13 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
 def _explained_labels(loaded: LoadedClassifier, logits: tf.Tensor, stem: str
                       ) -> list[tuple[int, float, str]]:
     """`(class index, probability, overlay stem)` of what to explain for one image: the
-    top-1 class (softmax); for a multi-label model every label at or above its threshold
-    (the most probable one when none is), stems `<stem>_<label>`."""
-    if loaded.thresholds is None:
-        probabilities = tf.nn.softmax(logits).numpy()
-        top = int(np.argmax(probabilities))
-        return [(top, float(probabilities[top]), stem)]
-    probabilities = tf.math.sigmoid(logits).numpy()
-    labels = np.flatnonzero(probabilities >= np.asarray(loaded.thresholds))
-    if not len(labels):
-        labels = [int(np.argmax(probabilities))]
-    labels = sorted(labels, key=lambda label: -probabilities[label])
-    return [(int(label), float(probabilities[label]),
-             f"{stem}_{loaded.class_names[label]}") for label in labels]
+    task's explained labels (the top-1 class; for a multi-label model every label at or
+    above its threshold) with the probabilities the export serves, stems `<stem>_<label>`
+    when the task explains each label."""
+    probabilities = loaded.task.probabilities(np.asarray(logits)[None])[0]
+    return [(label, float(probabilities[label]),
+             f"{stem}_{loaded.class_names[label]}" if loaded.task.explains_each_label else stem)
+            for label in loaded.task.explained_labels(probabilities)]
 
 
 def _overlay_path(out_dir: Path, stem: str, taken: set[Path], overwrite: bool) -> Path:

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,29 +23,7 @@ from scipy.special import log_softmax, logsumexp, softmax
 from sklearn import metrics as sklearn_metrics
 
 from kcls.metrics.calibration import expected_calibration_error
-
-
-@dataclass
-class Evaluation:
-    """Metrics and the predictions they were computed from.
-
-    Attributes:
-        metrics: dict from `classification_metrics` (plus `tta` when flip-TTA was run, and
-            `calibration` when the logits were temperature-scaled).
-        probabilities: float32 `[N, C]` predicted class probabilities (without TTA; after
-            temperature scaling, when there was one).
-        labels: int64 `[N]` true classes.
-        skipped: list[str] of the data's files that did not reach the model (unreadable
-            or undecodable images; see `kcls.data.folder`), not counted in `N`.
-        uncalibrated_probabilities: float32 `[N, C]` probabilities before temperature
-            scaling, or None when there was none.
-    """
-
-    metrics: dict[str, Any]
-    probabilities: np.ndarray = field(repr=False)
-    labels: np.ndarray = field(repr=False)
-    skipped: list[str] = field(default_factory=list)
-    uncalibrated_probabilities: np.ndarray | None = field(default=None, repr=False)
+from kcls.metrics.evaluation import Evaluation
 
 
 def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,

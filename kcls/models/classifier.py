@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import keras
 
@@ -48,11 +49,33 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
         backbone = build_backbone(config.backbone, image_size, config.weights)
         backbone.name = BACKBONE_LAYER
         images = keras.Input((image_size, image_size, 3), name="images")
-        features = backbone(images)
-        pooled = keras.layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(features)
-        pooled = keras.layers.Dropout(config.dropout, name="dropout")(pooled)
-        logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
+        logits = classification_head(keras.layers, backbone(images), num_classes,
+                                     config.dropout, dtype="float32")
         return keras.Model(images, logits, name=f"{config.backbone}_classifier")
+
+
+def classification_head(layers: Any, features: Any, num_classes: int, dropout: float,
+                        dtype: str | None = None, name: str = "logits") -> Any:
+    """Global average pooling, dropout and the logits layer on backbone `features`.
+
+    One definition for Keras 3 (`layers=keras.layers`) and for the tf-keras rebuild of
+    the TF-MOT child process (`tf.keras.layers`): the layer names (`pool`, `dropout`,
+    `logits`) are what weights are matched by.
+
+    Args:
+        layers: the Keras layers module to build with.
+        features: the backbone's output, `[B, h, w, D]`.
+        num_classes: int, C.
+        dropout: the dropout rate before the logits layer (a layer even at 0).
+        dtype: the logits layer's dtype (`float32` under mixed precision), or None.
+        name: the logits layer's name.
+
+    Returns:
+        The logits `[B, C]`.
+    """
+    pooled = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(features)
+    pooled = layers.Dropout(dropout, name="dropout")(pooled)
+    return layers.Dense(num_classes, dtype=dtype, name=name)(pooled)
 
 
 def embedding_model(classifier: keras.Model) -> keras.Model:
@@ -96,11 +119,11 @@ def build_imagenet_classifier(backbone_name: str, image_size: int | None = None)
                           "offline; only backbones with pip-shipped weights do.")
     image_size = image_size or spec.image_size
     backbone = build_backbone(backbone_name, image_size)
-    head = keras.layers.Dense(spec.pip_weights.head_classes, name="imagenet_logits")
     images = keras.Input((image_size, image_size, 3), name="images")
-    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(images))
-    model = keras.Model(images, head(pooled), name=f"{backbone_name}_imagenet")
-    load_imagenet_weights(backbone, spec.pip_weights, head)
+    logits = classification_head(keras.layers, backbone(images), spec.pip_weights.head_classes,
+                                 dropout=0.0, name="imagenet_logits")
+    model = keras.Model(images, logits, name=f"{backbone_name}_imagenet")
+    load_imagenet_weights(backbone, spec.pip_weights, model.get_layer("imagenet_logits"))
     return model
 
 

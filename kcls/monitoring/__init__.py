@@ -1,1 +1,1 @@
-"""Drift monitoring: the reference profile, the drift statistics, `kcls monitor`, prediction logs."""
+"""Drift monitoring: the reference profile, drift statistics, `kcls monitor`, prediction logs."""

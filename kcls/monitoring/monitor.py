@@ -57,6 +57,7 @@ from kcls.layout import (
 )
 from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare
 from kcls.monitoring.prediction_log import read_predictions
+from kcls.tasks import Task, get_task
 
 DRIFT_EXIT_CODE = 3  # click uses 1 (errors) and 2 (usage errors)
 MIN_EXAMPLES = 10
@@ -89,11 +90,12 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     export_dir = resolve_export_dir(model_dir)
     reference_file = export_dir / REFERENCE_FILE
     metadata_file = export_dir / METADATA_FILE
-    if (metadata_file.is_file()
-            and json.loads(metadata_file.read_text()).get("task") == "multilabel"):
+    task = _export_task(metadata_file)
+    if task is not None and not task.supports_monitoring:
         raise MonitorError(
-            f"The export {str(export_dir)!r} is a multi-label model (model.task=multilabel); "
-            "`kcls monitor` compares single-label predictions and cannot monitor it yet.")
+            f"The export {str(export_dir)!r} is a {task.description} model "
+            f"(model.task={task.name}); `kcls monitor` compares single-label predictions and "
+            "cannot monitor it yet.")
     if not reference_file.is_file():
         raise MissingReferenceError(
             f"The export {str(export_dir)!r} has no reference profile ({REFERENCE_FILE}; "
@@ -106,6 +108,15 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         raise MonitorError(f"{reference_file} is not a kcls reference profile ({error}); "
                            "re-export with `kcls export RUN_DIR`.") from None
     return export_dir, profile
+
+
+def _export_task(metadata_file: Path) -> Task | None:
+    """The task an export's `kcls.json` names, or None when it names none it can read."""
+    try:
+        metadata = json.loads(metadata_file.read_text())
+        return get_task(metadata.get("task") or metadata["recipe"]["model"]["task"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def image_files(source: str | Path) -> list[Path]:

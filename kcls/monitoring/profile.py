@@ -3,13 +3,13 @@
 `reference_profile` runs the classifier (as the export serves it: temperature-scaled,
 flip-averaged with `export.flip_tta`) over evaluation batches and summarises the
 probabilities, the top-1 confidences and the penultimate-layer embeddings with
-`kcls.monitoring.drift.build_profile`. `kcls.workflows.run` writes it into the run directory and every export
-(`assets/reference.json`, see `kcls.layout`), where `kcls monitor` reads it back.
+`kcls.monitoring.drift.build_profile`. A run writes it into its run directory and every
+export (`assets/reference.json`, see `kcls.layout`), where `kcls monitor` reads it back.
 
 Example:
 
 >>> profile = reference_profile(classifier, test_batches, class_names,
-...                             temperature=1.3)  # doctest: +SKIP
+...                             SingleLabelTask(temperature=1.3))  # doctest: +SKIP
 >>> profile["predicted_distribution"][:2]  # doctest: +SKIP
 [0.1, 0.098]
 """
@@ -22,24 +22,24 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy.special import softmax
 
-from kcls.config import ConfigError, Recipe
+from kcls.config import Recipe
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import load_splits
+from kcls.data.sources import test_examples
 from kcls.models.classifier import embedding_model
 from kcls.monitoring.drift import build_profile
+from kcls.tasks import SingleLabelTask, Task
 
 
-def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset,
-                    temperature: float | None = None, flip_tta: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset, task: Task,
+                    flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Served probabilities, embeddings and labels of `classifier` over `batches`.
 
     Args:
         classifier: keras.Model from `kcls.models.classifier.build_classifier`.
         batches: finite dataset of `(float32 images, float32 one-hot labels [B, C])`.
-        temperature: calibration temperature T (None: 1).
+        task: the fitted single-label Task, whose (temperature-scaled) probabilities
+            the export serves.
         flip_tta: average the probabilities of each image and its mirror, as an export
             with `export.flip_tta` serves them (the embedding is the plain image's).
 
@@ -47,15 +47,13 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset,
         `(probabilities float64 [N, C], embeddings float32 [N, D], labels int64 [N])`.
     """
     model = embedding_model(classifier)
-    scale = 1.0 / (temperature or 1.0)
     probabilities, embeddings, labels = [], [], []
     for images, one_hot in batches:
         embedding, logits = model.predict_on_batch(images)
-        batch_probabilities = softmax(np.asarray(logits, np.float64) * scale, axis=1)
+        batch_probabilities = task.probabilities(logits)
         if flip_tta:
             mirrored = model.predict_on_batch(images[:, :, ::-1])[1]
-            batch_probabilities = (batch_probabilities + softmax(
-                np.asarray(mirrored, np.float64) * scale, axis=1)) / 2
+            batch_probabilities = (batch_probabilities + task.probabilities(mirrored)) / 2
         probabilities.append(batch_probabilities)
         embeddings.append(np.asarray(embedding, np.float32))
         labels.append(np.argmax(one_hot, axis=-1))
@@ -64,20 +62,20 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset,
 
 
 def reference_profile(classifier: keras.Model, batches: tf.data.Dataset,
-                      class_names: list[str], temperature: float | None = None,
+                      class_names: list[str], task: Task | None = None,
                       flip_tta: bool = False) -> dict[str, Any]:
-    """The reference profile (`kcls.monitoring.drift.build_profile`) of `classifier` on `batches`,
-    with the `temperature` and `flip_tta` it was computed under."""
-    probabilities, embeddings, labels = profile_outputs(classifier, batches, temperature,
-                                                        flip_tta)
+    """The reference profile (`kcls.monitoring.drift.build_profile`) of `classifier` on
+    `batches`, with the temperature (`task`'s; default none) and `flip_tta` it was
+    computed under."""
+    task = task or SingleLabelTask()
+    probabilities, embeddings, labels = profile_outputs(classifier, batches, task, flip_tta)
     profile = build_profile(probabilities, embeddings, labels, class_names)
-    profile.update(temperature=temperature, flip_tta=flip_tta, split="test")
+    profile.update(temperature=task.metadata()["temperature"], flip_tta=flip_tta, split="test")
     return profile
 
 
 def recipe_reference_profile(classifier: keras.Model, recipe: Recipe,
-                             class_names: list[str],
-                             temperature: float | None = None) -> dict[str, Any]:
+                             class_names: list[str], task: Task) -> dict[str, Any]:
     """The reference profile on the test split `recipe` held out (same seed, so never a
     training image), for runs that finished before kcls wrote one (`kcls export`).
 
@@ -85,11 +83,7 @@ def recipe_reference_profile(classifier: keras.Model, recipe: Recipe,
         ConfigError: the recipe's data cannot be loaded, or its classes are not
             `class_names`.
     """
-    splits = load_splits(recipe.data)
-    if splits.class_names != class_names:
-        raise ConfigError(f"The recipe's data now has the classes {splits.class_names}, not "
-                          f"the model's {class_names}; cannot compute its reference profile.")
-    batches = eval_pipeline(splits.test, len(class_names),
+    examples, _ = test_examples(recipe.data, class_names)
+    batches = eval_pipeline(examples, len(class_names),
                             dataclasses.replace(recipe.data, cache="none"))
-    return reference_profile(classifier, batches, class_names, temperature,
-                             recipe.export.flip_tta)
+    return reference_profile(classifier, batches, class_names, task, recipe.export.flip_tta)

@@ -25,6 +25,7 @@ import tensorflow as tf
 from kcls.config import Recipe
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
+from kcls.tasks import SingleLabelTask, Task
 
 PTQ_METHODS = ("ptq-dynamic", "ptq-float16", "ptq-int8")
 IO_TYPES = ("int8", "uint8", "float32")
@@ -38,30 +39,25 @@ class OptimizeError(ValueError):
 
 def write_probability_saved_model(classifier: keras.Model, image_size: int,
                                   directory: str | Path,
-                                  temperature: float | None = None,
-                                  multilabel: bool = False) -> Path:
+                                  task: Task | None = None) -> Path:
     """Writes a SavedModel the TFLite converter takes: one fixed-shape float signature.
 
     Args:
         classifier: float32 keras.Model, images `[B, S, S, 3]` in [0, 255] -> logits `[B, C]`.
         image_size: int, S.
         directory: where to write it.
-        temperature: calibration temperature T: probabilities are `softmax(logits / T)`,
-            as in the export (None: T = 1).
-        multilabel: a multi-label model (`model.task=multilabel`): probabilities are
-            `sigmoid(logits)`, one per label, as in the export; `temperature` is ignored.
+        task: the fitted Task whose probabilities the export serves (softmax at the
+            calibration temperature, or one sigmoid per label); default single-label,
+            uncalibrated.
 
     Returns:
         `directory`, whose `serving_default` maps `images` float32 `[1, S, S, 3]` to
         `probabilities` float32 `[1, C]`.
     """
-    scale = 1.0 / (temperature or 1.0)
+    task = task or SingleLabelTask()
 
     def probabilities(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        logits = classifier(images, training=False)
-        if multilabel:
-            return {OUTPUT_NAME: tf.sigmoid(logits)}
-        return {OUTPUT_NAME: tf.nn.softmax(logits * scale)}
+        return {OUTPUT_NAME: task.probabilities_graph(classifier(images, training=False))}
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)

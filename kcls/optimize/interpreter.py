@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from kcls.metrics.multilabel import multilabel_metrics
+from kcls.tasks import SingleLabelTask, Task
 
 
 @dataclasses.dataclass
@@ -120,9 +120,9 @@ def zipped_size(model: bytes) -> int:
 
 
 def measure(model: bytes, images: np.ndarray, labels: np.ndarray, latency_runs: int = 100,
-            num_threads: int = 1, thresholds: list[float] | None = None
+            num_threads: int = 1, task: Task | None = None
             ) -> tuple[dict[str, Any], np.ndarray]:
-    """Size, test accuracy (or mAP and micro F1) and batch-1 latency of a TFLite classifier.
+    """Size, test metrics and batch-1 latency of a TFLite classifier.
 
     Args:
         model: the flatbuffer.
@@ -130,26 +130,20 @@ def measure(model: bytes, images: np.ndarray, labels: np.ndarray, latency_runs: 
         labels: int64 `[N]`, or for a multi-label model multi-hot int64 `[N, C]`.
         latency_runs: timed invocations (after 10 warm-up ones).
         num_threads: interpreter threads.
-        thresholds: a multi-label model's per-label thresholds `[C]` (its outputs are
-            sigmoid probabilities); None for a single-label (softmax) model.
+        task: the model's fitted Task, which scores its probabilities (`edge_metrics`:
+            accuracy, or mAP and micro F1 at the thresholds) and reads its decisions;
+            default single-label.
 
     Returns:
         `(row, predictions)`: the row has `size_bytes`, `zipped_bytes`, `latency_ms`,
-        `input_dtype` and `accuracy`, or for a multi-label model `mAP` and `micro_f1` at
-        `thresholds` (`kcls.metrics.multilabel.multilabel_metrics`); predictions are int64
-        top-1 classes `[N]`, or multi-hot int64 `[N, C]` (probability >= threshold).
+        `input_dtype` and the task's metrics; predictions are the task's decisions
+        (`Task.predicted`: int64 top-1 classes `[N]`, or multi-hot int64 `[N, C]`).
     """
+    task = task or SingleLabelTask()
     runner = TFLiteClassifier.from_bytes(model, num_threads)
     probabilities = runner.predict(images)
-    row: dict[str, Any] = {"size_bytes": len(model), "zipped_bytes": zipped_size(model)}
-    if thresholds is None:
-        predictions = np.argmax(probabilities, axis=-1)
-        row["accuracy"] = float(np.mean(predictions == labels))
-    else:
-        predictions = (probabilities >= np.asarray(thresholds)).astype(np.int64)
-        scores = multilabel_metrics(probabilities, labels, thresholds,
-                                    [str(label) for label in range(labels.shape[1])])
-        row.update({"mAP": scores["mAP"], "micro_f1": scores["micro_f1"]})
+    row: dict[str, Any] = {"size_bytes": len(model), "zipped_bytes": zipped_size(model),
+                           **task.edge_metrics(probabilities, labels)}
     row.update({"latency_ms": runner.latency_ms(images[:1], latency_runs),
                 "input_dtype": runner.input_dtype.name})
-    return row, predictions
+    return row, task.predicted(probabilities)

@@ -37,6 +37,7 @@ from kcls.data.sources import load_splits
 from kcls.layout import MOT_RESULT_FILE, TFLITE_FILE
 from kcls.optimize.convert import PTQ_METHODS, OptimizeError
 from kcls.optimize.weight_keys import weight_keys
+from kcls.tasks import get_task
 
 TRAINING_METHODS = ("prune", "qat")
 # A child silent this long is stopped: the worker prints a line at least every 30 s while
@@ -62,7 +63,8 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
                        out_dir: Path, epochs: int = 2, target_sparsity: float = 0.5,
                        learning_rate: float = 1e-4, steps_per_epoch: int | None = None,
                        log: Callable[[str], None] = print,
-                       idle_timeout: float = IDLE_TIMEOUT_SECONDS
+                       idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+                       objective: dict[str, Any] | None = None
                        ) -> tuple[bytes, dict[str, Any]]:
     """Prunes or quantization-aware-trains `classifier` in a TF-MOT child process.
 
@@ -76,6 +78,8 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
         epochs: fine-tuning epochs; 0 only rebuilds, loads the weights and converts.
         log: receives the child's progress lines.
         idle_timeout: seconds without a line from the child after which it is stopped.
+        objective: the task's loss, metric and activation by tf-keras name
+            (`kcls.tasks.Task.legacy_objective`); default the recipe's task's.
 
     Returns:
         `(tflite flatbuffer, result)`: float32 weights for `prune` (zeros compress when
@@ -90,6 +94,7 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
         load_splits(recipe.data).sizes["train"] // recipe.data.batch_size, 1)
     with tempfile.TemporaryDirectory(prefix="kcls-mot-") as temporary:
         job = {"method": method, "recipe": to_dict(recipe), "num_classes": num_classes,
+               "objective": objective or get_task(recipe.model.task).legacy_objective(),
                "weights": str(save_weights_by_key(classifier, Path(temporary) / "weights.npz")),
                "out_dir": str(out_dir), "epochs": epochs, "steps_per_epoch": steps_per_epoch,
                "learning_rate": learning_rate, "target_sparsity": target_sparsity}

@@ -18,7 +18,8 @@ SavedModel is a plain module: `serving_default` and `model_variables` (the weigh
 pruning masks stripped, with their Keras names such as `.../kernel:0`).
 
 Job file (JSON): `method` (`prune` or `qat`), `recipe` (`kcls.config.to_dict`),
-`num_classes`, `weights` (the .npz), `out_dir`, `epochs`, `steps_per_epoch`,
+`num_classes`, `objective` (the task's loss, metric and activation by tf-keras name,
+`kcls.tasks.Task.legacy_objective`), `weights` (the .npz), `out_dir`, `epochs`, `steps_per_epoch`,
 `learning_rate`, `target_sparsity`. `result.json`: `method`, `sparsity`, `steps` and
 `skipped_files` (files of the data that did not reach fine-tuning).
 
@@ -66,12 +67,12 @@ def build_legacy_classifier(recipe: Any, num_classes: int) -> tf.keras.Model:
     Weighted layers come in the same order as in `build_classifier`'s model.
     """
     from kcls.models.backbones import construct_backbone, get_spec
+    from kcls.models.classifier import classification_head
 
     size = recipe.data.image_size
     backbone = construct_backbone(get_spec(recipe.model.backbone), (size, size, 3))
-    pooled = tf.keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output)
-    pooled = tf.keras.layers.Dropout(recipe.model.dropout, name="dropout")(pooled)
-    logits = tf.keras.layers.Dense(num_classes, name="logits")(pooled)
+    logits = classification_head(tf.keras.layers, backbone.output, num_classes,
+                                 recipe.model.dropout)
     return tf.keras.Model(backbone.input, logits, name=f"{recipe.model.backbone}_classifier")
 
 
@@ -136,6 +137,30 @@ def kernel_sparsity(model: tf.keras.Model) -> dict[str, float]:
     return {"overall": zeros / max(total, 1), **per_layer}
 
 
+def wrap_for_method(model: tf.keras.Model, method: str, steps: int, target_sparsity: float
+                    ) -> tuple[tf.keras.Model, list[tf.keras.callbacks.Callback]]:
+    """`model` wrapped for magnitude pruning or quantization-aware training, and the
+    callbacks its training needs."""
+    import tensorflow_model_optimization as tfmot
+
+    if method == "prune":
+        # Masks change only on steps that are multiples of `frequency`, up to `end_step`:
+        # end on one of them, with the last ~30% of steps left to recover at full sparsity.
+        frequency = max(1, min(100, steps // 10))
+        end_step = max(frequency * (int(0.7 * steps) // frequency), frequency)
+        schedule = tfmot.sparsity.keras.PolynomialDecay(
+            initial_sparsity=0.0, final_sparsity=target_sparsity, begin_step=0,
+            end_step=end_step, frequency=frequency)
+        return tf.keras.models.clone_model(model, clone_function=lambda layer: (
+            tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+            if isinstance(layer, PRUNED_LAYERS) else layer)), [
+                tfmot.sparsity.keras.UpdatePruningStep()]
+    annotate = tfmot.quantization.keras.quantize_annotate_layer
+    annotated = tf.keras.models.clone_model(model, clone_function=lambda layer: (
+        annotate(layer) if isinstance(layer, QUANTIZED_LAYERS) else layer))
+    return tfmot.quantization.keras.quantize_apply(annotated), []
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """Fine-tunes with pruning or QAT and writes `saved_model/`, `model.tflite`, `result.json`."""
     import tensorflow_model_optimization as tfmot
@@ -153,31 +178,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if isinstance(layer, tf.keras.layers.BatchNormalization):
             layer.trainable = False
     steps = int(job["epochs"]) * int(job["steps_per_epoch"])
-    callbacks = []
-    if method == "prune":
-        # Masks change only on steps that are multiples of `frequency`, up to `end_step`:
-        # end on one of them, with the last ~30% of steps left to recover at full sparsity.
-        frequency = max(1, min(100, steps // 10))
-        end_step = max(frequency * (int(0.7 * steps) // frequency), frequency)
-        schedule = tfmot.sparsity.keras.PolynomialDecay(
-            initial_sparsity=0.0, final_sparsity=float(job["target_sparsity"]), begin_step=0,
-            end_step=end_step, frequency=frequency)
-        model_for_training = tf.keras.models.clone_model(model, clone_function=lambda layer: (
-            tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
-            if isinstance(layer, PRUNED_LAYERS) else layer))
-        callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
-    else:
-        annotate = tfmot.quantization.keras.quantize_annotate_layer
-        annotated = tf.keras.models.clone_model(model, clone_function=lambda layer: (
-            annotate(layer) if isinstance(layer, QUANTIZED_LAYERS) else layer))
-        model_for_training = tfmot.quantization.keras.quantize_apply(annotated)
-    multilabel = recipe.model.task == "multilabel"
+    model_for_training, callbacks = wrap_for_method(model, method, steps,
+                                                    float(job["target_sparsity"]))
+    # The task's loss, metric and activation by tf-keras name (the job's `objective`).
+    objective = job["objective"]
     model_for_training.compile(
         optimizer=tf.keras.optimizers.Adam(float(job["learning_rate"])),
-        loss=(tf.keras.losses.BinaryCrossentropy(from_logits=True) if multilabel
-              else tf.keras.losses.CategoricalCrossentropy(from_logits=True)),
-        metrics=[tf.keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
-                 if multilabel else "accuracy"])
+        loss=getattr(tf.keras.losses, objective["loss"])(from_logits=True),
+        metrics=[getattr(tf.keras.metrics, objective["metric"])(
+            name="accuracy", **objective["metric_arguments"])])
+    activation = getattr(tf.nn, objective["activation"])
     skipped: list[str] = []
     if steps:  # zero epochs: rebuild, load and convert only (what the transfer test checks)
         say(f"{method}: fine-tuning {job['epochs']} epoch(s) of {job['steps_per_epoch']} steps")
@@ -196,7 +206,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="images")])
     def probabilities(images: tf.Tensor) -> dict[str, tf.Tensor]:
         logits = final(images, training=False)
-        return {"probabilities": tf.sigmoid(logits) if multilabel else tf.nn.softmax(logits)}
+        return {"probabilities": activation(logits)}
 
     # A plain module holding the variables and the one signature: saving the Keras model
     # itself traces every layer's call functions, which takes minutes on 2 CPU cores.

@@ -51,7 +51,6 @@ from kcls.layout import (
     optimized_dir,
 )
 from kcls.load import load_classifier
-from kcls.metrics.multilabel import DEFAULT_THRESHOLD
 from kcls.optimize.convert import (
     IO_TYPES,
     PTQ_METHODS,
@@ -62,6 +61,7 @@ from kcls.optimize.convert import (
 )
 from kcls.optimize.interpreter import interpreter_name, measure
 from kcls.optimize.mot import TRAINING_METHODS, fine_tune_with_mot
+from kcls.tasks import Task
 
 METHODS = PTQ_METHODS + TRAINING_METHODS
 
@@ -130,57 +130,65 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     if io_type not in IO_TYPES:
         raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
     loaded = load_classifier(model_path)
-    recipe = loaded.recipe
-    multilabel = recipe.model.task == "multilabel"
-    thresholds = loaded.thresholds if multilabel else None
-    if multilabel and thresholds is None:
-        thresholds = [DEFAULT_THRESHOLD] * len(loaded.class_names)
     out_dir = Path(out_dir) if out_dir else optimized_dir(model_path, method)
     skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
-        saved_model = write_probability_saved_model(loaded.classifier, recipe.data.image_size,
-                                                    Path(temporary) / "saved_model",
-                                                    loaded.temperature, multilabel)
+        saved_model = write_probability_saved_model(
+            loaded.classifier, loaded.recipe.data.image_size, Path(temporary) / "saved_model",
+            loaded.task)
         float_model = convert(saved_model)
         if method in TRAINING_METHODS:
             optimized_model, mot_result = fine_tune_with_mot(
-                loaded.classifier, recipe, len(loaded.class_names), method, out_dir,
-                mot_epochs, target_sparsity, steps_per_epoch=mot_steps_per_epoch, log=log)
+                loaded.classifier, loaded.recipe, len(loaded.class_names), method, out_dir,
+                mot_epochs, target_sparsity, steps_per_epoch=mot_steps_per_epoch, log=log,
+                objective=loaded.task.legacy_objective())
         else:
             optimized_model, mot_result = convert(
-                saved_model, method, representative_images(recipe, calibration_images, skipped),
+                saved_model, method,
+                representative_images(loaded.recipe, calibration_images, skipped),
                 io_type, per_channel), {}
-    images, labels = held_out_examples(recipe, skipped)
+    images, labels = held_out_examples(loaded.recipe, skipped)
     skipped.extend(name for name in mot_result.get("skipped_files", []) if name not in skipped)
     if skipped:
         log(skipped_files_line(skipped))
-    float_row, float_predictions = measure(float_model, images, labels, latency_runs,
-                                           num_threads, thresholds)
-    row, predictions = measure(optimized_model, images, labels, latency_runs, num_threads,
-                               thresholds)
-    same = predictions == float_predictions
-    metrics = ["mAP", "micro_f1"] if multilabel else ["accuracy"]
     report = {
         "method": method, "io_type": io_type if method == "ptq-int8" else "float32",
         "per_channel": per_channel if method == "ptq-int8" else None,
-        "interpreter": interpreter_name(),
-        "source": str(model_path), "out_dir": str(out_dir), "test_examples": int(len(labels)),
-        "skipped_files": skipped, "task": recipe.model.task, "metrics": metrics,
+        "interpreter": interpreter_name(), "source": str(model_path), "out_dir": str(out_dir),
+        "test_examples": int(len(labels)), "skipped_files": skipped,
         "num_threads": num_threads, "latency_runs": latency_runs,
-        "float32": float_row, "optimized": row,
-        "agreement": float(np.mean(same.all(axis=-1) if multilabel else same)),
         **({"sparsity": mot_result["sparsity"]} if mot_result.get("sparsity") else {}),
-        "ratios": {"size": float_row["size_bytes"] / row["size_bytes"],
-                   "zipped_size": float_row["zipped_bytes"] / row["zipped_bytes"],
-                   "speedup": float_row["latency_ms"] / row["latency_ms"],
-                   **{f"{metric}_delta": _delta(row[metric], float_row[metric])
-                      for metric in metrics}},
-    }
+        **compare(loaded.task, float_model, optimized_model, images, labels, latency_runs,
+                  num_threads)}
     write_bytes(out_dir / TFLITE_FILE, optimized_model)
     write_bytes(out_dir / FLOAT32_TFLITE_FILE, float_model)
     write_json(out_dir / OPTIMIZE_REPORT_FILE, report)
     write_text(out_dir / OPTIMIZE_TABLE_FILE, markdown_table(report))
     return report
+
+
+def compare(task: Task, float_model: bytes, optimized_model: bytes, images: np.ndarray,
+            labels: np.ndarray, latency_runs: int, num_threads: int) -> dict[str, Any]:
+    """The float32 and optimized TFLite models measured side by side (`measure`).
+
+    Returns:
+        `{"task", "metrics", "agreement_kind", "float32", "optimized", "agreement",
+        "ratios"}` of the report `optimize` writes.
+    """
+    float_row, float_predictions = measure(float_model, images, labels, latency_runs,
+                                           num_threads, task)
+    row, predictions = measure(optimized_model, images, labels, latency_runs, num_threads,
+                               task)
+    same = (predictions == float_predictions).reshape(len(predictions), -1).all(axis=1)
+    metrics = list(task.headline_metrics)
+    return {
+        "task": task.name, "metrics": metrics, "agreement_kind": task.agreement_kind,
+        "float32": float_row, "optimized": row, "agreement": float(np.mean(same)),
+        "ratios": {"size": float_row["size_bytes"] / row["size_bytes"],
+                   "zipped_size": float_row["zipped_bytes"] / row["zipped_bytes"],
+                   "speedup": float_row["latency_ms"] / row["latency_ms"],
+                   **{f"{metric}_delta": _delta(row[metric], float_row[metric])
+                      for metric in metrics}}}
 
 
 def _delta(value: float | None, baseline: float | None) -> float | None:
@@ -199,7 +207,7 @@ def deltas_line(report: dict[str, Any]) -> str:
     metrics = report.get("metrics", ["accuracy"])
     deltas = ", ".join(f"{metric} {_number(report['ratios'][f'{metric}_delta'], '+')}"
                        for metric in metrics)
-    kind = "label-set" if report.get("task") == "multilabel" else "top-1"
+    kind = report.get("agreement_kind", "top-1")
     return f"{deltas}, {kind} agreement with float32 {report['agreement']:.4f}"
 
 

@@ -14,15 +14,17 @@
   `tensorflow/serving/classify`): `inputs` (tf.string `[N]`, serialized `tf.Example`s
   with a bytes feature `image_bytes`) -> `classes` (tf.string `[N, k]`, labels) and
   `scores` (float32 `[N, k]`).
-- `assets/reference.json`: the reference profile of the test split (`kcls.monitoring.profile`), which
-  `kcls monitor` compares production images or logged predictions with.
+- `assets/reference.json`: the reference profile of the test split
+  (`kcls.monitoring.profile`), which `kcls monitor` compares production images or
+  logged predictions with.
 - `assets/labels.txt` (one class name per line), `kcls.json` (recipe, metrics, versions)
   and `model.weights.h5` (the Keras weights, from which `kcls.load.load_classifier`
   rebuilds the classifier; TF Serving ignores it). File names: `kcls.layout`.
 
-With a calibration temperature T (`evaluate.calibrate`, `kcls.metrics.calibration.fit_temperature`)
-every signature serves `probabilities = softmax(logits / T)` (the argmax, hence the
-classes, unchanged) and `kcls.json` records T under `temperature` (null: T = 1).
+The outputs are the task's (`kcls.tasks.Task.serving_outputs`). With a calibration
+temperature T (`evaluate.calibrate`, `kcls.metrics.calibration.fit_temperature`) every
+signature serves `probabilities = softmax(logits / T)` (the argmax, hence the classes,
+unchanged) and `kcls.json` records T under `temperature` (null: T = 1).
 
 A multi-label model (`model.task=multilabel`) serves `probabilities = sigmoid(logits)`
 per label, `predicted` (int32 `[N, C]`, 1 where a label's probability reaches its
@@ -63,6 +65,7 @@ from kcls.layout import LABELS_FILE, METADATA_FILE, REFERENCE_FILE, SAVED_MODEL_
 from kcls.load import float32_architecture
 from kcls.models.classifier import embedding_model
 from kcls.serving.publish import new_version_folder, publish_version, write_models_config
+from kcls.tasks import Task, get_task
 
 IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature of `classify`
 CLASSIFY_SIGNATURE = "classify"
@@ -70,10 +73,8 @@ CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
                        metrics: dict[str, Any] | None = None,
-                       base_dir: str | Path | None = None,
-                       temperature: float | None = None,
-                       reference: dict[str, Any] | None = None,
-                       thresholds: list[float] | None = None) -> Path:
+                       base_dir: str | Path | None = None, task: Task | None = None,
+                       reference: dict[str, Any] | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
     Args:
@@ -82,26 +83,24 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         class_names: list[str], one per output class.
         metrics: test-split metrics to record in `kcls.json`.
         base_dir: overrides `recipe.export.base_dir`.
-        temperature: calibration temperature T > 0 the signatures divide the logits by;
-            None serves `softmax(logits)`.
-        reference: the reference profile (`kcls.monitoring.profile.reference_profile`) written to
-            `assets/reference.json`; None writes none (`kcls monitor` then says how to
-            get one).
-        thresholds: per-label probability thresholds `[C]` of a multi-label model
-            (`model.task=multilabel`, see the module docstring); required for one.
+        task: the fitted Task (`kcls.tasks`), whose probabilities and outputs every
+            signature serves (its calibration temperature or per-label thresholds are
+            constants of the graph); default the recipe's task, unfitted.
+        reference: the reference profile (`kcls.monitoring.profile.reference_profile`)
+            written to `assets/reference.json`; None writes none (`kcls monitor` then
+            says how to get one).
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/3`. The
         base dir's `models.config` is rewritten to list it.
     """
+    task = task or get_task(recipe.model.task)
     base_dir = Path(base_dir or recipe.export.base_dir)
     model_dir = base_dir / recipe.model_name
     temporary = new_version_folder(model_dir)
     try:
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
-        archive = _serving_archive(float32_classifier, class_names, recipe.data.image_size,
-                                   recipe.export.top_k, recipe.data.resize,
-                                   recipe.export.flip_tta, temperature, thresholds)
+        archive = _serving_archive(float32_classifier, class_names, task, recipe)
         archive.write_out(str(temporary), verbose=False)
         # Keras' own weights file, which `kcls.load` reads: it addresses weights by layer
         # and variable, where the SavedModel only keeps a list of variables.
@@ -112,9 +111,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
             write_json(temporary / REFERENCE_FILE, reference, indent=None)
         metadata = {**software_versions(), "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
-                    "temperature": temperature, "metrics": metrics or {},
-                    "task": recipe.model.task, "thresholds": thresholds,
-                    "recipe": to_dict(recipe)}
+                    **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe)}
         write_json(temporary / METADATA_FILE, metadata)
         version_dir = publish_version(temporary, model_dir)
     finally:
@@ -159,34 +156,20 @@ def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> 
     return float32_model
 
 
-def _serving_archive(model: keras.Model, class_names: list[str], image_size: int,
-                     top_k: int, resize: str = "resize", flip_tta: bool = False,
-                     temperature: float | None = None,
-                     thresholds: list[float] | None = None) -> keras.export.ExportArchive:
-    top_k = len(class_names) if thresholds is not None else min(top_k, len(class_names))
+def _serving_archive(model: keras.Model, class_names: list[str], task: Task,
+                     recipe: Recipe) -> keras.export.ExportArchive:
+    image_size, resize = recipe.data.image_size, recipe.data.resize
     label_table = tf.constant(class_names)
-    activation = tf.nn.softmax if thresholds is None else tf.math.sigmoid
-    threshold_vector = None if thresholds is None else tf.constant(thresholds, tf.float32)
-    scale = 1.0 / (temperature or 1.0)  # a constant of the graph: T is fixed at export
-
     with_embedding = embedding_model(model)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
         embedding, logits = with_embedding(images, training=False)
-        probabilities = activation(logits * scale)
-        if flip_tta:
-            mirrored = activation(model(tf.reverse(images, axis=[2]), training=False) * scale)
-            probabilities = (probabilities + mirrored) / 2.0
-        scores, classes = tf.math.top_k(probabilities, k=top_k)
-        labels = tf.gather(label_table, classes)
-        served = {"probabilities": probabilities, "classes": classes, "scores": scores,
-                  "labels": labels, "embedding": embedding}
-        if thresholds is not None:
-            above = probabilities >= threshold_vector
-            served["predicted"] = tf.cast(above, tf.int32)
-            # Best first; a label below its threshold is blanked.
-            served["labels"] = tf.where(tf.gather(above, classes, batch_dims=1), labels, "")
-        return served
+        probabilities = task.probabilities_graph(logits)
+        if recipe.export.flip_tta:
+            mirrored = model(tf.reverse(images, axis=[2]), training=False)
+            probabilities = (probabilities + task.probabilities_graph(mirrored)) / 2.0
+        served = task.serving_outputs(probabilities, label_table, recipe.export.top_k)
+        return {**served, "embedding": embedding}
 
     def decode(image_bytes: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)

@@ -47,10 +47,10 @@ from kcls.layout import (
     LR_FIND_PHASE_PLOT,
     PROGRESS_FILE,
 )
+from kcls.tasks import LossWeights, get_task
 from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.layerwise import layer_decay_multipliers
-from kcls.train.losses import task_loss_and_metrics
 from kcls.train.lr_find import (
     STEPS,
     LearningRateSearch,
@@ -304,8 +304,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
             schedule = WarmupCosine(learning_rate, phase.epochs * steps_per_epoch,
                                     config.warmup_fraction)
             trainer = Trainer(classifier, device_augment)
-            loss, metrics = task_loss_and_metrics(task, config.label_smoothing,
-                                                  positive_weights)
+            loss, metrics = get_task(task).objective(config.label_smoothing, LossWeights(
+                positives=positive_weights))()
             trainer.compile(
                 optimizer=_optimizer(classifier, schedule, config),
                 loss=loss,
@@ -446,7 +446,8 @@ def find_phase_learning_rate(classifier: keras.Model, train_batches: tf.data.Dat
         trainer = Trainer(classifier, device_augment)
         return find_learning_rate(
             trainer, train_batches, lambda ramp: _optimizer(classifier, ramp, config),
-            task_loss_and_metrics(task, config.label_smoothing, positive_weights)[0],
+            get_task(task).objective(config.label_smoothing,
+                                     LossWeights(positives=positive_weights))()[0],
             steps=steps, jit_compile=bool(config.jit_compile), verbose=verbose)
 
 

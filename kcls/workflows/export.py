@@ -21,9 +21,10 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
     `<run_dir>/model.weights.h5` and exports it with the class names and calibration
-    temperature of `run.json`, the test metrics of `metrics.json` and the reference
-    profile of `reference.json`; a run without that profile (from an older kcls) gets
-    one computed on its recipe's test split. Training code is never imported.
+    temperature of `run.json` (or the thresholds of `metrics.json`), the test metrics of
+    `metrics.json` and, for a task `kcls monitor` supports, the reference profile of
+    `reference.json`; a run without that profile (from an older kcls) gets one computed
+    on its recipe's test split. Training code is never imported.
 
     Args:
         run_dir: a run directory written by `kcls recipe run` (or `kcls.workflows.run.run_recipe`).
@@ -37,16 +38,11 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
         ConfigError: the run's `config.json` does not match this kcls version's config.
     """
     loaded = load_run(run_dir)
-    metrics = load_run_metrics(run_dir)
-    if loaded.recipe.model.task == "multilabel":  # no reference profile; tuned thresholds
-        return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                                  metrics, base_dir, thresholds=[
-                                      metrics["thresholds"][name] for name in loaded.class_names])
-    reference_file = Path(run_dir) / RUN_REFERENCE_FILE
-    if reference_file.is_file():
-        reference = json.loads(reference_file.read_text())
-    else:
-        reference = recipe_reference_profile(loaded.classifier, loaded.recipe,
-                                             loaded.class_names, loaded.temperature)
+    reference = None
+    if loaded.task.supports_monitoring:
+        reference_file = Path(run_dir) / RUN_REFERENCE_FILE
+        reference = (json.loads(reference_file.read_text()) if reference_file.is_file() else
+                     recipe_reference_profile(loaded.classifier, loaded.recipe,
+                                              loaded.class_names, loaded.task))
     return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                              metrics, base_dir, loaded.temperature, reference)
+                              load_run_metrics(run_dir), base_dir, loaded.task, reference)

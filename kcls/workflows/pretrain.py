@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import ConfigError, DataConfig, PretrainConfig, parse_duration
+from kcls.config import ConfigError, DataConfig, PretrainConfig, TrainConfig, parse_duration
 from kcls.data.folder import decode_files, scan_folder, scan_images, skipped_files_line
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import split_indices
@@ -49,7 +49,7 @@ from kcls.ssl.augment import ContrastiveAugment
 from kcls.ssl.simclr import KnnMonitor, SimCLR
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.compute import describe_devices, resolve_jit_compile
-from kcls.train.schedule import NO_WEIGHT_DECAY, WarmupCosine
+from kcls.train.schedule import WarmupCosine, make_optimizer
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
 RUN_NAME = "pretrain"
@@ -153,44 +153,20 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
     data = data or load_pretrain_data(config)
     jit_compile, jit_reason = resolve_jit_compile(config.jit_compile, config.backbone)
     steps_per_epoch = max(data.count // config.batch_size, 1)
-    keras.utils.set_random_seed(config.seed)
-    backbone = build_backbone(config.backbone, config.image_size, config.weights)
-    augment = ContrastiveAugment(config.crop_scale, config.color_jitter, config.grayscale,
-                                 config.horizontal_flip, seed=config.seed)
-    model = SimCLR(backbone, augment, config.temperature, config.projection_hidden,
-                   config.projection_dim)
-    schedule = WarmupCosine(config.learning_rate, config.epochs * steps_per_epoch,
-                            config.warmup_fraction)
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
-    model.compile(optimizer=optimizer, jit_compile=jit_compile)
-
+    model, schedule = build_simclr(config, steps_per_epoch, jit_compile)
     with claim_run_dir(run_dir, RUN_NAME, log) as run_dir:
         write_json(run_dir / PRETRAIN_CONFIG_FILE, dataclasses.asdict(config))
         log(f"kcls {__version__} | pretrain {config.backbone} (SimCLR, from "
             f"{config.weights or 'random initialisation'}) | {describe_devices()} | XLA "
             f"{'on' if jit_compile else 'off'} ({jit_reason}) | {data.count} images, "
             f"{steps_per_epoch} steps of {config.batch_size} per epoch | run dir {run_dir}")
-        callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
-        if data.knn_memory is not None and data.knn_query is not None:
-            callbacks.append(KnnMonitor(_feature_batches(data.knn_memory, config),
-                                        _feature_batches(data.knn_query, config),
-                                        config.knn_neighbors))
-        epochs = config.epochs
-        budget = None
-        if config.time_budget is not None:
-            budget = TimeBudget(parse_duration(config.time_budget), evaluation_images=0,
-                                fixed_seconds=AFTER_TRAINING_SECONDS)
-            planner = BudgetPlanner(budget, schedule, 0, steps_per_epoch, config.batch_size,
-                                    share=1.0, name=RUN_NAME)
-            callbacks += [BudgetProgress(planner), planner]  # last: times the others too
-            epochs = MAX_EPOCHS
+        callbacks, epochs, budget = pretraining_callbacks(config, data, schedule,
+                                                          steps_per_epoch)
         history = model.fit(_image_batches(data, config), steps_per_epoch=steps_per_epoch,
                             epochs=epochs, verbose=verbose, shuffle=False,
                             callbacks=callbacks).history
-        trained = time.time()
-        weights_path = run_dir / BACKBONE_WEIGHTS_FILE
-        save_weights(backbone, weights_path)
+        seconds = {"training": round(time.time() - started, 1)}
+        weights_path = save_weights(model.backbone, run_dir / BACKBONE_WEIGHTS_FILE)
         history = {name: [float(value) for value in values] for name, values in history.items()}
         plot_pretrain_curves(history, run_dir / PRETRAIN_CURVES_PLOT)
         run_info: dict[str, Any] = {
@@ -200,19 +176,61 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
             "steps_per_epoch": steps_per_epoch, "epochs": len(history.get("loss", [])),
             "history": history, "skipped_files": data.skipped,
             "backbone_weights": str(weights_path),
-            "seconds": {"training": round(trained - started, 1),
-                        "total": round(time.time() - started, 1)}}
+            "seconds": {**seconds, "total": round(time.time() - started, 1)}}
         if budget is not None:
             run_info["time_budget"] = budget.summary()
         write_json(run_dir / RUN_INFO_FILE, run_info)
-        if data.skipped:
-            log(skipped_files_line(data.skipped))
-        knn = history.get("knn_accuracy")
-        log(f"pretrained {run_info['epochs']} epochs in {trained - started:.0f} s: loss "
-            f"{history['loss'][-1]:.4f}" + (f", kNN accuracy {knn[-1]:.4f}" if knn else "")
-            + f"; backbone weights {weights_path} (fine-tune with --set "
-            f"model.backbone={config.backbone} --set model.weights={weights_path})")
+        log_result(config, data, run_info, weights_path, log)
         return PretrainResult(run_dir, weights_path, history, model)
+
+
+def build_simclr(config: PretrainConfig, steps_per_epoch: int, jit_compile: bool
+                 ) -> tuple[SimCLR, WarmupCosine]:
+    """The seeded backbone inside SimCLR, compiled with AdamW on a warm-up-cosine schedule
+    (the fine-tuning optimizer, `kcls.train.schedule.make_optimizer`)."""
+    keras.utils.set_random_seed(config.seed)
+    backbone = build_backbone(config.backbone, config.image_size, config.weights)
+    augment = ContrastiveAugment(config.crop_scale, config.color_jitter, config.grayscale,
+                                 config.horizontal_flip, seed=config.seed)
+    model = SimCLR(backbone, augment, config.temperature, config.projection_hidden,
+                   config.projection_dim)
+    schedule = WarmupCosine(config.learning_rate, config.epochs * steps_per_epoch,
+                            config.warmup_fraction)
+    model.compile(optimizer=make_optimizer(schedule, TrainConfig(
+        optimizer="adamw", weight_decay=config.weight_decay)), jit_compile=jit_compile)
+    return model, schedule
+
+
+def pretraining_callbacks(config: PretrainConfig, data: PretrainData, schedule: WarmupCosine,
+                          steps_per_epoch: int
+                          ) -> tuple[list[keras.callbacks.Callback], int, TimeBudget | None]:
+    """The callbacks of `fit()` (NaN guard, kNN monitor, budget planner), the epochs to
+    ask for and the time budget, if any."""
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    if data.knn_memory is not None and data.knn_query is not None:
+        callbacks.append(KnnMonitor(_feature_batches(data.knn_memory, config),
+                                    _feature_batches(data.knn_query, config),
+                                    config.knn_neighbors))
+    if config.time_budget is None:
+        return callbacks, config.epochs, None
+    budget = TimeBudget(parse_duration(config.time_budget), evaluation_images=0,
+                        fixed_seconds=AFTER_TRAINING_SECONDS)
+    planner = BudgetPlanner(budget, schedule, 0, steps_per_epoch, config.batch_size,
+                            share=1.0, name=RUN_NAME)
+    return callbacks + [BudgetProgress(planner), planner], MAX_EPOCHS, budget  # last: times all
+
+
+def log_result(config: PretrainConfig, data: PretrainData, run_info: dict[str, Any],
+               weights_path: Path, log: Callable[[str], None]) -> None:
+    """The skipped files, then one line: epochs, loss, kNN accuracy, how to fine-tune."""
+    if data.skipped:
+        log(skipped_files_line(data.skipped))
+    history = run_info["history"]
+    knn = history.get("knn_accuracy")
+    log(f"pretrained {run_info['epochs']} epochs in {run_info['seconds']['training']:.0f} s: "
+        f"loss {history['loss'][-1]:.4f}" + (f", kNN accuracy {knn[-1]:.4f}" if knn else "")
+        + f"; backbone weights {weights_path} (fine-tune with --set "
+        f"model.backbone={config.backbone} --set model.weights={weights_path})")
 
 
 def _image_batches(data: PretrainData, config: PretrainConfig) -> tf.data.Dataset:

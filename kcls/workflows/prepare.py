@@ -1,0 +1,209 @@
+"""One preparation for every command that trains: a recipe resolved into what runs.
+
+`prepare(recipe)` makes every decision a recipe leaves open, once, in this order:
+
+1. the tf.distribute strategy, first: connecting to a TPU and configuring multi-worker
+   collectives must happen before TensorFlow runs anything else;
+2. the data splits (`kcls.data.sources`), checked against the problem type (the task,
+   `kcls.tasks`), and what the task fits after training on held-out data: a calibration
+   temperature or per-label thresholds, with a carve-out of the training split when
+   there is no validation split and the task needs one;
+3. steps per epoch, precision, XLA and BatchNorm (each `auto` with its reason);
+4. the classifier, built in the strategy's scope, seeded;
+5. where augmentation runs (the device, or the TPU host), the loss weights
+   (`train.class_weights`) and the training and validation pipelines.
+
+`kcls recipe run` (`kcls.workflows.run`) and `kcls lr-find` (`kcls.workflows.lr_find`)
+start from the same `Prepared`, and run.json records its `record()`, so a setting is
+resolved in one place and written as it was resolved.
+
+Example:
+
+>>> prepared = prepare(load_recipe("quickstart"))  # doctest: +SKIP
+>>> prepared.train_config.jit_compile, prepared.jit_compile_reason  # doctest: +SKIP
+(False, 'auto: CPU, compact_resnet trained at 0.72x the speed with XLA (...)')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from kcls.config import Recipe, TrainConfig
+from kcls.data.augment import Augmentation, build_augmentation, place_augmentation
+from kcls.data.pipeline import check_cache_writable, eval_pipeline, train_pipeline
+from kcls.data.sources import Splits, carve_calibration_split, load_splits, train_class_counts
+from kcls.models.classifier import build_classifier
+from kcls.tasks import CalibrationPlan, LossWeights, Objective, Task, get_task
+from kcls.train.compute import (
+    describe_devices,
+    describe_strategy,
+    make_strategy,
+    resolve_jit_compile,
+    resolve_precision,
+)
+from kcls.train.schedule import resolve_train_batchnorm
+
+
+@dataclass
+class Calibration:
+    """What the task fits after training, and on which held-out examples.
+
+    Attributes:
+        plan: the task's `CalibrationPlan` (`temperature`, `thresholds` or `none`).
+        examples: unbatched held-out examples to fit on (the validation split or the
+            training carve-out), or None.
+        count: how many examples that is.
+        fitted_on: where they come from, for logs and reports.
+    """
+
+    plan: CalibrationPlan
+    examples: tf.data.Dataset | None
+    count: int
+    fitted_on: str
+
+
+@dataclass
+class Prepared:
+    """A recipe with every decision made: what a training command runs.
+
+    Attributes:
+        recipe: the Recipe as given.
+        strategy: the tf.distribute strategy everything below was built under.
+        splits: the data, after any calibration carve-out.
+        task: the unfitted Task of `model.task`.
+        calibration: what the task fits after training.
+        steps_per_epoch: training steps per epoch.
+        precision: the Keras dtype policy name.
+        train_config: `recipe.train` with `jit_compile` and `train_batchnorm` resolved.
+        jit_compile_reason: why XLA is on or off (for logs and run.json).
+        classifier: the keras.Model to train (pretrained backbone, new head).
+        host_augmentation: augmentation run in the tf.data pipeline (TPU hosts), or None.
+        device_augmentation: augmentation run on the device before the model step, or None.
+        loss_weights: the task's weights of examples or labels in the loss.
+        train_batches: infinite training batches; validation_batches: finite, or None.
+    """
+
+    recipe: Recipe
+    strategy: tf.distribute.Strategy
+    splits: Splits
+    task: Task
+    calibration: Calibration
+    steps_per_epoch: int
+    precision: str
+    train_config: TrainConfig
+    jit_compile_reason: str
+    classifier: keras.Model
+    host_augmentation: Augmentation | None
+    device_augmentation: Augmentation | None
+    loss_weights: LossWeights
+    train_batches: tf.data.Dataset
+    validation_batches: tf.data.Dataset | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.splits.class_names
+
+    def objective(self) -> Objective:
+        """The task's loss and training metrics with the recipe's smoothing and weights."""
+        return self.task.objective(self.recipe.train.label_smoothing, self.loss_weights)
+
+    def record(self) -> dict[str, Any]:
+        """The resolved settings as run.json records them."""
+        return {"devices": describe_devices(), "strategy": describe_strategy(self.strategy),
+                "precision": self.precision, "jit_compile": self.train_config.jit_compile,
+                "jit_compile_reason": self.jit_compile_reason,
+                "train_batchnorm": self.train_config.train_batchnorm,
+                "seed": self.recipe.train.seed, "steps_per_epoch": self.steps_per_epoch,
+                "global_batch_size": self.recipe.data.batch_size, "task": self.task.name,
+                **self.loss_weights.record(self.class_names)}
+
+
+def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
+    """Resolves `recipe` into a `Prepared` (the steps of the module docstring).
+
+    Args:
+        recipe: Recipe, the configuration.
+        splits: data to use instead of `recipe.data.source`, e.g. in-memory arrays from
+            `kcls.data.sources.splits_from_arrays` in a notebook.
+
+    Raises:
+        ConfigError: data, labels, backbone or weights that cannot be used (raised
+            before anything is written).
+    """
+    strategy = make_strategy(recipe.train.strategy)
+    check_cache_writable(recipe.data)
+    splits = splits or load_splits(recipe.data)
+    task = get_task(recipe.model.task)
+    task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
+    splits, calibration = plan_calibration(task, recipe, splits)
+    precision = resolve_precision(recipe.train.precision)
+    jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
+                                                          recipe.model.backbone)
+    train_config = dataclasses.replace(
+        recipe.train, jit_compile=jit_compile,
+        train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
+    keras.utils.set_random_seed(recipe.train.seed)
+    with strategy.scope():
+        classifier = build_classifier(recipe.model, len(splits.class_names),
+                                      recipe.data.image_size, precision)
+    host_augmentation, device_augmentation = place_augmentation(build_augmentation(
+        recipe.data.augment, recipe.data.horizontal_flip, recipe.data.seed, recipe.data.mixup,
+        recipe.data.cutmix), strategy)
+    loss_weights = balanced_loss_weights(task, recipe, splits)
+    train_batches, validation_batches = pipelines(recipe, splits, loss_weights,
+                                                  host_augmentation)
+    return Prepared(recipe, strategy, splits, task, calibration,
+                    steps_per_epoch(recipe, splits), precision, train_config, jit_compile_reason,
+                    classifier, host_augmentation, device_augmentation, loss_weights,
+                    train_batches, validation_batches)
+
+
+def plan_calibration(task: Task, recipe: Recipe, splits: Splits) -> tuple[Splits, Calibration]:
+    """The task's calibration plan for `evaluate.calibrate` and the data, and the splits
+    left after carving its examples off the training split when it needs to."""
+    plan = task.calibration_plan(recipe.evaluate.calibrate, splits.validation is not None)
+    if not plan.carve_out:
+        return splits, Calibration(plan, splits.validation, splits.sizes["validation"],
+                                   "validation split")
+    train_count = splits.sizes["train"]
+    splits, examples = carve_calibration_split(splits)
+    return splits, Calibration(plan, examples, train_count - splits.sizes["train"],
+                               "training carve-out (no validation split)")
+
+
+def steps_per_epoch(recipe: Recipe, splits: Splits) -> int:
+    """Whole batches in the training split, capped by `train.steps_per_epoch`."""
+    steps = max(splits.sizes["train"] // recipe.data.batch_size, 1)
+    return min(steps, recipe.train.steps_per_epoch) if recipe.train.steps_per_epoch else steps
+
+
+def balanced_loss_weights(task: Task, recipe: Recipe, splits: Splits) -> LossWeights:
+    """The task's `balanced` loss weights of the training split, or none (`train.class_weights`)."""
+    if recipe.train.class_weights != "balanced":
+        return LossWeights()
+
+    def targets():  # TFDS keeps no labels aside: one pass over them
+        if splits.train_labels is not None:
+            return splits.train_labels
+        return [label for _, label in splits.train.as_numpy_iterator()]
+
+    return task.balanced_weights(lambda: train_class_counts(splits), targets)
+
+
+def pipelines(recipe: Recipe, splits: Splits, loss_weights: LossWeights,
+              host_augmentation: Augmentation | None
+              ) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+    """The infinite training batches and the finite validation batches (or None)."""
+    num_classes = len(splits.class_names)
+    train_batches = train_pipeline(splits.train, num_classes, recipe.data, loss_weights.per_class,
+                                   splits.fingerprint, host_augment=host_augmentation)
+    validation_batches = None
+    if splits.validation is not None:
+        validation_batches = eval_pipeline(splits.validation, num_classes, recipe.data,
+                                           "validation", splits.fingerprint)
+    return train_batches, validation_batches
