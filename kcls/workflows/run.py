@@ -92,9 +92,11 @@ from kcls.train.compute import (
     resolve_jit_compile,
     resolve_precision,
 )
+from kcls.train.losses import task_loss_and_metrics
 from kcls.train.lr_find import STEPS as LR_FIND_STEPS
 from kcls.train.lr_find import LearningRateSearch, plot_learning_rate_search
-from kcls.train.phases import check_resumable, find_phase_learning_rate, fit_phases
+from kcls.train.phases import TrainingResult, find_phase_learning_rate, fit_phases
+from kcls.train.progress import check_resumable
 from kcls.train.schedule import plan_phases, resolve_train_batchnorm
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
@@ -224,16 +226,18 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                            splits.fingerprint, host_augment=host_augmentation),
             validation_batches,
             steps_per_epoch, train_config, augmentation, verbose=verbose, run_dir=run_dir,
-            strategy=strategy, time_budget=time_budget, task=recipe.model.task,
-            positive_weights=positive_weights)
-        if training["resumed"]:
+            strategy=strategy, time_budget=time_budget,
+            objective=lambda: task_loss_and_metrics(recipe.model.task,
+                                                    recipe.train.label_smoothing,
+                                                    positive_weights))
+        if training.resumed:
             log("resumed an interrupted run: " + ", ".join(
-                f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
-                for phase in training["phases"]))
-        searched = [phase for phase in training["phases"] if "learning_rate_search" in phase]
+                f"{phase.name} {'done before' if phase.skipped_on_resume else 'continued'}"
+                for phase in training.phases))
+        searched = [phase for phase in training.phases if phase.learning_rate_search is not None]
         if searched:
             log("learning rates found by the range test (minimum/10): " + ", ".join(
-                f"{phase['name']} {phase['learning_rate']:.2e}" for phase in searched)
+                f"{phase.name} {phase.learning_rate:.2e}" for phase in searched)
                 + f"; plots {run_dir / LR_FIND_PHASE_PLOT.format(phase='*')}")
         trained = time.time()
         save_weights(classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
@@ -271,8 +275,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             if imbalance:
                 log(f"warning: {imbalance}")
             evaluation.skipped = list(splits.skipped)  # the report names them too
-            write_report(run_dir, evaluation, splits.class_names, training["history"],
-                         training["phases"], _mistake_images(splits, recipe, evaluation),
+            write_report(run_dir, evaluation, splits.class_names, training.history,
+                         [phase.to_dict() for phase in training.phases],
+                         _mistake_images(splits, recipe, evaluation),
                          mistakes=recipe.evaluate.mistakes)
             log(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out "
                 f"images (chance {1 / num_classes:.4f}), nll {metrics['nll']:.4f}, ece "
@@ -297,11 +302,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             "kcls_version": __version__, "tensorflow_version": tf.__version__,
             "keras_version": keras.__version__, "devices": describe_devices(),
             "strategy": describe_strategy(strategy),
-            "precision": precision, "jit_compile": training["jit_compile"],
-            "jit_compile_reason": jit_compile_reason if training["jit_compile"] == jit_compile
+            "precision": precision, "jit_compile": training.jit_compile,
+            "jit_compile_reason": jit_compile_reason if training.jit_compile == jit_compile
             else f"{jit_compile_reason}; off: a layer of the classifier does not support XLA",
-            "augmentation": training["augmentation"] and {
-                **training["augmentation"],
+            "augmentation": training.augmentation and {
+                **training.augmentation,
                 "host": host_augmentation.stage_names if host_augmentation else []},
             "train_batchnorm": train_config.train_batchnorm,
             "seed": recipe.train.seed, "steps_per_epoch": steps_per_epoch,
@@ -311,8 +316,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             "task": recipe.model.task,
             "positive_weights": None if positive_weights is None else dict(
                 zip(splits.class_names, np.round(positive_weights, 4).tolist())),
-            "phases": training["phases"], "history": training["history"],
-            "resumed": training["resumed"], "best_weights": training["best_weights"],
+            "phases": [phase.to_dict() for phase in training.phases],
+            "history": training.history,
+            "resumed": training.resumed, "best_weights": training.best_weights,
             "metrics": metrics, "temperature": temperature, "calibration": calibration,
             "class_names": splits.class_names,
             "skipped_files": splits.skipped, "export_dir": str(export_dir) if export_dir else None,
@@ -323,7 +329,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             run_info["time_budget"] = time_budget.summary()
             log(_budget_line(time_budget))
         write_json(run_dir / RUN_INFO_FILE, run_info)
-        return RunResult(run_dir, metrics, export_dir, training["history"], classifier,
+        return RunResult(run_dir, metrics, export_dir, training.history, classifier,
                          splits.class_names)
 
 
@@ -386,7 +392,7 @@ def balanced_positive_weights(targets: np.ndarray) -> np.ndarray:
 
 def _evaluate_multilabel(classifier: keras.Model, recipe: Recipe, splits: Splits,
                          validation_batches: tf.data.Dataset | None,
-                         training: dict[str, Any], run_dir: Path,
+                         training: TrainingResult, run_dir: Path,
                          log: Callable[[str], None]) -> tuple[dict[str, Any], Path | None]:
     """Tunes per-label thresholds on the validation split (0.5 without one), evaluates the
     test split, writes the report and the samples, and exports.
@@ -405,7 +411,8 @@ def _evaluate_multilabel(classifier: keras.Model, recipe: Recipe, splits: Splits
     metrics = multilabel_metrics(probabilities, targets, thresholds, splits.class_names)
     metrics["thresholds_tuned_on"] = tuned_on
     write_multilabel_report(run_dir, metrics, probabilities, targets, splits.class_names,
-                            training["history"], training["phases"], list(splits.skipped))
+                            training.history, [phase.to_dict() for phase in training.phases],
+                            list(splits.skipped))
     log(f"test mAP {metrics['mAP']:.4f}, micro F1 {metrics['micro_f1']:.4f}, macro F1 "
         f"{metrics['macro_f1']:.4f} on {metrics['examples']} held-out images (thresholds "
         f"tuned on the {tuned_on}; label cardinality {metrics['label_cardinality']:.2f}, "
@@ -513,7 +520,8 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
         classifier, train_pipeline(splits.train, num_classes, recipe.data, class_weights,
                                    splits.fingerprint, host_augment=host_augmentation),
         train_config, phases[phase], augmentation, strategy, steps=steps, verbose=verbose,
-        task=recipe.model.task, positive_weights=positive_weights)
+        objective=lambda: task_loss_and_metrics(recipe.model.task, recipe.train.label_smoothing,
+                                                positive_weights))
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_learning_rate_search(search, targets[0],
                               title=f"{recipe.name}: learning-rate range test, {phase} phase")
