@@ -44,13 +44,13 @@ import tensorflow as tf  # noqa: E402
 
 from kcls.config import ModelConfig, TrainConfig  # noqa: E402
 from kcls.models.classifier import build_classifier  # noqa: E402
-from kcls.train.phases import Trainer  # noqa: E402
 from kcls.train.schedule import (  # noqa: E402
     WarmupCosine,
     make_optimizer,
     plan_phases,
     set_backbone_trainable,
 )
+from kcls.train.trainer import Trainer  # noqa: E402
 
 NUM_CLASSES = 10
 

@@ -1,10 +1,10 @@
 """Where kcls puts things: the run directory, the export and the optimized models.
 
 Every file name kcls writes and reads back is named here, once; the writers
-(`kcls.workflows`, `kcls.train.phases`, `kcls.evaluation.report`, `kcls.serving.export`,
-`kcls.optimize`) and the readers (`kcls.load`, `kcls.serving.predict`) import it. This
-module imports nothing from kcls and nothing heavy, so every layer, the TF-MOT child
-process included, can use it.
+(`kcls.workflows`, `kcls.train.phases`, `kcls.train.progress`, `kcls.evaluation.report`,
+`kcls.serving.export`, `kcls.optimize`) and the readers (`kcls.load`,
+`kcls.serving.predict`) import it. This module imports nothing from kcls and nothing
+heavy, so every layer, the TF-MOT child process included, can use it.
 
 A run directory (`kcls recipe run`, default `runs/<recipe>/<timestamp>[-N]/`, created
 and locked by `kcls.workflows.run_directory`):

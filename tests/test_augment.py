@@ -171,10 +171,10 @@ def test_the_model_step_stays_xla_compiled_with_augmentation_on_the_device(polic
     result = fit_phases(classifier, batches, None, steps_per_epoch=2,
                         config=TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=True),
                         device_augment=augmentation, verbose=0)
-    assert result["jit_compile"] is True
-    assert result["augmentation"] == {"host": [], "device": augmentation.stage_names,
+    assert result.jit_compile is True
+    assert result.augmentation == {"host": [], "device": augmentation.stage_names,
                                       "compiled": False, "model_step_compiled": True}
-    assert np.isfinite(result["history"]["loss"][0])
+    assert np.isfinite(result.history["loss"][0])
     # One seed per step: the two steps augmented differently.
     assert augmentation.seed_generator.state.numpy()[1] == seed_before[1] + 2
 
@@ -186,5 +186,5 @@ def test_without_xla_the_record_says_so():
     result = fit_phases(classifier, batches, None, steps_per_epoch=1,
                         config=TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=False),
                         verbose=0)
-    assert result["augmentation"] == {"host": [], "device": [], "compiled": None,
+    assert result.augmentation == {"host": [], "device": [], "compiled": None,
                                       "model_step_compiled": False}

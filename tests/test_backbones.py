@@ -101,7 +101,7 @@ def test_compact_resnet_stages_and_an_xla_training_step():
     from kcls.config import ModelConfig
     from kcls.data.augment import build_augmentation
     from kcls.models.classifier import build_classifier
-    from kcls.train.phases import Trainer
+    from kcls.train.trainer import Trainer
 
     backbone = build_backbone("compact_resnet", image_size=32)
     assert backbone.output.shape == (None, 4, 4, 128)

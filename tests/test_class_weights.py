@@ -8,7 +8,8 @@ from kcls.data.augment import build_augmentation
 from kcls.data.pipeline import balanced_class_weights, train_pipeline
 from kcls.data.sources import splits_from_arrays, train_class_counts
 from kcls.models.classifier import build_classifier
-from kcls.train.phases import Trainer, fit_phases
+from kcls.train.phases import fit_phases
+from kcls.train.trainer import Trainer
 
 DATA = DataConfig(image_size=32, batch_size=16, augment="none", test_fraction=0.2,
                   validation_fraction=0.0, seed=0)

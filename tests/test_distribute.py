@@ -55,7 +55,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     for name, model, run_strategy in [("mirrored", mirrored, strategy),
                                       ("single", single, None)]:
         results[name] = fit_phases(model, batches, None, 3, config, verbose=0,
-                                   strategy=run_strategy)["history"]["loss"]
+                                   strategy=run_strategy).history["loss"]
     print(json.dumps({
         "strategy": describe_strategy(strategy),
         "mirrored_variable": type(mirrored.weights[0].value).__name__,
@@ -84,7 +84,8 @@ MIRRORED_AUGMENTATION_SCRIPT = textwrap.dedent("""
     from kcls.data.augment import build_augmentation
     from kcls.models.classifier import build_classifier
     from kcls.train.compute import make_strategy
-    from kcls.train.phases import Trainer, fit_phases
+    from kcls.train.phases import fit_phases
+    from kcls.train.trainer import Trainer
 
     strategy = make_strategy("mirrored")
     augmentation = build_augmentation("strong", seed=0)
@@ -109,8 +110,8 @@ MIRRORED_AUGMENTATION_SCRIPT = textwrap.dedent("""
     print(json.dumps({
         "shapes": [list(values.shape) for values in replicas],
         "replica_difference": float(np.abs(replicas[0] - replicas[1]).max()),
-        "augmentation": result["augmentation"],
-        "loss": result["history"]["loss"],
+        "augmentation": result.augmentation,
+        "loss": result.history["loss"],
     }))
 """)
 
@@ -180,7 +181,7 @@ def test_mixed_precision_trains_with_float32_logits(precision):
     result = fit_phases(classifier, batches, None, 2,
                         TrainConfig(frozen_epochs=1, unfrozen_epochs=0, jit_compile=False),
                         callbacks=[seen], verbose=0)
-    assert np.isfinite(result["history"]["loss"]).all()
+    assert np.isfinite(result.history["loss"]).all()
     # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
     expected = "LossScaleOptimizer" if precision == "mixed_float16" else "AdamW"
     assert optimizers == [expected]

@@ -137,7 +137,7 @@ def test_layer_decay_keeps_xla_on_and_trains_as_without_it():
         classifier = tiny_classifier()
         result = fit_phases(classifier, batches(), None, 2,
                             dataclasses.replace(config, jit_compile=jit_compile), verbose=0)
-        assert result["jit_compile"] is jit_compile
+        assert result.jit_compile is jit_compile
         trained[jit_compile] = classifier.get_weights()
     for compiled, eager in zip(trained[True], trained[False]):
         np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
@@ -180,7 +180,7 @@ def test_a_resumed_run_continues_with_the_same_multipliers(tmp_path):
     resumed = Multipliers()
     result = fit_phases(tiny_classifier(), batches(), None, 2, config, callbacks=[resumed],
                         verbose=0, run_dir=tmp_path / "resumed")
-    assert result["resumed"] and sorted(resumed.seen) == [2, 3]
+    assert result.resumed and sorted(resumed.seen) == [2, 3]
     for epoch in (2, 3):
         assert resumed.seen[epoch] == whole.seen[epoch]
     # Phase 2 trains the top two blocks and the head.

@@ -124,11 +124,11 @@ def test_automatic_rates_are_found_per_phase_recorded_and_kept_on_resume(tmp_pat
         plot.unlink()
     result = fit_phases(tiny_classifier(), batches(), None, 2, config, verbose=0,
                         run_dir=tmp_path)
-    assert result["resumed"]
-    for record in result["phases"]:
-        assert record["learning_rate"] == found[record["name"]]
-        assert record["learning_rate_search"]["suggestion"] == found[record["name"]]
-        assert record["learning_rate_search"]["rule"] == "minimum/10"
+    assert result.resumed
+    for record in result.phases:
+        assert record.learning_rate == found[record.name]
+        assert record.learning_rate_search["suggestion"] == found[record.name]
+        assert record.learning_rate_search["rule"] == "minimum/10"
     # Resuming searched nothing again.
     assert not list(tmp_path.glob("lr_find_*.png"))
 

@@ -12,7 +12,7 @@ from kcls.config import ConfigError, ModelConfig, TrainConfig, apply_overrides
 from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE
 from kcls.models.classifier import build_classifier
 from kcls.recipes import load_recipe
-from kcls.train.phases import fit_phases
+from kcls.train.phases import TrainingResult, fit_phases
 from kcls.workflows.run import run_recipe
 
 # Phase 2 trains the top block only: a smaller backward pass to trace, a faster test.
@@ -65,7 +65,7 @@ def classifier(seed: int) -> keras.Model:
 
 
 def fit(model: keras.Model, run_dir, callbacks: list[keras.callbacks.Callback],
-        config: TrainConfig = CONFIG) -> dict:
+        config: TrainConfig = CONFIG) -> TrainingResult:
     train, validation = data()
     return fit_phases(model, train, validation, 2, config, callbacks=callbacks, verbose=0,
                       run_dir=run_dir)
@@ -99,22 +99,22 @@ def test_run_killed_twice_resumes_and_ends_with_the_same_epochs(tmp_path):
     assert log.epochs == list(range(start_of_phase_2 + 1, TOTAL_EPOCHS))
     for expected, actual in zip(second_kill.weights_at_kill, log.weights[start_of_phase_2 + 1]):
         np.testing.assert_array_equal(expected, actual)
-    assert len(result["history"]["loss"]) == TOTAL_EPOCHS
-    assert result["history"]["loss"][:start_of_phase_2] == [
+    assert len(result.history["loss"]) == TOTAL_EPOCHS
+    assert result.history["loss"][:start_of_phase_2] == [
         first_logs[str(epoch)]["loss"] for epoch in range(start_of_phase_2)]
-    assert result["resumed"] is True
-    assert [(p["name"], p["first_epoch"], p["epochs"], p["skipped_on_resume"])
-            for p in result["phases"]] == [("frozen", 0, 2, True), ("unfrozen", 2, 3, False)]
+    assert result.resumed is True
+    assert [(p.name, p.first_epoch, p.epochs, p.skipped_on_resume)
+            for p in result.phases] == [("frozen", 0, 2, True), ("unfrozen", 2, 3, False)]
     assert not (tmp_path / BACKUP_DIR).exists()
 
     # The best checkpoint spans the processes: the weights of the lowest val_loss epoch,
     # i.e. the ones the next epoch began with.
-    assert result["best_weights"] == str(tmp_path / BEST_WEIGHTS_FILE)
-    best_epoch = int(np.argmin(result["history"]["val_loss"]))
+    assert result.best_weights == str(tmp_path / BEST_WEIGHTS_FILE)
+    best_epoch = int(np.argmin(result.history["val_loss"]))
     began_with = {**first_log.weights, **second_log.weights, **log.weights}
     end_of_best = began_with.get(best_epoch + 1, model.get_weights())
     reloaded = classifier(seed=3)
-    reloaded.load_weights(result["best_weights"])
+    reloaded.load_weights(result.best_weights)
     for expected, actual in zip(end_of_best, reloaded.get_weights()):
         np.testing.assert_array_equal(expected, actual)
 

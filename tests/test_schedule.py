@@ -159,9 +159,9 @@ def test_early_stopping_ends_a_phase_and_the_next_starts_after_it():
     config = TrainConfig(frozen_epochs=4, unfrozen_epochs=1, unfreeze="1", learning_rate=1e-12,
                          early_stopping_patience=1, train_batchnorm=False, jit_compile=False)
     result = fit_phases(classifier, batches(), batches(16, repeat=False), 1, config, verbose=0)
-    assert [(p["name"], p["first_epoch"], p["epochs"]) for p in result["phases"]] == [
+    assert [(p.name, p.first_epoch, p.epochs) for p in result.phases] == [
         ("frozen", 0, 2), ("unfrozen", 2, 1)]
-    assert len(result["history"]["val_loss"]) == 3
+    assert len(result.history["val_loss"]) == 3
 
 
 def test_batchnorm_trains_by_default_only_when_the_backbone_is_not_pretrained():

@@ -4,7 +4,7 @@ A policy is one `Augmentation` layer: a list of stages applied in order to
 `{"images": float [B, H, W, 3] in [0, 255], "labels": float [B, C]}` batches. The tf.data
 pipeline never augments (it decodes, resizes, caches, batches and prefetches); the
 training function runs the policy as ordinary TensorFlow ops on the device, then calls
-the XLA-compiled model step (`kcls.train.phases.Trainer`). So XLA's limits no longer
+the XLA-compiled model step (`kcls.train.trainer.Trainer`). So XLA's limits no longer
 decide where an augmentation runs: RandAugment's geometric ops (no XLA kernel) and
 MixUp/CutMix's Beta draws (StatelessRandomGammaV3, no XLA kernel) run next to a model
 step that XLA still compiles.
@@ -76,7 +76,7 @@ def place_augmentation(augmentation: Augmentation | None, strategy: tf.distribut
                        ) -> tuple[Augmentation | None, Augmentation | None]:
     """Where `augmentation` runs under `strategy`: `(host, device)`, one of them None.
 
-    On the device (the training function, `kcls.train.phases.Trainer`), except on TPUs
+    On the device (the training function, `kcls.train.trainer.Trainer`), except on TPUs
     when a stage has ops without an XLA kernel (RandAugment, MixUp/CutMix): TPUs run only
     XLA-compiled programs, so the whole policy then runs in the tf.data pipeline
     (`kcls.data.pipeline.train_pipeline(host_augment=...)`), as on the host CPUs of

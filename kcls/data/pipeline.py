@@ -10,7 +10,7 @@ Order of the training pipeline: resize in parallel, cache the resized examples a
 uint8 (memory or file: the resize, the costly part, runs once, and the cache stays
 small), shuffle with a seeded buffer, repeat, batch (dropping the remainder, so XLA
 sees one static shape), prefetch. No augmentation runs here: the training function
-augments whole batches on the device (`kcls.data.augment`, `kcls.train.phases.Trainer`),
+augments whole batches on the device (`kcls.data.augment`, `kcls.train.trainer.Trainer`),
 so the host CPU only decodes and resizes. Evaluation caches the float32 resized images,
 unrounded.
 

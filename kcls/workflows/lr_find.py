@@ -76,7 +76,7 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
     search = find_phase_learning_rate(
         prepared.classifier, prepared.train_batches, prepared.train_config, phases[phase],
         prepared.device_augmentation, prepared.strategy, steps=steps, verbose=verbose,
-        task=prepared.task.name, positive_weights=prepared.loss_weights.positives)
+        objective=prepared.objective())
     plot_learning_rate_search(search, plot,
                               title=f"{recipe.name}: learning-rate range test, {phase} phase")
     write_json(curve, {"recipe": recipe.name, "phase": phase, **asdict(search)}, indent=1)

@@ -61,7 +61,8 @@ from kcls.serving.export import export_saved_model
 from kcls.tasks import Evaluation, Task
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import describe_devices, describe_strategy
-from kcls.train.phases import check_resumable, fit_phases
+from kcls.train.phases import TrainingResult, fit_phases
+from kcls.train.progress import check_resumable
 from kcls.workflows.prepare import Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
@@ -133,22 +134,15 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         training = train(prepared, run_dir, time_budget, verbose, log)
         seconds = {"training": round(time.time() - started, 1)}
         save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
-        task = fit_task(prepared, log)
+        task = fit_task(prepared)
         evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
         export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
         seconds["total"] = round(time.time() - started, 1)
-        run_info = {**software_versions(), **prepared.record(), **training_record(training),
-                    "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
-                    "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
-                    "export_dir": str(export_dir) if export_dir else None, "seconds": seconds}
-        if training.get("jit_compile") != prepared.train_config.jit_compile:
-            run_info["jit_compile_reason"] = (f"{prepared.jit_compile_reason}; off: a layer of "
-                                              "the classifier does not support XLA")
+        write_json(run_dir / RUN_INFO_FILE, run_record(prepared, training, task, evaluation,
+                                                       export_dir, seconds, time_budget))
         if time_budget is not None:
-            run_info["time_budget"] = time_budget.summary()
             log(budget_line(time_budget))
-        write_json(run_dir / RUN_INFO_FILE, run_info)
-        return RunResult(run_dir, evaluation.metrics, export_dir, training["history"],
+        return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
                          prepared.classifier, prepared.class_names, task)
 
 
@@ -189,27 +183,27 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
 
 
 def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
-          verbose: int | str, log: Callable[[str], None]) -> dict[str, Any]:
+          verbose: int | str, log: Callable[[str], None]) -> TrainingResult:
     """Fits the phases (`kcls.train.phases.fit_phases`) and says what resuming or the
     learning-rate search decided."""
     training = fit_phases(
         prepared.classifier, prepared.train_batches, prepared.validation_batches,
         prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
         verbose=verbose, run_dir=run_dir, strategy=prepared.strategy, time_budget=time_budget,
-        task=prepared.task.name, positive_weights=prepared.loss_weights.positives)
-    if training["resumed"]:
+        objective=prepared.objective())
+    if training.resumed:
         log("resumed an interrupted run: " + ", ".join(
-            f"{phase['name']} {'done before' if phase['skipped_on_resume'] else 'continued'}"
-            for phase in training["phases"]))
-    searched = [phase for phase in training["phases"] if "learning_rate_search" in phase]
+            f"{phase.name} {'done before' if phase.skipped_on_resume else 'continued'}"
+            for phase in training.phases))
+    searched = [phase for phase in training.phases if phase.learning_rate_search is not None]
     if searched:
         log("learning rates found by the range test (minimum/10): " + ", ".join(
-            f"{phase['name']} {phase['learning_rate']:.2e}" for phase in searched)
+            f"{phase.name} {phase.learning_rate:.2e}" for phase in searched)
             + f"; plots {run_dir / LR_FIND_PHASE_PLOT.format(phase='*')}")
     return training
 
 
-def fit_task(prepared: Prepared, log: Callable[[str], None]) -> Task:
+def fit_task(prepared: Prepared) -> Task:
     """The task fitted on the held-out calibration examples (its temperature or
     thresholds), or as it is when its plan fits nothing."""
     calibration = prepared.calibration
@@ -223,7 +217,7 @@ def fit_task(prepared: Prepared, log: Callable[[str], None]) -> Task:
     return prepared.task.fit(logits, labels, calibration.fitted_on)
 
 
-def evaluate_test_split(prepared: Prepared, task: Task, training: dict[str, Any],
+def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult,
                         run_dir: Path, log: Callable[[str], None]) -> Evaluation:
     """Scores the test split with the fitted task, writes the report, logs the summary."""
     recipe, splits = prepared.recipe, prepared.splits
@@ -234,8 +228,9 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: dict[str, Any]
     evaluation.skipped = list(splits.skipped)  # the report names them too
     images = (mistake_images(splits, recipe, evaluation)
               if "confident_mistakes" in task.plots else None)
-    write_report(run_dir, evaluation, task, splits.class_names, training["history"],
-                 training["phases"], images, mistakes=recipe.evaluate.mistakes)
+    write_report(run_dir, evaluation, task, splits.class_names, training.history,
+                 [phase.to_dict() for phase in training.phases], images,
+                 mistakes=recipe.evaluate.mistakes)
     log(f"{task.summary_line(evaluation.metrics, 1 / len(splits.class_names))}; report "
         f"{run_dir / REPORT_FILE}")
     if splits.skipped:
@@ -271,11 +266,32 @@ def test_batches(prepared: Prepared) -> tf.data.Dataset:
                          splits.fingerprint)
 
 
-def training_record(training: dict[str, Any]) -> dict[str, Any]:
-    """What run.json records of the training phases."""
-    return {"jit_compile": training["jit_compile"], "augmentation": training["augmentation"],
-            "phases": training["phases"], "history": training["history"],
-            "resumed": training["resumed"], "best_weights": training["best_weights"]}
+def run_record(prepared: Prepared, training: TrainingResult, task: Task,
+               evaluation: Evaluation, export_dir: Path | None, seconds: dict[str, float],
+               time_budget: TimeBudget | None) -> dict[str, Any]:
+    """run.json: versions, the resolved settings (`Prepared.record`), the training, the
+    fitted task, the test metrics, the data's skipped files, the export and timings."""
+    record = {**software_versions(), **prepared.record(), **training_record(training, prepared),
+              "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
+              "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
+              "export_dir": str(export_dir) if export_dir else None, "seconds": seconds}
+    if training.jit_compile != prepared.train_config.jit_compile:
+        record["jit_compile_reason"] = (f"{prepared.jit_compile_reason}; off: a layer of the "
+                                        "classifier does not support XLA")
+    if time_budget is not None:
+        record["time_budget"] = time_budget.summary()
+    return record
+
+
+def training_record(training: TrainingResult, prepared: Prepared) -> dict[str, Any]:
+    """What run.json records of the training phases, with where augmentation ran (the
+    stages the pipeline ran on the host beside those the training step ran)."""
+    host = prepared.host_augmentation.stage_names if prepared.host_augmentation else []
+    augmentation = training.augmentation and {**training.augmentation, "host": host}
+    return {"jit_compile": training.jit_compile, "augmentation": augmentation,
+            "phases": [phase.to_dict() for phase in training.phases],
+            "history": training.history, "resumed": training.resumed,
+            "best_weights": training.best_weights}
 
 
 def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
