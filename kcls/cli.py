@@ -35,6 +35,8 @@ from kcls.config import apply_overrides, to_json  # noqa: E402
 from kcls.recipes import list_recipes, load_recipe  # noqa: E402
 
 SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatable)."
+MODEL_DIR = click.argument("model_dir",
+                           type=click.Path(exists=True, file_okay=False, path_type=Path))
 # kcls's own errors by module, and how each ends a command: as a usage error (exit 2) or
 # a failure (exit 1). Looked up in `sys.modules`: an error's module is loaded if it raised
 # one, and `kcls recipe list` never pays for importing TensorFlow.
@@ -247,7 +249,7 @@ def export(run_dir: Path, base_dir: Path | None) -> None:
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@MODEL_DIR
 @click.option("--data", "data_source", metavar="SOURCE",
               help="folder:PATH (every image), tfds:NAME or sklearn:digits (test split). "
                    "Default: the test split the model's recipe held out.")
@@ -277,7 +279,7 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@MODEL_DIR
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", default="explanations", show_default=True,
@@ -353,14 +355,14 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "data_source", metavar="FOLDER",
-              help="A folder of recent production images (any layout, no labels), run "
-                   "through the export: class, confidence and embedding tests.")
+@MODEL_DIR
 @click.option("--predictions", "predictions_file", metavar="FILE.jsonl",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Logged served answers (kcls predict --server ... --log FILE.jsonl, or "
                    "TF Serving response bodies, one per line): class and confidence tests.")
+@click.option("--data", "data_source", metavar="FOLDER",
+              help="Or a folder of recent production images (any layout, no labels), run "
+                   "through the export: class, confidence and embedding tests.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for monitor.json, monitor.md and plots "
                    "(default: monitor/MODEL-UTCTIME).")
