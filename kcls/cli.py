@@ -44,7 +44,7 @@ USER_ERRORS = (
     ("kcls.serving.client", "MissingServingApiError", click.UsageError),
     ("kcls.optimize.convert", "OptimizeError", click.ClickException),
     ("kcls.serving.predict", "PredictionError", click.ClickException),
-    ("kcls.serving.predict", "UnreadableExportError", click.ClickException),
+    ("kcls.load", "DamagedFileError", click.ClickException),
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
     ("kcls.serving.client", "ServingError", click.ClickException),
     ("kcls.evaluation.explain", "ImageError", click.ClickException),

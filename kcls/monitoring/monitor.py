@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from kcls.layout import (
     is_run_dir,
     resolve_export_dir,
 )
+from kcls.load import load_saved_model, read_export_metadata, read_reference
 from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare
 from kcls.monitoring.prediction_log import read_predictions
 from kcls.tasks import Task, get_task
@@ -80,8 +80,8 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         FileNotFoundError: `model_dir` is not an export (`kcls.layout.resolve_export_dir`).
         MissingReferenceError: the export has no `assets/reference.json`; the message
             names the command that exports one.
-        MonitorError: `model_dir` is a run directory or a multi-label export, or the
-            profile is unreadable.
+        MonitorError: `model_dir` is a run directory or a multi-label export.
+        DamagedFileError: `kcls.json` or the profile cannot be read.
     """
     if is_run_dir(model_dir):
         raise MonitorError(f"{str(model_dir)!r} is a run directory; monitor its export "
@@ -89,8 +89,7 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                            f"{model_dir}`.")
     export_dir = resolve_export_dir(model_dir)
     reference_file = export_dir / REFERENCE_FILE
-    metadata_file = export_dir / METADATA_FILE
-    task = _export_task(metadata_file)
+    task = _export_task(export_dir)
     if task is not None and not task.supports_monitoring:
         raise MonitorError(
             f"The export {str(export_dir)!r} is a {task.description} model "
@@ -100,23 +99,16 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         raise MissingReferenceError(
             f"The export {str(export_dir)!r} has no reference profile ({REFERENCE_FILE}; "
             "exported by an older kcls). Export the run again with `kcls export RUN_DIR`, "
-            "which computes it on the recipe's test split, then monitor the new version.")
-    try:
-        profile = json.loads(reference_file.read_text())
-        profile["class_names"], profile["predicted_counts"], profile["confidences"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise MonitorError(f"{reference_file} is not a kcls reference profile ({error}); "
-                           "re-export with `kcls export RUN_DIR`.") from None
-    return export_dir, profile
+            "which computes it on the recipe's held-out images, then monitor the new version.")
+    return export_dir, read_reference(reference_file)
 
 
-def _export_task(metadata_file: Path) -> Task | None:
-    """The task an export's `kcls.json` names, or None when it names none it can read."""
-    try:
-        metadata = json.loads(metadata_file.read_text())
-        return get_task(metadata.get("task") or metadata["recipe"]["model"]["task"])
-    except (OSError, ValueError, KeyError, TypeError):
+def _export_task(export_dir: Path) -> Task | None:
+    """The task an export's `kcls.json` names, or None for an export without one."""
+    if not (export_dir / METADATA_FILE).is_file():
         return None
+    metadata = read_export_metadata(export_dir)
+    return get_task(metadata.get("task") or metadata["recipe"]["model"]["task"])
 
 
 def image_files(source: str | Path) -> list[Path]:
@@ -150,7 +142,7 @@ def image_outputs(export_dir: str | Path, paths: list[Path], batch_size: int = B
     Raises:
         MonitorError: an export without the embedding output (re-export it).
     """
-    signature = tf.saved_model.load(str(export_dir)).signatures[IMAGES_SIGNATURE]
+    loaded, signature = load_saved_model(export_dir, IMAGES_SIGNATURE)  # keep `loaded` alive
     if "embedding" not in signature.structured_outputs:
         raise MonitorError(f"The export {str(export_dir)!r} does not output embeddings; "
                            "export the run again with `kcls export RUN_DIR`.")

@@ -7,13 +7,16 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kcls.layout import RUN_REFERENCE_FILE
-from kcls.load import load_run, load_run_metrics
+from kcls.load import load_run, load_run_metrics, read_reference
 from kcls.monitoring.profile import recipe_reference_profile
 from kcls.serving.export import export_saved_model
+
+# A run's reference profile can always be computed again.
+REFERENCE_FIX = ("delete it, and `kcls export` computes the profile again on the recipe's "
+                 "held-out images")
 
 
 def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
@@ -35,13 +38,14 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
 
     Raises:
         FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
+        DamagedFileError: one of them cannot be read (the message names it and the fix).
         ConfigError: the run's `config.json` does not match this kcls version's config.
     """
     loaded = load_run(run_dir)
     reference = None
     if loaded.task.supports_monitoring:
         reference_file = Path(run_dir) / RUN_REFERENCE_FILE
-        reference = (json.loads(reference_file.read_text()) if reference_file.is_file() else
+        reference = (read_reference(reference_file, REFERENCE_FIX) if reference_file.is_file() else
                      recipe_reference_profile(loaded.classifier, loaded.recipe,
                                               loaded.class_names, loaded.task))
     return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
