@@ -131,3 +131,35 @@ def test_images_with_the_same_name_get_their_own_overlays_and_none_is_overwritte
                                                          overwrite=True)]
     assert replaced == written
     assert [target.read_bytes() for target in replaced] == contents[::-1]
+
+
+def test_predict_and_explain_print_the_same_calibrated_probability(trained_classifier,
+                                                                    tmp_path):
+    """Issue 29, defect 4: explain read softmax(logits), predict softmax(logits / T)."""
+    from kcls.tasks import SingleLabelTask
+
+    recipe = Recipe(name="patches", model=ModelConfig(backbone="resnet_v2_tiny", dropout=0.0))
+    export_dir = export_saved_model(trained_classifier, recipe, ["left", "right"],
+                                    base_dir=tmp_path / "models",
+                                    task=SingleLabelTask(temperature=3.0))
+    images, _, _ = patch_images(3, 7)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(image.astype(np.uint8)).save(paths[-1])
+    predicted = CliRunner().invoke(main, ["predict", str(export_dir), *map(str, paths),
+                                          "--top-k", "1"])
+    explained = CliRunner().invoke(main, ["explain", str(export_dir), *map(str, paths),
+                                          "--out", str(tmp_path / "cams")])
+    assert predicted.exit_code == 0 and explained.exit_code == 0, (predicted.output,
+                                                                    explained.output)
+    served = [re.search(r": (\w+) \(([\d.]+)\)$", line).groups()
+              for line in predicted.output.splitlines()]
+    drawn = [re.search(r": (\w+) \(([\d.]+)\)$", line).groups()
+             for line in explained.output.splitlines()]
+    assert served == drawn and len(served) == 3
+    uncalibrated = tf.nn.softmax(trained_classifier(images.astype(np.uint8).astype(np.float32),
+                                                    training=False)).numpy().max(axis=1)
+    # T = 3 pulls the probabilities towards 1/2: the test would see an unscaled softmax.
+    assert all(float(probability) < top - 0.01
+               for (_, probability), top in zip(served, uncalibrated))
