@@ -40,6 +40,8 @@ SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatabl
 # one, and `kcls recipe list` never pays for importing TensorFlow.
 USER_ERRORS = (
     ("kcls.config", "ConfigError", click.UsageError),
+    ("kcls.files", "OutputFolderError", click.UsageError),
+    ("kcls.layout", "CacheDirError", click.UsageError),
     ("kcls.monitoring.monitor", "MonitorError", click.UsageError),
     ("kcls.serving.client", "MissingServingApiError", click.UsageError),
     ("kcls.optimize.convert", "OptimizeError", click.ClickException),
@@ -280,21 +282,22 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", default="explanations", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for the overlays.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the overlays (default: RUN_DIR/explanations, or "
+                   "saved_models/NAME/explanations/VERSION for an export).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing overlays of the same name (default: a new name).")
-def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
+def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path | None,
+            overwrite: bool) -> None:
     """Write Grad-CAM overlays of the top-1 class for IMAGES (of every predicted label for a
     multi-label model).
 
     MODEL_DIR is an export (version or model folder) or a run directory.
     """
     start_tensorflow()
-    from kcls.evaluation.explain import explain_files
-    from kcls.load import load_classifier
+    from kcls.evaluation.explain import explain_model
 
-    written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
+    written = explain_model(model_dir, list(images), out_dir, overwrite)
     for image, (target, label, probability) in zip(images, written):
         click.echo(f"{image} -> {target}: {label} ({probability:.3f})")
 
@@ -325,9 +328,10 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite:
 @click.option("--target-sparsity", default=0.5, show_default=True,
               type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="prune: final share of zeros in every Conv/Dense kernel.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier optimize report in --out.")
 def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: bool,
              out_dir: Path | None, calibration_images: int, latency_runs: int, threads: int,
-             epochs: int, target_sparsity: float) -> None:
+             epochs: int, target_sparsity: float, overwrite: bool) -> None:
     """Quantize a trained model (a run dir or an export) to TFLite and compare it with float32.
 
     Both models are evaluated on the recipe's held-out test split; optimize.json,
@@ -343,7 +347,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
 
     report = optimize_model(model_path, method, out_dir, io_type or "int8",
                             calibration_images, latency_runs, threads, epochs,
-                            target_sparsity, per_channel=not per_tensor, log=click.echo)
+                            target_sparsity, per_channel=not per_tensor, overwrite=overwrite,
+                            log=click.echo)
     for name, row in (("float32", report["float32"]), (method, report["optimized"])):
         click.echo(f"{name:<12} {row['size_bytes']:>10,} bytes ({row['zipped_bytes']:,} zipped)"
                    f"  {metrics_line(report, row)}  {row['latency_ms']:.3f} ms/image")
@@ -362,8 +367,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
               help="Logged served answers (kcls predict --server ... --log FILE.jsonl, or "
                    "TF Serving response bodies, one per line): class and confidence tests.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for monitor.json, monitor.md and plots "
-                   "(default: monitor/MODEL-UTCTIME).")
+              help="Folder for monitor.json, monitor.md and plots (default: "
+                   "saved_models/NAME/monitor/VERSION/UTCTIME, beside the export's versions).")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="False-alarm rate on unchanged data (Bonferroni over the tests).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")

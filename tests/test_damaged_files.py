@@ -6,14 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import keras
 import pytest
-import tensorflow as tf
 from click.testing import CliRunner
 
 from kcls.cli import main
-from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, to_json
-from kcls.files import save_weights, write_json, write_text
 from kcls.layout import (
     METADATA_FILE,
     METRICS_FILE,
@@ -24,44 +20,12 @@ from kcls.layout import (
     SAVED_MODEL_FILE,
     WEIGHTS_FILE,
 )
-from kcls.models.classifier import build_classifier
-from kcls.monitoring.profile import reference_profile
-from kcls.serving.export import export_saved_model
 
-CLASS_NAMES = ["cat", "dog"]
 VARIABLES_FILE = "variables/variables.data-00000-of-00001"
 
 
 def invoke(*args: object):
     return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-@pytest.fixture(scope="module")
-def originals(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A run directory as `kcls recipe run` leaves it (untrained weights), its export, and
-    a folder of 12 images to monitor."""
-    keras.utils.set_random_seed(0)
-    root = tmp_path_factory.mktemp("originals")
-    recipe = Recipe(name="tiny", data=DataConfig(image_size=32),
-                    model=ModelConfig(backbone="resnet_v2_tiny"),
-                    export=ExportConfig(base_dir=str(root / "saved_models")))
-    classifier = build_classifier(recipe.model, len(CLASS_NAMES), 32)
-    images = tf.random.stateless_uniform([12, 32, 32, 3], (0, 1), maxval=255)
-    batches = tf.data.Dataset.from_tensor_slices(
-        (images, tf.one_hot(tf.range(12) % 2, 2))).batch(6)
-    reference = reference_profile(classifier, batches, CLASS_NAMES)
-    run_dir = root / "run"
-    write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
-    write_json(run_dir / RUN_INFO_FILE, {"class_names": CLASS_NAMES, "temperature": None})
-    write_json(run_dir / METRICS_FILE, {"accuracy": 0.5})
-    write_json(run_dir / RUN_REFERENCE_FILE, reference)
-    save_weights(classifier, run_dir / WEIGHTS_FILE)
-    export_dir = export_saved_model(classifier, recipe, CLASS_NAMES, reference=reference)
-    incoming = root / "incoming"
-    incoming.mkdir()
-    for index, image in enumerate(tf.cast(images, tf.uint8)):
-        (incoming / f"{index}.png").write_bytes(tf.io.encode_png(image).numpy())
-    return run_dir, export_dir, incoming
 
 
 def damage(path: Path, how: str) -> None:
@@ -99,9 +63,9 @@ CASES = [
 
 @pytest.mark.parametrize("kind, name, how, names", CASES,
                          ids=[f"{kind}-{name}-{how}" for kind, name, how, _ in CASES])
-def test_a_damaged_file_is_one_line_naming_it_and_the_fix(originals, tmp_path, kind, name,
+def test_a_damaged_file_is_one_line_naming_it_and_the_fix(untrained_models, tmp_path, kind, name,
                                                            how, names):
-    run_dir, export_dir, incoming = originals
+    run_dir, export_dir, incoming = untrained_models
     model = tmp_path / kind / "1"  # a version folder for exports
     shutil.copytree(run_dir if kind == "run" else export_dir, model)
     damage(model / name, how)
@@ -118,8 +82,8 @@ def test_a_damaged_file_is_one_line_naming_it_and_the_fix(originals, tmp_path, k
         assert "kcls export" in message or "kcls recipe run" in message or "delete it" in message
 
 
-def test_the_undamaged_originals_work(originals, tmp_path):
-    run_dir, export_dir, incoming = originals
+def test_the_undamaged_untrained_models_work(untrained_models, tmp_path):
+    run_dir, export_dir, incoming = untrained_models
     exported = invoke("export", run_dir, "--base-dir", tmp_path / "exports")
     assert exported.exit_code == 0, exported.output
     predicted = invoke("predict", export_dir, next(incoming.iterdir()))

@@ -85,7 +85,12 @@ def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     assert result.exit_code == 0, result.output
     for index in range(2):
         with Image.open(tmp_path / "cams" / f"img {index}_gradcam.png") as overlay:
-            assert overlay.size == (32, 32) and overlay.mode == "RGB"
+            # The image and its overlay side by side, enlarged 7x, under a caption.
+            assert overlay.size == (2 * 224, 224 + 24) and overlay.mode == "RGB"
+            pixels = np.asarray(overlay)
+            enlarged = images[index].astype(np.uint8).repeat(7, 0).repeat(7, 1)
+            np.testing.assert_array_equal(pixels[24:, :224], enlarged)
+            assert pixels[:24].min() < 100  # the caption's text
     # Each line names the trained classifier's top class for that image and its probability.
     probabilities = tf.nn.softmax(trained_classifier(images.astype(np.uint8).astype(np.float32),
                                                      training=False)).numpy()

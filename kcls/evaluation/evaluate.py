@@ -27,6 +27,7 @@ from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import test_examples
 from kcls.evaluation.report import write_report
+from kcls.files import check_output_dir
 from kcls.load import load_classifier
 from kcls.tasks import Evaluation, SingleLabelTask, Task
 
@@ -43,6 +44,10 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
 
     Returns:
         `(logits float32 [N, C], labels float32 [N, C])`.
+
+    Raises:
+        ConfigError: a logit is NaN or infinite (training diverged; the message says
+            what to change).
     """
     # One pass, batch by batch: `predict()` would read the data twice (images, then
     # labels) and warn that a dataset of unknown length "ran out of data".
@@ -50,8 +55,14 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
     for images, batch_labels in batches:
         logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
         labels.append(batch_labels.numpy())
-    return (np.concatenate(logits).astype(np.float32),
-            np.concatenate(labels).astype(np.float32))
+    logits = np.concatenate(logits).astype(np.float32)
+    broken = int(np.count_nonzero(~np.isfinite(logits).all(axis=1)))
+    if broken:  # every metric, the temperature and scikit-learn would fail on them
+        raise ConfigError(
+            f"The classifier outputs NaN or infinite logits for {broken} of {len(logits)} "
+            "images: its training diverged (a NaN loss). Train again with a lower "
+            "train.learning_rate (`kcls lr-find NAME` suggests one) or with train.clipnorm=1.")
+    return logits, np.concatenate(labels).astype(np.float32)
 
 
 def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
@@ -110,7 +121,10 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         ConfigError: unusable data, class names that differ from the model's, or flip
             TTA for a task without it.
         FileNotFoundError: `model_path` is neither an export nor a run directory.
+        OutputFolderError: `out_dir` cannot be written.
     """
+    if out_dir:
+        check_output_dir(out_dir)  # before the model and the data are read
     loaded = load_classifier(model_path)
     if flip_tta and not loaded.task.supports_flip_tta:
         raise ConfigError(f"--flip-tta is not supported for {loaded.task.description} models "

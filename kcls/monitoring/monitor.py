@@ -41,7 +41,7 @@ from kcls.data.folder import (
     skipped_files_line,
 )
 from kcls.figures import plt, save_figure
-from kcls.files import write_json, write_text
+from kcls.files import check_output_dir, write_json, write_text
 from kcls.layout import (
     METADATA_FILE,
     MONITOR_CLASSES_PLOT,
@@ -52,6 +52,7 @@ from kcls.layout import (
     MONITOR_REPORT_FILE,
     REFERENCE_FILE,
     is_run_dir,
+    model_output_dir,
     resolve_export_dir,
 )
 from kcls.load import load_saved_model, read_export_metadata, read_reference
@@ -182,7 +183,8 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
         data: a folder of recent images (`PATH` or `folder:PATH`).
         predictions: a JSON-lines prediction log (`kcls.monitoring.prediction_log`). Exactly one of
             `data` and `predictions`.
-        out_dir: where the report goes; default `monitor/<model>-<UTC time>/`.
+        out_dir: where the report goes; default
+            `<base_dir>/<model>/monitor/<version>/<UTC time>/` (`kcls.layout.model_output_dir`).
         alpha: family-wise false-alarm rate of the decision (`kcls.monitoring.drift.compare`).
         permutations: relabellings of the embedding MMD test.
         overwrite: replace the report of an earlier `monitor` call in `out_dir`.
@@ -195,6 +197,7 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
     Raises:
         FileNotFoundError, MissingReferenceError: no export, or one without a profile.
         MonitorError: bad arguments or data (the message names the fix).
+        OutputFolderError: `out_dir` cannot be written (checked before any image is read).
         PredictionLogError: an unreadable prediction log line.
     """
     if (data is None) == (predictions is None):
@@ -203,8 +206,8 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
     if not 0.0 < alpha < 1.0:
         raise MonitorError(f"--alpha {alpha} must be in (0, 1), e.g. 0.05.")
     export_dir, profile = load_reference(model_dir)
-    out_dir = Path(out_dir) if out_dir else Path(MONITOR_DIR) / (
-        f"{export_dir.parent.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    out_dir = check_output_dir(out_dir or model_output_dir(
+        export_dir, MONITOR_DIR, time.strftime("%Y%m%d-%H%M%S", time.gmtime())))
     if (out_dir / MONITOR_FILE).exists() and not overwrite:
         raise MonitorError(f"{out_dir / MONITOR_FILE} exists; pass another --out folder or "
                            "--overwrite to replace it.")

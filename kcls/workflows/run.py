@@ -46,7 +46,7 @@ from kcls.environment import software_versions
 from kcls.evaluation.evaluate import evaluate_classifier, predict_batches
 from kcls.evaluation.plots import confident_mistakes
 from kcls.evaluation.report import write_report
-from kcls.files import save_weights, write_bytes, write_json, write_text
+from kcls.files import safe_file_name, save_weights, write_bytes, write_json, write_text
 from kcls.layout import (
     LR_FIND_PHASE_PLOT,
     REPORT_FILE,
@@ -305,13 +305,14 @@ def mistake_images(splits: Splits, recipe: Recipe,
 
 
 def write_samples(splits: Splits, recipe: Recipe, task: Task, folder: Path) -> None:
-    """Saves the first test images as `<index>_<class>.png`, resized to the model input."""
+    """Saves the first test images as `<index>_<class>.png`, resized to the model input
+    (the class name escaped by `kcls.files.safe_file_name`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, (image, label) in enumerate(splits.test.take(SAMPLE_IMAGES)):
         resized = tf.cast(tf.round(prepare_image(image, recipe.data.image_size,
                                                  recipe.data.resize)), tf.uint8)
         names = task.label_names(label.numpy(), splits.class_names)
-        name = f"{index}_{'+'.join(names)}.png".replace("/", "_")
+        name = f"{index}_{safe_file_name('+'.join(names))}.png"
         write_bytes(folder / name, tf.io.encode_png(resized).numpy())
 
 
