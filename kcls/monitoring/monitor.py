@@ -57,7 +57,7 @@ from kcls.layout import (
 )
 from kcls.load import load_saved_model, read_export_metadata, read_reference
 from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare
-from kcls.monitoring.prediction_log import read_predictions
+from kcls.monitoring.prediction_log import read_predictions, skipped_lines_line
 from kcls.tasks import Task, get_task
 
 DRIFT_EXIT_CODE = 3  # click uses 1 (errors) and 2 (usage errors)
@@ -192,13 +192,14 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
 
     Returns:
         The `kcls.monitoring.drift.compare` result plus `model_dir` (the export version), `source`,
-        `reference_examples`, `skipped` and `out_dir`; also written to `monitor.json`.
+        `reference_examples`, `skipped` (image files that did not decode),
+        `skipped_lines` (unusable log lines) and `out_dir`; also written to `monitor.json`.
 
     Raises:
         FileNotFoundError, MissingReferenceError: no export, or one without a profile.
         MonitorError: bad arguments or data (the message names the fix).
         OutputFolderError: `out_dir` cannot be written (checked before any image is read).
-        PredictionLogError: an unreadable prediction log line.
+        PredictionLogError: a prediction log without a usable line.
     """
     if (data is None) == (predictions is None):
         raise MonitorError("Pass exactly one of --data FOLDER (recent images) and "
@@ -212,7 +213,7 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
         raise MonitorError(f"{out_dir / MONITOR_FILE} exists; pass another --out folder or "
                            "--overwrite to replace it.")
     class_names = profile["class_names"]
-    embeddings, skipped = None, []
+    embeddings, skipped, skipped_lines = None, [], []
     if data is not None:
         paths = image_files(data)
         probabilities, embeddings, skipped = image_outputs(export_dir, paths)
@@ -222,14 +223,17 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
         confidences = probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
         source = f"folder:{Path(str(data).removeprefix('folder:'))}"
     else:
-        classes, confidences = read_predictions(predictions, class_names)
+        classes, confidences = read_predictions(predictions, class_names, skipped_lines)
+        if skipped_lines:
+            log(skipped_lines_line(predictions, skipped_lines))
         source = f"predictions:{predictions}"
     if len(classes) < MIN_EXAMPLES:
         raise MonitorError(f"{source} has {len(classes)} usable predictions; the tests need "
                            f"at least {MIN_EXAMPLES} (a few hundred detect small shifts).")
     result = compare(profile, classes, confidences, embeddings, alpha, permutations)
     result.update(model_dir=str(export_dir), source=source,
-                  reference_examples=profile["examples"], skipped=skipped, out_dir=str(out_dir))
+                  reference_examples=profile["examples"], skipped=skipped,
+                  skipped_lines=skipped_lines, out_dir=str(out_dir))
     result["verdict"] = verdict_line(result)
     write_monitor_report(out_dir, result, profile)
     return result
@@ -282,6 +286,9 @@ def markdown_monitor_report(result: dict[str, Any], plots: list[str]) -> str:
                      f"{'**yes**' if test['drift'] else 'no'} |")
     if result.get("skipped"):
         lines += ["", f"Skipped {len(result['skipped'])} files that did not decode."]
+    if result.get("skipped_lines"):
+        lines += ["", f"Skipped {len(result['skipped_lines'])} unusable log lines:", ""]
+        lines += [f"- {entry}" for entry in result["skipped_lines"][:20]]
     lines += ["", "## Reference vs current", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
