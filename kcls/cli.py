@@ -7,7 +7,7 @@
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
     kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
-    kcls export RUN_DIR [--base-dir DIR]
+    kcls export RUN_DIR [--base-dir DIR] [--model-name NAME]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
@@ -237,13 +237,16 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Export base directory (default: the run's export.base_dir).")
-def export(run_dir: Path, base_dir: Path | None) -> None:
+@click.option("--model-name", metavar="NAME",
+              help="Serve it under this name (default: the run's export.model_name, else its "
+                   "image folder's or recipe's name).")
+def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
     from kcls.layout import MODELS_CONFIG_FILE
     from kcls.workflows.export import export_run
 
-    version_dir = export_run(run_dir, base_dir)
+    version_dir = export_run(run_dir, base_dir, model_name)
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
 

@@ -320,7 +320,9 @@ class ExportConfig:
         enabled: export at the end of `recipe run`.
         base_dir: TF Serving base path; versions land in `<base_dir>/<model_name>/<N>/`.
         model_name: name of the served model, one folder name (no `/`, `\\`, leading `.` or
-            control characters); `None` uses the recipe name, which follows the same rule.
+            control characters); `None`: the image folder's name for `data.source=folder:PATH`
+            (`hymenoptera-train` for `.../hymenoptera/train`, so two data sets never become
+            versions of one served model), else the recipe name.
         top_k: number of classes the signatures return.
         flip_tta: serve the average of the probabilities of each image and its mirror
             (what `evaluate.flip_tta` measures), at twice the inference cost.
@@ -373,8 +375,43 @@ class Recipe:
 
     @property
     def model_name(self) -> str:
-        """The name exports are served under."""
-        return self.export.model_name or self.name
+        """The name exports are served under: `export.model_name`, else, for an image
+        folder (`data.source=folder:PATH`), the folder's name (`default_model_name`),
+        else the recipe name."""
+        return self.export.model_name or default_model_name(self.name, self.data.source)
+
+
+# Folder names that say which split a folder is, not what is in it: a model is named
+# after the folder above them too (`hymenoptera/train` serves as `hymenoptera-train`).
+GENERIC_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test",
+                                  "testing", "images", "imgs", "photos", "data", "dataset",
+                                  "all"})
+
+
+def default_model_name(recipe_name: str, source: str) -> str:
+    """The served model's name when `export.model_name` is not set.
+
+    A model trained on an image folder is named after it, so that two data sets trained
+    with one recipe (say `finetune`) never become versions of one served model; other
+    sources keep the recipe name. Characters other than letters, digits, `.`, `+`, `-`
+    and `_` become `_`.
+
+    >>> default_model_name("finetune", "folder:../shared/data/hymenoptera/train")
+    'hymenoptera-train'
+    >>> default_model_name("finetune", "folder:~/birds"), default_model_name("q", "sklearn:digits")
+    ('birds', 'q')
+    """
+    kind, _, path = source.partition(":")
+    if kind != "folder":
+        return recipe_name
+    parts = [re.sub(r"[^\w.+-]+", "_", part).strip("._") for part in
+             path.replace("\\", "/").split("/") if part not in ("", ".", "..", "~")]
+    parts = [part for part in parts if part]
+    if not parts:
+        return recipe_name
+    if parts[-1].lower() in GENERIC_FOLDER_NAMES and len(parts) > 1:
+        return f"{parts[-2]}-{parts[-1]}"
+    return parts[-1]
 
 
 SECTIONS = ("data", "model", "train", "evaluate", "export")

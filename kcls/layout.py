@@ -16,6 +16,8 @@ and locked by `kcls.workflows.run_directory`):
     model.weights.h5     the trained classifier's Keras weights (`WEIGHTS_FILE`)
     best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
     metrics.json, report.md, *.png    the evaluation report (`METRICS_FILE`, ...)
+    confident_mistakes.csv  the wrong test predictions with their files
+                         (`CONFIDENT_MISTAKES_FILE`)
     reference.json       the reference profile of the test split (`RUN_REFERENCE_FILE`)
     lr_find_<phase>.png  the learning-rate range test of each phase, with
                          train.learning_rate=auto (`LR_FIND_PHASE_PLOT`)
@@ -79,6 +81,8 @@ TRAINING_CURVES_PLOT = "training_curves.png"
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
 RELIABILITY_PLOT = "reliability.png"
 CONFIDENT_MISTAKES_PLOT = "confident_mistakes.png"
+# Every wrong test prediction, most confident first, with its file (sources of files).
+CONFIDENT_MISTAKES_FILE = "confident_mistakes.csv"
 PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
 RUN_REFERENCE_FILE = "reference.json"

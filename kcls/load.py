@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 from kcls.config import ConfigError, Recipe, from_dict
 from kcls.layout import (
     BEST_WEIGHTS_FILE,
+    LABELS_FILE,
     METADATA_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
@@ -207,6 +208,20 @@ def read_export_metadata(export_dir: str | Path) -> dict[str, Any]:
             or not names or not all(isinstance(name, str) for name in names)):
         raise _damaged(path, "it lacks the recipe or the class names", EXPORT_FIX)
     return metadata
+
+
+def read_export_labels(export_dir: str | Path) -> list[str] | None:
+    """The class names an export serves (`assets/labels.txt`, one per line), or None for
+    a version without the file. Lines are split on newlines only (class names never hold
+    one; `str.splitlines` would also split on U+2028 and others)."""
+    path = Path(export_dir) / LABELS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise _damaged(path, _first_line(error), EXPORT_FIX) from None
+    return text.removesuffix("\n").split("\n")
 
 
 def read_reference(path: str | Path, fix: str = EXPORT_FIX) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import tensorflow as tf
 from kcls.config import ConfigError
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import test_examples
+from kcls.data.sources import has_files, test_examples
 from kcls.evaluation.report import write_report
 from kcls.files import check_output_dir
 from kcls.load import load_classifier
@@ -107,8 +107,9 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         data_source: `folder:PATH` evaluates every image of that folder (its class
             folders must be the model's classes); any other source (`tfds:NAME`,
             `sklearn:digits`, `manifest:PATH.csv`) the test split of that source. `None`:
-            the test split the model's recipe held out (same seed, so never an image it
-            trained on).
+            the test split the model held out: the test files its run recorded (`run.json`,
+            `kcls.json`), however the folder grew since, or for sources without files the
+            recipe's split (same seed, so never an image it trained on).
         out_dir: where `metrics.json`, `report.md` and the plots go (None: no files).
         flip_tta: also report flip test-time augmentation metrics.
         log: receives a line naming the files of the data that did not reach the model
@@ -130,15 +131,20 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         raise ConfigError(f"--flip-tta is not supported for {loaded.task.description} models "
                           f"(model.task={loaded.task.name}); evaluate without it.")
     data = loaded.recipe.data
-    examples, skipped = test_examples(data, loaded.class_names, data_source)
-    batches = eval_pipeline(examples, len(loaded.class_names),
+    test_files = loaded.metadata.get("test_files") if data_source is None else None
+    if data_source is None and test_files is None and has_files(data):
+        log(f"warning: {model_path} recorded no test files (trained by an older kcls): its "
+            f"test split is made again from {data.source} as it is now; if images were "
+            "added since, some of them may be images it trained on.")
+    held_out = test_examples(data, loaded.class_names, data_source, test_files)
+    batches = eval_pipeline(held_out.examples, len(loaded.class_names),
                             dataclasses.replace(data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, loaded.class_names, flip_tta,
                                      loaded.task)
     # Read after the pass: files failing to decode during it were appended to `skipped`.
-    evaluation.skipped = list(skipped)
-    if skipped:
-        log(skipped_files_line(skipped))
+    evaluation.skipped, evaluation.files = list(held_out.skipped), held_out.evaluated_files()
+    if held_out.skipped:
+        log(skipped_files_line(held_out.skipped))
     if out_dir:
         write_report(out_dir, evaluation, loaded.task, loaded.class_names)
     return evaluation

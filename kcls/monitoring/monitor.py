@@ -56,7 +56,7 @@ from kcls.layout import (
     resolve_export_dir,
 )
 from kcls.load import load_saved_model, read_export_metadata, read_reference
-from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare
+from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare, small_reference_warning
 from kcls.monitoring.prediction_log import read_predictions, skipped_lines_line
 from kcls.tasks import Task, get_task
 
@@ -192,7 +192,9 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
 
     Returns:
         The `kcls.monitoring.drift.compare` result plus `model_dir` (the export version), `source`,
-        `reference_examples`, `skipped` (image files that did not decode),
+        `reference_examples`, `reference_warning` (a reference too small for `alpha`,
+        `kcls.monitoring.drift.small_reference_warning`, or None), `skipped` (image
+        files that did not decode),
         `skipped_lines` (unusable log lines) and `out_dir`; also written to `monitor.json`.
 
     Raises:
@@ -231,7 +233,10 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
         raise MonitorError(f"{source} has {len(classes)} usable predictions; the tests need "
                            f"at least {MIN_EXAMPLES} (a few hundred detect small shifts).")
     result = compare(profile, classes, confidences, embeddings, alpha, permutations)
-    result.update(model_dir=str(export_dir), source=source,
+    warning = small_reference_warning(profile["examples"], alpha)
+    if warning:
+        log(f"warning: {warning}")
+    result.update(model_dir=str(export_dir), source=source, reference_warning=warning,
                   reference_examples=profile["examples"], skipped=skipped,
                   skipped_lines=skipped_lines, out_dir=str(out_dir))
     result["verdict"] = verdict_line(result)
@@ -244,7 +249,7 @@ def verdict_line(result: dict[str, Any]) -> str:
     smallest p-value). `result`: a `monitor` result (`reference_examples` set)."""
     p_values = {name: test["p_value"] for name, test in result["tests"].items()}
     sizes = (f"{result['examples']} current predictions vs {result['reference_examples']} "
-             "reference test images")
+             "reference held-out images")
     if result["drift"]:
         flagged = ", ".join(f"{name} p={p_values[name]:.2g}" for name in result["flagged"])
         return (f"DRIFT: {sizes}; flagged by {flagged} "
@@ -272,6 +277,8 @@ def write_monitor_report(out_dir: str | Path, result: dict[str, Any],
 def markdown_monitor_report(result: dict[str, Any], plots: list[str]) -> str:
     """The verdict, one table row per test and the plots, as Markdown."""
     lines = ["# Drift monitoring", "", f"**{result['verdict']}**", "",
+             *([f"Warning: {result['reference_warning']}", ""]
+               if result.get("reference_warning") else []),
              f"Model `{result['model_dir']}`, current data `{result['source']}`. "
              f"Decision: {result['decision']}, alpha {result['alpha']}.", "",
              "| test | statistic | p-value | drift |", "| --- | --- | --- | --- |"]

@@ -41,7 +41,7 @@ import tensorflow as tf
 from kcls.config import Recipe
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import prepare_image
-from kcls.data.sources import load_splits
+from kcls.data.sources import HeldOut, load_splits, recorded_test_examples
 from kcls.files import check_output_dir, write_bytes, write_json, write_text
 from kcls.layout import (
     FLOAT32_TFLITE_FILE,
@@ -66,15 +66,21 @@ from kcls.tasks import Task
 METHODS = PTQ_METHODS + TRAINING_METHODS
 
 
-def held_out_examples(recipe: Recipe, skipped: list[str] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """The recipe's held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]`
-    (multi-label: multi-hot int64 `[N, C]`).
+def held_out_examples(recipe: Recipe, skipped: list[str] | None = None,
+                      class_names: list[str] | None = None,
+                      test_files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]` (multi-label:
+    multi-hot int64 `[N, C]`): the `test_files` a run recorded (labelled by
+    `class_names`, `kcls.data.sources.recorded_test_examples`), else the recipe's split.
 
-    `skipped` receives the source's files that do not reach the model (`Splits.skipped`).
+    `skipped` receives the source's files that do not reach the model.
     """
-    splits = load_splits(recipe.data)
-    prepared = splits.test.map(
+    if test_files is not None and class_names is not None:
+        held_out = recorded_test_examples(recipe.data, class_names, test_files)
+    else:
+        splits = load_splits(recipe.data)
+        held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
+    prepared = held_out.examples.map(
         lambda image, label: (prepare_image(image, recipe.data.image_size, recipe.data.resize),
                               label), num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
@@ -82,7 +88,7 @@ def held_out_examples(recipe: Recipe, skipped: list[str] | None = None
         images.append(image)
         labels.append(label)
     if skipped is not None:
-        skipped.extend(name for name in splits.skipped if name not in skipped)
+        skipped.extend(name for name in held_out.skipped if name not in skipped)
     return np.stack(images).astype(np.float32), np.asarray(labels, np.int64)
 
 
@@ -146,7 +152,8 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
                 saved_model, method,
                 representative_images(loaded.recipe, calibration_images, skipped),
                 io_type, per_channel), {}
-    images, labels = held_out_examples(loaded.recipe, skipped)
+    images, labels = held_out_examples(loaded.recipe, skipped, loaded.class_names,
+                                       loaded.metadata.get("test_files"))
     skipped.extend(name for name in mot_result.get("skipped_files", []) if name not in skipped)
     if skipped:
         log(skipped_files_line(skipped))

@@ -12,8 +12,8 @@ the reference profile and the export. It writes the run directory:
     <run_dir>/report.md      the metrics as tables, with the plots below
     <run_dir>/*.png          training curves and the task's plots (confusion matrix,
                              reliability, confident mistakes; PR curves for multi-label)
-    <run_dir>/reference.json the test split's reference profile (`kcls.monitoring.profile`),
-                             exported for `kcls monitor`
+    <run_dir>/reference.json the reference profile of the held-out images (validation and
+                             test; `kcls.monitoring.profile`), exported for `kcls monitor`
     <run_dir>/model.weights.h5  trained weights, re-exported by `kcls export RUN_DIR`
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
@@ -56,8 +56,10 @@ from kcls.layout import (
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
-from kcls.monitoring.profile import reference_profile
+from kcls.monitoring.drift import small_reference_warning
+from kcls.monitoring.profile import REFERENCE_SPLITS, reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.serving.publish import check_model_labels
 from kcls.tasks import Evaluation, Task
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import describe_devices, describe_strategy
@@ -124,6 +126,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if run_dir is not None:
         check_run_dir(run_dir)
     prepared = prepare(recipe, splits)
+    if recipe.export.enabled:  # a version of other classes is refused: before training
+        check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
+                           prepared.class_names)
     if run_dir is not None and recipe.train.time_budget is None:
         check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
     with claim_run_dir(run_dir, recipe.name, log) as run_dir:
@@ -140,6 +145,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         run_info = {**software_versions(), **prepared.record(), **training_record(training),
                     "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
                     "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
+                    "test_files": prepared.splits.test_files,  # what `kcls evaluate` scores
                     "export_dir": str(export_dir) if export_dir else None, "seconds": seconds}
         if training.get("jit_compile") != prepared.train_config.jit_compile:
             run_info["jit_compile_reason"] = (f"{prepared.jit_compile_reason}; off: a layer of "
@@ -182,7 +188,7 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
     return TimeBudget(
         parse_duration(recipe.train.time_budget),
         evaluation_images=test * (2 if recipe.evaluate.flip_tta else 1)
-        + test * (2 if recipe.export.flip_tta else 1)  # the reference profile
+        + (test + calibration.count) * (2 if recipe.export.flip_tta else 1)  # the reference
         + (calibration.count if calibration.plan.method != "none" else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
         else AFTER_TRAINING_SECONDS / 2)
@@ -232,6 +238,7 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: dict[str, Any]
     for line in task.notes(evaluation.metrics):
         log(line)
     evaluation.skipped = list(splits.skipped)  # the report names them too
+    evaluation.files = splits.evaluated_test_files()  # the mistakes' file names
     images = (mistake_images(splits, recipe, evaluation)
               if "confident_mistakes" in task.plots else None)
     write_report(run_dir, evaluation, task, splits.class_names, training["history"],
@@ -251,13 +258,18 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     write_samples(prepared.splits, recipe, task, run_dir / SAMPLES_DIR)
     reference = None
     if task.supports_monitoring:
-        reference = reference_profile(prepared.classifier, test_batches(prepared),
-                                      prepared.class_names, task, recipe.export.flip_tta)
+        reference = reference_profile(prepared.classifier, reference_batches(prepared),
+                                      prepared.class_names, task, recipe.export.flip_tta,
+                                      split=REFERENCE_SPLITS)
         write_json(run_dir / RUN_REFERENCE_FILE, reference, indent=None)
+        warning = small_reference_warning(reference["examples"])
+        if warning:
+            log(f"warning: {warning}")
     if not recipe.export.enabled:
         return None
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
-                                    task=task, reference=reference)
+                                    task=task, reference=reference,
+                                    test_files=prepared.splits.test_files)
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
         "single-label models only)"))
@@ -269,6 +281,16 @@ def test_batches(prepared: Prepared) -> tf.data.Dataset:
     splits = prepared.splits
     return eval_pipeline(splits.test, len(splits.class_names), prepared.recipe.data, "test",
                          splits.fingerprint)
+
+
+def reference_batches(prepared: Prepared) -> tf.data.Dataset:
+    """Every image the run held out from training, the reference profile's data: the
+    test split and the validation split (or, without one, the calibration carve-out)."""
+    examples, held_out = prepared.splits.test, prepared.calibration.examples
+    if held_out is not None:
+        examples = examples.concatenate(held_out)
+    return eval_pipeline(examples, len(prepared.class_names),
+                         dataclasses.replace(prepared.recipe.data, cache="none"))
 
 
 def training_record(training: dict[str, Any]) -> dict[str, Any]:
