@@ -238,3 +238,15 @@ def test_image_files_skip_hidden_folders_and_undecodable_files_are_named(exporte
     assert "broken.jpg" in lines[0]
     with pytest.raises(MonitorError, match="not a folder"):
         image_files(tmp_path / "nowhere")
+
+
+def test_monitor_follows_symlinked_folders_as_training_does(tmp_path):
+    """Issue 29 minor: `kcls monitor --data` ignored a symlinked class folder."""
+    images, _ = colour_images(4, seed=3)
+    real = write_folder(tmp_path / "elsewhere" / "cats", images)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "cats").symlink_to(real, target_is_directory=True)
+    (incoming / "loop").symlink_to(incoming, target_is_directory=True)  # listed once
+    assert [path.name for path in image_files(incoming)] == [
+        "000.png", "001.png", "002.png", "003.png"]

@@ -153,10 +153,23 @@ def scan_images(root: str | Path) -> FolderFiles:
 
 def list_image_files(root: Path) -> list[Path]:
     """The image files (by extension) under the folder `root`, at any depth, sorted;
-    hidden files and folders (names starting with `.`) left out. Nothing is opened."""
-    return [path for path in sorted(root.rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    hidden files and folders (names starting with `.`) left out. Nothing is opened.
+
+    Symbolic links to folders are followed, as training follows a symlinked class
+    folder; each real folder is listed once, so a link loop ends.
+    """
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [Path(folder) / name for name in names if not name.startswith(".")
+                  and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                  and (Path(folder) / name).is_file()]
+    return sorted(found)
 
 
 def check_images(root: str | Path, paths: Sequence[Path]) -> list[bool]:
