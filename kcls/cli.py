@@ -18,11 +18,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise on a
@@ -468,26 +466,12 @@ def start_tensorflow() -> None:
     TF_CPP_MIN_LOG_LEVEL, so the native stderr is muted for the duration unless the
     user asked for logs with TF_CPP_MIN_LOG_LEVEL=0. Python errors still surface.
     """
-    with _native_stderr_muted(os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0"):
+    from kcls.environment import native_logs_wanted, native_stderr_muted
+
+    with native_stderr_muted(not native_logs_wanted()):
         import tensorflow as tf
 
         tf.config.list_logical_devices()
-
-
-@contextlib.contextmanager
-def _native_stderr_muted(mute: bool) -> Iterator[None]:
-    if not mute:
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _resolve(name: str, overrides: tuple[str, ...]):
