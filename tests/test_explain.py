@@ -34,6 +34,15 @@ def patch_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return images, labels, masks
 
 
+def save_patch_images(count: int, seed: int, folder, name: str):
+    """`patch_images` saved as PNGs named `name.format(index)`: (images, paths)."""
+    images, _, _ = patch_images(count, seed)
+    paths = [folder / name.format(index) for index in range(count)]
+    for path, image in zip(paths, images):
+        Image.fromarray(image.astype(np.uint8)).save(path)
+    return images, paths
+
+
 @pytest.fixture(scope="module")
 def trained_classifier():
     keras.utils.set_random_seed(0)
@@ -75,11 +84,7 @@ def test_an_export_loads_back_as_the_same_keras_classifier(trained_classifier, t
 def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     export_dir = export_saved_model(trained_classifier, Recipe(name="patches"),
                                     ["left", "right"], base_dir=tmp_path / "models")
-    images, _, _ = patch_images(2, 3)
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(tmp_path / f"img {index}.png")
-        Image.fromarray(image.astype(np.uint8)).save(paths[-1])
+    images, paths = save_patch_images(2, 3, tmp_path, "img {}.png")
     result = CliRunner().invoke(main, ["explain", str(export_dir), *map(str, paths),
                                        "--out", str(tmp_path / "cams")])
     assert result.exit_code == 0, result.output
@@ -147,11 +152,7 @@ def test_predict_and_explain_print_the_same_calibrated_probability(trained_class
     export_dir = export_saved_model(trained_classifier, recipe, ["left", "right"],
                                     base_dir=tmp_path / "models",
                                     task=SingleLabelTask(temperature=3.0))
-    images, _, _ = patch_images(3, 7)
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(tmp_path / f"{index}.png")
-        Image.fromarray(image.astype(np.uint8)).save(paths[-1])
+    images, paths = save_patch_images(3, 7, tmp_path, "{}.png")
     predicted = CliRunner().invoke(main, ["predict", str(export_dir), *map(str, paths),
                                           "--top-k", "1"])
     explained = CliRunner().invoke(main, ["explain", str(export_dir), *map(str, paths),

@@ -274,7 +274,9 @@ def test_the_finetune_recipe_runs_on_a_photo_folder_and_its_export_predicts(tmp_
                                          "weights": "imagenet", "dropout": 0.2,
                                          "task": "multiclass"}
     sample = sorted((tmp_path / "run" / "samples").glob("*.png"))[0]
-    predicted = CliRunner().invoke(main, ["predict", str(models / "hymenoptera-train"), str(sample)])
+    # Served under the folder's name (issue 29, defect 10), not the recipe's.
+    predicted = CliRunner().invoke(main, ["predict", str(models / "hymenoptera-train"),
+                                          str(sample)])
     assert predicted.exit_code == 0, predicted.output
     labels = [label for label in predicted.output.split() if label in ("ants", "bees")]
     assert len(labels) == 2  # both classes, ranked
