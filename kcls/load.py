@@ -8,11 +8,11 @@ loading never depends on the order variables are listed in. The architecture is 
 in float32 from the recipe; no training code is imported. File names: `kcls.layout`.
 
 Every file kcls reads back goes through one reader here (`read_run_config`,
-`read_run_info`, `load_run_metrics`, `read_export_metadata`, `read_reference`,
-`load_weights`, `load_saved_model`). A file that exists but cannot be read (cut short by
-a full disk or an interrupted copy, overwritten, not what kcls writes there) is a
-`DamagedFileError` whose one-line message names the file and how to get a good one; a
-missing one is a `FileNotFoundError` naming it.
+`read_run_info`, `load_run_metrics`, `read_export_metadata`, `read_export_labels`,
+`read_reference`, `load_weights`, `load_saved_model`). A file that exists but cannot
+be read (cut short by a full disk or an interrupted copy, overwritten, not what kcls
+writes there) is a `DamagedFileError` whose one-line message names the file and how to
+get a good one; a missing one is a `FileNotFoundError` naming it.
 
 Example:
 
@@ -30,7 +30,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from google.protobuf.message import DecodeError
 
 from kcls.config import ConfigError, Recipe, from_dict
 from kcls.layout import (
@@ -269,7 +268,7 @@ def load_saved_model(export_dir: str | Path, signature: str) -> tuple[Any, Any]:
     try:
         loaded = tf.saved_model.load(str(export_dir))
         return loaded, loaded.signatures[signature]
-    except (OSError, ValueError, KeyError, IndexError, DecodeError, tf.errors.OpError) as error:
+    except (OSError, ValueError, KeyError, IndexError, tf.errors.OpError) as error:
         detail = _first_line(error) if str(error).strip() else repr(error)
         raise DamagedFileError(
             f"The export {str(export_dir)!r} cannot be loaded ({detail}): {EXPORT_FIX}, or "
