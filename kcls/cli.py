@@ -7,7 +7,7 @@
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
     kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
-    kcls export RUN_DIR [--base-dir DIR]
+    kcls export RUN_DIR [--base-dir DIR] [--model-name NAME]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
@@ -18,11 +18,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise on a
@@ -42,11 +40,13 @@ MODEL_DIR = click.argument("model_dir",
 # one, and `kcls recipe list` never pays for importing TensorFlow.
 USER_ERRORS = (
     ("kcls.config", "ConfigError", click.UsageError),
+    ("kcls.files", "OutputFolderError", click.UsageError),
+    ("kcls.layout", "CacheDirError", click.UsageError),
     ("kcls.monitoring.monitor", "MonitorError", click.UsageError),
     ("kcls.serving.client", "MissingServingApiError", click.UsageError),
     ("kcls.optimize.convert", "OptimizeError", click.ClickException),
     ("kcls.serving.predict", "PredictionError", click.ClickException),
-    ("kcls.serving.predict", "UnreadableExportError", click.ClickException),
+    ("kcls.load", "DamagedFileError", click.ClickException),
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
     ("kcls.serving.client", "ServingError", click.ClickException),
     ("kcls.evaluation.explain", "ImageError", click.ClickException),
@@ -237,13 +237,16 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Export base directory (default: the run's export.base_dir).")
-def export(run_dir: Path, base_dir: Path | None) -> None:
+@click.option("--model-name", metavar="NAME",
+              help="Serve it under this name (default: the run's export.model_name, else its "
+                   "image folder's or recipe's name).")
+def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
     from kcls.layout import MODELS_CONFIG_FILE
     from kcls.workflows.export import export_run
 
-    version_dir = export_run(run_dir, base_dir)
+    version_dir = export_run(run_dir, base_dir, model_name)
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
 
@@ -282,21 +285,22 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 @MODEL_DIR
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", default="explanations", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for the overlays.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the overlays (default: RUN_DIR/explanations, or "
+                   "saved_models/NAME/explanations/VERSION for an export).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing overlays of the same name (default: a new name).")
-def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
+def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path | None,
+            overwrite: bool) -> None:
     """Write Grad-CAM overlays of the top-1 class for IMAGES (of every predicted label for a
     multi-label model).
 
     MODEL_DIR is an export (version or model folder) or a run directory.
     """
     start_tensorflow()
-    from kcls.evaluation.explain import explain_files
-    from kcls.load import load_classifier
+    from kcls.evaluation.explain import explain_model
 
-    written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
+    written = explain_model(model_dir, list(images), out_dir, overwrite)
     for image, (target, label, probability) in zip(images, written):
         click.echo(f"{image} -> {target}: {label} ({probability:.3f})")
 
@@ -327,9 +331,10 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite:
 @click.option("--target-sparsity", default=0.5, show_default=True,
               type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="prune: final share of zeros in every Conv/Dense kernel.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier optimize report in --out.")
 def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: bool,
              out_dir: Path | None, calibration_images: int, latency_runs: int, threads: int,
-             epochs: int, target_sparsity: float) -> None:
+             epochs: int, target_sparsity: float, overwrite: bool) -> None:
     """Quantize a trained model (a run dir or an export) to TFLite and compare it with float32.
 
     Both models are evaluated on the recipe's held-out test split; optimize.json,
@@ -345,7 +350,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
 
     report = optimize_model(model_path, method, out_dir, io_type or "int8",
                             calibration_images, latency_runs, threads, epochs,
-                            target_sparsity, per_channel=not per_tensor, log=click.echo)
+                            target_sparsity, per_channel=not per_tensor, overwrite=overwrite,
+                            log=click.echo)
     for name, row in (("float32", report["float32"]), (method, report["optimized"])):
         click.echo(f"{name:<12} {row['size_bytes']:>10,} bytes ({row['zipped_bytes']:,} zipped)"
                    f"  {metrics_line(report, row)}  {row['latency_ms']:.3f} ms/image")
@@ -364,8 +370,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
               help="Or a folder of recent production images (any layout, no labels), run "
                    "through the export: class, confidence and embedding tests.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for monitor.json, monitor.md and plots "
-                   "(default: monitor/MODEL-UTCTIME).")
+              help="Folder for monitor.json, monitor.md and plots (default: "
+                   "saved_models/NAME/monitor/VERSION/UTCTIME, beside the export's versions).")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="False-alarm rate on unchanged data (Bonferroni over the tests).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
@@ -462,26 +468,12 @@ def start_tensorflow() -> None:
     TF_CPP_MIN_LOG_LEVEL, so the native stderr is muted for the duration unless the
     user asked for logs with TF_CPP_MIN_LOG_LEVEL=0. Python errors still surface.
     """
-    with _native_stderr_muted(os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0"):
+    from kcls.environment import native_logs_wanted, native_stderr_muted
+
+    with native_stderr_muted(not native_logs_wanted()):
         import tensorflow as tf
 
         tf.config.list_logical_devices()
-
-
-@contextlib.contextmanager
-def _native_stderr_muted(mute: bool) -> Iterator[None]:
-    if not mute:
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _resolve(name: str, overrides: tuple[str, ...]):

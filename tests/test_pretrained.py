@@ -281,12 +281,14 @@ def test_the_finetune_recipe_runs_on_a_photo_folder_and_its_export_predicts(tmp_
         "--set", "train.frozen_epochs=1", "--set", "train.unfrozen_epochs=1",
         "--set", "train.steps_per_epoch=2", "--set", f"export.base_dir={models}"])
     assert result.exit_code == 0, result.output
-    config = json.loads((models / "finetune" / "1" / "kcls.json").read_text())
+    config = json.loads((models / "hymenoptera-train" / "1" / "kcls.json").read_text())
     assert config["recipe"]["model"] == {"backbone": "efficientnet_lite0",
                                          "weights": "imagenet", "dropout": 0.2,
                                          "task": "multiclass"}
     sample = sorted((tmp_path / "run" / "samples").glob("*.png"))[0]
-    predicted = CliRunner().invoke(main, ["predict", str(models / "finetune"), str(sample)])
+    # Served under the folder's name (issue 29, defect 10), not the recipe's.
+    predicted = CliRunner().invoke(main, ["predict", str(models / "hymenoptera-train"),
+                                          str(sample)])
     assert predicted.exit_code == 0, predicted.output
     labels = [label for label in predicted.output.split() if label in ("ants", "bees")]
     assert len(labels) == 2  # both classes, ranked

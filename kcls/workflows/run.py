@@ -12,8 +12,8 @@ the reference profile and the export. It writes the run directory:
     <run_dir>/report.md      the metrics as tables, with the plots below
     <run_dir>/*.png          training curves and the task's plots (confusion matrix,
                              reliability, confident mistakes; PR curves for multi-label)
-    <run_dir>/reference.json the test split's reference profile (`kcls.monitoring.profile`),
-                             exported for `kcls monitor`
+    <run_dir>/reference.json the reference profile of the held-out images (validation and
+                             test; `kcls.monitoring.profile`), exported for `kcls monitor`
     <run_dir>/model.weights.h5  trained weights, re-exported by `kcls export RUN_DIR`
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
@@ -46,7 +46,7 @@ from kcls.environment import software_versions
 from kcls.evaluation.evaluate import evaluate_classifier, predict_batches
 from kcls.evaluation.plots import confident_mistakes
 from kcls.evaluation.report import write_report
-from kcls.files import save_weights, write_bytes, write_json, write_text
+from kcls.files import safe_file_name, save_weights, write_bytes, write_json, write_text
 from kcls.layout import (
     LR_FIND_PHASE_PLOT,
     REPORT_FILE,
@@ -56,8 +56,10 @@ from kcls.layout import (
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
-from kcls.monitoring.profile import reference_profile
+from kcls.monitoring.drift import small_reference_warning
+from kcls.monitoring.profile import REFERENCE_SPLITS, reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.serving.publish import check_model_labels
 from kcls.tasks import Evaluation, Task
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import describe_devices, describe_strategy
@@ -125,6 +127,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if run_dir is not None:
         check_run_dir(run_dir)
     prepared = prepare(recipe, splits)
+    if recipe.export.enabled:  # a version of other classes is refused: before training
+        check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
+                           prepared.class_names)
     if run_dir is not None and recipe.train.time_budget is None:
         check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
     with claim_run_dir(run_dir, recipe.name, log) as run_dir:
@@ -176,7 +181,7 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
     return TimeBudget(
         parse_duration(recipe.train.time_budget),
         evaluation_images=test * (2 if recipe.evaluate.flip_tta else 1)
-        + test * (2 if recipe.export.flip_tta else 1)  # the reference profile
+        + (test + calibration.count) * (2 if recipe.export.flip_tta else 1)  # the reference
         + (calibration.count if calibration.plan.method != "none" else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
         else AFTER_TRAINING_SECONDS / 2)
@@ -226,6 +231,7 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
     for line in task.notes(evaluation.metrics):
         log(line)
     evaluation.skipped = list(splits.skipped)  # the report names them too
+    evaluation.files = splits.evaluated_test_files()  # the mistakes' file names
     images = (mistake_images(splits, recipe, evaluation)
               if "confident_mistakes" in task.plots else None)
     write_report(run_dir, evaluation, task, splits.class_names, training.history,
@@ -246,13 +252,18 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     write_samples(prepared.splits, recipe, task, run_dir / SAMPLES_DIR)
     reference = None
     if task.supports_monitoring:
-        reference = reference_profile(prepared.classifier, test_batches(prepared),
-                                      prepared.class_names, task, recipe.export.flip_tta)
+        reference = reference_profile(prepared.classifier, reference_batches(prepared),
+                                      prepared.class_names, task, recipe.export.flip_tta,
+                                      split=REFERENCE_SPLITS)
         write_json(run_dir / RUN_REFERENCE_FILE, reference, indent=None)
+        warning = small_reference_warning(reference["examples"])
+        if warning:
+            log(f"warning: {warning}")
     if not recipe.export.enabled:
         return None
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
-                                    task=task, reference=reference)
+                                    task=task, reference=reference,
+                                    test_files=prepared.splits.test_files)
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
         "single-label models only)"))
@@ -266,6 +277,16 @@ def test_batches(prepared: Prepared) -> tf.data.Dataset:
                          splits.fingerprint)
 
 
+def reference_batches(prepared: Prepared) -> tf.data.Dataset:
+    """Every image the run held out from training, the reference profile's data: the
+    test split and the validation split (or, without one, the calibration carve-out)."""
+    examples, held_out = prepared.splits.test, prepared.calibration.examples
+    if held_out is not None:
+        examples = examples.concatenate(held_out)
+    return eval_pipeline(examples, len(prepared.class_names),
+                         dataclasses.replace(prepared.recipe.data, cache="none"))
+
+
 def run_record(prepared: Prepared, training: TrainingResult, task: Task,
                evaluation: Evaluation, export_dir: Path | None, seconds: dict[str, float],
                time_budget: TimeBudget | None) -> dict[str, Any]:
@@ -274,6 +295,7 @@ def run_record(prepared: Prepared, training: TrainingResult, task: Task,
     record = {**software_versions(), **prepared.record(), **training_record(training, prepared),
               "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
               "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
+              "test_files": prepared.splits.test_files,  # what `kcls evaluate` scores
               "export_dir": str(export_dir) if export_dir else None, "seconds": seconds}
     if training.jit_compile != prepared.train_config.jit_compile:
         record["jit_compile_reason"] = (f"{prepared.jit_compile_reason}; off: a layer of the "
@@ -321,13 +343,14 @@ def mistake_images(splits: Splits, recipe: Recipe,
 
 
 def write_samples(splits: Splits, recipe: Recipe, task: Task, folder: Path) -> None:
-    """Saves the first test images as `<index>_<class>.png`, resized to the model input."""
+    """Saves the first test images as `<index>_<class>.png`, resized to the model input
+    (the class name escaped by `kcls.files.safe_file_name`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, (image, label) in enumerate(splits.test.take(SAMPLE_IMAGES)):
         resized = tf.cast(tf.round(prepare_image(image, recipe.data.image_size,
                                                  recipe.data.resize)), tf.uint8)
         names = task.label_names(label.numpy(), splits.class_names)
-        name = f"{index}_{'+'.join(names)}.png".replace("/", "_")
+        name = f"{index}_{safe_file_name('+'.join(names))}.png"
         write_bytes(folder / name, tf.io.encode_png(resized).numpy())
 
 
