@@ -300,3 +300,19 @@ def test_optimize_prints_no_converter_lines_and_points_at_the_edge_extra(trained
     assert not [message for message in messages if "scheduled for deletion" in message]
     if interpreter.interpreter_name() == "tf.lite":
         assert [message for message in messages if 'pip install "kcls[edge]"' in message]
+
+
+def test_importing_the_tf_mot_worker_leaves_this_process_on_keras_3():
+    # The worker switches a process to tf-keras only when it runs as the program: a test
+    # (or a docs check) importing it once must not hand TF_USE_LEGACY_KERAS=1 to every
+    # child process started after it (CLI runs, notebook kernels).
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    code = ("import os, kcls.optimize.mot_worker\n"
+            "print(os.environ.get('TF_USE_LEGACY_KERAS', 'unset'))")
+    printed = subprocess.run([sys.executable, "-c", code], env=environment, check=True,
+                             capture_output=True, text=True).stdout
+    assert printed.split()[-1] == "unset"
