@@ -139,8 +139,8 @@ def test_a_run_records_t_and_its_export_serves_softmax_of_logits_over_t(tiny_rec
     assert run_info["calibration"]["fitted_on"] == "validation split"
     assert metadata["metrics"]["calibration"]["after"]["nll"] == result.metrics["nll"]
     assert "## Calibration" in (result.run_dir / "report.md").read_text()
-    assert load_classifier(result.export_dir).temperature == temperature
-    assert load_classifier(result.run_dir).temperature == temperature
+    for model in (result.export_dir, result.run_dir):
+        assert load_classifier(model).task.metadata()["temperature"] == temperature
 
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     logits = result.classifier(images.astype("float32"), training=False).numpy()
