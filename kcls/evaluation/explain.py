@@ -92,8 +92,11 @@ def explain_model(model_path: str | Path, image_paths: list[str | Path],
         ImageError, FileNotFoundError, DamagedFileError, ConfigError: as `explain_files`
             and `load_classifier`.
     """
-    out_dir = check_output_dir(out_dir or model_output_dir(model_path, EXPLANATIONS_DIR))
-    return explain_files(load_classifier(model_path), image_paths, out_dir, overwrite)
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    loaded = load_classifier(model_path)  # its errors name what `model_path` lacks
+    out_dir = out_dir or check_output_dir(model_output_dir(model_path, EXPLANATIONS_DIR))
+    return explain_files(loaded, image_paths, out_dir, overwrite)
 
 
 def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],

@@ -134,8 +134,9 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         OutputFolderError: `out_dir` cannot be written (checked before any work).
         FileNotFoundError, ConfigError: from `load_classifier`.
     """
-    out_dir = check_request(model_path, method, io_type, out_dir, overwrite)
-    loaded = load_classifier(model_path)
+    out_dir = check_request(method, io_type, out_dir, overwrite)
+    loaded = load_classifier(model_path)  # its errors name what `model_path` lacks
+    out_dir = out_dir or check_optimize_dir(optimized_dir(model_path, method), overwrite)
     skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
         saved_model = write_probability_saved_model(
@@ -173,10 +174,10 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     return report
 
 
-def check_request(model_path: str | Path, method: str, io_type: str,
-                  out_dir: str | Path | None, overwrite: bool) -> Path:
-    """The output folder of an `optimize` call, once the request is checked (before any
-    work): the method, the io type and a writable folder without an earlier report.
+def check_request(method: str, io_type: str, out_dir: str | Path | None,
+                  overwrite: bool) -> Path | None:
+    """Checks an `optimize` request before any work: the method, the io type and, when
+    given, the output folder (`check_optimize_dir`). Returns that folder or None.
 
     Raises:
         OptimizeError: unknown method or io type, or an earlier report (no `overwrite`).
@@ -186,7 +187,12 @@ def check_request(model_path: str | Path, method: str, io_type: str,
         raise OptimizeError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
     if io_type not in IO_TYPES:
         raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
-    out_dir = check_output_dir(out_dir or optimized_dir(model_path, method))
+    return None if out_dir is None else check_optimize_dir(out_dir, overwrite)
+
+
+def check_optimize_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """`out_dir`, once checked writable and without an earlier report (or `overwrite`)."""
+    out_dir = check_output_dir(out_dir)
     if (out_dir / OPTIMIZE_REPORT_FILE).exists() and not overwrite:
         raise OptimizeError(f"{out_dir / OPTIMIZE_REPORT_FILE} exists: pass --overwrite to "
                             "replace that optimized model and its report, or another --out.")
