@@ -31,6 +31,7 @@ ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
 Calibrate = Literal["auto", "temperature", "none"]
 Task = Literal["multiclass", "multilabel"]
+DownloadPolicy = Literal["auto", "never"]
 JitCompile = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
 
@@ -72,6 +73,10 @@ class DataConfig:
         source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH` or
             `manifest:PATH.csv` (multi-label, `kcls.data.manifest`).
         data_dir: TFDS data directory; `None` means the TFDS default (`~/tensorflow_datasets`).
+        download: what a `tfds:NAME` source that is not prepared in `data_dir` does: `auto`
+            downloads and prepares it through TFDS itself (its checksums and progress bars;
+            once, then it is read from `data_dir`), `never` stops before training with
+            the commands that prepare it elsewhere.
         train_split: TFDS split (slicing allowed, e.g. `train[:90%]`) for training and
             validation.
         test_split: TFDS split held out for the final evaluation. Sources without
@@ -99,6 +104,7 @@ class DataConfig:
 
     source: str = "sklearn:digits"
     data_dir: Optional[str] = None
+    download: DownloadPolicy = "auto"
     train_split: str = "train"
     test_split: str = "test"
     validation_fraction: float = 0.1
