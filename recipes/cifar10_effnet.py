@@ -11,7 +11,8 @@ downloads and prepares it through TFDS (`data.download=auto`), into `data.data_d
 (default `~/tensorflow_datasets`); `--set data.download=never` refuses instead.
 
 Model: EfficientNetV2-B0 with the KerasCV ImageNet preset (downloaded once, then
-cached). Offline, the run stops before training with a message naming what could not be
+cached; `--set model.weights=DIR` reads a preset folder copied from a machine that has
+it). Offline, the run stops before training with a message naming what could not be
 fetched and the overrides that avoid it.
 
 Schedule: 2 epochs training the head on the frozen backbone, then 8 epochs of the

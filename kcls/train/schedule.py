@@ -32,8 +32,11 @@ from kcls.train.layerwise import LayerwiseAdamW, LayerwiseSGD
 SGD_MOMENTUM = 0.9
 EMA_MOMENTUM = 0.99
 # Variable names (Keras 3 `variable.name`, regular expressions) kept out of weight decay:
-# shrinking biases and normalisation scales/offsets towards 0 only hurts.
-NO_WEIGHT_DECAY = ("bias", "gamma", "beta")
+# shrinking biases and normalisation scales/offsets towards 0 only hurts, and so it does
+# for a transformer's position embeddings, class/register tokens and layer scales
+# (`embeddings`, `class_token`, `cls_token`, `register_tokens`, `lambda1` in KerasHub's
+# ViT and DINOv2; timm and BEiT exclude the same).
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "embeddings", "token", "lambda")
 
 
 @dataclass(frozen=True)
