@@ -18,7 +18,7 @@ from kcls.models.backbones import backbone_blocks, build_backbone
 from kcls.models.classifier import BACKBONE_LAYER, build_classifier
 from kcls.recipes import load_recipe
 from kcls.train.layerwise import layer_decay_multipliers
-from kcls.train.schedule import make_optimizer, set_backbone_trainable
+from kcls.train.schedule import describe_normalization, make_optimizer, set_backbone_trainable
 
 keras_hub = pytest.importorskip("keras_hub", reason='KerasHub is the extra kcls[hub]')
 
@@ -102,6 +102,9 @@ def test_blocks_are_found_and_cover_every_weight_once(presets, name, blocks):
     assert set(multipliers) == {variable.path for variable in backbone.weights}
     assert sorted(set(multipliers.values()))[0] == 0.5 ** blocks
 
+    if name == "resnet":  # BatchNorm stays in inference mode on pretrained weights
+        assert describe_normalization(classifier, False) == (
+            "10 BatchNormalization layers in inference mode")
     set_backbone_trainable(classifier, True, unfreeze="1")
     last = {id(variable) for layer in found[-1] for variable in layer.trainable_weights}
     trained = {id(variable) for variable in backbone.trainable_weights}
@@ -115,6 +118,8 @@ def test_layer_norm_trains_and_tokens_embeddings_and_norms_are_not_decayed(prese
     norms = [layer for layer in classifier._flatten_layers()
              if isinstance(layer, keras.layers.LayerNormalization)]
     assert len(norms) == 5 and all(layer.trainable for layer in norms)
+    assert describe_normalization(classifier, False) == (
+        "5 LayerNormalization layers train with their blocks; no BatchNormalization")
     # One AdamW step with zero gradients moves a variable only by its weight decay.
     optimizer = make_optimizer(0.1, TrainConfig(weight_decay=0.5))
     variables = classifier.trainable_variables
