@@ -32,6 +32,7 @@ ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
 Calibrate = Literal["auto", "temperature", "none"]
 Task = Literal["multiclass", "multilabel"]
+DownloadPolicy = Literal["auto", "never"]
 JitCompile = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
 
@@ -82,6 +83,10 @@ class DataConfig:
         source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH` or
             `manifest:PATH.csv` (multi-label, `kcls.data.manifest`).
         data_dir: TFDS data directory; `None` means the TFDS default (`~/tensorflow_datasets`).
+        download: what a `tfds:NAME` source that is not prepared in `data_dir` does: `auto`
+            downloads and prepares it through TFDS itself (its checksums and progress bars;
+            once, then it is read from `data_dir`), `never` stops before training with
+            the commands that prepare it elsewhere.
         train_split: TFDS split (slicing allowed, e.g. `train[:90%]`) for training and
             validation.
         test_split: TFDS split held out for the final evaluation. Sources without
@@ -110,6 +115,7 @@ class DataConfig:
 
     source: str = "sklearn:digits"
     data_dir: Optional[str] = None
+    download: DownloadPolicy = "auto"
     train_split: str = "train"
     test_split: str = "test"
     validation_fraction: float = 0.1
@@ -153,10 +159,18 @@ class ModelConfig:
     """The network: a named backbone and a classification head.
 
     Attributes:
-        backbone: a name from `kcls.models.backbones.BACKBONES`.
-        weights: `None` (random init), `imagenet` (offline for `efficientnet_lite0`, whose
-            weights ship with kcls; for the others the KerasCV preset, downloaded once and
-            cached) or a path to a `.weights.h5` file saved from the same backbone.
+        backbone: a name from `kcls.models.backbones.BACKBONES`, or a preset:
+            `keras_hub:PRESET_OR_PATH` (a KerasHub image backbone preset, e.g.
+            `keras_hub:resnet_50_imagenet`, or a local preset folder; its image converter's
+            scale and offset are folded into the model; `pip install "kcls[hub]"`) or
+            `keras_cv:PRESET_OR_PATH` (a KerasCV backbone preset or folder).
+        weights: `None` (random init), `imagenet` (offline for `efficientnet_lite0`,
+            `efficientnet_lite1` and `efficientnet_lite2`, whose weights ship with kcls; for
+            the others the KerasCV preset, downloaded once and cached; for a `keras_hub:` or
+            `keras_cv:` backbone the preset's own pretrained weights), a KerasCV preset
+            folder of the backbone's architecture (its ImageNet preset copied from a
+            machine that downloaded it) or a path to a `.weights.h5` file saved from the
+            same backbone.
         dropout: dropout rate before the classification layer.
         task: `multiclass` (one label per image: softmax and categorical cross-entropy)
             or `multilabel` (any set of labels per image: one sigmoid per label and
@@ -489,7 +503,8 @@ class PretrainConfig:
     Attributes:
         source: `folder:PATH`, a folder of images, searched recursively; sub-folder
             names (labels) are ignored. Required (`kcls pretrain FOLDER` sets it).
-        backbone: a name from `kcls.models.backbones.BACKBONES`.
+        backbone: a name from `kcls.models.backbones.BACKBONES`, or a `keras_hub:` or
+            `keras_cv:` preset (as `model.backbone`).
         weights: where the backbone starts: `None` (random initialisation), `imagenet`
             (domain-adaptive pretraining) or a `.weights.h5` file from the same backbone.
         image_size: side of the square input, in pixels, 16 to 2048 (use the fine-tune's

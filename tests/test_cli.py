@@ -46,9 +46,11 @@ def test_bad_override_value_names_key_and_type():
     assert "'data.batch_size'" in result.output and "expected an integer" in result.output
 
 
-def test_offline_cifar10_fails_fast_with_the_fix(tmp_path):
+def test_unprepared_cifar10_with_downloads_off_fails_fast_with_the_fix(tmp_path):
+    # data.download=auto would have TFDS download it (tests/test_data.py prepares a local
+    # builder that way, and checks the offline error).
     result = invoke("recipe", "run", "cifar10_effnet", "--set", f"data.data_dir={tmp_path}",
-                    "--out", str(tmp_path / "run"))
+                    "--set", "data.download=never", "--out", str(tmp_path / "run"))
     assert result.exit_code == 2
     assert "'cifar10' is not prepared" in result.output
     assert str(tmp_path) in result.output and "data.source=folder:" in result.output

@@ -4,7 +4,8 @@ A source is named by `DataConfig.source`:
 
 - `sklearn:digits` — scikit-learn's bundled 8x8 handwritten digits (1,797 real images,
   10 classes), offline everywhere scikit-learn is installed.
-- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`; a
+- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir` (and
+  downloaded and prepared there by TFDS on first use with `data.download=auto`); a
   `labels` feature that is a sequence of class labels makes it multi-label (float32
   multi-hot `[C]` labels).
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
@@ -30,12 +31,14 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
-from kcls.config import ConfigError, DataConfig
+from kcls.config import ConfigError, DataConfig, DownloadPolicy, require_choice
 
 
 @dataclass
@@ -480,19 +483,7 @@ def _sklearn_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _tfds_splits(name: str, config: DataConfig) -> Splits:
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=config.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(
-            f"TFDS has no dataset named {name!r} (data.source=tfds:{name}). "
-            "See https://www.tensorflow.org/datasets/catalog for the names.") from None
-    if not builder.is_prepared():
-        raise ConfigError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r} and kcls does not "
-            "download data during a run. Prepare it where there is internet "
-            f"(`tfds build {name} --data_dir DIR`) and point kcls at it with "
-            "--set data.data_dir=DIR, or train on local images with "
-            "--set data.source=folder:PATH (one sub-folder per class).")
+    builder = tfds_builder(name, config)
     features = builder.info.features
     label_key = next((key for key in ("label", "labels") if key in features), None)
     if "image" not in features or label_key is None:
@@ -536,6 +527,62 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
     return Splits(train.skip(validation_count), validation, test, class_names,
                   {"train": train_count - validation_count, "validation": validation_count,
                    "test": test_count}, fingerprint=source)
+
+
+def tfds_builder(name: str, config: DataConfig) -> Any:
+    """The TFDS builder of dataset `name`, prepared in `config.data_dir` (TFDS's default
+    folder when None).
+
+    With `data.download=auto` a dataset that is not prepared yet is downloaded and
+    prepared by TFDS itself (`download_and_prepare`: its URLs, checksums and progress
+    bars; files it has to be given by hand are read from `<data_dir>/downloads/manual`);
+    with `never` kcls refuses instead.
+
+    Returns:
+        A `tfds.core.DatasetBuilder` whose `as_dataset` reads the prepared files.
+
+    Raises:
+        ConfigError: an unknown name, a dataset that is not prepared with
+            `data.download=never`, or one that cannot be downloaded (no network, files
+            missing from the manual folder); the message names the dataset and the way
+            around.
+    """
+    import tensorflow_datasets as tfds
+
+    require_choice(config.download, DownloadPolicy, "data.download")
+    try:
+        builder = tfds.builder(name, data_dir=config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(
+            f"TFDS has no dataset named {name!r} (data.source=tfds:{name}). "
+            "See https://www.tensorflow.org/datasets/catalog for the names.") from None
+    if builder.is_prepared():
+        return builder
+    elsewhere = (f"prepare it where there is internet (`tfds build {name} --data_dir DIR`) "
+                 "and point kcls at it with --set data.data_dir=DIR, or train on local images "
+                 "with --set data.source=folder:PATH (one sub-folder per class)")
+    if config.download == "never":
+        raise ConfigError(
+            f"TFDS dataset {name!r} is not prepared in {str(builder.data_dir)!r} and "
+            f"data.download=never: {elsewhere}, or let TFDS download it with "
+            "--set data.download=auto.")
+    try:
+        builder.download_and_prepare()
+    except (OSError, tfds.download.DownloadError) as error:  # requests' errors are OSErrors
+        raise ConfigError(
+            f"Could not download TFDS dataset {name!r} into {str(builder.data_dir)!r} "
+            f"({type(error).__name__}: {str(error)[:160]}; no internet?): {elsewhere}."
+        ) from None
+    except AssertionError:  # TFDS's way of saying the manual download folder is empty
+        if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+            raise
+        # TFDS's default download folder: `downloads/` beside the dataset folders.
+        manual = Path(builder.data_dir).parents[1] / "downloads" / "manual"
+        raise ConfigError(
+            f"TFDS dataset {name!r} needs files downloaded by hand: put them into "
+            f"{str(manual)!r} as its MANUAL_DOWNLOAD_INSTRUCTIONS say (`tfds build {name}` "
+            "prints them), then run again.") from None
+    return builder
 
 
 def _as_rgb_example(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

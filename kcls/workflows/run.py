@@ -65,6 +65,7 @@ from kcls.train.budget import TimeBudget
 from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
+from kcls.train.schedule import describe_normalization
 from kcls.workflows.prepare import Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
@@ -167,6 +168,10 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
         log(f"augmentation {', '.join(prepared.host_augmentation.stage_names)} on the host "
             "(tf.data): TPUs run only XLA-compiled programs and these stages have ops XLA "
             "cannot compile")
+    normalization = describe_normalization(prepared.classifier,
+                                           prepared.train_config.train_batchnorm)
+    if "LayerNormalization" in normalization:  # a transformer: say how it is fine-tuned
+        log(f"normalization: {normalization}")
     weights = prepared.loss_weights.describe(prepared.class_names)
     if weights:
         log(weights)
