@@ -25,7 +25,7 @@ import tensorflow as tf
 from kcls.config import ConfigError
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import test_examples
+from kcls.data.sources import Splits, test_examples
 from kcls.evaluation.report import write_report
 from kcls.load import load_classifier
 from kcls.tasks import Evaluation, SingleLabelTask, Task
@@ -85,7 +85,8 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
 
 def evaluate_model(model_path: str, data_source: str | None = None,
                    out_dir: str | None = None, flip_tta: bool = False,
-                   log: Callable[[str], None] = print) -> Evaluation:
+                   log: Callable[[str], None] = print,
+                   splits: Splits | None = None) -> Evaluation:
     """Evaluates an export or a run directory and writes the report (what `kcls evaluate` does).
 
     The model's task scores it as it serves (its calibration temperature or per-label
@@ -102,6 +103,8 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         flip_tta: also report flip test-time augmentation metrics.
         log: receives a line naming the files of the data that did not reach the model
             (unreadable or undecodable images of a folder), when there are any.
+        splits: evaluate on `splits.test` (the data the model was trained with, e.g.
+            in-memory arrays) instead of loading `data_source` or the recipe's source.
 
     Returns:
         The Evaluation; its `skipped` lists those files (also in `report.md`).
@@ -116,7 +119,8 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         raise ConfigError(f"--flip-tta is not supported for {loaded.task.description} models "
                           f"(model.task={loaded.task.name}); evaluate without it.")
     data = loaded.recipe.data
-    examples, skipped = test_examples(data, loaded.class_names, data_source)
+    examples, skipped = ((splits.test, splits.skipped) if splits is not None
+                         else test_examples(data, loaded.class_names, data_source))
     batches = eval_pipeline(examples, len(loaded.class_names),
                             dataclasses.replace(data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, loaded.class_names, flip_tta,
