@@ -22,6 +22,11 @@ the reference profile and the export. It writes the run directory:
                              range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.phases`):
                              run again with the same run_dir to resume a killed run
+    <run_dir>/tracking.json  with track.mlflow: the MLflow run (`kcls.tracking`)
+
+Observers (`kcls.tracking`) are told of the steps: MLflow tracking with `track.mlflow`,
+and whatever the caller adds (`kcls tune`'s pruning). With `evaluate.test=false` the run
+is scored on the validation split and the test split is never read.
 """
 
 from __future__ import annotations
