@@ -129,7 +129,8 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
     result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
-    click.echo(f"done: test {result.headline()}; run dir {result.run_dir}"
+    split = "test" if resolved.evaluate.test else "validation"
+    click.echo(f"done: {split} {result.headline()}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
 
 
