@@ -14,6 +14,7 @@
     kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
     kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
     kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
+    kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
     result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
-    click.echo(f"done: test {result.headline()}; run dir {result.run_dir}"
+    split = "test" if resolved.evaluate.test else "validation"
+    click.echo(f"done: {split} {result.headline()}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
 
 
@@ -172,6 +174,46 @@ def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int
         click.echo(f"warning: {note}", err=True)
     click.echo(f"suggested learning rate ({search.rule}): {search.suggestion:.2e}; plot "
                f"{out_dir / LR_FIND_PLOT}")
+
+
+@main.command()
+@click.argument("name", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--budget", required=True,
+              help="Wall-clock budget of the whole search, e.g. 40m, 2h (trials and the end).")
+@click.option("--space", default="finetune", show_default=True,
+              help="What to vary: a preset (finetune, scratch) or a .py file with get_space().")
+@click.option("--trial-budget", default="auto", show_default=True,
+              help="Each trial's train.time_budget, e.g. 4m; auto: an eighth of --budget; "
+                   "none: the recipe's epochs as configured.")
+@click.option("--trials", "max_trials", type=click.IntRange(min=1),
+              help="Stop after this many trials (default: when the budget is spent).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Search directory (default: a new runs/tune/NAME/TIMESTAMP). A search "
+                   "there resumes: finished trials are kept, never run again.")
+def tune(name: str, overrides: tuple[str, ...], budget: str, space: str, trial_budget: str,
+         max_trials: int | None, seed: int, out_dir: Path | None) -> None:
+    """Search the settings of RECIPE that score best on its validation split, within --budget.
+
+    Every trial is a normal run (its own time budget, no test evaluation, no export),
+    pruned when its validation loss per epoch falls behind the other trials'. At the end
+    the best trial's model is evaluated once on the test split, and its recipe is
+    written as best_recipe.py (run it with `kcls recipe run PATH/best_recipe.py`), with
+    tune_report.md: the trial table, parameter importance and the curves.
+    """
+    resolved = _resolve(name, overrides)
+    start_tensorflow()
+    from kcls.workflows.tune import tune_recipe
+
+    result = tune_recipe(resolved, budget, space,
+                         None if trial_budget.lower() == "none" else trial_budget, max_trials,
+                         out_dir, seed, log=click.echo)
+    trials = ", ".join(f"{count} {state}" for state, count in result.trials.items())
+    click.echo(f"done: best trial {result.best_trial} (validation loss "
+               f"{result.validation_loss:.4f}; {trials}); test accuracy "
+               f"{result.test_metrics.get('accuracy', float('nan')):.4f}; recipe "
+               f"{result.best_recipe_file}")
 
 
 @main.command()

@@ -315,11 +315,17 @@ class EvaluateConfig:
             unchanged); `none` serves `softmax(logits)`; `auto`: `temperature` when the
             recipe has a validation split, else `none`. `run.json`, `kcls.json` and the
             report record T and the test NLL and ECE before and after it.
+        test: evaluate on the test split at the end (metrics, report, samples, reference
+            profile, export). `false` never reads the test split: the run is scored on
+            the validation split (`run.json` `metrics`, `evaluated_split`) and writes no
+            report, samples or export (`export.enabled` must be false). Every trial of
+            `kcls tune` runs so (docs/tuning.md); the test split is read once, for the winner.
     """
 
     flip_tta: bool = False
     mistakes: int = 16
     calibrate: Calibrate = "auto"
+    test: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate")
@@ -356,6 +362,32 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """Where a run reports its parameters, curves, metrics and files (`kcls.tracking`).
+
+    Attributes:
+        mlflow: MLflow tracking URI: `sqlite:///mlruns.db`, a folder (`./mlruns`,
+            `file:///...`) or a tracking server (`http://HOST:5000`). Each run becomes an
+            MLflow run with the resolved recipe as parameters, per-epoch metrics of both
+            phases, the final metrics, the report and plots as artifacts, the export's
+            path and version and the git commit; failed or interrupted runs are marked
+            so. Needs `pip install "kcls[mlflow]"`. `None`: no tracking.
+        experiment: MLflow experiment name; `None` uses the recipe name.
+    """
+
+    mlflow: Optional[str] = None
+    experiment: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "track")
+        _require(self.mlflow is None or bool(self.mlflow.strip()), "track.mlflow", self.mlflow,
+                 "an MLflow tracking URI (sqlite:///mlruns.db, ./mlruns, http://HOST:5000) "
+                 "or none")
+        _require(self.experiment is None or bool(self.experiment.strip()), "track.experiment",
+                 self.experiment, "an experiment name or none (the recipe name)")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete, runnable recipe: what to train on, what to train, how, and where to export."""
 
@@ -366,6 +398,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self) -> None:
         require_choice(self.name, str, "name")
@@ -386,6 +419,13 @@ class Recipe:
                  f"{task} ({capabilities.calibration_note})")
         _require(capabilities.flip_tta or not self.evaluate.flip_tta, "evaluate.flip_tta",
                  self.evaluate.flip_tta, f"false with {task} (not supported yet)")
+        # The export carries the test metrics and the test split's reference profile.
+        _require(self.evaluate.test or not self.export.enabled, "export.enabled",
+                 self.export.enabled, "false with evaluate.test=false (an export records the "
+                 "test metrics and the test split's reference profile)")
+        _require(self.evaluate.test or self.data.validation_fraction > 0,
+                 "data.validation_fraction", self.data.validation_fraction,
+                 "above 0 with evaluate.test=false (the run is scored on the validation split)")
 
     @property
     def model_name(self) -> str:
@@ -428,7 +468,7 @@ def default_model_name(recipe_name: str, source: str) -> str:
     return parts[-1]
 
 
-SECTIONS = ("data", "model", "train", "evaluate", "export")
+SECTIONS = ("data", "model", "train", "evaluate", "export", "track")
 
 
 def valid_keys(recipe: Recipe) -> list[str]:
@@ -613,7 +653,7 @@ def apply_pretrain_overrides(config: PretrainConfig,
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                  "evaluate": EvaluateConfig, "export": ExportConfig}
+                  "evaluate": EvaluateConfig, "export": ExportConfig, "track": TrackConfig}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

@@ -24,6 +24,8 @@ and locked by `kcls.workflows.run_directory`):
     samples/             a few held-out test images as PNG (`SAMPLES_DIR`)
     logs/                TensorBoard logs (`LOGS_DIR`)
     backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
+    tracking.json        with track.mlflow: the MLflow run id, reopened when the run
+                         resumes (`TRACKING_FILE`)
     optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
     explanations/        `kcls explain` overlays (`EXPLANATIONS_DIR`)
 
@@ -47,6 +49,18 @@ folder (`model_output_dir`).
 
 `kcls optimize` writes `model.tflite`, `float32.tflite`, `optimize.json` and
 `optimize.md`; `prune` and `qat` also `saved_model/` and `result.json` (the TF-MOT child).
+
+A search (`kcls tune`, default `runs/tune/<recipe>/<timestamp>[-N]/`, locked like a run
+directory) holds
+
+    study.db             the Optuna study (SQLite): every trial, resumable (`TUNE_STUDY_FILE`)
+    trials/trial-NNN/    one run directory per trial, run with evaluate.test=false
+                         (`TUNE_TRIALS_DIR`)
+    best_recipe.py       the best trial's recipe as a recipe page (`BEST_RECIPE_FILE`)
+    best_test/           the best trial's test-split report: metrics.json, report.md, plots
+                         (`TUNE_TEST_DIR`)
+    tune_report.md, tune_curves.png, tune.json   trial table, importance, curves, summary
+                         (`TUNE_REPORT_FILE`, `TUNE_CURVES_PLOT`, `TUNE_SUMMARY_FILE`)
 
 The user cache (`cache_root()`) holds converted ImageNet weights
 (`kcls.models.pretrained`) and, in `folder_checks/`, which images of each image folder
@@ -74,6 +88,17 @@ SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 BACKUP_DIR = "backup"
 PROGRESS_FILE = "progress.json"
+TRACKING_FILE = "tracking.json"
+
+# A search (`kcls tune`).
+TUNE_RUNS_DIR = "runs/tune"
+TUNE_STUDY_FILE = "study.db"
+TUNE_TRIALS_DIR = "trials"
+BEST_RECIPE_FILE = "best_recipe.py"
+TUNE_TEST_DIR = "best_test"
+TUNE_REPORT_FILE = "tune_report.md"
+TUNE_CURVES_PLOT = "tune_curves.png"
+TUNE_SUMMARY_FILE = "tune.json"
 # Evaluation reports (run directories, `kcls evaluate --out`).
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"

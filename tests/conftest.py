@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import socket
 import struct
@@ -49,6 +50,47 @@ def no_network(monkeypatch, request):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+_CONNECT = socket.socket.connect  # captured before conftest's no_network patches it
+_GETADDRINFO = socket.getaddrinfo
+_CREATE_CONNECTION = socket.create_connection
+
+
+def _is_loopback(host) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture
+def loopback_only(no_network, monkeypatch):
+    """Re-allows connections to 127.0.0.0/8 and ::1; everything else stays blocked."""
+    refuse_connect, refuse_lookup = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and _is_loopback(host):
+            return _CONNECT(self, address)
+        return refuse_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if _is_loopback(host):
+            return _GETADDRINFO(host, *args, **kwargs)
+        return refuse_lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    # The original resolves and connects through the two guarded functions above.
+    monkeypatch.setattr(socket, "create_connection", _CREATE_CONNECTION)
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (free to start a server on)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

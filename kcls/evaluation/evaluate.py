@@ -25,10 +25,10 @@ import tensorflow as tf
 from kcls.config import ConfigError
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import has_files, test_examples
+from kcls.data.sources import HeldOut, Splits, has_files, test_examples
 from kcls.evaluation.report import write_report
 from kcls.files import check_output_dir
-from kcls.load import load_classifier
+from kcls.load import LoadedClassifier, load_classifier
 from kcls.tasks import Evaluation, SingleLabelTask, Task
 
 
@@ -96,7 +96,8 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
 
 def evaluate_model(model_path: str, data_source: str | None = None,
                    out_dir: str | None = None, flip_tta: bool = False,
-                   log: Callable[[str], None] = print) -> Evaluation:
+                   log: Callable[[str], None] = print,
+                   splits: Splits | None = None) -> Evaluation:
     """Evaluates an export or a run directory and writes the report (what `kcls evaluate` does).
 
     The model's task scores it as it serves (its calibration temperature or per-label
@@ -114,6 +115,8 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         flip_tta: also report flip test-time augmentation metrics.
         log: receives a line naming the files of the data that did not reach the model
             (unreadable or undecodable images of a folder), when there are any.
+        splits: evaluate on `splits.test` (the data the model was trained with, e.g.
+            in-memory arrays) instead of loading `data_source` or the recipe's source.
 
     Returns:
         The Evaluation; its `skipped` lists those files (also in `report.md`).
@@ -130,15 +133,10 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     if flip_tta and not loaded.task.supports_flip_tta:
         raise ConfigError(f"--flip-tta is not supported for {loaded.task.description} models "
                           f"(model.task={loaded.task.name}); evaluate without it.")
-    data = loaded.recipe.data
-    test_files = loaded.metadata.get("test_files") if data_source is None else None
-    if data_source is None and test_files is None and has_files(data):
-        log(f"warning: {model_path} recorded no test files (trained by an older kcls): its "
-            f"test split is made again from {data.source} as it is now; if images were "
-            "added since, some of them may be images it trained on.")
-    held_out = test_examples(data, loaded.class_names, data_source, test_files)
+    held_out = (HeldOut(splits.test, splits.skipped, splits.test_files) if splits is not None
+                else recorded_or_given(loaded, model_path, data_source, log))
     batches = eval_pipeline(held_out.examples, len(loaded.class_names),
-                            dataclasses.replace(data, cache="none"))
+                            dataclasses.replace(loaded.recipe.data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, loaded.class_names, flip_tta,
                                      loaded.task)
     # Read after the pass: files failing to decode during it were appended to `skipped`.
@@ -148,3 +146,16 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     if out_dir:
         write_report(out_dir, evaluation, loaded.task, loaded.class_names)
     return evaluation
+
+
+def recorded_or_given(loaded: LoadedClassifier, model_path: str, data_source: str | None,
+                      log: Callable[[str], None]) -> HeldOut:
+    """What `evaluate_model` scores: `data_source`, or else the test files the model's run
+    recorded (for older models without them, the recipe's test split made again)."""
+    data = loaded.recipe.data
+    test_files = loaded.metadata.get("test_files") if data_source is None else None
+    if data_source is None and test_files is None and has_files(data):
+        log(f"warning: {model_path} recorded no test files (trained by an older kcls): its "
+            f"test split is made again from {data.source} as it is now; if images were "
+            "added since, some of them may be images it trained on.")
+    return test_examples(data, loaded.class_names, data_source, test_files)
