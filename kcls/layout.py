@@ -43,8 +43,7 @@ for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
 `optimize.md`; `prune` and `qat` also `saved_model/` and `result.json` (the TF-MOT child).
 
 The user cache (`cache_root()`) holds converted ImageNet weights
-(`kcls.models.pretrained`) and, in `folder_checks/`, which images of each image folder
-decoded at the last scan (`kcls.data.folder`).
+(`kcls.models.pretrained`).
 
 Example:
 
@@ -116,7 +115,6 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 PRETRAIN_CURVES_PLOT = "pretrain_curves.png"
 # User cache.
 CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
-FOLDER_CHECKS_DIR = "folder_checks"
 
 
 def cache_root() -> Path:

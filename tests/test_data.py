@@ -13,7 +13,7 @@ from conftest import write_truncated_jpeg
 from PIL import Image
 
 from kcls.config import ConfigError, DataConfig
-from kcls.data.folder import scan_folder
+from kcls.data.folder import decode_files, scan_folder
 from kcls.data.pipeline import eval_pipeline, prepare_image, train_pipeline
 from kcls.data.sources import load_splits, splits_from_arrays
 
@@ -232,11 +232,12 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
     cache_dir.mkdir()
 
     def run(seed: int) -> set[str]:
-        """The cache files a one-step run with data.seed=`seed` leaves behind."""
+        """The cache files a one-epoch run with data.seed=`seed` leaves behind (tf.data
+        keeps a cache file once a pass has read all of its split)."""
         before = set(path.name for path in cache_dir.iterdir())
         recipe = apply_overrides(load_recipe("quickstart"), [
-            "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=1",
-            "train.jit_compile=false", "data.batch_size=8", "data.image_size=16",
+            "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=none",
+            "train.jit_compile=false", "data.batch_size=128", "data.image_size=16",
             f"data.cache={cache_dir / 'digits'}", f"data.seed={seed}", "export.enabled=false"])
         runs = len(list(tmp_path.glob("run*")))  # a finished run dir is never reused
         run_recipe(recipe, tmp_path / f"run{runs}", log=lambda message: None, verbose=0)
@@ -257,19 +258,46 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
 
 def test_undecodable_names_bombs_and_truncated_files_are_skipped_and_named(damaged_folder):
     files = scan_folder(damaged_folder)
-    assert len(files.paths) == 12
+    # The scan reads names and headers: the half JPEG's header is whole, so it passes.
+    assert len(files.paths) == 13
     names = sorted(Path(path).name for path in files.skipped)
     # The non-UTF-8 byte is shown escaped, so the name can be printed and written to JSON.
-    assert names == ["bomb.png", "caf\\xe9.png", "half.jpg"]
+    assert names == ["bomb.png", "caf\\xe9.png"]
     json.dumps(files.skipped).encode("utf-8")
 
     splits = load_splits(DataConfig(source=f"folder:{damaged_folder}", test_fraction=0.25,
                                     validation_fraction=0.0))
-    assert sorted(Path(path).name for path in splits.skipped) == names
-    assert splits.sizes == {"train": 9, "validation": 0, "test": 3}
-    # Every example the sizes promise reaches the model.
-    assert len(list(splits.train.as_numpy_iterator())) == 9
-    assert len(list(splits.test.as_numpy_iterator())) == 3
+    assert splits.sizes == {"train": 9, "validation": 0, "test": 4}
+    examples = [list(split.as_numpy_iterator()) for split in (splits.train, splits.test)]
+    # Every example reaches the model but the truncated JPEG, which decoding names.
+    assert len(examples[0]) + len(examples[1]) == 12
+    assert sorted(Path(path).name for path in splits.skipped) == [
+        "bomb.png", "caf\\xe9.png", "half.jpg"]
+    json.dumps(splits.skipped).encode("utf-8")
+
+
+def test_the_scan_reads_headers_not_images_and_a_truncated_jpeg_is_named_once_read(
+        tmp_path: Path):
+    rng = np.random.default_rng(4)
+    for name in ("cats", "dogs"):
+        for index in range(5):
+            _save(tmp_path / name / f"{index}.jpg", rng.integers(0, 255, (24, 24, 3), np.uint8),
+                  "RGB")
+    truncated = tmp_path / "dogs" / "cut.jpg"
+    write_truncated_jpeg(truncated, rng)
+    (tmp_path / "cats" / "text.jpg").write_text("not an image")  # no JPEG signature
+    files = scan_folder(tmp_path)
+    assert str(truncated) in files.paths and files.skipped == [str(tmp_path / "cats" / "text.jpg")]
+    config = DataConfig(source=f"folder:{tmp_path}", test_fraction=0.3,
+                        validation_fraction=0.0)
+    splits = load_splits(config)
+    assert splits.sizes["train"] + splits.sizes["test"] == 11
+    assert str(truncated) not in splits.skipped  # not read yet
+    read = [len(list(split.as_numpy_iterator())) for split in (splits.train, splits.test)]
+    assert sum(read) == 10
+    assert splits.skipped == [str(tmp_path / "cats" / "text.jpg"), str(truncated)]
+    list(splits.train.concatenate(splits.test).as_numpy_iterator())  # counted once
+    assert len(splits.skipped) == 2
 
 
 def test_a_file_damaged_after_the_scan_is_counted_not_dropped_silently(damaged_folder):
@@ -298,8 +326,9 @@ def test_a_real_photo_cut_in_half_is_skipped_and_named(tmp_path: Path):
     photo = sorted((root / "bees").glob("*.jpg"))[0]
     photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
     files = scan_folder(root)
-    assert files.skipped == [str(photo)]
-    assert len(files.paths) == 7
+    assert files.skipped == [] and len(files.paths) == 8  # its header is intact
+    examples = list(decode_files(files.paths, files.labels, files.skipped).as_numpy_iterator())
+    assert files.skipped == [str(photo)] and len(examples) == 7
 
 
 def test_fewer_than_two_classes_is_refused_before_training(tmp_path: Path):
@@ -353,8 +382,6 @@ def test_hidden_class_folders_are_named_in_a_warning(tmp_path: Path):
 
 
 def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
-    from kcls.data.folder import decode_files
-
     paths = []
     for index in range(12):
         paths.append(str(tmp_path / f"{index}.png"))
@@ -365,18 +392,3 @@ def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
     assert [int(label) for _, label in examples] == [i for i in range(12) if i != 5]
     assert [image.shape[0] for image, _ in examples] == [i + 1 for i in range(12) if i != 5]
     assert failed == [paths[5]]
-
-
-def test_a_second_scan_decodes_only_new_or_changed_files(damaged_folder: Path):
-    from kcls.data.folder import decode_check_cache
-
-    first = scan_folder(damaged_folder)
-    cache = decode_check_cache(damaged_folder)
-    recorded = json.loads(cache.read_text())["decoded"]
-    assert sorted(recorded) == sorted(first.paths)  # only files that decoded
-    # A cached file rewritten since (another size and time) is decoded again.
-    victim = damaged_folder / "ants" / "3.jpg"
-    write_truncated_jpeg(victim, np.random.default_rng(3))
-    second = scan_folder(damaged_folder)
-    assert str(victim) in second.skipped and len(second.paths) == 11
-    assert str(victim) not in json.loads(cache.read_text())["decoded"]

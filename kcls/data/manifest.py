@@ -14,11 +14,12 @@ present, else the sorted set of labels the manifest uses.
 
 Rows that cannot train are skipped, counted and named, never dropped silently
 (`ManifestFiles.skipped`, which `Splits.skipped` reports in run.json and the report):
-a missing, unreadable or undecodable image (the checks of folder sources,
-`kcls.data.folder.check_images`), an empty label set, a label not in `labels.txt`, and
-a repeated path (the first row counts). A manifest that cannot be read at all (no such
-file, no `path`/`labels` columns, an unknown split name, or no usable row) is a
-`ConfigError` naming the fix.
+a missing or unreadable image or one without a header TensorFlow decodes (the scan of
+folder sources, `kcls.data.folder.check_images`; an image whose body fails to decode is
+named by its path when the pipeline reads it), an empty label set, a label not in
+`labels.txt`, and a repeated path (the first row counts). A manifest that cannot be
+read at all (no such file, no `path`/`labels` columns, an unknown split name, or no
+usable row) is a `ConfigError` naming the fix.
 
 Example:
 
@@ -115,7 +116,7 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         else:
             resolved = Path(path) if Path(path).is_absolute() else manifest.parent / path
             kept.append((number, resolved, labels, split))
-    usable = check_images(manifest.parent, [path for _, path, _, _ in kept])
+    usable = check_images([path for _, path, _, _ in kept])
     for (number, _, _, _), ok in zip(kept, usable):
         if not ok:
             # Named as the manifest writes it (row 1 is the header).
