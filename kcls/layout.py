@@ -45,6 +45,11 @@ for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
 The user cache (`cache_root()`) holds converted ImageNet weights
 (`kcls.models.pretrained`).
 
+A pack (`kcls data pack SOURCE OUT_DIR`, `kcls.data.pack`; read as
+`data.source=tfrecord:OUT_DIR`, `kcls.data.tfrecord`) holds `pack.json`
+(`PACK_MANIFEST_FILE`: splits, class names, counts, skipped files, the source's
+fingerprint) and the shards `<split>-NNNNN-of-NNNNN.tfrecord` (`PACK_SHARD_NAME`).
+
 Example:
 
 >>> resolve_export_dir("saved_models/quickstart")  # doctest: +SKIP
@@ -115,6 +120,10 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 PRETRAIN_CURVES_PLOT = "pretrain_curves.png"
 # User cache.
 CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
+# Packs of TFRecord shards (`kcls data pack`).
+PACK_MANIFEST_FILE = "pack.json"
+PACK_SHARD_NAME = "{split}-{index:05d}-of-{count:05d}.tfrecord"
+PACK_SHARD_PATTERN = "{split}-*-of-{count:05d}.tfrecord"
 
 
 def cache_root() -> Path:

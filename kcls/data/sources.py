@@ -10,10 +10,13 @@ A source is named by `DataConfig.source`:
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
 - `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
   examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
+- `tfrecord:DIR` — a pack of sharded TFRecords that `kcls data pack` wrote from a folder
+  or a manifest, with its splits frozen in it (see `kcls.data.tfrecord`).
 
 Sources without a test split get one carved off, stratified and seeded; every source
 gets a validation split carved off its training data the same way. Folders and
-manifests are split by `file_splits` before any image is read.
+manifests are split by `file_splits` before any image is read, which `kcls data pack`
+uses too: a pack holds the splits the source makes.
 
 Example:
 
@@ -45,21 +48,22 @@ class Splits:
 
     Attributes:
         train: tf.data.Dataset of training examples, not batched; in a seeded random
-            order for sources split here (arrays, folders, manifests), in TFDS's order
-            otherwise.
+            order for sources split here (arrays, folders, manifests) and for packs
+            (the order `kcls data pack` froze), in TFDS's order otherwise.
         validation: tf.data.Dataset or `None` when `validation_fraction` is 0.
         test: tf.data.Dataset held out for the final evaluation.
         class_names: list[str], label `i` is `class_names[i]`.
         sizes: number of examples per split (`train`, `validation`, `test`).
         skipped: files of the source that do not reach the model: refused by the
-            folder scan (names and headers), or failing to decode in the pipeline
-            (appended when it happens, so read it after iterating).
+            folder scan (names and headers) or by `kcls data pack`, or failing to decode
+            (or, in a pack, to read) in the pipeline (appended when it happens, so read
+            it after iterating).
         train_labels: int64 `(train,)` labels (float32 `(train, C)` multi-hot ones) of the
             training split when the source knows them without reading images (arrays,
-            folders, manifests), else `None` (see `train_class_counts`).
+            folders, manifests, packs), else `None` (see `train_class_counts`).
         fingerprint: hex digest of what the source read (the files with their sizes and
-            modification times, the array bytes, or the TFDS dataset and version),
-            which keys on-disk caches (see `kcls.data.pipeline`).
+            modification times, the array bytes, the pack, or the TFDS dataset and
+            version), which keys on-disk caches (see `kcls.data.pipeline`).
     """
 
     train: tf.data.Dataset
@@ -87,6 +91,8 @@ def load_splits(config: DataConfig) -> Splits:
         return _tfds_splits(argument, config)
     if kind in ("folder", "manifest"):
         return _decoded_splits(file_splits(config))
+    if kind == "tfrecord":
+        return _pack_splits(argument)
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
@@ -225,6 +231,26 @@ def _decoded_splits(files: FileSplits) -> Splits:
     return _indexed_splits((indices["train"], indices["validation"], indices["test"]),
                            dataset, files.class_names, files.labels, files.skipped,
                            files.fingerprint)
+
+
+def _pack_splits(folder: str) -> Splits:
+    """The splits of the pack in `folder` (`kcls data pack`), frozen when it was packed:
+    `DataConfig`'s seed and fractions do not split it again. `skipped` starts with the
+    files the pack skipped; `fingerprint` is the pack's."""
+    from kcls.data.tfrecord import SPLIT_NAMES, read_pack, split_examples
+
+    pack = read_pack(folder)
+    skipped = list(pack.manifest["skipped"])
+    datasets = {name: split_examples(pack, name, skipped)
+                for name in SPLIT_NAMES if pack.split(name)["examples"]}
+    if "train" not in datasets or "test" not in datasets:
+        raise ConfigError(f"data.source=tfrecord:{folder}: the pack has no training or no "
+                          "test examples; pack a source with more images.")
+    return Splits(datasets["train"], datasets.get("validation"), datasets["test"],
+                  pack.class_names,
+                  {name: int(pack.split(name)["examples"]) for name in SPLIT_NAMES},
+                  skipped=skipped, train_labels=pack.train_labels(),
+                  fingerprint=pack.manifest["fingerprint"])
 
 
 def _indexed_splits(indices: tuple[np.ndarray, np.ndarray, np.ndarray],
