@@ -392,3 +392,66 @@ def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
     assert [int(label) for _, label in examples] == [i for i in range(12) if i != 5]
     assert [image.shape[0] for image, _ in examples] == [i + 1 for i in range(12) if i != 5]
     assert failed == [paths[5]]
+
+
+def test_image_headers_give_the_format_and_size_pillow_reads(tmp_path: Path):
+    import io
+
+    from kcls.data.headers import MAX_IMAGE_PIXELS, image_stamp, read_image_header
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 255, (17, 23, 3), dtype=np.uint8)
+    for name, mode, format in (("rgb.png", "RGB", "PNG"), ("gray.png", "L", "PNG"),
+                               ("anim.gif", "L", "GIF"), ("bitmap.bmp", "RGB", "BMP"),
+                               ("photo.jpg", "RGB", "JPEG"), ("gray.jpeg", "L", "JPEG")):
+        image = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0], mode)
+        image.save(tmp_path / name, format=format)
+        header = read_image_header(tmp_path / name)
+        assert (header.format, header.width, header.height) == (format.lower(), 23, 17), name
+    # A frame header after 30 kB of EXIF data (beyond the first read), progressive.
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 30_000
+    Image.fromarray(pixels).save(tmp_path / "exif.jpg", progressive=True, exif=exif.tobytes())
+    assert read_image_header(tmp_path / "exif.jpg").width == 23
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:12])  # cut inside the header
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.gif").write_text("GIF? no")
+    for name in ("cut.jpg", "empty.png", "text.gif", "missing.bmp"):
+        assert read_image_header(tmp_path / name) is None, name
+        assert image_stamp(tmp_path / name) is None, name
+    stat = (tmp_path / "photo.jpg").stat()
+    assert image_stamp(tmp_path / "photo.jpg") == (stat.st_size, stat.st_mtime_ns)
+    from conftest import write_decompression_bomb
+
+    write_decompression_bomb(tmp_path / "bomb.png")
+    assert read_image_header(tmp_path / "bomb.png").width ** 2 > MAX_IMAGE_PIXELS
+    assert image_stamp(tmp_path / "bomb.png") is None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hymenoptera").is_dir(),
+                    reason="../shared/data/hymenoptera is not present (only in the kcls workspace)")
+def test_headers_of_real_photos_match_pillow():
+    from kcls.data.headers import read_image_header
+
+    for path in sorted((SHARED_DATA / "hymenoptera").rglob("*.*")):
+        with Image.open(path) as image:
+            header = read_image_header(path)
+            assert (header.format, header.width, header.height) == (
+                image.format.lower(), *image.size), path
+
+
+def test_the_listing_keeps_rglobs_order_and_skips_links_to_folders(tmp_path: Path):
+    from kcls.data.folder import _image_files
+
+    for relative in ("a/x.jpg", "a.jpg", "a-b.jpg", "B.png", "a/b/c.gif", "a/z.bmp",
+                     "notes.txt", ".hidden.jpg", "A/y.JPEG"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    expected = [str(path) for path in sorted(tmp_path.rglob("*"))
+                if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+                and path.is_file()]
+    assert _image_files(tmp_path, skip_hidden=False) == expected
+    assert not any("link" in path for path in expected)

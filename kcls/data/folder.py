@@ -6,7 +6,7 @@ skipped, counted and named (`FolderFiles.skipped`), never dropped silently, in t
 places:
 
 1. the scan, before any split is made, reads each candidate's name and header only
-   (`kcls.data.headers`, about 14 microseconds a file): a name that is not valid UTF-8
+   (`kcls.data.headers`, 10-20 microseconds a file): a name that is not valid UTF-8
    (TensorFlow file names are UTF-8 strings), a file TensorFlow's decoder does not take
    (no JPEG, PNG, GIF or BMP signature, a header cut short) and a decompression bomb (a
    header claiming more than `kcls.data.headers.MAX_IMAGE_PIXELS` pixels, refused before
@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import unicodedata
@@ -43,16 +44,21 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError
-from kcls.data.headers import is_usable_image
+from kcls.data.headers import image_stamp
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Files decoded per attempt in `decode_batches`: failures are looked for per chunk, so a
 # chunk's cost is paid once for this many images; a record block of a pack
 # (`kcls.data.tfrecord`) is one chunk.
 DECODE_CHUNK = 32
-# Header reads run in this many threads: on a local disk the scan is bound by Python, on a
-# network disk by the round trips, which threads overlap.
-SCAN_THREADS = 8
+# Functions tf.data runs as graphs: without AutoGraph's source conversion, which took 4.6 of
+# the 5.4 s of building the pipelines on a busy 2-core CPU. They hold no Python control
+# flow on tensors (`tf.cond` is explicit), so the conversion had nothing to do.
+graph_only = tf.autograph.experimental.do_not_convert
+# Header reads run in this many threads: on a local disk the scan is bound by Python (1, 2
+# and 8 threads measured within noise of each other), on a network disk by the round
+# trips, which threads overlap.
+SCAN_THREADS = 4
 
 
 @dataclass
@@ -67,12 +73,14 @@ class FolderFiles:
             model (unreadable, no decodable header, a decompression bomb, or a name that
             is not UTF-8, shown with its undecodable bytes escaped as `\\xNN`);
             `decode_files` appends the files that fail to decode when they are read.
+        stamps: list of `(size, mtime_ns)` per path, as the scan found them.
     """
 
     paths: list[str]
     labels: np.ndarray
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
+    stamps: list[tuple[int, int]] = field(default_factory=list)
 
 
 def scan_folder(root: str | Path) -> FolderFiles:
@@ -93,18 +101,19 @@ def scan_folder(root: str | Path) -> FolderFiles:
     class_dirs = _class_folders(root)
     candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
                   for path in _image_files(class_dir, skip_hidden=False)]
-    usable = check_images([path for path, _ in candidates])
-    kept = [c for c, ok in zip(candidates, usable) if ok]
-    skipped = [printable_path(path) for (path, _), ok in zip(candidates, usable) if not ok]
-    counts = np.bincount([label for _, label in kept], minlength=len(class_dirs))
+    stamps = check_images([path for path, _ in candidates])
+    kept = [(*candidate, stamp) for candidate, stamp in zip(candidates, stamps) if stamp]
+    skipped = [printable_path(path) for (path, _), stamp in zip(candidates, stamps)
+               if not stamp]
+    counts = np.bincount([label for _, label, _ in kept], minlength=len(class_dirs))
     empty = [class_dirs[i].name for i in np.flatnonzero(counts == 0)]
     if empty:
         raise ConfigError(
             f"Image folder {str(root)!r}: class folder(s) {', '.join(empty)} contain no readable "
             f"image ({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder(s).")
-    return FolderFiles([str(path) for path, _ in kept],
-                       np.asarray([label for _, label in kept], dtype=np.int64),
-                       [d.name for d in class_dirs], skipped)
+    return FolderFiles([path for path, _, _ in kept],
+                       np.asarray([label for _, label, _ in kept], dtype=np.int64),
+                       [d.name for d in class_dirs], skipped, [stamp for _, _, stamp in kept])
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -149,67 +158,69 @@ def scan_images(root: str | Path) -> FolderFiles:
     if not root.is_dir():
         raise ConfigError(f"Image folder {str(root)!r} does not exist. Pass a folder of "
                           "images (sub-folders are searched too).")
-    candidates = list_image_files(root)
-    usable = check_images(candidates)
-    paths = [str(path) for path, ok in zip(candidates, usable) if ok]
+    candidates = _image_files(root, skip_hidden=True)
+    stamps = check_images(candidates)
+    paths = [path for path, stamp in zip(candidates, stamps) if stamp]
     if not paths:
         raise ConfigError(
             f"Image folder {str(root)!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}"
             f"{f'; {len(candidates)} unreadable' if candidates else ''}). Point it at a "
             "folder of images.")
     return FolderFiles(paths, np.zeros(len(paths), np.int64), [],
-                       [printable_path(path) for path, ok in zip(candidates, usable) if not ok])
+                       [printable_path(path) for path, stamp in zip(candidates, stamps)
+                        if not stamp], [stamp for stamp in stamps if stamp])
 
 
 def list_image_files(root: Path) -> list[Path]:
     """The image files (by extension) under the folder `root`, at any depth, sorted;
     hidden files and folders (names starting with `.`) left out. Nothing is opened."""
-    return _image_files(Path(root), skip_hidden=True)
+    return [Path(path) for path in _image_files(Path(root), skip_hidden=True)]
 
 
-def _image_files(folder: Path, skip_hidden: bool) -> list[Path]:
+def _image_files(folder: Path, skip_hidden: bool) -> list[str]:
     """The files with an image extension under `folder`, in `sorted(folder.rglob("*"))`'s
-    order (by path parts), without following links to folders, as `rglob` does; one
-    `scandir` per folder instead of a `stat` per file, 10x faster than `rglob`."""
-    found: list[tuple[str, ...]] = []
-    pending: list[tuple[str, ...]] = [()]
-    while pending:
-        parts = pending.pop()
-        try:
-            entries = list(os.scandir(os.path.join(folder, *parts)))
-        except OSError:  # unreadable sub-folder: as rglob, nothing under it is listed
+    order (by path parts: each folder's entries by name, a sub-folder's files where its
+    name sorts), without following links to folders, as `rglob` does: one `scandir` per
+    folder and the paths it makes (a `Path` per file cost more than its header read)."""
+    found: list[str] = []
+    try:
+        entries = sorted(os.scandir(folder), key=operator.attrgetter("name"))
+    except OSError:  # unreadable sub-folder: as rglob, nothing under it is listed
+        return found
+    for entry in entries:
+        name = entry.name
+        if skip_hidden and name.startswith("."):
             continue
-        for entry in entries:
-            if skip_hidden and entry.name.startswith("."):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                pending.append((*parts, entry.name))
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                found.append((*parts, entry.name))
-    return [folder.joinpath(*parts) for parts in sorted(found)]
+        if entry.is_dir(follow_symlinks=False):
+            found += _image_files(entry.path, skip_hidden)
+            continue
+        dot = name.rfind(".")
+        if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            found.append(entry.path)
+    return found
 
 
-def check_images(paths: Sequence[Path | str]) -> list[bool]:
-    """Whether each image file passes the scan: a UTF-8 name and a header TensorFlow
-    decodes, not claiming a decompression bomb's size (`kcls.data.headers.is_usable_image`).
+def check_images(paths: Sequence[Path | str]) -> list[tuple[int, int] | None]:
+    """Which image files pass the scan: a UTF-8 name and a header TensorFlow decodes, not
+    claiming a decompression bomb's size (`kcls.data.headers.image_stamp`).
 
     Args:
         paths: image files.
 
     Returns:
-        one bool per path, False for a file that is missing, unreadable, has no
-        decodable header, is a decompression bomb or has a name that is not UTF-8.
-        A file whose body does not decode passes: the pipeline names it when it reads
-        it (`decode_batches`).
+        one entry per path: `(size, mtime_ns)` of a file that passes, None for one that
+        is missing, unreadable, has no decodable header, is a decompression bomb or has
+        a name that is not UTF-8. A file whose body does not decode passes: the pipeline
+        names it when it reads it (`decode_batches`).
     """
     paths = list(paths)
     slices = [paths[start::SCAN_THREADS] for start in range(SCAN_THREADS)]
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
-        results = list(pool.map(lambda part: [is_usable_image(path) for path in part], slices))
-    usable = [False] * len(paths)
+        results = list(pool.map(lambda part: [image_stamp(path) for path in part], slices))
+    stamps: list[tuple[int, int] | None] = [None] * len(paths)
     for start, result in enumerate(results):
-        usable[start::SCAN_THREADS] = result
-    return usable
+        stamps[start::SCAN_THREADS] = result
+    return stamps
 
 
 def _check_class_name(class_dir: Path) -> None:
@@ -258,7 +269,8 @@ def decode_files(paths: Sequence[str], labels: np.ndarray,
     """
     labels = np.asarray(labels)
     labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)
-    names = tf.constant(list(paths), tf.string)
+    # Python strings: a list of numpy strings converts 10x slower (0.15 s for 100,000).
+    names = tf.constant(np.asarray(paths, dtype=str).tolist(), tf.string)
     chunks = tf.data.Dataset.from_tensor_slices((names, labels, names)).batch(DECODE_CHUNK)
     return decode_batches(chunks, failed, read_files=True)
 
@@ -294,7 +306,10 @@ def decode_batches(chunks: tf.data.Dataset, failed: list[str] | None = None, *,
     failed = [] if failed is None else failed
     recheck = _failure_recorder(failed, read_files)
 
+    @graph_only
+
     def attempt(sources: tf.Tensor, labels: tf.Tensor, names: tf.Tensor) -> tf.data.Dataset:
+        @graph_only
         def decode(source: tf.Tensor, label: tf.Tensor, name: tf.Tensor) -> tuple:
             encoded = tf.io.read_file(source) if read_files else source
             return (decode_image(encoded), label, encoded, name)[:4 if keep_encoded else 2]
@@ -306,6 +321,8 @@ def decode_batches(chunks: tf.data.Dataset, failed: list[str] | None = None, *,
         count = tf.shape(sources)[0]
         counter = (tf.zeros([0, 0, 3], tf.uint8), labels[0], sources[0], names[0])
 
+        @graph_only
+
         def tally(arrived: tf.Tensor, example: tuple) -> tuple[tf.Tensor, tuple]:
             is_counter = tf.equal(tf.size(example[0]), 0)
             checked = tf.cond(is_counter & (arrived < count),
@@ -316,7 +333,7 @@ def decode_batches(chunks: tf.data.Dataset, failed: list[str] | None = None, *,
 
         examples = decoded.concatenate(tf.data.Dataset.from_tensors(
             counter[:4 if keep_encoded else 2])).scan(tf.constant(0), tally)
-        return examples.filter(lambda image, *rest: tf.size(image) > 0)
+        return examples.filter(graph_only(lambda image, *rest: tf.size(image) > 0))
 
     return chunks.interleave(attempt, cycle_length=tf.data.AUTOTUNE, block_length=chunk_size,
                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

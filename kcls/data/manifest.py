@@ -57,6 +57,7 @@ class ManifestFiles:
         splits: list[str] per path (`train`, `validation`, `test`), or None when the
             manifest has no `split` column.
         skipped: list[str], one `row N (path): reason` entry per skipped row.
+        stamps: list of `(size, mtime_ns)` per path, as the scan found them.
     """
 
     paths: list[str]
@@ -64,6 +65,7 @@ class ManifestFiles:
     class_names: list[str]
     splits: list[str] | None
     skipped: list[str] = field(default_factory=list)
+    stamps: list[tuple[int, int]] = field(default_factory=list)
 
 
 def read_manifest(manifest: str | Path) -> ManifestFiles:
@@ -116,14 +118,15 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         else:
             resolved = Path(path) if Path(path).is_absolute() else manifest.parent / path
             kept.append((number, resolved, labels, split))
-    usable = check_images([path for _, path, _, _ in kept])
-    for (number, _, _, _), ok in zip(kept, usable):
-        if not ok:
+    stamps = check_images([path for _, path, _, _ in kept])
+    for (number, _, _, _), stamp in zip(kept, stamps):
+        if not stamp:
             # Named as the manifest writes it (row 1 is the header).
             skip(number, printable_path(rows[number - 2]["path"].strip()),
                  "missing, unreadable or undecodable image",
                  "missing or undecodable images")
-    kept = [entry for entry, ok in zip(kept, usable) if ok]
+    kept, stamps = ([entry for entry, stamp in zip(kept, stamps) if stamp],
+                    [stamp for stamp in stamps if stamp])
     if reasons:
         warnings.warn(
             f"Manifest {str(manifest)!r}: skipped {sum(reasons.values())} row(s): "
@@ -140,7 +143,7 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         targets[row, [index[label] for label in labels]] = 1.0
     splits = None if "split" not in columns else [split for _, _, _, split in kept]
     return ManifestFiles([str(path) for _, path, _, _ in kept], targets, class_names, splits,
-                         skipped)
+                         skipped, stamps)
 
 
 def _known_labels(manifest: Path) -> list[str] | None:

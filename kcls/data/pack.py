@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, DataConfig
-from kcls.data.folder import DECODE_CHUNK, decode_batches
+from kcls.data.folder import DECODE_CHUNK, decode_batches, graph_only
 from kcls.data.sources import FileSplits, file_splits, fingerprint
 from kcls.data.tfrecord import (
     PACK_FORMAT,
@@ -262,10 +262,10 @@ def _checked_examples(files: FileSplits, indices: np.ndarray, skipped: list[str]
     paths, labels = files.paths[indices], files.labels[indices]
     if not len(paths):
         return iter(())
-    names = tf.constant(list(paths), tf.string)
+    names = tf.constant(paths.tolist(), tf.string)
     chunks = tf.data.Dataset.from_tensor_slices((names, labels, names)).batch(DECODE_CHUNK)
     examples = decode_batches(chunks, skipped, read_files=True, keep_encoded=True).map(
-        lambda image, label, encoded, name: (encoded, label, name),
+        graph_only(lambda image, label, encoded, name: (encoded, label, name)),
         num_parallel_calls=tf.data.AUTOTUNE)
     return examples.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 

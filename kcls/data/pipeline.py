@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, DataConfig, ResizeMode, require_choice
+from kcls.data.folder import graph_only
 from kcls.data.sources import fingerprint
 
 # Batches in the shuffle buffer of the training split's first pass (see `train_pipeline`).
@@ -107,6 +108,7 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
             (`kcls.data.augment.place_augmentation`). Batch k draws from the seed
             `(data.seed, k)`, so parallel calls stay reproducible.
     """
+    @graph_only
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         resized = prepare_image(image, config.image_size, config.resize)
         return tf.cast(tf.round(resized), tf.uint8), label
@@ -124,6 +126,8 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
     batches = examples.batch(config.batch_size, drop_remainder=True,
                              num_parallel_calls=tf.data.AUTOTUNE)
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
+
+    @graph_only
 
     def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
         batch = (tf.cast(images, tf.float32), targets(labels, num_classes))
@@ -180,6 +184,7 @@ def eval_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfi
     the on-disk cache file when `config.cache` is a file prefix; the fingerprint is
     required then.
     """
+    @graph_only
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return (prepare_image(image, config.image_size, config.resize),
                 targets(label, num_classes))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,7 +208,7 @@ def file_splits(config: DataConfig) -> FileSplits:
     else:
         raise ConfigError(f"data.source={config.source!r} is not a folder:PATH or "
                           "manifest:PATH.csv source.")
-    stamps = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, paths)]
+    stamps = files.stamps
     return FileSplits(
         np.asarray(paths, dtype=str), labels, class_names,
         dict(zip(("train", "validation", "test"), indices)), files.skipped,

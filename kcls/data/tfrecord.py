@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError
-from kcls.data.folder import decode_batches
+from kcls.data.folder import decode_batches, graph_only
 from kcls.layout import PACK_MANIFEST_FILE, PACK_SHARD_NAME, PACK_SHARD_PATTERN
 
 PACK_FORMAT = "kcls-tfrecord-pack"
@@ -186,12 +186,16 @@ def _shard_reader(expected: tf.Tensor, block: int, failed: list[str]):
                 failed.append(entry)
         return False
 
+    @graph_only
+
     def read(path: tf.Tensor) -> tf.data.Dataset:
         # `<split>-NNNNN-of-NNNNN.tfrecord`: the index, whichever shards this worker reads.
         index = tf.strings.to_number(tf.strings.regex_replace(
             path, r"^.*-(\d+)-of-\d+\.tfrecord$", r"\1"), tf.int32)
         records = tf.data.TFRecordDataset(path).ignore_errors().batch(block)
         end = tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))  # no block is empty
+
+        @graph_only
 
         def tally(read_so_far: tf.Tensor, records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             count = read_so_far + tf.size(records, tf.int64)
@@ -202,7 +206,7 @@ def _shard_reader(expected: tf.Tensor, block: int, failed: list[str]):
                 return count, tf.identity(records)
 
         return records.concatenate(end).scan(tf.constant(0, tf.int64), tally).filter(
-            lambda records: tf.size(records) > 0)
+            graph_only(lambda records: tf.size(records) > 0))
 
     return read
 
@@ -213,6 +217,8 @@ def _block_parser(pack: Pack):
              else tf.io.FixedLenFeature([], tf.int64))
     features = {"image_bytes": tf.io.FixedLenFeature([], tf.string), "label": label,
                 "file_name": tf.io.FixedLenFeature([], tf.string)}
+
+    @graph_only
 
     def parse(records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         parsed = tf.io.parse_example(records, features)
