@@ -162,8 +162,8 @@ def split_examples(pack: Pack, split: str, failed: list[str]) -> tf.data.Dataset
                               block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)  # the pack's order (module docstring)
     parse = _block_parser(pack)
-    examples = decode_batches(blocks.map(parse, num_parallel_calls=tf.data.AUTOTUNE), failed,
-                              read_files=False, chunk_size=block)
+    parsed = blocks.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    examples = decode_batches(parsed, failed, read_files=False, chunk_size=block)
     options = tf.data.Options()
     # Workers split the shards between them; the default (AUTO) would fall back to every
     # worker reading every record and keeping its share.
