@@ -307,7 +307,6 @@ def decode_batches(chunks: tf.data.Dataset, failed: list[str] | None = None, *,
     recheck = _failure_recorder(failed, read_files)
 
     @graph_only
-
     def attempt(sources: tf.Tensor, labels: tf.Tensor, names: tf.Tensor) -> tf.data.Dataset:
         @graph_only
         def decode(source: tf.Tensor, label: tf.Tensor, name: tf.Tensor) -> tuple:
@@ -322,7 +321,6 @@ def decode_batches(chunks: tf.data.Dataset, failed: list[str] | None = None, *,
         counter = (tf.zeros([0, 0, 3], tf.uint8), labels[0], sources[0], names[0])
 
         @graph_only
-
         def tally(arrived: tf.Tensor, example: tuple) -> tuple[tf.Tensor, tuple]:
             is_counter = tf.equal(tf.size(example[0]), 0)
             checked = tf.cond(is_counter & (arrived < count),

@@ -128,7 +128,6 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
     @graph_only
-
     def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
         batch = (tf.cast(images, tf.float32), targets(labels, num_classes))
         return batch if weights is None else (*batch, tf.gather(weights, labels))

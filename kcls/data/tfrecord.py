@@ -187,7 +187,6 @@ def _shard_reader(expected: tf.Tensor, block: int, failed: list[str]):
         return False
 
     @graph_only
-
     def read(path: tf.Tensor) -> tf.data.Dataset:
         # `<split>-NNNNN-of-NNNNN.tfrecord`: the index, whichever shards this worker reads.
         index = tf.strings.to_number(tf.strings.regex_replace(
@@ -196,7 +195,6 @@ def _shard_reader(expected: tf.Tensor, block: int, failed: list[str]):
         end = tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))  # no block is empty
 
         @graph_only
-
         def tally(read_so_far: tf.Tensor, records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             count = read_so_far + tf.size(records, tf.int64)
             short = tf.equal(tf.size(records), 0) & (count < expected[index])
@@ -219,7 +217,6 @@ def _block_parser(pack: Pack):
                 "file_name": tf.io.FixedLenFeature([], tf.string)}
 
     @graph_only
-
     def parse(records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         parsed = tf.io.parse_example(records, features)
         return parsed["image_bytes"], parsed["label"], parsed["file_name"]
