@@ -15,6 +15,7 @@
     kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
     kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
     kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
+    kcls data pack SOURCE OUT_DIR [--recipe NAME] [--set data.KEY=VALUE] [--shard-size 128MB]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import click  # noqa: E402
 
-from kcls.config import apply_overrides, to_json  # noqa: E402
+from kcls.config import Recipe, apply_overrides, to_json  # noqa: E402
 from kcls.recipes import list_recipes, load_recipe  # noqa: E402
 
 SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatable)."
@@ -132,6 +133,50 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     split = "test" if resolved.evaluate.test else "validation"
     click.echo(f"done: {split} {result.headline()}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
+
+
+@main.group()
+def data() -> None:
+    """Prepare data: pack a folder or a manifest into sharded TFRecords."""
+
+
+@data.command("pack")
+@click.argument("source")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--recipe", "recipe_name", metavar="NAME",
+              help="Split like this recipe's data section (seed, fractions); default: "
+                   "kcls's defaults (20% test, 10% of the rest validation, seed 0).")
+@click.option("--set", "overrides", multiple=True, metavar="data.KEY=VALUE",
+              help="Override a data setting, e.g. --set data.test_fraction=0.1 (repeatable).")
+@click.option("--shard-size", default="128MB", show_default=True,
+              help="About how much a shard holds (KB, MB, GB).")
+@click.option("--replace", is_flag=True,
+              help="Replace a pack of other files or settings in OUT_DIR (never other files).")
+def data_pack(source: str, out_dir: Path, recipe_name: str | None, overrides: tuple[str, ...],
+              shard_size: str, replace: bool) -> None:
+    """Pack SOURCE (folder:PATH or manifest:PATH.csv) into TFRecord shards in OUT_DIR.
+
+    The splits are made once, here, and frozen in the pack; train on it with
+    --set data.source=tfrecord:OUT_DIR. Packing an unchanged source again does nothing.
+    """
+    other = [override for override in overrides if not override.strip().startswith("data.")]
+    if other:
+        raise click.UsageError(f"kcls data pack takes data.KEY=VALUE overrides only, not "
+                               f"{', '.join(other)}.")
+    recipe = load_recipe(recipe_name) if recipe_name else Recipe(name="pack")
+    config = apply_overrides(recipe, [f"data.source={source}", *overrides]).data
+    start_tensorflow()
+    from kcls.data.folder import skipped_files_line
+    from kcls.data.pack import pack_source, parse_size
+
+    result = pack_source(config, out_dir, parse_size(shard_size), replace, log=click.echo)
+    if result.skipped:
+        click.echo(skipped_files_line(result.skipped))
+    if result.written:
+        click.echo(f"packed {config.source} into {out_dir}: " + ", ".join(
+            f"{name} {result.examples[name]:,} ({result.shards[name]} shards)"
+            for name in result.examples)
+            + f"; train on it with --set data.source=tfrecord:{out_dir}")
 
 
 @main.command("lr-find")
@@ -296,7 +341,8 @@ def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None
 @main.command()
 @MODEL_DIR
 @click.option("--data", "data_source", metavar="SOURCE",
-              help="folder:PATH (every image), tfds:NAME or sklearn:digits (test split). "
+              help="folder:PATH (every image), tfds:NAME, tfrecord:DIR or sklearn:digits "
+                   "(test split). "
                    "Default: the test split the model's recipe held out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.json, report.md and plots (default: print only).")

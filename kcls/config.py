@@ -80,8 +80,10 @@ class DataConfig:
     """Where images come from and how they are batched.
 
     Attributes:
-        source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH` or
-            `manifest:PATH.csv` (multi-label, `kcls.data.manifest`).
+        source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH`,
+            `manifest:PATH.csv` (multi-label, `kcls.data.manifest`) or `tfrecord:DIR`
+            (a pack of TFRecord shards written by `kcls data pack`, whose splits are the
+            ones frozen at pack time; see docs/data.md).
         data_dir: TFDS data directory; `None` means the TFDS default (`~/tensorflow_datasets`).
         download: what a `tfds:NAME` source that is not prepared in `data_dir` does: `auto`
             downloads and prepares it through TFDS itself (its checksums and progress bars;
@@ -135,10 +137,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_fields(self, "data")
         kind, separator, _ = self.source.partition(":")
-        _require(kind in ("sklearn", "tfds", "folder", "manifest") and bool(separator),
-                 "data.source", self.source,
-                 "one of 'sklearn:digits', 'tfds:NAME', 'folder:PATH' or "
-                 "'manifest:PATH.csv'")
+        _require(kind in ("sklearn", "tfds", "folder", "manifest", "tfrecord")
+                 and bool(separator), "data.source", self.source,
+                 "one of 'sklearn:digits', 'tfds:NAME', 'folder:PATH', "
+                 "'manifest:PATH.csv' or 'tfrecord:DIR' (a pack, kcls data pack)")
         _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction",
                  self.validation_fraction, "a number in [0, 1)")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,

@@ -63,8 +63,12 @@ directory) holds
                          (`TUNE_REPORT_FILE`, `TUNE_CURVES_PLOT`, `TUNE_SUMMARY_FILE`)
 
 The user cache (`cache_root()`) holds converted ImageNet weights
-(`kcls.models.pretrained`) and, in `folder_checks/`, which images of each image folder
-decoded at the last scan (`kcls.data.folder`).
+(`kcls.models.pretrained`).
+
+A pack (`kcls data pack SOURCE OUT_DIR`, `kcls.data.pack`; read as
+`data.source=tfrecord:OUT_DIR`, `kcls.data.tfrecord`) holds `pack.json`
+(`PACK_MANIFEST_FILE`: splits, class names, counts, skipped files, the source's
+fingerprint) and the shards `<split>-NNNNN-of-NNNNN.tfrecord` (`PACK_SHARD_NAME`).
 
 Example:
 
@@ -151,7 +155,10 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 PRETRAIN_CURVES_PLOT = "pretrain_curves.png"
 # User cache.
 CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
-FOLDER_CHECKS_DIR = "folder_checks"
+# Packs of TFRecord shards (`kcls data pack`).
+PACK_MANIFEST_FILE = "pack.json"
+PACK_SHARD_NAME = "{split}-{index:05d}-of-{count:05d}.tfrecord"
+PACK_SHARD_PATTERN = "{split}-*-of-{count:05d}.tfrecord"
 
 
 class CacheDirError(NotADirectoryError):

@@ -107,6 +107,7 @@ def test_a_recipe_file_with_a_syntax_error_names_the_line(tmp_path):
     ["monitor", "{empty}", "--data", "{empty}"],
     ["pretrain", "{empty}", "--set", "pretrain.nope=1"],
     ["tune", "quickstart", "--budget", "1m", "--set", "train.nope=1"],
+    ["data", "pack", "folder:{empty}", "{empty}/pack"],
 ], ids=lambda command: " ".join(command[:2]))
 def test_every_command_gives_one_line_errors_and_debug_gives_the_traceback(command, tmp_path):
     empty = tmp_path / "empty"

@@ -15,7 +15,7 @@ from conftest import write_truncated_jpeg
 from PIL import Image
 
 from kcls.config import ConfigError, DataConfig
-from kcls.data.folder import scan_folder
+from kcls.data.folder import decode_files, scan_folder
 from kcls.data.pipeline import eval_pipeline, prepare_image, train_pipeline
 from kcls.data.sources import load_splits, splits_from_arrays
 
@@ -234,11 +234,12 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
     cache_dir.mkdir()
 
     def run(seed: int) -> set[str]:
-        """The cache files a one-step run with data.seed=`seed` leaves behind."""
+        """The cache files a one-epoch run with data.seed=`seed` leaves behind (tf.data
+        keeps a cache file once a pass has read all of its split)."""
         before = set(path.name for path in cache_dir.iterdir())
         recipe = apply_overrides(load_recipe("quickstart"), [
-            "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=1",
-            "train.jit_compile=false", "data.batch_size=8", "data.image_size=16",
+            "train.frozen_epochs=1", "train.unfrozen_epochs=0", "train.steps_per_epoch=none",
+            "train.jit_compile=false", "data.batch_size=128", "data.image_size=16",
             f"data.cache={cache_dir / 'digits'}", f"data.seed={seed}", "export.enabled=false"])
         runs = len(list(tmp_path.glob("run*")))  # a finished run dir is never reused
         run_recipe(recipe, tmp_path / f"run{runs}", log=lambda message: None, verbose=0)
@@ -259,19 +260,46 @@ def test_runs_with_different_seeds_never_share_an_on_disk_cache(tmp_path: Path):
 
 def test_undecodable_names_bombs_and_truncated_files_are_skipped_and_named(damaged_folder):
     files = scan_folder(damaged_folder)
-    assert len(files.paths) == 12
+    # The scan reads names and headers: the half JPEG's header is whole, so it passes.
+    assert len(files.paths) == 13
     names = sorted(Path(path).name for path in files.skipped)
     # The non-UTF-8 byte is shown escaped, so the name can be printed and written to JSON.
-    assert names == ["bomb.png", "caf\\xe9.png", "half.jpg"]
+    assert names == ["bomb.png", "caf\\xe9.png"]
     json.dumps(files.skipped).encode("utf-8")
 
     splits = load_splits(DataConfig(source=f"folder:{damaged_folder}", test_fraction=0.25,
                                     validation_fraction=0.0))
-    assert sorted(Path(path).name for path in splits.skipped) == names
-    assert splits.sizes == {"train": 9, "validation": 0, "test": 3}
-    # Every example the sizes promise reaches the model.
-    assert len(list(splits.train.as_numpy_iterator())) == 9
-    assert len(list(splits.test.as_numpy_iterator())) == 3
+    assert splits.sizes == {"train": 9, "validation": 0, "test": 4}
+    examples = [list(split.as_numpy_iterator()) for split in (splits.train, splits.test)]
+    # Every example reaches the model but the truncated JPEG, which decoding names.
+    assert len(examples[0]) + len(examples[1]) == 12
+    assert sorted(Path(path).name for path in splits.skipped) == [
+        "bomb.png", "caf\\xe9.png", "half.jpg"]
+    json.dumps(splits.skipped).encode("utf-8")
+
+
+def test_the_scan_reads_headers_not_images_and_a_truncated_jpeg_is_named_once_read(
+        tmp_path: Path):
+    rng = np.random.default_rng(4)
+    for name in ("cats", "dogs"):
+        for index in range(5):
+            _save(tmp_path / name / f"{index}.jpg", rng.integers(0, 255, (24, 24, 3), np.uint8),
+                  "RGB")
+    truncated = tmp_path / "dogs" / "cut.jpg"
+    write_truncated_jpeg(truncated, rng)
+    (tmp_path / "cats" / "text.jpg").write_text("not an image")  # no JPEG signature
+    files = scan_folder(tmp_path)
+    assert str(truncated) in files.paths and files.skipped == [str(tmp_path / "cats" / "text.jpg")]
+    config = DataConfig(source=f"folder:{tmp_path}", test_fraction=0.3,
+                        validation_fraction=0.0)
+    splits = load_splits(config)
+    assert splits.sizes["train"] + splits.sizes["test"] == 11
+    assert str(truncated) not in splits.skipped  # not read yet
+    read = [len(list(split.as_numpy_iterator())) for split in (splits.train, splits.test)]
+    assert sum(read) == 10
+    assert splits.skipped == [str(tmp_path / "cats" / "text.jpg"), str(truncated)]
+    list(splits.train.concatenate(splits.test).as_numpy_iterator())  # counted once
+    assert len(splits.skipped) == 2
 
 
 def test_a_file_damaged_after_the_scan_is_counted_not_dropped_silently(damaged_folder):
@@ -300,8 +328,9 @@ def test_a_real_photo_cut_in_half_is_skipped_and_named(tmp_path: Path):
     photo = sorted((root / "bees").glob("*.jpg"))[0]
     photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
     files = scan_folder(root)
-    assert files.skipped == [str(photo)]
-    assert len(files.paths) == 7
+    assert files.skipped == [] and len(files.paths) == 8  # its header is intact
+    examples = list(decode_files(files.paths, files.labels, files.skipped).as_numpy_iterator())
+    assert files.skipped == [str(photo)] and len(examples) == 7
 
 
 def test_fewer_than_two_classes_is_refused_before_training(tmp_path: Path):
@@ -355,8 +384,6 @@ def test_hidden_class_folders_are_named_in_a_warning(tmp_path: Path):
 
 
 def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
-    from kcls.data.folder import decode_files
-
     paths = []
     for index in range(12):
         paths.append(str(tmp_path / f"{index}.png"))
@@ -369,19 +396,68 @@ def test_decode_files_keeps_the_order_and_names_what_fails(tmp_path: Path):
     assert failed == [paths[5]]
 
 
-def test_a_second_scan_decodes_only_new_or_changed_files(damaged_folder: Path):
-    from kcls.data.folder import decode_check_cache
+def test_image_headers_give_the_format_and_size_pillow_reads(tmp_path: Path):
+    import io
 
-    first = scan_folder(damaged_folder)
-    cache = decode_check_cache(damaged_folder)
-    recorded = json.loads(cache.read_text())["decoded"]
-    assert sorted(recorded) == sorted(first.paths)  # only files that decoded
-    # A cached file rewritten since (another size and time) is decoded again.
-    victim = damaged_folder / "ants" / "3.jpg"
-    write_truncated_jpeg(victim, np.random.default_rng(3))
-    second = scan_folder(damaged_folder)
-    assert str(victim) in second.skipped and len(second.paths) == 11
-    assert str(victim) not in json.loads(cache.read_text())["decoded"]
+    from kcls.data.headers import MAX_IMAGE_PIXELS, image_stamp, read_image_header
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 255, (17, 23, 3), dtype=np.uint8)
+    for name, mode, format in (("rgb.png", "RGB", "PNG"), ("gray.png", "L", "PNG"),
+                               ("anim.gif", "L", "GIF"), ("bitmap.bmp", "RGB", "BMP"),
+                               ("photo.jpg", "RGB", "JPEG"), ("gray.jpeg", "L", "JPEG")):
+        image = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0], mode)
+        image.save(tmp_path / name, format=format)
+        header = read_image_header(tmp_path / name)
+        assert (header.format, header.width, header.height) == (format.lower(), 23, 17), name
+    # A frame header after 30 kB of EXIF data (beyond the first read), progressive.
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 30_000
+    Image.fromarray(pixels).save(tmp_path / "exif.jpg", progressive=True, exif=exif.tobytes())
+    assert read_image_header(tmp_path / "exif.jpg").width == 23
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:12])  # cut inside the header
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.gif").write_text("GIF? no")
+    for name in ("cut.jpg", "empty.png", "text.gif", "missing.bmp"):
+        assert read_image_header(tmp_path / name) is None, name
+        assert image_stamp(tmp_path / name) is None, name
+    stat = (tmp_path / "photo.jpg").stat()
+    assert image_stamp(tmp_path / "photo.jpg") == (stat.st_size, stat.st_mtime_ns)
+    from conftest import write_decompression_bomb
+
+    write_decompression_bomb(tmp_path / "bomb.png")
+    assert read_image_header(tmp_path / "bomb.png").width ** 2 > MAX_IMAGE_PIXELS
+    assert image_stamp(tmp_path / "bomb.png") is None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hymenoptera").is_dir(),
+                    reason="../shared/data/hymenoptera is not present (only in the kcls workspace)")
+def test_headers_of_real_photos_match_pillow():
+    from kcls.data.headers import read_image_header
+
+    for path in sorted((SHARED_DATA / "hymenoptera").rglob("*.*")):
+        with Image.open(path) as image:
+            header = read_image_header(path)
+            assert (header.format, header.width, header.height) == (
+                image.format.lower(), *image.size), path
+
+
+def test_the_listing_keeps_rglobs_order_and_lists_a_linked_folder_once(tmp_path: Path):
+    from kcls.data.folder import _image_files
+
+    for relative in ("a/x.jpg", "a.jpg", "a-b.jpg", "B.png", "a/b/c.gif", "a/z.bmp",
+                     "notes.txt", ".hidden.jpg", "A/y.JPEG"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    expected = [str(path) for path in sorted(tmp_path.rglob("*"))
+                if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+                and path.is_file()]
+    # `link` is `a` again: its files are listed once, under `a`.
+    assert _image_files(tmp_path, skip_hidden=False, seen=set()) == expected
+    assert not any("link" in path for path in expected)
 
 
 @functools.cache

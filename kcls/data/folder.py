@@ -1,24 +1,25 @@
 """Image folders: `root/<class>/<image>`, the most common way users bring their own data.
 
 Class names are the sub-folder names, sorted. JPEG, PNG, BMP and GIF (first frame)
-files are used; other files are ignored. Every candidate is checked once up front so
-that every file that will not reach the model is skipped, counted and named
-(`FolderFiles.skipped`) before any split is made, instead of failing a run hours later
-or silently shrinking it:
+files are used; other files are ignored. Every file that will not reach the model is
+skipped, counted and named (`FolderFiles.skipped`), never dropped silently, in two
+places:
 
-1. a name that is not valid UTF-8 (TensorFlow file names are UTF-8 strings);
-2. Pillow's header and structure check (`verify()`), which also refuses decompression
-   bombs (images claiming more than `PIL.Image.MAX_IMAGE_PIXELS * 2` pixels) before
-   anything allocates them;
-3. a full decode with TensorFlow's own decoder, the one the pipeline uses
-   (`decode_files`), which catches truncated files that pass Pillow's check.
+1. the scan, before any split is made, reads each candidate's name and header only
+   (`kcls.data.headers`, 10-20 microseconds a file): a name that is not valid UTF-8
+   (TensorFlow file names are UTF-8 strings), a file TensorFlow's decoder does not take
+   (no JPEG, PNG, GIF or BMP signature, a header cut short) and a decompression bomb (a
+   header claiming more than `kcls.data.headers.MAX_IMAGE_PIXELS` pixels, refused before
+   anything allocates them) are skipped;
+2. the pipeline decodes each file with TensorFlow's own decoder (`decode_batches`): a file
+   that fails there (a truncated download, a corrupt body, a file changed since the scan)
+   is left out and appended to the same list, once, when the pass that read it gets to
+   it. Read the list after the data has been read (`kcls recipe run`, `kcls evaluate` and
+   `kcls optimize` do).
 
-Step 3 reads every image once (a first scan of 10,000 32x32 PNGs took 3 s on two busy
-CPU cores, a second one 0.9 s): the files that decoded are recorded in the user cache
-with their sizes and modification times (`decode_check_cache`), so later scans decode
-only new or changed files. A file that still fails to decode later in the pipeline
-(changed after the scan) is left out and added to the same list, never dropped
-silently (`decode_files`).
+So the first training step waits for a listing and the headers, not for a decode of
+every image (10,000 CIFAR-10 JPEGs: 5.5 s before, with a full decode at scan time;
+see docs/data.md for the measured table).
 
 Example:
 
@@ -29,8 +30,7 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
+import operator
 import os
 import threading
 import unicodedata
@@ -44,54 +44,87 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError
-from kcls.files import write_json
-from kcls.layout import FOLDER_CHECKS_DIR, cache_root
+from kcls.data.headers import image_stamp
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Files decoded per attempt in `decode_batches`: failures are looked for per chunk, so a
+# chunk's cost is paid once for this many images; a record block of a pack
+# (`kcls.data.tfrecord`) is one chunk.
+DECODE_CHUNK = 32
+# Functions tf.data runs as graphs: without AutoGraph's source conversion, which took 4.6 of
+# the 5.4 s of building the pipelines on a busy 2-core CPU. They hold no Python control
+# flow on tensors (`tf.cond` is explicit), so the conversion had nothing to do.
+graph_only = tf.autograph.experimental.do_not_convert
+# Header reads run in this many threads: on a local disk the scan is bound by Python (1, 2
+# and 8 threads measured within noise of each other), on a network disk by the round
+# trips, which threads overlap.
+SCAN_THREADS = 4
 
 
 @dataclass
 class FolderFiles:
-    """The readable images of a folder and the ones skipped.
+    """The usable images of a folder and the ones skipped.
 
     Attributes:
-        paths: list[str] of readable image files.
+        paths: list[str] of image files that passed the scan (name and header).
         labels: int64 array `(len(paths),)`, indices into `class_names`.
         class_names: list[str], sorted sub-folder names.
         skipped: list[str] of files with an image extension that will not reach the
-            model (unreadable, undecodable, or a name that is not UTF-8, shown with
-            its undecodable bytes escaped as `\\xNN`); `decode_files` appends files
-            that fail to decode later.
+            model (unreadable, no decodable header, a decompression bomb, or a name that
+            is not UTF-8, shown with its undecodable bytes escaped as `\\xNN`);
+            `decode_files` appends the files that fail to decode when they are read.
+        stamps: list of `(size, mtime_ns)` per path, as the scan found them.
     """
 
     paths: list[str]
     labels: np.ndarray
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
+    stamps: list[tuple[int, int]] = field(default_factory=list)
 
 
 def scan_folder(root: str | Path) -> FolderFiles:
-    """Lists and checks the images under `root/<class>/`.
+    """Lists and checks the images under `root/<class>/` (names and headers, no decoding).
 
     Hidden sub-folders (names starting with `.`) are not classes; a warning names them.
 
     Raises:
         ConfigError: `root` missing or not a folder, fewer than two class sub-folders,
             a class folder name that `labels.txt` cannot hold (control characters, bytes
-            that are not UTF-8, outer spaces), or a class with no readable image.
+            that are not UTF-8, outer spaces), or a class with no usable image.
     """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(
             f"Image folder {str(root)!r} does not exist. Pass data.source=folder:PATH with "
             "one sub-folder of images per class.")
+    class_dirs = _class_folders(root)
+    candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
+                  for path in _image_files(class_dir, skip_hidden=False)]
+    stamps = check_images([path for path, _ in candidates])
+    kept = [(*candidate, stamp) for candidate, stamp in zip(candidates, stamps) if stamp]
+    skipped = [printable_path(path) for (path, _), stamp in zip(candidates, stamps)
+               if not stamp]
+    counts = np.bincount([label for _, label, _ in kept], minlength=len(class_dirs))
+    empty = [class_dirs[i].name for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ConfigError(
+            f"Image folder {str(root)!r}: class folder(s) {', '.join(empty)} contain no readable "
+            f"image ({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder(s).")
+    return FolderFiles([path for path, _, _ in kept],
+                       np.asarray([label for _, label, _ in kept], dtype=np.int64),
+                       [d.name for d in class_dirs], skipped, [stamp for _, _, stamp in kept])
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The class folders of `root`, sorted; warns about hidden ones, refuses fewer than two."""
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     hidden = [p.name for p in folders if p.name.startswith(".")]
     if hidden:
         warnings.warn(
             f"Image folder {str(root)!r}: ignored {len(hidden)} hidden folder(s): "
             f"{', '.join(printable_path(name) for name in hidden)} (names starting with '.' "
-            "are not classes; rename a folder to use it as one).", UserWarning, stacklevel=2)
+            "are not classes; rename a folder to use it as one).", UserWarning, stacklevel=3)
     class_dirs = [p for p in folders if not p.name.startswith(".")]
     for class_dir in class_dirs:
         _check_class_name(class_dir)
@@ -105,50 +138,37 @@ def scan_folder(root: str | Path) -> FolderFiles:
             "classifier needs at least two classes, one sub-folder of images each "
             f"({root}/<class_name>/<image>.jpg). Point data.source at the folder that "
             "holds the class folders.")
-    candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
-                  for path in sorted(class_dir.rglob("*"))
-                  if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    usable = check_images(root, [path for path, _ in candidates])
-    kept = [c for c, ok in zip(candidates, usable) if ok]
-    skipped = [printable_path(path) for (path, _), ok in zip(candidates, usable) if not ok]
-    counts = np.bincount([label for _, label in kept], minlength=len(class_dirs))
-    empty = [class_dirs[i].name for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise ConfigError(
-            f"Image folder {str(root)!r}: class folder(s) {', '.join(empty)} contain no readable "
-            f"image ({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder(s).")
-    return FolderFiles([str(path) for path, _ in kept],
-                       np.asarray([label for _, label in kept], dtype=np.int64),
-                       [d.name for d in class_dirs], skipped)
+    return class_dirs
 
 
 def scan_images(root: str | Path) -> FolderFiles:
     """Lists and checks every image under `root`, at any depth, ignoring sub-folder names.
 
     For unlabelled data (self-supervised pretraining): the same checks as `scan_folder`,
-    so unreadable files are skipped and named, but no classes. Hidden files and folders
+    so unusable files are skipped and named, but no classes. Hidden files and folders
     (names starting with `.`) are left out.
 
     Returns:
         FolderFiles with all labels 0 and no class names.
 
     Raises:
-        ConfigError: `root` missing or not a folder, or no readable image in it.
+        ConfigError: `root` missing or not a folder, or no usable image in it.
     """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"Image folder {str(root)!r} does not exist. Pass a folder of "
                           "images (sub-folders are searched too).")
-    candidates = list_image_files(root)
-    usable = check_images(root, candidates)
-    paths = [str(path) for path, ok in zip(candidates, usable) if ok]
+    candidates = _image_files(root, skip_hidden=True)
+    stamps = check_images(candidates)
+    paths = [path for path, stamp in zip(candidates, stamps) if stamp]
     if not paths:
         raise ConfigError(
             f"Image folder {str(root)!r} holds no readable image ({', '.join(IMAGE_EXTENSIONS)}"
             f"{f'; {len(candidates)} unreadable' if candidates else ''}). Point it at a "
             "folder of images.")
     return FolderFiles(paths, np.zeros(len(paths), np.int64), [],
-                       [printable_path(path) for path, ok in zip(candidates, usable) if not ok])
+                       [printable_path(path) for path, stamp in zip(candidates, stamps)
+                        if not stamp], [stamp for stamp in stamps if stamp])
 
 
 def list_image_files(root: Path) -> list[Path]:
@@ -158,43 +178,58 @@ def list_image_files(root: Path) -> list[Path]:
     Symbolic links to folders are followed, as training follows a symlinked class
     folder; each real folder is listed once, so a link loop ends.
     """
-    found, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders[:] = []
+    return [Path(path) for path in _image_files(Path(root), skip_hidden=True, seen=set())]
+
+
+def _image_files(folder: Path, skip_hidden: bool, seen: set[str]) -> list[str]:
+    """The files with an image extension under `folder`, in `sorted(folder.rglob("*"))`'s
+    order (by path parts: each folder's entries by name, a sub-folder's files where its
+    name sorts), following links to folders but listing each real folder once (`seen`):
+    one `scandir` per folder and the paths it makes (a `Path` per file cost more than its
+    header read)."""
+    found: list[str] = []
+    real = os.path.realpath(folder)
+    if real in seen:  # a link loop, or a folder linked twice
+        return found
+    seen.add(real)
+    try:
+        entries = sorted(os.scandir(folder), key=operator.attrgetter("name"))
+    except OSError:  # unreadable sub-folder: as rglob, nothing under it is listed
+        return found
+    for entry in entries:
+        name = entry.name
+        if skip_hidden and name.startswith("."):
             continue
-        seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found += [Path(folder) / name for name in names if not name.startswith(".")
-                  and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-                  and (Path(folder) / name).is_file()]
-    return sorted(found)
+        if entry.is_dir():
+            found += _image_files(entry.path, skip_hidden, seen)
+            continue
+        dot = name.rfind(".")
+        if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            found.append(entry.path)
+    return found
 
 
-def check_images(root: str | Path, paths: Sequence[Path]) -> list[bool]:
-    """Whether each image file will reach the model: steps 1-3 of the module docstring.
+def check_images(paths: Sequence[Path | str]) -> list[tuple[int, int] | None]:
+    """Which image files pass the scan: a UTF-8 name and a header TensorFlow decodes, not
+    claiming a decompression bomb's size (`kcls.data.headers.image_stamp`).
 
     Args:
-        root: the folder whose decode-check record (`decode_check_cache`) to use.
-        paths: image files (under `root` or anywhere).
+        paths: image files.
 
     Returns:
-        one bool per path, False for a file that is missing, unreadable, undecodable or
-        has a name that is not UTF-8.
+        one entry per path: `(size, mtime_ns)` of a file that passes, None for one that
+        is missing, unreadable, has no decodable header, is a decompression bomb or has
+        a name that is not UTF-8. A file whose body does not decode passes: the pipeline
+        names it when it reads it (`decode_batches`).
     """
-    root, paths = Path(root), [Path(path) for path in paths]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        readable = list(pool.map(_is_readable, paths))
-    stamps = {str(path): _stamp(path) for path, ok in zip(paths, readable) if ok}
-    cache = decode_check_cache(root)
-    decoded_before = _read_decode_checks(cache)
-    failed = set(_undecodable([path for path, stamp in stamps.items()
-                               if decoded_before.get(path) != stamp]))
-    usable = [ok and str(path) not in failed for path, ok in zip(paths, readable)]
-    _write_decode_checks(cache, root, {str(path): stamps[str(path)]
-                                       for path, ok in zip(paths, usable) if ok})
-    return usable
+    paths = list(paths)
+    slices = [paths[start::SCAN_THREADS] for start in range(SCAN_THREADS)]
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        results = list(pool.map(lambda part: [image_stamp(path) for path in part], slices))
+    stamps: list[tuple[int, int] | None] = [None] * len(paths)
+    for start, result in enumerate(results):
+        stamps[start::SCAN_THREADS] = result
+    return stamps
 
 
 def _check_class_name(class_dir: Path) -> None:
@@ -227,11 +262,17 @@ def class_name_problem(name: str) -> str | None:
     return None
 
 
-def decode_image_file(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Reads and decodes one file to `(uint8 [H, W, 3], label)`; gray and RGBA become RGB."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """The one decoder of training, evaluation and packs: encoded JPEG/PNG/GIF/BMP bytes
+    (string `[]`) to uint8 `[H, W, 3]`; gray and RGBA become RGB, a GIF its first frame."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return image, label
+    return image
+
+
+def decode_image_file(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Reads and decodes one file to `(uint8 [H, W, 3], label)` (see `decode_image`)."""
+    return decode_image(tf.io.read_file(path)), label
 
 
 def decode_files(paths: Sequence[str], labels: np.ndarray,
@@ -239,8 +280,7 @@ def decode_files(paths: Sequence[str], labels: np.ndarray,
     """The decoded `(uint8 [H, W, 3], label)` examples of `paths`, in their order.
 
     A file that fails to read or decode is left out and its path appended to `failed`
-    (once, however many passes are made), so that whoever reports `failed` afterwards
-    counts it; `tf.data`'s `ignore_errors` alone would drop it with a muted C++ log.
+    (see `decode_batches`).
 
     Args:
         paths: sequence of str, image files (UTF-8 names, see `scan_folder`).
@@ -249,38 +289,97 @@ def decode_files(paths: Sequence[str], labels: np.ndarray,
         failed: list[str] to append the paths of files that fail to; `None` for a new
             list nobody reads.
     """
-    failed = [] if failed is None else failed
-    lock = threading.Lock()  # tf.data may call `record` from several threads
     labels = np.asarray(labels)
     labels = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)
-    examples = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(list(paths), tf.string), labels))
+    # Python strings: a list of numpy strings converts 10x slower (0.15 s for 100,000).
+    names = tf.constant(np.asarray(paths, dtype=str).tolist(), tf.string)
+    chunks = tf.data.Dataset.from_tensor_slices((names, labels, names)).batch(DECODE_CHUNK)
+    return decode_batches(chunks, failed, read_files=True)
 
-    def attempt(path: tf.Tensor, label: tf.Tensor) -> tf.data.Dataset:
-        # One file in its own dataset: `ignore_errors` empties it on failure and the
-        # fallback element, flagged, takes its place, so a failure is seen, not lost.
-        decoded = tf.data.Dataset.from_tensors((path, label)).map(
-            lambda path, label: (*decode_image_file(path, label), path, True)).ignore_errors()
-        fallback = tf.data.Dataset.from_tensors(
-            (tf.zeros([0, 0, 3], tf.uint8), label, path, False))
-        return decoded.concatenate(fallback).take(1)
 
-    def record(path: tf.Tensor) -> bool:
-        name = path.numpy().decode("utf-8", "backslashreplace")
+def decode_batches(chunks: tf.data.Dataset, failed: list[str] | None = None, *,
+                   read_files: bool, keep_encoded: bool = False,
+                   chunk_size: int = DECODE_CHUNK) -> tf.data.Dataset:
+    """Decodes chunks of images in parallel, leaving out and naming the ones that fail.
+
+    Each chunk is decoded in a dataset of its own whose failures `ignore_errors` skips,
+    followed by one empty-image element (no decoded image is empty) that counts what
+    arrived: when images are missing, the chunk is decoded again one by one in Python
+    and the files that fail are appended to `failed` (once, however many passes are
+    made). A failure is thereby seen and named, where `ignore_errors` alone would drop
+    it with a muted C++ log, at the cost of two small ops per image (measured in
+    docs/data.md). The order is the chunks' order (`deterministic=True`): a split read
+    twice (a calibration carve-out's `take`/`skip`, the report's mistake images) gives
+    the same examples in the same places.
+
+    Args:
+        chunks: tf.data.Dataset of `(sources string [K], labels [K] or [K, C], names
+            string [K])` with 1 <= K <= `chunk_size`: file paths (`read_files=True`)
+            or encoded images, and the names to report failures by.
+        failed: list[str] to append the names of failures to; `None` for a new list.
+        read_files: whether `sources` are paths to read (else the encoded bytes).
+        keep_encoded: also return each example's encoded bytes and name.
+        chunk_size: int, the largest K (a whole chunk comes out before the next one).
+
+    Returns:
+        Unbatched `(uint8 image [H, W, 3], label)`, or with `keep_encoded`
+        `(image, label, encoded string [], name string [])`.
+    """
+    failed = [] if failed is None else failed
+    recheck = _failure_recorder(failed, read_files)
+
+    @graph_only
+    def attempt(sources: tf.Tensor, labels: tf.Tensor, names: tf.Tensor) -> tf.data.Dataset:
+        @graph_only
+        def decode(source: tf.Tensor, label: tf.Tensor, name: tf.Tensor) -> tuple:
+            encoded = tf.io.read_file(source) if read_files else source
+            return (decode_image(encoded), label, encoded, name)[:4 if keep_encoded else 2]
+
+        # Sequential within a chunk: the interleave below runs chunks in parallel, and a
+        # parallel map here too measured slower on two cores (7,700 vs 8,600 images/s).
+        decoded = tf.data.Dataset.from_tensor_slices((sources, labels, names)).map(
+            decode).ignore_errors()
+        count = tf.shape(sources)[0]
+        counter = (tf.zeros([0, 0, 3], tf.uint8), labels[0], sources[0], names[0])
+
+        @graph_only
+        def tally(arrived: tf.Tensor, example: tuple) -> tuple[tf.Tensor, tuple]:
+            is_counter = tf.equal(tf.size(example[0]), 0)
+            checked = tf.cond(is_counter & (arrived < count),
+                              lambda: tf.py_function(recheck, [sources, names], tf.bool),
+                              lambda: tf.constant(False))
+            with tf.control_dependencies([checked]):
+                return arrived + 1, example
+
+        examples = decoded.concatenate(tf.data.Dataset.from_tensors(
+            counter[:4 if keep_encoded else 2])).scan(tf.constant(0), tally)
+        return examples.filter(graph_only(lambda image, *rest: tf.size(image) > 0))
+
+    return chunks.interleave(attempt, cycle_length=tf.data.AUTOTUNE, block_length=chunk_size,
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _failure_recorder(failed: list[str], read_files: bool):
+    """The Python side of `decode_batches`: decodes a chunk whose count fell short one
+    image at a time and appends the names of those that fail to `failed`."""
+    lock = threading.Lock()  # tf.data may call it from several threads
+
+    def recheck(sources: tf.Tensor, names: tf.Tensor) -> bool:
+        failing = []
+        for source, name in zip(sources, names.numpy()):
+            try:
+                decode_image(tf.io.read_file(source) if read_files else source)
+            except tf.errors.OpError:
+                failing.append(name.decode("utf-8", "backslashreplace"))
+        if not failing:  # failed in the pipeline, decodes now (changed meanwhile)
+            failing = [f"one of {len(names)} files from "
+                       f"{names[0].numpy().decode('utf-8', 'backslashreplace')} "
+                       "(failed once, decoded on a second try)"]
         with lock:
-            if name not in failed:
-                failed.append(name)
+            failed.extend(name for name in failing if name not in failed)
         return False
 
-    def keep(image: tf.Tensor, label: tf.Tensor, path: tf.Tensor, decoded: tf.Tensor
-             ) -> tf.Tensor:
-        return tf.cond(decoded, lambda: tf.constant(True),
-                       lambda: tf.py_function(record, [path], tf.bool))
-
-    examples = examples.interleave(attempt, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                                   num_parallel_calls=tf.data.AUTOTUNE)
-    return examples.filter(keep).map(lambda image, label, path, decoded: (image, label),
-                                     num_parallel_calls=tf.data.AUTOTUNE)
+    return recheck
 
 
 def skipped_files_line(skipped: list[str], shown: int = 5) -> str:
@@ -302,66 +401,3 @@ def printable_path(path: str | Path) -> str:
     'caf\\\\xe9.png'
     """
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _is_readable(path: Path) -> bool:
-    """Pillow's cheap check: a UTF-8 name, a known header, sane structure, not a bomb."""
-    from PIL import Image
-
-    try:
-        os.fsencode(path).decode("utf-8")
-        with Image.open(path) as image:
-            image.verify()  # structure only; `_undecodable` does the full decode
-        return True
-    # DecompressionBombError is not an OSError: a 20000x20000 PNG header would otherwise
-    # stop the scan, and decoding it would allocate 1.2 GB.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False
-
-
-def _undecodable(paths: list[str]) -> list[str]:
-    """The files among `paths` that TensorFlow's decoder fails on, as the pipeline's would."""
-    failed: list[str] = []
-    examples = decode_files(paths, np.zeros(len(paths), np.int64), failed)
-    for _ in examples.map(lambda image, label: label).prefetch(tf.data.AUTOTUNE):
-        pass
-    return failed
-
-
-def decode_check_cache(root: str | Path) -> Path:
-    """The file recording which images under `root` decoded at its last scan.
-
-    `<cache_root>/folder_checks/<digest of the absolute root>.json` (see
-    `kcls.layout.cache_root`): `{"root", "tensorflow", "decoded": {path: [size,
-    mtime_ns]}}`. A scan decodes only the files not in it with the same size and
-    modification time, so scanning a large folder again costs about as much as listing
-    it; the record is dropped when TensorFlow's version changes.
-    """
-    digest = hashlib.sha256(os.fsencode(Path(root).resolve())).hexdigest()[:32]
-    return cache_root() / FOLDER_CHECKS_DIR / f"{digest}.json"
-
-
-def _stamp(path: Path) -> list[int] | None:
-    try:
-        stat = path.stat()
-    except OSError:  # gone since the listing: decoding it fails and names it
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _read_decode_checks(cache: Path) -> dict[str, list[int]]:
-    try:
-        record = json.loads(cache.read_text())
-        if record.get("tensorflow") == tf.__version__:
-            return dict(record["decoded"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # missing or damaged: decode everything again
-    return {}
-
-
-def _write_decode_checks(cache: Path, root: Path, decoded: dict[str, list[int]]) -> None:
-    try:  # atomic: a concurrent scan reads the old or the new record
-        write_json(cache, {"root": printable_path(root.resolve()), "tensorflow": tf.__version__,
-                           "decoded": decoded}, indent=None)
-    except OSError:  # a read-only cache only costs the next scan its decoding time
-        pass

@@ -14,13 +14,15 @@ present, else the sorted set of labels the manifest uses.
 
 Rows that cannot train are skipped, counted and named, never dropped silently
 (`ManifestFiles.skipped`, which `Splits.skipped` reports in run.json and the report):
-a missing, unreadable or undecodable image (the checks of folder sources,
-`kcls.data.folder.check_images`), an empty label set, a label not in `labels.txt`, and
-a repeated path (the first row counts). A manifest that cannot be read at all (no such
-file, not UTF-8 text, no `path`/`labels` columns, an unknown split name, a label that
-cannot be a class name (control or line-separator characters, as for folder class
-names), or no usable row) is a `ConfigError` naming the fix. A UTF-8 byte-order mark
-(Excel's "CSV UTF-8") is read as text, not as part of the first column's name.
+a missing or unreadable image or one without a header TensorFlow decodes (the scan of
+folder sources, `kcls.data.folder.check_images`; an image whose body fails to decode is
+named by its path when the pipeline reads it), an empty label set, a label not in
+`labels.txt`, and a repeated path (the first row counts). A manifest that cannot be
+read at all (no such file, not UTF-8 text, no `path`/`labels` columns, an unknown split
+name, a label that cannot be a class name (control or line-separator characters, as for
+folder class names), or no usable row) is a `ConfigError` naming the fix. A UTF-8
+byte-order mark (Excel's "CSV UTF-8") is read as text, not as part of the first
+column's name.
 
 Example:
 
@@ -59,6 +61,7 @@ class ManifestFiles:
         splits: list[str] per path (`train`, `validation`, `test`), or None when the
             manifest has no `split` column.
         skipped: list[str], one `row N (path): reason` entry per skipped row.
+        stamps: list of `(size, mtime_ns)` per path, as the scan found them.
     """
 
     paths: list[str]
@@ -66,6 +69,7 @@ class ManifestFiles:
     class_names: list[str]
     splits: list[str] | None
     skipped: list[str] = field(default_factory=list)
+    stamps: list[tuple[int, int]] = field(default_factory=list)
 
 
 def read_manifest(manifest: str | Path) -> ManifestFiles:
@@ -122,14 +126,15 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         else:
             resolved = Path(path) if Path(path).is_absolute() else manifest.parent / path
             kept.append((number, resolved, labels, split))
-    usable = check_images(manifest.parent, [path for _, path, _, _ in kept])
-    for (number, _, _, _), ok in zip(kept, usable):
-        if not ok:
+    stamps = check_images([path for _, path, _, _ in kept])
+    for (number, _, _, _), stamp in zip(kept, stamps):
+        if not stamp:
             # Named as the manifest writes it (row 1 is the header).
             skip(number, printable_path(rows[number - 2]["path"].strip()),
                  "missing, unreadable or undecodable image",
                  "missing or undecodable images")
-    kept = [entry for entry, ok in zip(kept, usable) if ok]
+    kept, stamps = ([entry for entry, stamp in zip(kept, stamps) if stamp],
+                    [stamp for stamp in stamps if stamp])
     if reasons:
         warnings.warn(
             f"Manifest {str(manifest)!r}: skipped {sum(reasons.values())} row(s): "
@@ -146,7 +151,7 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         targets[row, [index[label] for label in labels]] = 1.0
     splits = None if "split" not in columns else [split for _, _, _, split in kept]
     return ManifestFiles([str(path) for _, path, _, _ in kept], targets, class_names, splits,
-                         skipped)
+                         skipped, stamps)
 
 
 def read_text(path: Path) -> str:

@@ -8,11 +8,13 @@ pass through unchanged (`targets`).
 
 Order of the training pipeline: resize in parallel, cache the resized examples as
 uint8 (memory or file: the resize, the costly part, runs once, and the cache stays
-small), shuffle with a seeded buffer, repeat, batch (dropping the remainder, so XLA
-sees one static shape), prefetch. No augmentation runs here: the training function
-augments whole batches on the device (`kcls.data.augment`, `kcls.train.trainer.Trainer`),
-so the host CPU only decodes and resizes. Evaluation caches the float32 resized images,
-unrounded.
+small), a first pass in the source's (seeded random) order through a shuffle buffer of
+four batches, then passes shuffled with the full seeded buffer, batch (dropping the
+remainder, so XLA sees one static shape), prefetch. The first batch thereby waits for
+four batches of images, not for a full shuffle buffer (10,000 by default).
+No augmentation runs here: the training function augments whole batches on the device
+(`kcls.data.augment`, `kcls.train.trainer.Trainer`), so the host CPU only decodes and
+resizes. Evaluation caches the float32 resized images, unrounded.
 
 An on-disk cache (`data.cache=PREFIX`) is a file per split,
 `PREFIX.<split>.<key>`, whose key is a digest of the source's fingerprint (its files or
@@ -40,8 +42,11 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.config import ConfigError, DataConfig, ResizeMode, require_choice
+from kcls.data.folder import graph_only
 from kcls.data.sources import fingerprint
 
+# Batches in the shuffle buffer of the training split's first pass (see `train_pipeline`).
+FIRST_PASS_BUFFER_BATCHES = 4
 # DataConfig fields that act after the cache (batching, augmentation, shuffling): every
 # other field, present or future, keys on-disk cache files.
 _AFTER_CACHE_FIELDS = ("batch_size", "augment", "horizontal_flip", "mixup", "cutmix", "cache",
@@ -103,18 +108,26 @@ def train_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConf
             (`kcls.data.augment.place_augmentation`). Batch k draws from the seed
             `(data.seed, k)`, so parallel calls stay reproducible.
     """
+    @graph_only
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         resized = prepare_image(image, config.image_size, config.resize)
         return tf.cast(tf.round(resized), tf.uint8), label
 
     examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     examples = _cache(examples, config, "train", source_fingerprint)
-    examples = examples.shuffle(config.shuffle_buffer, seed=config.seed,
-                                reshuffle_each_iteration=True).repeat()
+    # The first pass reads the source's order, already a seeded random one (arrays,
+    # folders, manifests and packs are split here or by `kcls data pack`; TFDS stores
+    # examples shuffled), through a buffer of a few batches, seeded too: a full buffer
+    # would decode `shuffle_buffer` images before the first step. Later passes shuffle
+    # the cached examples with the full buffer.
+    first_buffer = min(config.shuffle_buffer, FIRST_PASS_BUFFER_BATCHES * config.batch_size)
+    examples = examples.shuffle(first_buffer, seed=config.seed).concatenate(examples.shuffle(
+        config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True).repeat())
     batches = examples.batch(config.batch_size, drop_remainder=True,
                              num_parallel_calls=tf.data.AUTOTUNE)
     weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
 
+    @graph_only
     def model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
         batch = (tf.cast(images, tf.float32), targets(labels, num_classes))
         return batch if weights is None else (*batch, tf.gather(weights, labels))
@@ -170,6 +183,7 @@ def eval_pipeline(examples: tf.data.Dataset, num_classes: int, config: DataConfi
     the on-disk cache file when `config.cache` is a file prefix; the fingerprint is
     required then.
     """
+    @graph_only
     def prepare(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return (prepare_image(image, config.image_size, config.resize),
                 targets(label, num_classes))

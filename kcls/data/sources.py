@@ -11,9 +11,13 @@ A source is named by `DataConfig.source`:
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
 - `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
   examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
+- `tfrecord:DIR` — a pack of sharded TFRecords that `kcls data pack` wrote from a folder
+  or a manifest, with its splits frozen in it (see `kcls.data.tfrecord`).
 
 Sources without a test split get one carved off, stratified and seeded; every source
-gets a validation split carved off its training data the same way.
+gets a validation split carved off its training data the same way. Folders and
+manifests are split by `file_splits` before any image is read, which `kcls data pack`
+uses too: a pack holds the splits the source makes.
 
 Example:
 
@@ -27,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,23 +50,27 @@ class Splits:
 
     Attributes:
         train: tf.data.Dataset of training examples, not batched; in a seeded random
-            order for sources split here (arrays, folders), in TFDS's order otherwise.
+            order for sources split here (arrays, folders, manifests) and for packs
+            (the order `kcls data pack` froze), in TFDS's order otherwise.
         validation: tf.data.Dataset or `None` when `validation_fraction` is 0.
         test: tf.data.Dataset held out for the final evaluation.
         class_names: list[str], label `i` is `class_names[i]`.
         sizes: number of examples per split (`train`, `validation`, `test`).
-        skipped: files of the source that do not reach the model: found unreadable or
-            undecodable by the folder scan, or failing to decode in the pipeline later
-            (appended when it happens, so read it after iterating).
-        train_labels: int64 `(train,)` labels of the training split when the source knows
-            them without reading images, else `None` (see `train_class_counts`).
+        skipped: files of the source that do not reach the model: refused by the
+            folder scan (names and headers) or by `kcls data pack`, or failing to decode
+            (or, in a pack, to read) in the pipeline (appended when it happens, so read
+            it after iterating).
+        train_labels: int64 `(train,)` labels (float32 `(train, C)` multi-hot ones) of the
+            training split when the source knows them without reading images (arrays,
+            folders, manifests, packs), else `None` (see `train_class_counts`).
         fingerprint: hex digest of what the source read (the files with their sizes and
-            modification times, the array bytes, or the TFDS dataset and version), which
-            keys on-disk caches (see `kcls.data.pipeline`).
+            modification times, the array bytes, the pack, or the TFDS dataset and
+            version), which keys on-disk caches (see `kcls.data.pipeline`).
         test_files: list[str], the image files of the test split in its order, for
             sources made of files (folders, manifests); None for the others, whose test
-            split does not change (arrays, TFDS). A run records it, so `kcls evaluate`
-            scores the same images however the folder grows (`recorded_test_examples`).
+            split does not change (arrays, TFDS, packs). A run records it, so `kcls
+            evaluate` scores the same images however the folder grows
+            (`recorded_test_examples`).
     """
 
     train: tf.data.Dataset
@@ -121,10 +128,10 @@ def load_splits(config: DataConfig) -> Splits:
         return splits_from_arrays(images, labels, class_names, config)
     if kind == "tfds":
         return _tfds_splits(argument, config)
-    if kind == "folder":
-        return _folder_splits(argument, config)
-    if kind == "manifest":
-        return _manifest_splits(argument, config)
+    if kind in ("folder", "manifest"):
+        return _decoded_splits(file_splits(config))
+    if kind == "tfrecord":
+        return _pack_splits(argument)
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
@@ -256,49 +263,137 @@ def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list
             f"Array images must be uint8 of shape (N, H, W, 3); got {images.dtype} "
             f"{images.shape}.")
     labels = np.asarray(labels, np.int64)
-    splits = _split(labels, class_names, config,
-                    lambda selected: tf.data.Dataset.from_tensor_slices(
-                        (images[selected], labels[selected])))
-    splits.fingerprint = fingerprint(images.shape, images.tobytes(), labels.tobytes(),
-                                     class_names)
-    return splits
+    indices = checked_split_indices(labels, class_names, config)
+    return _indexed_splits(
+        indices, lambda selected: tf.data.Dataset.from_tensor_slices(
+            (images[selected], labels[selected])),
+        class_names, labels, skipped=[],
+        source=fingerprint(images.shape, images.tobytes(), labels.tobytes(), class_names))
 
 
-def _folder_splits(root: str, config: DataConfig) -> Splits:
-    from kcls.data.folder import decode_files, scan_folder
+@dataclass
+class FileSplits:
+    """The files of a folder or a manifest and their splits, before any image is read.
 
-    files = scan_folder(root)
-    paths = np.asarray(files.paths)
+    Attributes:
+        paths: str array `(N,)` of the image files that passed the scan.
+        labels: int64 `(N,)` class indices (folders) or float32 `(N, C)` multi-hot labels
+            (manifests).
+        class_names: list[str], label `i` is `class_names[i]`.
+        indices: `train`, `validation`, `test` -> int array of indices into `paths`; the
+            training indices in a seeded random order, the others sorted.
+        skipped: list[str], the files (or manifest rows) the scan skipped; decoding
+            appends to it.
+        fingerprint: hex digest of the files (names, labels, sizes, modification times)
+            and of the splits.
+        sizes: int64 `(N,)` file sizes in bytes.
+    """
+
+    paths: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    indices: dict[str, np.ndarray]
+    skipped: list[str]
+    fingerprint: str
+    sizes: np.ndarray
+
+
+def file_splits(config: DataConfig) -> FileSplits:
+    """Scans a `folder:` or `manifest:` source (names and headers only, see
+    `kcls.data.folder`) and splits it: stratified by class for folders, the manifest's
+    `split` column or seeded random splits for manifests.
+
+    Raises:
+        ConfigError: another kind of source, or data that cannot be split.
+    """
+    kind, _, argument = config.source.partition(":")
+    if kind == "folder":
+        from kcls.data.folder import scan_folder
+
+        files = scan_folder(argument)
+        paths, labels, class_names = files.paths, files.labels, files.class_names
+        indices = checked_split_indices(labels, class_names, config)
+        split_names = None
+    elif kind == "manifest":
+        from kcls.data.manifest import read_manifest
+
+        files = read_manifest(argument)
+        paths, labels, class_names = files.paths, files.targets, files.class_names
+        indices = _manifest_split_indices(argument, files.splits, len(paths), config)
+        split_names = files.splits
+    else:
+        raise ConfigError(f"data.source={config.source!r} is not a folder:PATH or "
+                          "manifest:PATH.csv source.")
+    stamps = files.stamps
+    return FileSplits(
+        np.asarray(paths, dtype=str), labels, class_names,
+        dict(zip(("train", "validation", "test"), indices)), files.skipped,
+        fingerprint(paths, labels.tobytes(), split_names, class_names, stamps,
+                    [index.tolist() for index in indices]),
+        np.asarray([size for size, _ in stamps], np.int64))
+
+
+def _decoded_splits(files: FileSplits) -> Splits:
+    """The splits of `files` as datasets that decode the images when read."""
+    from kcls.data.folder import decode_files
 
     def dataset(selected: np.ndarray) -> tf.data.Dataset:
-        # The scan decoded every file; one that fails now (changed since) is added to
-        # `files.skipped`, the list `Splits.skipped` reports, instead of vanishing.
-        return decode_files(paths[selected], files.labels[selected], files.skipped)
+        # A file that fails to decode is added to `files.skipped`, the list
+        # `Splits.skipped` reports, instead of vanishing.
+        return decode_files(files.paths[selected], files.labels[selected], files.skipped)
 
-    splits = _split(files.labels, files.class_names, config, dataset, paths)
-    splits.skipped = files.skipped
-    stats = [os.stat(path) for path in files.paths]
-    splits.fingerprint = fingerprint(
-        files.paths, files.labels.tolist(), files.class_names,
-        [(stat.st_size, stat.st_mtime_ns) for stat in stats])
-    return splits
+    indices = files.indices
+    return _indexed_splits((indices["train"], indices["validation"], indices["test"]),
+                           dataset, files.class_names, files.labels, files.skipped,
+                           files.fingerprint, files.paths)
 
 
-def _manifest_splits(manifest: str, config: DataConfig) -> Splits:
+def _pack_splits(folder: str) -> Splits:
+    """The splits of the pack in `folder` (`kcls data pack`), frozen when it was packed:
+    `DataConfig`'s seed and fractions do not split it again. `skipped` starts with the
+    files the pack skipped; `fingerprint` is the pack's."""
+    from kcls.data.tfrecord import SPLIT_NAMES, read_pack, split_examples
+
+    pack = read_pack(folder)
+    skipped = list(pack.manifest["skipped"])
+    datasets = {name: split_examples(pack, name, skipped)
+                for name in SPLIT_NAMES if pack.split(name)["examples"]}
+    if "train" not in datasets or "test" not in datasets:
+        raise ConfigError(f"data.source=tfrecord:{folder}: the pack has no training or no "
+                          "test examples; pack a source with more images.")
+    return Splits(datasets["train"], datasets.get("validation"), datasets["test"],
+                  pack.class_names,
+                  {name: int(pack.split(name)["examples"]) for name in SPLIT_NAMES},
+                  skipped=skipped, train_labels=pack.train_labels(),
+                  fingerprint=pack.manifest["fingerprint"])
+
+
+def _indexed_splits(indices: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    dataset: Callable[[np.ndarray], tf.data.Dataset], class_names: list[str],
+                    labels: np.ndarray, skipped: list[str], source: str,
+                    files: np.ndarray | None = None) -> Splits:
+    """Splits of the examples at `(train, validation, test)` indices (`dataset` makes the
+    examples of given indices, in their order; `labels` are all examples' labels, `files`
+    their image files, for `Splits.test_files`)."""
+    train, validation, test = indices
+    return Splits(dataset(train), dataset(validation) if len(validation) else None,
+                  dataset(test), list(class_names),
+                  {"train": len(train), "validation": len(validation), "test": len(test)},
+                  skipped=skipped, train_labels=labels[train], fingerprint=source,
+                  test_files=None if files is None else files[test].tolist())
+
+
+def _manifest_split_indices(manifest: str, named: list[str] | None, count: int,
+                            config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The manifest's own splits (its `split` column), or seeded random ones (multi-label
     sets cannot be stratified by one class)."""
-    from kcls.data.folder import decode_files
-    from kcls.data.manifest import read_manifest
-
-    files = read_manifest(manifest)
-    paths = np.asarray(files.paths)
-    if files.splits is not None:
-        named = np.asarray(files.splits)
+    if named is not None:
+        named = np.asarray(named)
         train, validation, test = (np.flatnonzero(named == name)
                                    for name in ("train", "validation", "test"))
         train = np.random.default_rng(config.seed).permutation(train)
     else:
-        order = np.random.default_rng(config.seed).permutation(len(paths))
+        order = np.random.default_rng(config.seed).permutation(count)
         test_count = int(np.ceil(config.test_fraction * len(order)))
         validation_count = int(np.ceil(config.validation_fraction * (len(order) - test_count)))
         test, validation, train = (np.sort(order[:test_count]),
@@ -308,19 +403,7 @@ def _manifest_splits(manifest: str, config: DataConfig) -> Splits:
         raise ConfigError(
             f"Manifest {manifest!r} leaves {len(train)} training and {len(test)} test "
             "images; both need at least one (check its split column or data.test_fraction).")
-
-    def dataset(selected: np.ndarray) -> tf.data.Dataset:
-        return decode_files(paths[selected], files.targets[selected], files.skipped)
-
-    stats = [os.stat(path) for path in files.paths]
-    return Splits(dataset(train), dataset(validation) if len(validation) else None,
-                  dataset(test), files.class_names,
-                  {"train": len(train), "validation": len(validation), "test": len(test)},
-                  skipped=files.skipped, train_labels=files.targets[train],
-                  fingerprint=fingerprint(
-                      files.paths, files.targets.tobytes(), files.splits, files.class_names,
-                      [(stat.st_size, stat.st_mtime_ns) for stat in stats]),
-                  test_files=paths[test].tolist())
+    return train, validation, test
 
 
 def fingerprint(*parts: object) -> str:
@@ -331,17 +414,18 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()
 
 
-def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
-           dataset: Callable[[np.ndarray], tf.data.Dataset],
-           files: np.ndarray | None = None) -> Splits:
-    """Stratified, seeded test and validation split of examples `0..N-1`.
+def checked_split_indices(labels: np.ndarray, class_names: list[str], config: DataConfig
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`split_indices` of examples `0..N-1`, with errors and warnings users can act on.
 
     Args:
         labels: int array `(N,)`.
         class_names: list[str], one per class.
         config: DataConfig, for `test_fraction`, `validation_fraction` and `seed`.
-        dataset: makes the dataset of the examples at the given indices, in their order.
-        files: str array `(N,)` of the examples' files, for `Splits.test_files`.
+
+    Raises:
+        ConfigError: fewer than two classes, or a class too small for the split (the
+            message gives the examples per class and the fixes).
     """
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=len(class_names))
@@ -367,11 +451,7 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
             "(data.validation_fraction=0 turns validation off).") from None
     _warn_about_missing_classes(labels, class_names, counts, {
         "train": train_indices, "validation": validation_indices, "test": test_indices})
-    validation = dataset(validation_indices) if len(validation_indices) else None
-    return Splits(dataset(train_indices), validation, dataset(test_indices), list(class_names),
-                  {"train": len(train_indices), "validation": len(validation_indices),
-                   "test": len(test_indices)}, train_labels=labels[train_indices],
-                  test_files=None if files is None else files[test_indices].tolist())
+    return train_indices, validation_indices, test_indices
 
 
 def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
