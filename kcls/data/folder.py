@@ -178,16 +178,18 @@ def list_image_files(root: Path) -> list[Path]:
     Symbolic links to folders are followed, as training follows a symlinked class
     folder; each real folder is listed once, so a link loop ends.
     """
-    return [Path(path) for path in _image_files(Path(root), skip_hidden=True, seen=set())]
+    return [Path(path) for path in _image_files(Path(root), skip_hidden=True)]
 
 
-def _image_files(folder: Path, skip_hidden: bool, seen: set[str]) -> list[str]:
+def _image_files(folder: Path, skip_hidden: bool, seen: set[str] | None = None
+                 ) -> list[str]:
     """The files with an image extension under `folder`, in `sorted(folder.rglob("*"))`'s
     order (by path parts: each folder's entries by name, a sub-folder's files where its
     name sorts), following links to folders but listing each real folder once (`seen`):
     one `scandir` per folder and the paths it makes (a `Path` per file cost more than its
     header read)."""
     found: list[str] = []
+    seen = set() if seen is None else seen
     real = os.path.realpath(folder)
     if real in seen:  # a link loop, or a folder linked twice
         return found
