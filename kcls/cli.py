@@ -333,7 +333,7 @@ def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None
     from kcls.layout import MODELS_CONFIG_FILE
     from kcls.workflows.export import export_run
 
-    version_dir = export_run(run_dir, base_dir, model_name)
+    version_dir = export_run(run_dir, base_dir, model_name, log=click.echo)
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
 

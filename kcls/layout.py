@@ -13,6 +13,7 @@ and locked by `kcls.workflows.run_directory`):
     run.lock             pid and host of the run using the directory, while it runs
                          (`RUN_LOCK_FILE`)
     run.json             versions, devices, choices, history, metrics, timings (`RUN_INFO_FILE`)
+    state.json           the stages done, for resuming after a kill (`RUN_STATE_FILE`)
     model.weights.h5     the trained classifier's Keras weights (`WEIGHTS_FILE`)
     best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
     metrics.json, report.md, *.png    the evaluation report (`METRICS_FILE`, ...)
@@ -85,6 +86,9 @@ from pathlib import Path
 RUNS_DIR = "runs"
 RUN_CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run.json"
+# What a run has done so far: the source fingerprint at its start, the training result
+# once trained, the export once exported (`kcls.workflows.run_state`).
+RUN_STATE_FILE = "state.json"
 RUN_LOCK_FILE = "run.lock"
 WEIGHTS_FILE = "model.weights.h5"  # in run directories and in exports
 BEST_WEIGHTS_FILE = "best.weights.h5"

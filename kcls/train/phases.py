@@ -100,6 +100,15 @@ class TrainingResult:
     best_weights: str | None
     time_budget: dict[str, Any] | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what a run directory keeps to resume after training."""
+        return {**dataclasses.asdict(self), "phases": [phase.to_dict() for phase in self.phases]}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> TrainingResult:
+        """The inverse of `to_dict`."""
+        return cls(**{**record, "phases": [PhaseRecord(**phase) for phase in record["phases"]]})
+
 
 @dataclass
 class _PhaseRun:

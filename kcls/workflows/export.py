@@ -8,12 +8,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
-from kcls.layout import RUN_REFERENCE_FILE
-from kcls.load import load_run, load_run_metrics, read_reference
+from kcls.layout import RUN_INFO_FILE, RUN_REFERENCE_FILE
+from kcls.load import load_run, load_run_metrics, read_reference, read_run_config
 from kcls.monitoring.profile import recipe_reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.workflows.run_state import read_state
 
 # A run's reference profile can always be computed again.
 REFERENCE_FIX = ("delete it, and `kcls export` computes the profile again on the recipe's "
@@ -21,7 +23,7 @@ REFERENCE_FIX = ("delete it, and `kcls export` computes the profile again on the
 
 
 def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
-               model_name: str | None = None) -> Path:
+               model_name: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
@@ -29,13 +31,16 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
     temperature of `run.json` (or the thresholds of `metrics.json`), the test metrics of
     `metrics.json` and, for a task `kcls monitor` supports, the reference profile of
     `reference.json`; a run without that profile (from an older kcls) gets one computed
-    on its recipe's test split. Training code is never imported.
+    on its recipe's test split. A run killed after training, before its `run.json`
+    (during calibration, evaluation or export), is finished instead: its remaining stages
+    run (`kcls.workflows.run.run_recipe` resumes it) and export it.
 
     Args:
         run_dir: a run directory written by `kcls recipe run` (or `kcls.workflows.run.run_recipe`).
         base_dir: export base directory; defaults to the run's `export.base_dir`.
         model_name: the name to serve it under instead of the run's
             (`kcls.config.Recipe.model_name`); it is recorded in `kcls.json`.
+        log: receives the progress lines of a run being finished.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/4`.
@@ -47,6 +52,8 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
             `model_name` is not one folder name, or the model's latest version serves
             other classes (`kcls.serving.publish.check_model_labels`).
     """
+    if not (Path(run_dir) / RUN_INFO_FILE).is_file() and "training" in read_state(run_dir):
+        return finish_run(Path(run_dir), base_dir, model_name, log)
     loaded = load_run(run_dir)
     if model_name is not None:
         loaded.recipe = dataclasses.replace(loaded.recipe, export=dataclasses.replace(
@@ -60,3 +67,18 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
     return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
                               load_run_metrics(run_dir), base_dir, loaded.task, reference,
                               loaded.metadata.get("test_files"))
+
+
+def finish_run(run_dir: Path, base_dir: str | Path | None, model_name: str | None,
+               log: Callable[[str], None]) -> Path:
+    """Runs the stages after training of a run killed after it, with export on."""
+    from kcls.workflows.run import run_recipe  # training code: only to finish a run
+
+    recipe = read_run_config(run_dir)
+    export = dataclasses.replace(recipe.export, enabled=True,
+                                 base_dir=str(base_dir or recipe.export.base_dir),
+                                 model_name=model_name or recipe.export.model_name)
+    log(f"{run_dir} was stopped after training, before its run.json: finishing it "
+        "(calibration, evaluation, export)")
+    return run_recipe(dataclasses.replace(recipe, export=export), run_dir, log=log,
+                      verbose=0).export_dir

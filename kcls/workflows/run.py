@@ -22,6 +22,9 @@ the reference profile and the export. It writes the run directory:
                              range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.phases`):
                              run again with the same run_dir to resume a killed run
+    <run_dir>/state.json     the stages done (`kcls.workflows.run_state`): a run killed
+                             after training resumes at calibration, and only as the
+                             same run (same weight-shaping settings, same data)
     <run_dir>/tracking.json  with track.mlflow: the MLflow run (`kcls.tracking`)
 
 Observers (`kcls.tracking`) are told of the steps: MLflow tracking with `track.mlflow`,
@@ -31,9 +34,10 @@ is scored on the validation split and the test split is never read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +78,13 @@ from kcls.train.progress import check_resumable
 from kcls.train.schedule import describe_normalization
 from kcls.workflows.prepare import Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
+from kcls.workflows.run_state import (
+    check_same_run,
+    exported_version,
+    read_state,
+    record_state,
+    trained_result,
+)
 
 SAMPLE_IMAGES = 8
 # With a time budget: seconds kept after training for the work that does not scale with
@@ -143,16 +154,20 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if recipe.export.enabled:  # a version of other classes is refused: before training
         check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
                            prepared.class_names)
-    if run_dir is not None and recipe.train.time_budget is None:
-        check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
-    with claim_run_dir(run_dir, recipe.name, log) as run_dir, observers.watching(run_dir):
+    if run_dir is not None:  # an interrupted run there resumes only as the same run
+        if recipe.train.time_budget is None:
+            check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
+        check_same_run(run_dir, recipe, prepared.splits.fingerprint)
+    with claim_run_dir(run_dir, recipe.name, log) as run_dir, observers.watching(run_dir), \
+            resume_hint(run_dir, log):
         write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
+        if not read_state(run_dir):
+            record_state(run_dir, source_fingerprint=prepared.splits.fingerprint)
         log_start(prepared, run_dir, log)
         observers.started(recipe, run_dir, prepared.record())
-        time_budget = plan_time_budget(prepared)
-        training = train(prepared, run_dir, time_budget, verbose, log, observers.callbacks())
+        training, time_budget = train_or_resume(prepared, run_dir, verbose, log,
+                                                observers.callbacks())
         seconds = {"training": round(time.time() - started, 1)}
-        save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
         task = fit_task(prepared)
         if recipe.evaluate.test:
             evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
@@ -211,6 +226,35 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
         + (calibration.count if calibration.plan.method != "none" else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
         else AFTER_TRAINING_SECONDS / 2)
+
+
+@contextlib.contextmanager
+def resume_hint(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """On Ctrl-C, says how to resume the run before the interruption goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log(f"interrupted: run the same command with --out {run_dir} to resume from its last "
+            "finished epoch (or stage, once trained)")
+        raise
+
+
+def train_or_resume(prepared: Prepared, run_dir: Path, verbose: int | str,
+                    log: Callable[[str], None], callbacks: list[keras.callbacks.Callback]
+                    ) -> tuple[TrainingResult, TimeBudget | None]:
+    """Trains and saves the weights and the training's record (`kcls.workflows.run_state`),
+    or, in a run killed after training, loads them: `(training, time budget or None)`."""
+    trained = trained_result(run_dir)
+    if trained is not None:
+        prepared.classifier.load_weights(run_dir / WEIGHTS_FILE)
+        log(f"resumed after training: {WEIGHTS_FILE} as trained; calibration, evaluation "
+            "and export run again")
+        return trained, None
+    time_budget = plan_time_budget(prepared)
+    training = train(prepared, run_dir, time_budget, verbose, log, callbacks)
+    save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+    record_state(run_dir, training=training.to_dict())
+    return training, time_budget
 
 
 def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
@@ -289,6 +333,10 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     """Writes the samples and, for a task `kcls monitor` supports, the reference profile,
     then exports; returns the version written, or None with export off."""
     recipe = prepared.recipe
+    exported = exported_version(run_dir)
+    if exported is not None:  # killed after its export: that version is this run's
+        log(f"the export of this run is there already: {exported}")
+        return exported
     write_samples(prepared.splits, recipe, task, run_dir / SAMPLES_DIR)
     reference = None
     if task.supports_monitoring:
@@ -305,6 +353,7 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
                                     task=task, reference=reference,
                                     test_files=prepared.splits.test_files)
+    record_state(run_dir, export_dir=str(export_dir))
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
         "single-label models only)"))
@@ -347,6 +396,8 @@ def run_record(prepared: Prepared, training: TrainingResult, task: Task,
                                         "classifier does not support XLA")
     if time_budget is not None:
         record["time_budget"] = time_budget.summary()
+    elif training.time_budget is not None:  # resumed after training
+        record["time_budget"] = training.time_budget
     return record
 
 

@@ -10,7 +10,9 @@ A run owns its directory from the moment it writes `config.json` to its end:
   alive; a lock left by a process that died (killed, out of memory) is taken over
   with a warning, and the run resumes from the directory's backup.
 - A directory that holds a finished run (`run.json`) or a trained model
-  (`model.weights.h5`) is refused: kcls never trains over a result.
+  (`model.weights.h5`) is refused: kcls never trains over a result. A trained model
+  whose run was killed after training (its `state.json` holds the training) is not a
+  result yet: that run resumes at evaluation (`kcls.workflows.run_state`).
 
 Example:
 
@@ -32,7 +34,7 @@ from typing import Any
 
 from kcls.config import ConfigError
 from kcls.files import process_exists
-from kcls.layout import RUN_INFO_FILE, RUN_LOCK_FILE, RUNS_DIR, WEIGHTS_FILE
+from kcls.layout import RUN_INFO_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, RUNS_DIR, WEIGHTS_FILE
 
 MAX_SUFFIX = 1000  # runs of one recipe started in the same second
 
@@ -48,9 +50,12 @@ def check_run_dir(run_dir: str | Path) -> None:
             process holds its lock; the message says what to do instead.
     """
     run_dir = Path(run_dir)
+    # A trained model with the state of its training is a run killed after training,
+    # which resumes at evaluation (`kcls.workflows.run_state`); without, a result.
+    trained = _has_training_state(run_dir / RUN_STATE_FILE)
     for name, what in ((RUN_INFO_FILE, "a finished run"),
                        (WEIGHTS_FILE, "a trained model")):
-        if (run_dir / name).is_file():
+        if (run_dir / name).is_file() and not (name == WEIGHTS_FILE and trained):
             raise ConfigError(
                 f"{run_dir} holds {what} ({name}); kcls never trains over a result. Use a "
                 "new --out (or leave --out out for a new runs/NAME/TIMESTAMP folder), or "
@@ -58,6 +63,14 @@ def check_run_dir(run_dir: str | Path) -> None:
     owner = _lock_owner(run_dir / RUN_LOCK_FILE)
     if owner is not None and not _mine(owner) and _alive(owner):
         raise ConfigError(_locked_message(run_dir, owner))
+
+
+def _has_training_state(state_file: Path) -> bool:
+    """Whether the run state file records a finished training (unreadable: no)."""
+    try:
+        return "training" in json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 @contextlib.contextmanager
