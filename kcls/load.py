@@ -96,7 +96,7 @@ def load_run(run_dir: str | Path) -> LoadedClassifier:
                                 "re-run the recipe with `kcls recipe run NAME`.")
     tuned = load_run_metrics(run_dir).get("thresholds")
     task = task_from_metadata(recipe.model.task, {
-        "temperature": run_info.get("temperature"),
+        "temperature": run_info.get("temperature"), "rejection": run_info.get("rejection"),
         "thresholds": [tuned[name] for name in class_names] if tuned else None})
     return _rebuild(recipe, class_names, task, run_dir / WEIGHTS_FILE, run_dir / RUN_CONFIG_FILE)
 

@@ -63,7 +63,8 @@ from kcls.environment import software_versions
 from kcls.files import write_bytes, write_json, write_text
 from kcls.layout import LABELS_FILE, METADATA_FILE, REFERENCE_FILE, SAVED_MODEL_FILE, WEIGHTS_FILE
 from kcls.load import float32_architecture
-from kcls.models.classifier import embedding_model
+from kcls.serving.graph import decode_images, served_outputs
+from kcls.serving.onnx import write_onnx
 from kcls.serving.publish import new_version_folder, publish_version, write_models_config
 from kcls.tasks import Task, get_task
 
@@ -74,7 +75,8 @@ CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
                        metrics: dict[str, Any] | None = None,
                        base_dir: str | Path | None = None, task: Task | None = None,
-                       reference: dict[str, Any] | None = None) -> Path:
+                       reference: dict[str, Any] | None = None,
+                       parity_examples: tf.data.Dataset | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
     Args:
@@ -89,10 +91,17 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         reference: the reference profile (`kcls.monitoring.profile.reference_profile`)
             written to `assets/reference.json`; None writes none (`kcls monitor` then
             says how to get one).
+        parity_examples: with `export.onnx`, the unbatched `(uint8 image, label)` test
+            images ONNX Runtime is checked on against the SavedModel
+            (`kcls.serving.onnx.write_onnx`); default the recipe's test split.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/3`. The
         base dir's `models.config` is rewritten to list it.
+
+    Raises:
+        MissingOnnxError, OnnxError: with `export.onnx`, the ONNX packages are missing
+            or the ONNX model disagrees with the SavedModel; nothing is published.
     """
     task = task or get_task(recipe.model.task)
     base_dir = Path(base_dir or recipe.export.base_dir)
@@ -112,6 +121,9 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         metadata = {**software_versions(), "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
                     **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe)}
+        if recipe.export.onnx:
+            metadata["onnx"] = write_onnx(temporary, float32_classifier, recipe, class_names,
+                                          task, parity_examples)
         write_json(temporary / METADATA_FILE, metadata)
         version_dir = publish_version(temporary, model_dir)
     finally:
@@ -159,26 +171,10 @@ def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> 
 def _serving_archive(model: keras.Model, class_names: list[str], task: Task,
                      recipe: Recipe) -> keras.export.ExportArchive:
     image_size, resize = recipe.data.image_size, recipe.data.resize
-    label_table = tf.constant(class_names)
-    with_embedding = embedding_model(model)
-
-    def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        embedding, logits = with_embedding(images, training=False)
-        probabilities = task.probabilities_graph(logits)
-        if recipe.export.flip_tta:
-            mirrored = model(tf.reverse(images, axis=[2]), training=False)
-            probabilities = (probabilities + task.probabilities_graph(mirrored)) / 2.0
-        served = task.serving_outputs(probabilities, label_table, recipe.export.top_k)
-        return {**served, "embedding": embedding}
-
-    def decode(image_bytes: tf.Tensor) -> tf.Tensor:
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-        return prepare_image(image, image_size, resize)
+    outputs = served_outputs(model, class_names, task, recipe)
 
     def serve_image_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(decode, image_bytes,
-                           fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
-                                                             tf.float32))
+        images = decode_images(image_bytes, image_size, resize)
         served = outputs(images)
         del served["embedding"]  # TF Serving clients get the outputs they always got
         return served

@@ -7,16 +7,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from kcls.layout import RUN_REFERENCE_FILE
+from kcls.layout import METADATA_FILE, RUN_REFERENCE_FILE
 from kcls.load import load_run, load_run_metrics
 from kcls.monitoring.profile import recipe_reference_profile
 from kcls.serving.export import export_saved_model
 
 
-def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
+def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
+               onnx: bool = False) -> Path:
     """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
@@ -29,6 +31,9 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
     Args:
         run_dir: a run directory written by `kcls recipe run` (or `kcls.workflows.run.run_recipe`).
         base_dir: export base directory; defaults to the run's `export.base_dir`.
+        onnx: also write `model.onnx` into the version (`export.onnx`), checked against
+            the SavedModel on the recipe's test split (`kcls.serving.onnx`); the run's
+            own `export.onnx` applies either way.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/4`.
@@ -36,13 +41,31 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
     Raises:
         FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
         ConfigError: the run's `config.json` does not match this kcls version's config.
+        MissingOnnxError, OnnxError: with ONNX, its packages are missing or the ONNX
+            model disagrees with the SavedModel (nothing is published).
     """
     loaded = load_run(run_dir)
+    recipe = loaded.recipe
+    if onnx:
+        recipe = dataclasses.replace(recipe, export=dataclasses.replace(recipe.export,
+                                                                        onnx=True))
     reference = None
     if loaded.task.supports_monitoring:
         reference_file = Path(run_dir) / RUN_REFERENCE_FILE
         reference = (json.loads(reference_file.read_text()) if reference_file.is_file() else
-                     recipe_reference_profile(loaded.classifier, loaded.recipe,
+                     recipe_reference_profile(loaded.classifier, recipe,
                                               loaded.class_names, loaded.task))
-    return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
+    return export_saved_model(loaded.classifier, recipe, loaded.class_names,
                               load_run_metrics(run_dir), base_dir, loaded.task, reference)
+
+
+def onnx_line(version_dir: Path) -> str | None:
+    """One line on the version's ONNX model and its parity check, or None without one."""
+    onnx = json.loads((Path(version_dir) / METADATA_FILE).read_text()).get("onnx")
+    if not onnx:
+        return None
+    parity = onnx["parity"]
+    return (f"ONNX model {Path(version_dir) / onnx['file']} (opset {onnx['opset']}): top-1 "
+            f"agreement with the SavedModel {parity['top1_agreement']:.4f} on "
+            f"{parity['images']} test images, largest probability difference "
+            f"{parity['max_probability_difference']:.2e} ({parity['runtime']})")

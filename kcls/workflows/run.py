@@ -43,7 +43,7 @@ from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline, prepare_image
 from kcls.data.sources import Splits
 from kcls.environment import software_versions
-from kcls.evaluation.evaluate import evaluate_classifier, predict_batches
+from kcls.evaluation.evaluate import evaluate_classifier, fit_after_training
 from kcls.evaluation.plots import confident_mistakes
 from kcls.evaluation.report import write_report
 from kcls.files import save_weights, write_bytes, write_json, write_text
@@ -63,6 +63,7 @@ from kcls.train.budget import TimeBudget
 from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
+from kcls.workflows.export import onnx_line
 from kcls.workflows.prepare import Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
@@ -157,7 +158,8 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
         f"run dir {run_dir}")
     if prepared.calibration.plan.carve_out:
         log(f"{prepared.calibration.count} training images held out to fit the calibration "
-            "temperature (no validation split; evaluate.calibrate=temperature)")
+            "temperature or the rejection rule on (no validation split; "
+            "evaluate.calibrate=temperature or export.reject_coverage set)")
     if prepared.host_augmentation is not None:
         log(f"augmentation {', '.join(prepared.host_augmentation.stage_names)} on the host "
             "(tf.data): TPUs run only XLA-compiled programs and these stages have ops XLA "
@@ -177,7 +179,8 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
         parse_duration(recipe.train.time_budget),
         evaluation_images=test * (2 if recipe.evaluate.flip_tta else 1)
         + test * (2 if recipe.export.flip_tta else 1)  # the reference profile
-        + (calibration.count if calibration.plan.method != "none" else 0),
+        + (calibration.count if calibration.plan.fits_anything else 0)
+        + (prepared.statistics_count() if calibration.plan.reject_coverage else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
         else AFTER_TRAINING_SECONDS / 2)
 
@@ -205,16 +208,16 @@ def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
 
 def fit_task(prepared: Prepared) -> Task:
     """The task fitted on the held-out calibration examples (its temperature or
-    thresholds), or as it is when its plan fits nothing."""
+    thresholds, and the rejection rule), or as it is when its plan fits nothing."""
     calibration = prepared.calibration
-    if calibration.plan.method == "none" or calibration.examples is None:
+    if not calibration.plan.fits_anything or calibration.examples is None:
         return prepared.task
     batches = prepared.validation_batches
     if calibration.plan.carve_out:
         batches = eval_pipeline(calibration.examples, len(prepared.class_names),
                                 dataclasses.replace(prepared.recipe.data, cache="none"))
-    logits, labels = predict_batches(prepared.classifier, batches)
-    return prepared.task.fit(logits, labels, calibration.fitted_on)
+    return fit_after_training(prepared.classifier, prepared.task, calibration.plan, batches,
+                              calibration.fitted_on, prepared.statistics_batches())
 
 
 def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult,
@@ -252,10 +255,13 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     if not recipe.export.enabled:
         return None
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
-                                    task=task, reference=reference)
+                                    task=task, reference=reference,
+                                    parity_examples=prepared.splits.test)
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
         "single-label models only)"))
+    if recipe.export.onnx:
+        log(onnx_line(export_dir))
     return export_dir
 
 
@@ -295,9 +301,11 @@ def training_record(training: TrainingResult, prepared: Prepared) -> dict[str, A
 
 
 def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What run.json records of the fitted task: the temperature and the calibration."""
+    """What run.json records of the fitted task: the temperature, the calibration and the
+    rejection rule."""
     return {"temperature": task.metadata()["temperature"],
-            "calibration": metrics.get("calibration", {"method": "none"})}
+            "calibration": metrics.get("calibration", {"method": "none"}),
+            "rejection": task.metadata()["rejection"]}
 
 
 def budget_line(budget: TimeBudget) -> str:
