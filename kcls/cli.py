@@ -7,22 +7,21 @@
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
     kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
-    kcls export RUN_DIR [--base-dir DIR] [--format saved_model|onnx]
+    kcls export RUN_DIR [--base-dir DIR] [--model-name NAME] [--format saved_model|onnx]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
     kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
     kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
     kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
+    kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise on a
@@ -42,11 +41,13 @@ MODEL_DIR = click.argument("model_dir",
 # one, and `kcls recipe list` never pays for importing TensorFlow.
 USER_ERRORS = (
     ("kcls.config", "ConfigError", click.UsageError),
+    ("kcls.files", "OutputFolderError", click.UsageError),
+    ("kcls.layout", "CacheDirError", click.UsageError),
     ("kcls.monitoring.monitor", "MonitorError", click.UsageError),
     ("kcls.serving.client", "MissingServingApiError", click.UsageError),
     ("kcls.optimize.convert", "OptimizeError", click.ClickException),
     ("kcls.serving.predict", "PredictionError", click.ClickException),
-    ("kcls.serving.predict", "UnreadableExportError", click.ClickException),
+    ("kcls.load", "DamagedFileError", click.ClickException),
     ("kcls.serving.onnx", "MissingOnnxError", click.UsageError),
     ("kcls.serving.onnx", "OnnxError", click.ClickException),
     ("kcls.workflows.predict", "PredictInputError", click.UsageError),
@@ -131,7 +132,8 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> N
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
     result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
-    click.echo(f"done: test {result.headline()}; run dir {result.run_dir}"
+    split = "test" if resolved.evaluate.test else "validation"
+    click.echo(f"done: {split} {result.headline()}; run dir {result.run_dir}"
                + (f"; export {result.export_dir}" if result.export_dir else ""))
 
 
@@ -175,6 +177,46 @@ def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int
         click.echo(f"warning: {note}", err=True)
     click.echo(f"suggested learning rate ({search.rule}): {search.suggestion:.2e}; plot "
                f"{out_dir / LR_FIND_PLOT}")
+
+
+@main.command()
+@click.argument("name", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--budget", required=True,
+              help="Wall-clock budget of the whole search, e.g. 40m, 2h (trials and the end).")
+@click.option("--space", default="finetune", show_default=True,
+              help="What to vary: a preset (finetune, scratch) or a .py file with get_space().")
+@click.option("--trial-budget", default="auto", show_default=True,
+              help="Each trial's train.time_budget, e.g. 4m; auto: an eighth of --budget; "
+                   "none: the recipe's epochs as configured.")
+@click.option("--trials", "max_trials", type=click.IntRange(min=1),
+              help="Stop after this many trials (default: when the budget is spent).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Search directory (default: a new runs/tune/NAME/TIMESTAMP). A search "
+                   "there resumes: finished trials are kept, never run again.")
+def tune(name: str, overrides: tuple[str, ...], budget: str, space: str, trial_budget: str,
+         max_trials: int | None, seed: int, out_dir: Path | None) -> None:
+    """Search the settings of RECIPE that score best on its validation split, within --budget.
+
+    Every trial is a normal run (its own time budget, no test evaluation, no export),
+    pruned when its validation loss per epoch falls behind the other trials'. At the end
+    the best trial's model is evaluated once on the test split, and its recipe is
+    written as best_recipe.py (run it with `kcls recipe run PATH/best_recipe.py`), with
+    tune_report.md: the trial table, parameter importance and the curves.
+    """
+    resolved = _resolve(name, overrides)
+    start_tensorflow()
+    from kcls.workflows.tune import tune_recipe
+
+    result = tune_recipe(resolved, budget, space,
+                         None if trial_budget.lower() == "none" else trial_budget, max_trials,
+                         out_dir, seed, log=click.echo)
+    trials = ", ".join(f"{count} {state}" for state, count in result.trials.items())
+    click.echo(f"done: best trial {result.best_trial} (validation loss "
+               f"{result.validation_loss:.4f}; {trials}); test accuracy "
+               f"{result.test_metrics.get('accuracy', float('nan')):.4f}; recipe "
+               f"{result.best_recipe_file}")
 
 
 @main.command()
@@ -303,17 +345,21 @@ def _echo_prediction_summary(run, output_file: Path | None) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Export base directory (default: the run's export.base_dir).")
+@click.option("--model-name", metavar="NAME",
+              help="Serve it under this name (default: the run's export.model_name, else its "
+                   "image folder's or recipe's name).")
 @click.option("--format", "export_format", type=click.Choice(["saved_model", "onnx"]),
               default="saved_model", show_default=True,
               help="onnx: also model.onnx in the version, checked by ONNX Runtime against "
                    'the SavedModel on the test split (pip install "kcls[onnx]").')
-def export(run_dir: Path, base_dir: Path | None, export_format: str) -> None:
+def export(run_dir: Path, base_dir: Path | None, model_name: str | None,
+           export_format: str) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
     from kcls.layout import MODELS_CONFIG_FILE
     from kcls.workflows.export import export_run, onnx_line
 
-    version_dir = export_run(run_dir, base_dir, onnx=export_format == "onnx")
+    version_dir = export_run(run_dir, base_dir, model_name, onnx=export_format == "onnx")
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
     line = onnx_line(version_dir)
@@ -355,21 +401,22 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 @MODEL_DIR
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", default="explanations", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for the overlays.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the overlays (default: RUN_DIR/explanations, or "
+                   "saved_models/NAME/explanations/VERSION for an export).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing overlays of the same name (default: a new name).")
-def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
+def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path | None,
+            overwrite: bool) -> None:
     """Write Grad-CAM overlays of the top-1 class for IMAGES (of every predicted label for a
     multi-label model).
 
     MODEL_DIR is an export (version or model folder) or a run directory.
     """
     start_tensorflow()
-    from kcls.evaluation.explain import explain_files
-    from kcls.load import load_classifier
+    from kcls.evaluation.explain import explain_model
 
-    written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
+    written = explain_model(model_dir, list(images), out_dir, overwrite)
     for image, (target, label, probability) in zip(images, written):
         click.echo(f"{image} -> {target}: {label} ({probability:.3f})")
 
@@ -400,9 +447,10 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite:
 @click.option("--target-sparsity", default=0.5, show_default=True,
               type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="prune: final share of zeros in every Conv/Dense kernel.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier optimize report in --out.")
 def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: bool,
              out_dir: Path | None, calibration_images: int, latency_runs: int, threads: int,
-             epochs: int, target_sparsity: float) -> None:
+             epochs: int, target_sparsity: float, overwrite: bool) -> None:
     """Quantize a trained model (a run dir or an export) to TFLite and compare it with float32.
 
     Both models are evaluated on the recipe's held-out test split; optimize.json,
@@ -418,7 +466,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
 
     report = optimize_model(model_path, method, out_dir, io_type or "int8",
                             calibration_images, latency_runs, threads, epochs,
-                            target_sparsity, per_channel=not per_tensor, log=click.echo)
+                            target_sparsity, per_channel=not per_tensor, overwrite=overwrite,
+                            log=click.echo)
     for name, row in (("float32", report["float32"]), (method, report["optimized"])):
         click.echo(f"{name:<12} {row['size_bytes']:>10,} bytes ({row['zipped_bytes']:,} zipped)"
                    f"  {metrics_line(report, row)}  {row['latency_ms']:.3f} ms/image")
@@ -437,8 +486,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
               help="Or a folder of recent production images (any layout, no labels), run "
                    "through the export: class, confidence and embedding tests.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for monitor.json, monitor.md and plots "
-                   "(default: monitor/MODEL-UTCTIME).")
+              help="Folder for monitor.json, monitor.md and plots (default: "
+                   "saved_models/NAME/monitor/VERSION/UTCTIME, beside the export's versions).")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="False-alarm rate on unchanged data (Bonferroni over the tests).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
@@ -537,26 +586,12 @@ def start_tensorflow() -> None:
     TF_CPP_MIN_LOG_LEVEL, so the native stderr is muted for the duration unless the
     user asked for logs with TF_CPP_MIN_LOG_LEVEL=0. Python errors still surface.
     """
-    with _native_stderr_muted(os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0"):
+    from kcls.environment import native_logs_wanted, native_stderr_muted
+
+    with native_stderr_muted(not native_logs_wanted()):
         import tensorflow as tf
 
         tf.config.list_logical_devices()
-
-
-@contextlib.contextmanager
-def _native_stderr_muted(mute: bool) -> Iterator[None]:
-    if not mute:
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _resolve(name: str, overrides: tuple[str, ...]):

@@ -65,7 +65,12 @@ from kcls.layout import LABELS_FILE, METADATA_FILE, REFERENCE_FILE, SAVED_MODEL_
 from kcls.load import float32_architecture
 from kcls.serving.graph import decode_images, served_outputs
 from kcls.serving.onnx import write_onnx
-from kcls.serving.publish import new_version_folder, publish_version, write_models_config
+from kcls.serving.publish import (
+    check_model_labels,
+    new_version_folder,
+    publish_version,
+    write_models_config,
+)
 from kcls.tasks import Task, get_task
 
 IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature of `classify`
@@ -76,6 +81,7 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
                        metrics: dict[str, Any] | None = None,
                        base_dir: str | Path | None = None, task: Task | None = None,
                        reference: dict[str, Any] | None = None,
+                       test_files: list[str] | None = None,
                        parity_examples: tf.data.Dataset | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
@@ -91,6 +97,9 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         reference: the reference profile (`kcls.monitoring.profile.reference_profile`)
             written to `assets/reference.json`; None writes none (`kcls monitor` then
             says how to get one).
+        test_files: the image files of the test split the metrics come from
+            (`kcls.data.sources.Splits.test_files`), recorded in `kcls.json` so that
+            `kcls evaluate` scores the same images later; None for sources without files.
         parity_examples: with `export.onnx`, the unbatched `(uint8 image, label)` test
             images ONNX Runtime is checked on against the SavedModel
             (`kcls.serving.onnx.write_onnx`); default the recipe's test split.
@@ -100,12 +109,15 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         base dir's `models.config` is rewritten to list it.
 
     Raises:
+        ConfigError: the model's latest version serves other classes
+            (`kcls.serving.publish.check_model_labels`).
         MissingOnnxError, OnnxError: with `export.onnx`, the ONNX packages are missing
             or the ONNX model disagrees with the SavedModel; nothing is published.
     """
     task = task or get_task(recipe.model.task)
     base_dir = Path(base_dir or recipe.export.base_dir)
     model_dir = base_dir / recipe.model_name
+    check_model_labels(model_dir, class_names)
     temporary = new_version_folder(model_dir)
     try:
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
@@ -120,7 +132,8 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
             write_json(temporary / REFERENCE_FILE, reference, indent=None)
         metadata = {**software_versions(), "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
-                    **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe)}
+                    **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe),
+                    "test_files": test_files}
         if recipe.export.onnx:
             metadata["onnx"] = write_onnx(temporary, float32_classifier, recipe, class_names,
                                           task, parity_examples)

@@ -14,7 +14,6 @@ array([ True, False])
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from kcls.layout import LABELS_FILE, METADATA_FILE, resolve_export_dir
+from kcls.layout import METADATA_FILE, resolve_export_dir
+from kcls.load import load_saved_model, read_export_labels, read_export_metadata
 from kcls.tasks import Task, get_task, task_from_metadata
 
 
@@ -77,27 +77,16 @@ class Predictor:
             raise PredictionError(f"{path}: {error}.") from None
 
 
-class UnreadableExportError(OSError):
-    """An export whose SavedModel TensorFlow cannot load (damaged or truncated files)."""
-
-
 def load_predictor(model_dir: str | Path) -> Predictor:
     """Loads the export at `model_dir` (a version directory, or a model folder: latest version).
 
     Raises:
         FileNotFoundError: no export there, or the version has no SavedModel
             (`kcls.layout.resolve_export_dir`).
-        UnreadableExportError: the SavedModel is damaged; the message names the folder.
+        DamagedFileError: the SavedModel is damaged; the message names the folder.
     """
     export_dir = resolve_export_dir(model_dir)
-    try:
-        loaded = tf.saved_model.load(str(export_dir))
-        signature = loaded.signatures["serving_default"]
-    except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise UnreadableExportError(
-            f"The export {str(export_dir)!r} cannot be loaded ({detail[:200]}). Export "
-            "again with `kcls export RUN_DIR`, or pass another version folder.") from None
+    loaded, signature = load_saved_model(export_dir, "serving_default")
     class_names, task = _export_task(export_dir)
     return Predictor(export_dir, signature, loaded, class_names, task)
 
@@ -105,10 +94,8 @@ def load_predictor(model_dir: str | Path) -> Predictor:
 def _export_task(export_dir: Path) -> tuple[list[str], Task]:
     """The class names and fitted task of an export (`kcls.json`; an export without it
     has its `labels.txt` and the unfitted single-label task)."""
-    metadata_file = export_dir / METADATA_FILE
-    if not metadata_file.is_file():
-        labels = (export_dir / LABELS_FILE).read_text().splitlines()
-        return labels, get_task("multiclass")
-    metadata = json.loads(metadata_file.read_text())
+    if not (export_dir / METADATA_FILE).is_file():
+        return read_export_labels(export_dir) or [], get_task("multiclass")
+    metadata = read_export_metadata(export_dir)
     name = metadata.get("task") or metadata["recipe"]["model"]["task"]
     return metadata["class_names"], task_from_metadata(name, metadata)

@@ -12,13 +12,17 @@ import json
 from pathlib import Path
 
 from kcls.layout import METADATA_FILE, RUN_REFERENCE_FILE
-from kcls.load import load_run, load_run_metrics
+from kcls.load import load_run, load_run_metrics, read_reference
 from kcls.monitoring.profile import recipe_reference_profile
 from kcls.serving.export import export_saved_model
 
+# A run's reference profile can always be computed again.
+REFERENCE_FIX = ("delete it, and `kcls export` computes the profile again on the recipe's "
+                 "held-out images")
+
 
 def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
-               onnx: bool = False) -> Path:
+               model_name: str | None = None, onnx: bool = False) -> Path:
     """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
@@ -31,6 +35,8 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
     Args:
         run_dir: a run directory written by `kcls recipe run` (or `kcls.workflows.run.run_recipe`).
         base_dir: export base directory; defaults to the run's `export.base_dir`.
+        model_name: the name to serve it under instead of the run's
+            (`kcls.config.Recipe.model_name`); it is recorded in `kcls.json`.
         onnx: also write `model.onnx` into the version (`export.onnx`), checked against
             the SavedModel on the recipe's test split (`kcls.serving.onnx`); the run's
             own `export.onnx` applies either way.
@@ -40,23 +46,29 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
 
     Raises:
         FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
-        ConfigError: the run's `config.json` does not match this kcls version's config.
+        DamagedFileError: one of them cannot be read (the message names it and the fix).
+        ConfigError: the run's `config.json` does not match this kcls version's config,
+            `model_name` is not one folder name, or the model's latest version serves
+            other classes (`kcls.serving.publish.check_model_labels`).
         MissingOnnxError, OnnxError: with ONNX, its packages are missing or the ONNX
             model disagrees with the SavedModel (nothing is published).
     """
     loaded = load_run(run_dir)
-    recipe = loaded.recipe
+    export = loaded.recipe.export
+    if model_name is not None:
+        export = dataclasses.replace(export, model_name=model_name)
     if onnx:
-        recipe = dataclasses.replace(recipe, export=dataclasses.replace(recipe.export,
-                                                                        onnx=True))
+        export = dataclasses.replace(export, onnx=True)
+    loaded.recipe = dataclasses.replace(loaded.recipe, export=export)
     reference = None
     if loaded.task.supports_monitoring:
         reference_file = Path(run_dir) / RUN_REFERENCE_FILE
-        reference = (json.loads(reference_file.read_text()) if reference_file.is_file() else
-                     recipe_reference_profile(loaded.classifier, recipe,
+        reference = (read_reference(reference_file, REFERENCE_FIX) if reference_file.is_file() else
+                     recipe_reference_profile(loaded.classifier, loaded.recipe,
                                               loaded.class_names, loaded.task))
-    return export_saved_model(loaded.classifier, recipe, loaded.class_names,
-                              load_run_metrics(run_dir), base_dir, loaded.task, reference)
+    return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
+                              load_run_metrics(run_dir), base_dir, loaded.task, reference,
+                              loaded.metadata.get("test_files"))
 
 
 def onnx_line(version_dir: Path) -> str | None:

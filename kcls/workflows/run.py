@@ -12,8 +12,8 @@ the reference profile and the export. It writes the run directory:
     <run_dir>/report.md      the metrics as tables, with the plots below
     <run_dir>/*.png          training curves and the task's plots (confusion matrix,
                              reliability, confident mistakes; PR curves for multi-label)
-    <run_dir>/reference.json the test split's reference profile (`kcls.monitoring.profile`),
-                             exported for `kcls monitor`
+    <run_dir>/reference.json the reference profile of the held-out images (validation and
+                             test; `kcls.monitoring.profile`), exported for `kcls monitor`
     <run_dir>/model.weights.h5  trained weights, re-exported by `kcls export RUN_DIR`
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
@@ -22,13 +22,18 @@ the reference profile and the export. It writes the run directory:
                              range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.phases`):
                              run again with the same run_dir to resume a killed run
+    <run_dir>/tracking.json  with track.mlflow: the MLflow run (`kcls.tracking`)
+
+Observers (`kcls.tracking`) are told of the steps: MLflow tracking with `track.mlflow`,
+and whatever the caller adds (`kcls tune`'s pruning). With `evaluate.test=false` the run
+is scored on the validation split and the test split is never read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import Recipe, parse_duration, to_json
+from kcls.config import ConfigError, Recipe, parse_duration, to_json
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline, prepare_image
 from kcls.data.sources import Splits
@@ -46,7 +51,7 @@ from kcls.environment import software_versions
 from kcls.evaluation.evaluate import evaluate_classifier, fit_after_training
 from kcls.evaluation.plots import confident_mistakes
 from kcls.evaluation.report import write_report
-from kcls.files import save_weights, write_bytes, write_json, write_text
+from kcls.files import safe_file_name, save_weights, write_bytes, write_json, write_text
 from kcls.layout import (
     LR_FIND_PHASE_PLOT,
     REPORT_FILE,
@@ -56,13 +61,17 @@ from kcls.layout import (
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
-from kcls.monitoring.profile import reference_profile
+from kcls.monitoring.drift import small_reference_warning
+from kcls.monitoring.profile import REFERENCE_SPLITS, reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.serving.publish import check_model_labels
 from kcls.tasks import Evaluation, Task
+from kcls.tracking import RunObserver, observers_for
 from kcls.train.budget import TimeBudget
 from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
+from kcls.train.schedule import describe_normalization
 from kcls.workflows.export import onnx_line
 from kcls.workflows.prepare import Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
@@ -103,7 +112,8 @@ class RunResult:
 
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                log: Callable[[str], None] = print, verbose: int | str = "auto",
-               splits: Splits | None = None) -> RunResult:
+               splits: Splits | None = None,
+               observers: Iterable[RunObserver] = ()) -> RunResult:
     """Trains, evaluates and exports `recipe`.
 
     Args:
@@ -113,34 +123,48 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         verbose: Keras `fit()` verbosity (progress bar by default, 0 for none).
         splits: data to use instead of `recipe.data.source`, e.g. in-memory arrays from
             `kcls.data.sources.splits_from_arrays` in a notebook.
+        observers: `kcls.tracking.RunObserver`s told of the run's steps, after those
+            `track.*` asks for (`kcls.tracking.observers_for`).
 
     Returns:
-        RunResult with the metrics and the export path.
+        RunResult with the metrics (of the validation split with `evaluate.test=false`)
+        and the export path.
 
     Raises:
-        ConfigError: data, backbone or weights that cannot be found, or a run directory
-            that cannot be used (raised before any training starts).
+        ConfigError: data, backbone or weights that cannot be found, a run directory
+            that cannot be used, or tracking without MLflow installed (raised before any
+            training starts).
     """
     started = time.time()
     # Everything that can refuse the run is checked before the run directory is written.
     if run_dir is not None:
         check_run_dir(run_dir)
+    observers = observers_for(recipe, observers)
     prepared = prepare(recipe, splits)
+    if recipe.export.enabled:  # a version of other classes is refused: before training
+        check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
+                           prepared.class_names)
     if run_dir is not None and recipe.train.time_budget is None:
         check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
-    with claim_run_dir(run_dir, recipe.name, log) as run_dir:
+    with claim_run_dir(run_dir, recipe.name, log) as run_dir, observers.watching(run_dir):
         write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
         log_start(prepared, run_dir, log)
+        observers.started(recipe, run_dir, prepared.record())
         time_budget = plan_time_budget(prepared)
-        training = train(prepared, run_dir, time_budget, verbose, log)
+        training = train(prepared, run_dir, time_budget, verbose, log, observers.callbacks())
         seconds = {"training": round(time.time() - started, 1)}
         save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
         task = fit_task(prepared)
-        evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
-        export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
+        if recipe.evaluate.test:
+            evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
+            export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
+        else:  # e.g. a tuning trial: scored on validation, the test split never read
+            evaluation, export_dir = evaluate_validation_split(prepared, task, log), None
         seconds["total"] = round(time.time() - started, 1)
-        write_json(run_dir / RUN_INFO_FILE, run_record(prepared, training, task, evaluation,
-                                                       export_dir, seconds, time_budget))
+        record = run_record(prepared, training, task, evaluation, export_dir, seconds,
+                            time_budget)
+        write_json(run_dir / RUN_INFO_FILE, record)
+        observers.finished(run_dir, record)
         if time_budget is not None:
             log(budget_line(time_budget))
         return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
@@ -164,6 +188,10 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
         log(f"augmentation {', '.join(prepared.host_augmentation.stage_names)} on the host "
             "(tf.data): TPUs run only XLA-compiled programs and these stages have ops XLA "
             "cannot compile")
+    normalization = describe_normalization(prepared.classifier,
+                                           prepared.train_config.train_batchnorm)
+    if "LayerNormalization" in normalization:  # a transformer: say how it is fine-tuned
+        log(f"normalization: {normalization}")
     weights = prepared.loss_weights.describe(prepared.class_names)
     if weights:
         log(weights)
@@ -175,10 +203,13 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
     if recipe.train.time_budget is None:
         return None
     calibration = prepared.calibration
+    tested = test if recipe.evaluate.test else 0  # evaluate.test=false never reads it
+    evaluated = (test * (2 if recipe.evaluate.flip_tta else 1) if recipe.evaluate.test
+                 else prepared.splits.sizes["validation"])
+    reference = (tested + calibration.count) * (2 if recipe.export.flip_tta else 1)
     return TimeBudget(
         parse_duration(recipe.train.time_budget),
-        evaluation_images=test * (2 if recipe.evaluate.flip_tta else 1)
-        + test * (2 if recipe.export.flip_tta else 1)  # the reference profile
+        evaluation_images=evaluated + reference
         + (calibration.count if calibration.plan.fits_anything else 0)
         + (prepared.statistics_count() if calibration.plan.reject_coverage else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
@@ -186,14 +217,15 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
 
 
 def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
-          verbose: int | str, log: Callable[[str], None]) -> TrainingResult:
-    """Fits the phases (`kcls.train.phases.fit_phases`) and says what resuming or the
-    learning-rate search decided."""
+          verbose: int | str, log: Callable[[str], None],
+          callbacks: list[keras.callbacks.Callback] | None = None) -> TrainingResult:
+    """Fits the phases (`kcls.train.phases.fit_phases`, with the observers' `callbacks`)
+    and says what resuming or the learning-rate search decided."""
     training = fit_phases(
         prepared.classifier, prepared.train_batches, prepared.validation_batches,
         prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
-        verbose=verbose, run_dir=run_dir, strategy=prepared.strategy, time_budget=time_budget,
-        objective=prepared.objective())
+        callbacks, verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
+        time_budget=time_budget, objective=prepared.objective())
     if training.resumed:
         log("resumed an interrupted run: " + ", ".join(
             f"{phase.name} {'done before' if phase.skipped_on_resume else 'continued'}"
@@ -229,6 +261,7 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
     for line in task.notes(evaluation.metrics):
         log(line)
     evaluation.skipped = list(splits.skipped)  # the report names them too
+    evaluation.files = splits.evaluated_test_files()  # the mistakes' file names
     images = (mistake_images(splits, recipe, evaluation)
               if "confident_mistakes" in task.plots else None)
     write_report(run_dir, evaluation, task, splits.class_names, training.history,
@@ -241,6 +274,19 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
     return evaluation
 
 
+def evaluate_validation_split(prepared: Prepared, task: Task,
+                              log: Callable[[str], None]) -> Evaluation:
+    """Scores the validation split with the fitted task (a run with `evaluate.test=false`)."""
+    if prepared.validation_batches is None:
+        raise ConfigError("evaluate.test=false scores the run on the validation split, and "
+                          "this recipe has none: set data.validation_fraction above 0.")
+    evaluation = evaluate_classifier(prepared.classifier, prepared.validation_batches,
+                                     prepared.class_names, task=task)
+    log(f"validation {task.headline(evaluation.metrics)} (evaluate.test=false: the test "
+        "split was not read, no report or export)")
+    return evaluation
+
+
 def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Path,
             log: Callable[[str], None]) -> Path | None:
     """Writes the samples and, for a task `kcls monitor` supports, the reference profile,
@@ -249,13 +295,19 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     write_samples(prepared.splits, recipe, task, run_dir / SAMPLES_DIR)
     reference = None
     if task.supports_monitoring:
-        reference = reference_profile(prepared.classifier, test_batches(prepared),
-                                      prepared.class_names, task, recipe.export.flip_tta)
+        reference = reference_profile(prepared.classifier, reference_batches(prepared),
+                                      prepared.class_names, task, recipe.export.flip_tta,
+                                      split=REFERENCE_SPLITS if recipe.evaluate.test
+                                      else "validation")
         write_json(run_dir / RUN_REFERENCE_FILE, reference, indent=None)
+        warning = small_reference_warning(reference["examples"])
+        if warning:
+            log(f"warning: {warning}")
     if not recipe.export.enabled:
         return None
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
                                     task=task, reference=reference,
+                                    test_files=prepared.splits.test_files,
                                     parity_examples=prepared.splits.test)
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
@@ -272,6 +324,19 @@ def test_batches(prepared: Prepared) -> tf.data.Dataset:
                          splits.fingerprint)
 
 
+def reference_batches(prepared: Prepared) -> tf.data.Dataset:
+    """Every image the run held out from training, the reference profile's data: the
+    test split and the validation split (or, without one, the calibration carve-out);
+    the validation images only with `evaluate.test=false`, which never reads the test split."""
+    examples, held_out = prepared.splits.test, prepared.calibration.examples
+    if not prepared.recipe.evaluate.test:
+        examples, held_out = held_out, None
+    if held_out is not None:
+        examples = examples.concatenate(held_out)
+    return eval_pipeline(examples, len(prepared.class_names),
+                         dataclasses.replace(prepared.recipe.data, cache="none"))
+
+
 def run_record(prepared: Prepared, training: TrainingResult, task: Task,
                evaluation: Evaluation, export_dir: Path | None, seconds: dict[str, float],
                time_budget: TimeBudget | None) -> dict[str, Any]:
@@ -280,6 +345,8 @@ def run_record(prepared: Prepared, training: TrainingResult, task: Task,
     record = {**software_versions(), **prepared.record(), **training_record(training, prepared),
               "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
               "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
+              "test_files": prepared.splits.test_files,  # what `kcls evaluate` scores
+              "evaluated_split": "test" if prepared.recipe.evaluate.test else "validation",
               "export_dir": str(export_dir) if export_dir else None, "seconds": seconds}
     if training.jit_compile != prepared.train_config.jit_compile:
         record["jit_compile_reason"] = (f"{prepared.jit_compile_reason}; off: a layer of the "
@@ -329,13 +396,14 @@ def mistake_images(splits: Splits, recipe: Recipe,
 
 
 def write_samples(splits: Splits, recipe: Recipe, task: Task, folder: Path) -> None:
-    """Saves the first test images as `<index>_<class>.png`, resized to the model input."""
+    """Saves the first test images as `<index>_<class>.png`, resized to the model input
+    (the class name escaped by `kcls.files.safe_file_name`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, (image, label) in enumerate(splits.test.take(SAMPLE_IMAGES)):
         resized = tf.cast(tf.round(prepare_image(image, recipe.data.image_size,
                                                  recipe.data.resize)), tf.uint8)
         names = task.label_names(label.numpy(), splits.class_names)
-        name = f"{index}_{'+'.join(names)}.png".replace("/", "_")
+        name = f"{index}_{safe_file_name('+'.join(names))}.png"
         write_bytes(folder / name, tf.io.encode_png(resized).numpy())
 
 
