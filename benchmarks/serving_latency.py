@@ -7,8 +7,9 @@ onnx`, or a run with `export.onnx=true`). Part 1 times the same decoded images t
 the SavedModel's `predict_images` signature (TensorFlow, eager call of the concrete
 function) and through `model.onnx` (ONNX Runtime, CPU provider, default threads) at
 batch 1 and batch 32: the median of `--runs` warm calls, ms per call and images/s.
-The inputs are float images at the model's size, so the graph's resize is the identity
-in both. Part 2 (with `--images FOLDER`) classifies every image of the folder with
+The inputs are the same images at the model's size (uint8 for the SavedModel, float32 for
+ONNX), so the graph's resize is the identity in both. Part 2
+(with `--images FOLDER`) classifies every image of the folder with
 `kcls.workflows.predict.predict_images` at batch 32 and at batch 1 (one model call per
 file, as `kcls predict` did before batching), for the SavedModel and the ONNX model,
 after one warm-up pass, and prints images/s (reading and decoding included).

@@ -305,16 +305,19 @@ def _check_predict_options(paths: tuple[str, ...], server: str | None, grpc_targ
 
 
 def _progress_reporter(batch_size: int):
-    """A progress bar on a terminal (stderr), one line per batch in a log; nothing for
-    images that fit in one batch."""
+    """A progress bar on a terminal (stderr), a line per tenth of the images in a log;
+    nothing for images that fit in one batch."""
     bar = None
+    logged = 0
 
     def update(done: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, logged
         if total <= batch_size:
             return
         if not sys.stderr.isatty():
-            click.echo(f"predicted {done}/{total} images", err=True)
+            if done == total or done * 10 // total > logged:
+                logged = done * 10 // total
+                click.echo(f"predicted {done}/{total} images", err=True)
             return
         if bar is None:
             bar = click.progressbar(length=total, label="predicting", file=sys.stderr)
