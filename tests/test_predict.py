@@ -94,6 +94,7 @@ def test_globs_jsonl_and_every_image_once(export_dir, folder, tmp_path):
     assert len(records[0]["labels"]) == 1 and records[0]["known"] is None
 
 
+@pytest.mark.slow
 def test_an_export_with_a_rejection_rule_says_unknown(classifier, tmp_path, folder):
     # A threshold above any cosine similarity: every image is unknown.
     means = np.eye(3, 256, dtype=np.float32)  # resnet_v2_tiny embeds in 256 dimensions

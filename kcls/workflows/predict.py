@@ -41,6 +41,7 @@ import tensorflow as tf
 from kcls.data.folder import IMAGE_EXTENSIONS, list_image_files, printable_path
 from kcls.files import write_text
 from kcls.layout import OPTIMIZE_REPORT_FILE
+from kcls.load import read_json
 from kcls.optimize.interpreter import TFLiteClassifier
 from kcls.serving.graph import image_decoder
 from kcls.serving.onnx import OnnxSession
@@ -157,7 +158,8 @@ class TFLiteModel:
     @classmethod
     def load(cls, path: Path, threads: int | None = None) -> TFLiteModel:
         report_file = path.parent / OPTIMIZE_REPORT_FILE
-        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        report = (read_json(report_file, "run `kcls optimize` again") if report_file.is_file()
+                  else {})
         if "class_names" not in report:
             raise PredictInputError(
                 f"{str(path)!r} has no {OPTIMIZE_REPORT_FILE} beside it naming its classes and "
