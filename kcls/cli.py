@@ -3,11 +3,11 @@
     kcls [--debug] recipe list
     kcls recipe show NAME [--set key=value ...]
     kcls recipe run NAME [--set key=value ...] [--out DIR]
-    kcls predict MODEL_DIR IMAGE... [--top-k K]
+    kcls predict MODEL IMAGE_OR_FOLDER_OR_GLOB... [--top-k K] [--output FILE.csv|FILE.jsonl]
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
     kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
-    kcls export RUN_DIR [--base-dir DIR] [--model-name NAME]
+    kcls export RUN_DIR [--base-dir DIR] [--model-name NAME] [--format saved_model|onnx]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
@@ -49,6 +49,9 @@ USER_ERRORS = (
     ("kcls.optimize.convert", "OptimizeError", click.ClickException),
     ("kcls.serving.predict", "PredictionError", click.ClickException),
     ("kcls.load", "DamagedFileError", click.ClickException),
+    ("kcls.serving.onnx", "MissingOnnxError", click.UsageError),
+    ("kcls.serving.onnx", "OnnxError", click.ClickException),
+    ("kcls.workflows.predict", "PredictInputError", click.UsageError),
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
     ("kcls.serving.client", "ServingError", click.ClickException),
     ("kcls.evaluation.explain", "ImageError", click.ClickException),
@@ -262,12 +265,16 @@ def tune(name: str, overrides: tuple[str, ...], budget: str, space: str, trial_b
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, metavar="[MODEL_DIR] IMAGE...",
-                type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="[MODEL] IMAGE...")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
               help="How many classes to print per image.")
+@click.option("--output", "output_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the predictions to FILE.csv or FILE.jsonl (path, top-k labels and "
+                   "probabilities, known) instead of printing them.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images per model call.")
 @click.option("--server", metavar="URL",
-              help="Ask a TF Serving REST API instead of loading MODEL_DIR, "
+              help="Ask a TF Serving REST API instead of loading MODEL, "
                    "e.g. http://localhost:8501 (needs --model).")
 @click.option("--grpc", "grpc_target", metavar="HOST:PORT",
               help="Ask a TF Serving gRPC API instead, e.g. localhost:8500 (needs --model "
@@ -279,45 +286,107 @@ def tune(name: str, overrides: tuple[str, ...], budget: str, space: str, trial_b
 @click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Append each served answer as a JSON line to this file (with --server "
                    "or --grpc), the log `kcls monitor --predictions` reads.")
-def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target: str | None,
-            model_name: str | None, model_version: int | None,
-            log_file: Path | None) -> None:
-    """Classify images with an exported SavedModel, locally or through TF Serving.
+def predict(paths: tuple[str, ...], top_k: int, output_file: Path | None, batch_size: int,
+            server: str | None, grpc_target: str | None, model_name: str | None,
+            model_version: int | None, log_file: Path | None) -> None:
+    """Classify images with an export, locally or through TF Serving.
 
-    Locally, the first argument is MODEL_DIR: a version directory
-    (saved_models/quickstart/1) or a model folder, in which case the latest version is
-    used. With --server or --grpc every argument is an image.
+    Locally, the first argument is MODEL: an export (saved_models/quickstart, its latest
+    version, or a version folder), a .onnx file (kcls export --format onnx) or a .tflite
+    file (kcls optimize). Then image files, folders (searched recursively) and globs
+    ('photos/**/*.jpg'), classified in batches; files that cannot be read are listed at
+    the end (the exit status is 1 only when no image could be classified). A model with
+    a rejection rule says `unknown` for images unlike its classes. With --server or
+    --grpc every argument is an image file.
     """
+    remote = server or grpc_target
+    _check_predict_options(paths, server, grpc_target, model_name, model_version, log_file,
+                           output_file)
+    if remote:
+        images = tuple(Path(path) for path in paths)
+        _predict_remote(images, top_k, server, grpc_target, model_name, model_version, log_file)
+        return
+    start_tensorflow()
+    from kcls.workflows.predict import predict_images, write_predictions
+
+    run = predict_images(paths[0], paths[1:], top_k, batch_size, _progress_reporter(batch_size))
+    if output_file:
+        write_predictions(output_file, run, top_k)
+    else:
+        for prediction in run.predictions:
+            click.echo(prediction.line())
+    _echo_prediction_summary(run, output_file)
+    if not run.predictions:
+        sys.exit(1)
+
+
+def _check_predict_options(paths: tuple[str, ...], server: str | None, grpc_target: str | None,
+                           model_name: str | None, model_version: int | None,
+                           log_file: Path | None, output_file: Path | None) -> None:
+    """Usage errors of `kcls predict`'s option combinations."""
+    remote = server or grpc_target
     if server and grpc_target:
         raise click.UsageError("Use either --server (REST) or --grpc, not both.")
-    remote = server or grpc_target
     if remote and not model_name:
         raise click.UsageError("--model NAME is required with --server/--grpc: the name the "
                                "model is served under, e.g. --model quickstart.")
     if not remote and (model_name or model_version):
         raise click.UsageError("--model and --model-version only apply with --server or --grpc; "
-                               "locally, pass the export folder as MODEL_DIR.")
+                               "locally, pass the export folder as MODEL.")
     if not remote and log_file:
         raise click.UsageError("--log records served answers: use it with --server or --grpc.")
+    if remote and output_file:
+        raise click.UsageError("--output applies to local models; with --server or --grpc use "
+                               "--log FILE.jsonl.")
     if not remote and len(paths) < 2:
-        raise click.UsageError("Expected MODEL_DIR and at least one IMAGE "
+        raise click.UsageError("Expected MODEL and at least one IMAGE "
                                "(or --server/--grpc with --model).")
-    images = paths if remote else paths[1:]
-    if not remote and not paths[0].is_dir():
-        raise click.UsageError(f"MODEL_DIR {str(paths[0])!r} is not a directory.")
-    for path in images:
-        if path.is_dir():
-            raise click.UsageError(f"{str(path)!r} is a directory, not an image file.")
-    if remote:
-        _predict_remote(images, top_k, server, grpc_target, model_name, model_version, log_file)
-        return
+    if not remote and not Path(paths[0]).exists():
+        raise click.UsageError(f"MODEL {paths[0]!r} does not exist.")
+    for path in paths if remote else ():
+        if not Path(path).is_file():
+            raise click.UsageError(f"{path!r} is not an image file (with --server or --grpc, "
+                                   "pass image files).")
 
-    start_tensorflow()
-    from kcls.serving.predict import load_predictor
 
-    predictor = load_predictor(paths[0])
-    for path in images:
-        _echo_ranked(path, predictor.predict_file(path)[:top_k])
+def _progress_reporter(batch_size: int):
+    """A progress bar on a terminal (stderr), a line per tenth of the images in a log;
+    nothing for images that fit in one batch."""
+    bar = None
+    logged = 0
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar, logged
+        if total <= batch_size:
+            return
+        if not sys.stderr.isatty():
+            if done == total or done * 10 // total > logged:
+                logged = done * 10 // total
+                click.echo(f"predicted {done}/{total} images", err=True)
+            return
+        if bar is None:
+            bar = click.progressbar(length=total, label="predicting", file=sys.stderr)
+        bar.update(done - bar.pos)
+        if done == total:
+            bar.render_finish()
+    return update
+
+
+def _echo_prediction_summary(run, output_file: Path | None) -> None:
+    unknown = sum(prediction.known is False for prediction in run.predictions)
+    click.echo(f"{len(run.predictions)} images in {run.seconds:.1f} s "
+               f"({run.images_per_second:.1f} images/s)"
+               + (f", {unknown} unknown" if unknown else "")
+               + (f"; predictions in {output_file}" if output_file else ""), err=True)
+    if run.not_images:
+        click.echo(f"ignored {len(run.not_images)} file(s) that are not images by their "
+                   f"name: {', '.join(run.not_images[:5])}"
+                   + (" ..." if len(run.not_images) > 5 else ""), err=True)
+    if run.unreadable:
+        click.echo(f"{len(run.unreadable)} file(s) could not be read or decoded, skipped:",
+                   err=True)
+        for line in run.unreadable:
+            click.echo(f"  {line}", err=True)
 
 
 @main.command("export")
@@ -327,15 +396,25 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
 @click.option("--model-name", metavar="NAME",
               help="Serve it under this name (default: the run's export.model_name, else its "
                    "image folder's or recipe's name).")
-def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None:
+@click.option("--format", "export_format", type=click.Choice(["saved_model", "onnx"]),
+              default="saved_model", show_default=True,
+              help="onnx: also model.onnx in the version, checked by ONNX Runtime against "
+                   'the SavedModel on the test split (pip install "kcls[onnx]").')
+def export(run_dir: Path, base_dir: Path | None, model_name: str | None,
+           export_format: str) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
     from kcls.layout import MODELS_CONFIG_FILE
+    from kcls.serving.onnx import onnx_line
     from kcls.workflows.export import export_run
 
-    version_dir = export_run(run_dir, base_dir, model_name, log=click.echo)
+    version_dir = export_run(run_dir, base_dir, model_name, onnx=export_format == "onnx",
+                             log=click.echo)
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
+    line = onnx_line(version_dir)
+    if line:
+        click.echo(line)
 
 
 @main.command()
@@ -536,17 +615,19 @@ def _predict_remote(images: tuple[Path, ...], top_k: int, server: str | None,
                 append_predictions(log_file, [prediction_record(
                     str(path), prediction.labels, prediction.scores, prediction.classes,
                     prediction.probabilities, model_name, version)])
-            _echo_ranked(path, prediction.top(top_k))
+            _echo_ranked(path, prediction.top(top_k), prediction.known)
     except serving_client.ServingError as error:
         raise click.ClickException(f"{path}: {error}") from None
     except ValueError as error:  # an address or a request that cannot be made
         raise click.UsageError(str(error)) from None
 
 
-def _echo_ranked(path: Path, ranked: list[tuple[str, float]]) -> None:
+def _echo_ranked(path: Path, ranked: list[tuple[str, float]], known: bool | None = None
+                 ) -> None:
     # A multi-label model serves blank labels for those below their thresholds.
-    click.echo(f"{path}: " + ("  ".join(f"{label} ({score:.3f})" for label, score in ranked
-                                        if label) or "(no label above its threshold)"))
+    click.echo(f"{path}: " + ("unknown; closest: " if known is False else "")
+               + ("  ".join(f"{label} ({score:.3f})" for label, score in ranked if label)
+                  or "(no label above its threshold)"))
 
 
 def start_tensorflow() -> None:

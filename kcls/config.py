@@ -35,6 +35,7 @@ Task = Literal["multiclass", "multilabel"]
 DownloadPolicy = Literal["auto", "never"]
 JitCompile = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
+RejectCoverage = Union[float, Literal["auto"]]
 
 
 
@@ -47,19 +48,22 @@ class TaskCapabilities:
         calibrations: the `evaluate.calibrate` values it accepts.
         calibration_note: why others are refused.
         flip_tta: whether flip test-time augmentation is measured (`evaluate.flip_tta`).
+        rejection: whether exports learn a rule for unknown images (`export.reject_coverage`).
     """
 
     calibrations: tuple[str, ...]
     calibration_note: str
     flip_tta: bool
+    rejection: bool
 
 
 TASK_CAPABILITIES = {
     "multiclass": TaskCapabilities(("auto", "temperature", "none"),
-                                   "temperature scaling of the softmax", True),
+                                   "temperature scaling of the softmax", True, True),
     # One temperature rescales a softmax; per-label sigmoids get per-label thresholds.
+    # A multi-label model already answers "no label" when none reaches its threshold.
     "multilabel": TaskCapabilities(("auto", "none"), "per-label thresholds are tuned on the "
-                                   "validation split instead", False),
+                                   "validation split instead", False, False),
 }
 
 class ConfigError(ValueError):
@@ -348,6 +352,18 @@ class ExportConfig:
         top_k: number of classes the signatures return.
         flip_tta: serve the average of the probabilities of each image and its mirror
             (what `evaluate.flip_tta` measures), at twice the inference cost.
+        reject_coverage: the share of in-distribution images the rejection rule keeps
+            as known: after training, a threshold on the cosine similarity of an image's
+            embedding to the nearest class mean (means of the training images) is chosen
+            on the held-out validation images to keep this share, and every export serves
+            `known` (False: the image looks like none of the classes; `kcls predict` says
+            `unknown`) and `known_score` (docs/serving.md, "Rejecting unknown images").
+            `auto`: 0.95 when the recipe has a validation split (single-label models),
+            else none; a number without a validation split holds 10% of the training
+            split out for it; `none`: no rule.
+        onnx: also write `model.onnx` into each export version (ONNX Runtime, OpenVINO,
+            TensorRT, Triton; `pip install "kcls[onnx]"`), checked against the SavedModel
+            on the test split: under 99.9% top-1 agreement the export is refused.
     """
 
     enabled: bool = True
@@ -355,12 +371,17 @@ class ExportConfig:
     model_name: Optional[str] = None
     top_k: int = 5
     flip_tta: bool = False
+    reject_coverage: Optional[RejectCoverage] = "auto"
+    onnx: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "export")
         if self.model_name is not None:
             check_name(self.model_name, "export.model_name")
         _require(self.top_k >= 1, "export.top_k", self.top_k, "a positive integer")
+        _require(self.reject_coverage in ("auto", None) or 0.0 < self.reject_coverage < 1.0,
+                 "export.reject_coverage", self.reject_coverage,
+                 "a share of images in (0, 1), e.g. 0.95, auto or none")
 
 
 @dataclass(frozen=True)
@@ -421,6 +442,10 @@ class Recipe:
                  f"{task} ({capabilities.calibration_note})")
         _require(capabilities.flip_tta or not self.evaluate.flip_tta, "evaluate.flip_tta",
                  self.evaluate.flip_tta, f"false with {task} (not supported yet)")
+        _require(capabilities.rejection or self.export.reject_coverage in ("auto", None),
+                 "export.reject_coverage", self.export.reject_coverage,
+                 f"auto or none with {task} (an image whose labels all stay under their "
+                 "thresholds already gets no label)")
         # The export carries the test metrics and the test split's reference profile.
         _require(self.evaluate.test or not self.export.enabled, "export.enabled",
                  self.export.enabled, "false with evaluate.test=false (an export records the "

@@ -37,10 +37,11 @@ holds `pretrain_config.json`, `backbone.weights.h5` (for `model.weights=PATH`),
 An export, `<base_dir>/<model>/<version>/` (`kcls.serving.export`), is a SavedModel
 (`saved_model.pb`, `variables/`) plus `assets/labels.txt`, `assets/reference.json` (the
 reference profile `kcls monitor` compares production data with, `REFERENCE_FILE`),
-`kcls.json` (recipe, classes, metrics, calibration temperature, versions) and
-`model.weights.h5`; `<base_dir>/models.config` lists the models
-for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
-`kcls optimize` output (TF Serving ignores folders whose names are not numbers).
+`kcls.json` (recipe, classes, metrics, calibration temperature, versions),
+`model.weights.h5` and, with `export.onnx`, `model.onnx` (`kcls.serving.onnx`);
+`<base_dir>/models.config` lists the models for TF Serving, and
+`<base_dir>/<model>/optimized/<version>/<method>/` holds `kcls optimize` output (TF
+Serving ignores folders whose names are not numbers).
 
 `kcls monitor` writes `monitor.json`, `monitor.md` and three plots into
 `<base_dir>/<model>/monitor/<version>/<UTC time>/` (`MONITOR_DIR`) or its `--out`
@@ -133,6 +134,7 @@ LABELS_FILE = "assets/labels.txt"
 MANIFEST_LABELS_FILE = "labels.txt"
 REFERENCE_FILE = "assets/reference.json"
 METADATA_FILE = "kcls.json"
+ONNX_FILE = "model.onnx"  # with export.onnx (`kcls export --format onnx`), in the version
 MODELS_CONFIG_FILE = "models.config"
 # Grad-CAM overlays (`kcls explain`, default folder: `model_output_dir`).
 EXPLANATIONS_DIR = "explanations"

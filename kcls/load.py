@@ -124,6 +124,7 @@ def load_run(run_dir: str | Path) -> LoadedClassifier:
         raise _damaged(run_dir / METRICS_FILE, "its thresholds do not name the run's "
                        "classes", RUN_FIX) from None
     task = task_from_metadata(recipe.model.task, {"temperature": run_info.get("temperature"),
+                                                  "rejection": run_info.get("rejection"),
                                                   "thresholds": thresholds})
     weights_fix = RUN_FIX
     if (run_dir / BEST_WEIGHTS_FILE).is_file():

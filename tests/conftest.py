@@ -193,3 +193,16 @@ def damaged_folder(tmp_path: Path) -> Path:
     write_decompression_bomb(root / "bees" / "bomb.png")
     write_truncated_jpeg(root / "bees" / "half.jpg", rng)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(tmp_path_factory):
+    """`(recipe, RunResult)` of a quickstart run trained enough to mean something (60
+    steps, about a minute on 2 CPU cores), exported with its rejection rule and ONNX."""
+    from kcls.workflows.run import run_recipe
+
+    base = tmp_path_factory.mktemp("trained_quickstart")
+    recipe = apply_overrides(load_recipe("quickstart"), [
+        "train.frozen_epochs=1", "train.unfrozen_epochs=2", "train.steps_per_epoch=20",
+        "data.batch_size=32", f"export.base_dir={base / 'saved_models'}", "export.onnx=true"])
+    return recipe, run_recipe(recipe, base / "run", log=lambda message: None, verbose=0)

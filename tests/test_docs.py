@@ -54,7 +54,9 @@ def _relative_links(text: str) -> list[str]:
 
 # Names that are not Python: the MLflow tags kcls.tracking.mlflow_tracker sets, kcls.json.
 NOT_PYTHON = {"kcls.json", "kcls.error", "kcls.phases", "kcls.version", "kcls.run_dir",
-              "kcls.export_dir", "kcls.export_version"}
+              "kcls.export_dir", "kcls.export_version",
+              # the ONNX model's metadata keys (kcls.serving.onnx)
+              "kcls.class_names", "kcls.input", "kcls.image_size", "kcls.resize", "kcls.task"}
 
 
 def test_every_module_or_name_the_docs_cite_exists():

@@ -88,11 +88,18 @@ def test_exported_signatures_match_the_keras_model(tiny_run):
     encoded = tf.constant([tf.io.encode_png(image).numpy() for image in images])
     from_bytes = loaded.signatures["serving_default"](image_bytes=encoded)
     from_pixels = loaded.signatures["predict_images"](images=tf.constant(images))
-    assert set(from_bytes) == {"probabilities", "classes", "scores", "labels"}
+    # The validation split also gives the export a rejection rule (export.reject_coverage).
+    assert set(from_bytes) == {"probabilities", "classes", "scores", "labels", "known",
+                               "known_score"}
     embedding = embedding_model(result.classifier)(prepared, training=False)[0].numpy()
     np.testing.assert_allclose(from_pixels["embedding"].numpy(), embedding, atol=1e-4)
+    rule = result.task.rejection
     for outputs in (from_bytes, from_pixels):
         np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(outputs["known_score"].numpy(), rule.scores(embedding),
+                                   atol=1e-5)
+        np.testing.assert_array_equal(outputs["known"].numpy(),
+                                      outputs["known_score"].numpy() >= rule.threshold)
         np.testing.assert_array_equal(outputs["classes"].numpy()[:, 0], expected.argmax(axis=1))
         assert outputs["labels"].numpy()[0, 0].decode() == str(expected[0].argmax())
 
@@ -113,7 +120,7 @@ def test_cli_predict_prints_labels_for_sample_images(tiny_run):
     output = CliRunner().invoke(main, ["predict", str(result.export_dir.parent),
                                        *map(str, samples), "--top-k", "2"])
     assert output.exit_code == 0, output.output
-    lines = output.output.strip().splitlines()
+    lines = output.stdout.strip().splitlines()  # the summary line goes to stderr
     assert len(lines) == 2
     for line, sample in zip(lines, samples):
         assert line.startswith(f"{sample}: ")

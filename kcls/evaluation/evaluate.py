@@ -29,7 +29,8 @@ from kcls.data.sources import HeldOut, Splits, has_files, test_examples
 from kcls.evaluation.report import write_report
 from kcls.files import check_output_dir
 from kcls.load import LoadedClassifier, load_classifier
-from kcls.tasks import Evaluation, SingleLabelTask, Task
+from kcls.models.classifier import embedding_model
+from kcls.tasks import CalibrationPlan, Evaluation, SingleLabelTask, Task
 
 
 def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
@@ -65,6 +66,48 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
     return logits, np.concatenate(labels).astype(np.float32)
 
 
+def predict_embeddings(classifier: keras.Model, batches: tf.data.Dataset
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`predict_batches` with the penultimate-layer embeddings too: `(embeddings float32
+    [N, D], logits float32 [N, C], labels float32 [N, C])`."""
+    with_embedding = embedding_model(classifier)
+    embeddings, logits, labels = [], [], []
+    for images, batch_labels in batches:
+        embedding, logit = with_embedding.predict_on_batch(images)
+        embeddings.append(embedding)
+        logits.append(logit)
+        labels.append(batch_labels.numpy())
+    return tuple(np.concatenate(values).astype(np.float32)
+                 for values in (embeddings, logits, labels))
+
+
+def fit_after_training(classifier: keras.Model, task: Task, plan: CalibrationPlan,
+                       held_out: tf.data.Dataset, fitted_on: str,
+                       training: tf.data.Dataset | None = None) -> Task:
+    """What a run fits after training: the task's calibration (`plan.method`) on the
+    held-out batches, then, with `plan.reject_coverage`, the rejection rule: class means
+    of the `training` batches' embeddings, the threshold on the held-out ones.
+
+    Args:
+        classifier: keras.Model, images -> logits.
+        task: the unfitted Task.
+        plan: its CalibrationPlan.
+        held_out: finite `(images, labels [B, C])` batches of held-out images.
+        fitted_on: where they come from, for reports (`validation split`).
+        training: finite batches of training images in evaluation mode; needed with a
+            rejection coverage.
+    """
+    if plan.reject_coverage is None:
+        logits, labels = predict_batches(classifier, held_out)
+        return task.fit(logits, labels, fitted_on) if plan.method != "none" else task
+    embeddings, logits, labels = predict_embeddings(classifier, held_out)
+    if plan.method != "none":
+        task = task.fit(logits, labels, fitted_on)
+    train_embeddings, _, train_labels = predict_embeddings(classifier, training)
+    return task.fit_rejection(train_embeddings, train_labels, embeddings, plan.reject_coverage,
+                              fitted_on, labels.shape[1])
+
+
 def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
                    flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`predict_batches` with one-hot labels read as classes: `(logits float32 [N, C],
@@ -84,14 +127,18 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
         class_names: list[str] of C names; default "0".."C-1".
         flip_tta: also score the average of the probabilities of each image and its
             mirror (under `metrics["tta"]`, never in place of the plain ones).
-        task: the fitted Task (its temperature or thresholds apply); default a
-            single-label task without calibration.
+        task: the fitted Task (its temperature or thresholds apply, and its rejection
+            rule's coverage is measured); default a single-label task without calibration.
     """
     task = task or SingleLabelTask()
-    logits, labels = predict_batches(classifier, batches)
+    embeddings = None
+    if task.rejection is not None:  # its coverage on the test images is measured too
+        embeddings, logits, labels = predict_embeddings(classifier, batches)
+    else:
+        logits, labels = predict_batches(classifier, batches)
     class_names = class_names or [str(index) for index in range(logits.shape[1])]
     flipped = predict_batches(classifier, batches, flip=True)[0] if flip_tta else None
-    return task.evaluate(logits, labels, class_names, flipped)
+    return task.evaluate(logits, labels, class_names, flipped, embeddings)
 
 
 def evaluate_model(model_path: str, data_source: str | None = None,

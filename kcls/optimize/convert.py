@@ -26,6 +26,7 @@ from kcls.config import Recipe
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
 from kcls.environment import native_logs_wanted, native_stderr_muted
+from kcls.models.classifier import embedding_model
 from kcls.tasks import SingleLabelTask, Task
 
 PTQ_METHODS = ("ptq-dynamic", "ptq-float16", "ptq-int8")
@@ -53,12 +54,19 @@ def write_probability_saved_model(classifier: keras.Model, image_size: int,
 
     Returns:
         `directory`, whose `serving_default` maps `images` float32 `[1, S, S, 3]` to
-        `probabilities` float32 `[1, C]`.
+        `probabilities` float32 `[1, C]` and, for a task with a rejection rule,
+        `known_score` float32 `[1]` (the threshold is in the task's metadata).
     """
     task = task or SingleLabelTask()
+    with_embedding = embedding_model(classifier)
 
     def probabilities(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {OUTPUT_NAME: task.probabilities_graph(classifier(images, training=False))}
+        embedding, logits = with_embedding(images, training=False)
+        outputs = {OUTPUT_NAME: task.probabilities_graph(logits)}
+        rejection = task.rejection_outputs(logits, embedding)
+        if rejection:  # a bool would not quantize: the score, thresholded by the reader
+            outputs["known_score"] = rejection["known_score"]
+        return outputs
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)

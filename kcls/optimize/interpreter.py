@@ -32,11 +32,15 @@ class TFLiteClassifier:
         interpreter: the allocated interpreter (input `[1, S, S, 3]`, output `[1, C]`).
         input_dtype: numpy dtype the model takes (float32, int8 or uint8).
         output_dtype: numpy dtype it returns.
+        outputs: the output tensors' details by signature name: `probabilities` and, for
+            a model with a rejection rule, `known_score` (`[1]`); a model without
+            signature names has its only output as `probabilities`.
     """
 
     interpreter: Any
     input_dtype: np.dtype
     output_dtype: np.dtype
+    outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_bytes(cls, model: bytes, num_threads: int = 1) -> TFLiteClassifier:
@@ -44,8 +48,16 @@ class TFLiteClassifier:
         with native_stderr_muted(not native_logs_wanted()):  # "Created ... XNNPACK delegate"
             interpreter = _interpreter_class()(model_content=model, num_threads=num_threads)
             interpreter.allocate_tensors()
+        by_index = {detail["index"]: detail for detail in interpreter.get_output_details()}
+        outputs = {"probabilities": interpreter.get_output_details()[0]}
+        signatures = interpreter.get_signature_list()
+        if len(signatures) == 1:  # outputs come sorted by name: find them by it
+            runner = interpreter.get_signature_runner(next(iter(signatures)))
+            named = {name: by_index[detail["index"]]
+                     for name, detail in runner.get_output_details().items()}
+            outputs = named if "probabilities" in named else outputs
         return cls(interpreter, np.dtype(interpreter.get_input_details()[0]["dtype"]),
-                   np.dtype(interpreter.get_output_details()[0]["dtype"]))
+                   np.dtype(outputs["probabilities"]["dtype"]), outputs)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -67,21 +79,28 @@ class TFLiteClassifier:
         return np.clip(quantized, limits.min, limits.max).astype(self.input_dtype)
 
     def invoke(self, model_input: np.ndarray) -> np.ndarray:
-        """Runs one already-typed input; returns the raw output `[1, C]`."""
+        """Runs one already-typed input; returns the raw probabilities output `[1, C]`."""
         self.interpreter.set_tensor(self.interpreter.get_input_details()[0]["index"], model_input)
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.interpreter.get_output_details()[0]["index"])
+        return self.interpreter.get_tensor(self.outputs["probabilities"]["index"])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """float32 `[N, S, S, 3]` in [0, 255] -> float32 probabilities `[N, C]` (dequantized)."""
-        scale, zero_point = self.interpreter.get_output_details()[0]["quantization"]
-        rows = []
+        return self.predict_outputs(images)["probabilities"]
+
+    def predict_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output, dequantized to float32, for images `[N, S, S, 3]` in [0, 255]:
+        `probabilities` `[N, C]` and, with a rejection rule, `known_score` `[N]`."""
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
         for image in images:
-            output = self.invoke(self.quantize_input(image[np.newaxis]))
-            if self.output_dtype != np.float32:
-                output = (output.astype(np.float32) - zero_point) * scale
-            rows.append(output[0])
-        return np.stack(rows).astype(np.float32)
+            self.invoke(self.quantize_input(image[np.newaxis]))
+            for name, detail in self.outputs.items():
+                output = self.interpreter.get_tensor(detail["index"])
+                if np.dtype(detail["dtype"]) != np.float32:
+                    scale, zero_point = detail["quantization"]
+                    output = (output.astype(np.float32) - zero_point) * scale
+                rows[name].append(output[0])
+        return {name: np.stack(values).astype(np.float32) for name, values in rows.items()}
 
     def latency_ms(self, image: np.ndarray, runs: int = 100, warmup: int = 10) -> float:
         """Median milliseconds of one warm `invoke` on `image`, float32 `[1, S, S, 3]`."""

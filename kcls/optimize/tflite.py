@@ -50,7 +50,7 @@ from kcls.layout import (
     TFLITE_FILE,
     optimized_dir,
 )
-from kcls.load import load_classifier
+from kcls.load import LoadedClassifier, load_classifier
 from kcls.optimize.convert import (
     IO_TYPES,
     PTQ_METHODS,
@@ -119,7 +119,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
 
     Returns:
         The report written to `<out_dir>/optimize.json`: `method`, `io_type`,
-        `per_channel`, `interpreter` (see `interpreter_name`), `out_dir`,
+        `per_channel`, `interpreter` (see `interpreter_name`), `out_dir`, `_model_record`'s,
         `test_examples`, `skipped_files` (files of the data that reached neither
         calibration or fine-tuning nor the test: unreadable or undecodable), `task`,
         `metrics` (the rows' quality keys: `accuracy`, or `mAP` and `micro_f1` for a
@@ -163,7 +163,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         "per_channel": per_channel if method == "ptq-int8" else None,
         "interpreter": interpreter_name(), "source": str(model_path), "out_dir": str(out_dir),
         "test_examples": int(len(labels)), "skipped_files": skipped,
-        "num_threads": num_threads, "latency_runs": latency_runs,
+        "num_threads": num_threads, "latency_runs": latency_runs, **_model_record(loaded),
         **({"sparsity": mot_result["sparsity"]} if mot_result.get("sparsity") else {}),
         **compare(loaded.task, float_model, optimized_model, images, labels, latency_runs,
                   num_threads)}
@@ -174,6 +174,10 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     return report
 
 
+def _model_record(loaded: LoadedClassifier) -> dict[str, Any]:
+    """What `kcls predict model.tflite` reads from the report: classes, input, task."""
+    return {"class_names": loaded.class_names, "image_size": loaded.recipe.data.image_size,
+            "resize": loaded.recipe.data.resize, "task_metadata": loaded.task.metadata()}
 def check_request(method: str, io_type: str, out_dir: str | Path | None,
                   overwrite: bool) -> Path | None:
     """Checks an `optimize` request before any work: the method, the io type and, when

@@ -62,12 +62,14 @@ class Prediction:
         scores: list[float], their probabilities.
         classes: list[int], their class indices.
         probabilities: list[float], one per class (empty when the server left it out).
+        known: whether the model's rejection rule knows the image (None: no rule).
     """
 
     labels: list[str]
     scores: list[float]
     classes: list[int]
     probabilities: list[float]
+    known: bool | None = None
 
     def top(self, k: int | None = None) -> list[tuple[str, float]]:
         """The best `k` (all top-k by default) `(label, probability)` pairs, best first."""
@@ -357,7 +359,8 @@ def _prediction(row: Mapping[str, Any]) -> Prediction:
     return Prediction(labels=[_text(label) for label in row["labels"]],
                       scores=[float(score) for score in row["scores"]],
                       classes=[int(index) for index in row["classes"]],
-                      probabilities=[float(p) for p in row.get("probabilities", [])])
+                      probabilities=[float(p) for p in row.get("probabilities", [])],
+                      known=None if row.get("known") is None else bool(row["known"]))
 
 
 def _text(value: Any) -> str:

@@ -63,7 +63,8 @@ from kcls.environment import software_versions
 from kcls.files import write_bytes, write_json, write_text
 from kcls.layout import LABELS_FILE, METADATA_FILE, REFERENCE_FILE, SAVED_MODEL_FILE, WEIGHTS_FILE
 from kcls.load import float32_architecture
-from kcls.models.classifier import embedding_model
+from kcls.serving.graph import decode_images, served_outputs
+from kcls.serving.onnx import write_onnx
 from kcls.serving.publish import (
     check_model_labels,
     new_version_folder,
@@ -80,7 +81,8 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
                        metrics: dict[str, Any] | None = None,
                        base_dir: str | Path | None = None, task: Task | None = None,
                        reference: dict[str, Any] | None = None,
-                       test_files: list[str] | None = None) -> Path:
+                       test_files: list[str] | None = None,
+                       parity_examples: tf.data.Dataset | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
     Args:
@@ -98,6 +100,9 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         test_files: the image files of the test split the metrics come from
             (`kcls.data.sources.Splits.test_files`), recorded in `kcls.json` so that
             `kcls evaluate` scores the same images later; None for sources without files.
+        parity_examples: with `export.onnx`, the unbatched `(uint8 image, label)` test
+            images ONNX Runtime is checked on against the SavedModel
+            (`kcls.serving.onnx.write_onnx`); default the recipe's test split.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/3`. The
@@ -106,6 +111,8 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
     Raises:
         ConfigError: the model's latest version serves other classes
             (`kcls.serving.publish.check_model_labels`).
+        MissingOnnxError, OnnxError: with `export.onnx`, the ONNX packages are missing
+            or the ONNX model disagrees with the SavedModel; nothing is published.
     """
     task = task or get_task(recipe.model.task)
     base_dir = Path(base_dir or recipe.export.base_dir)
@@ -127,6 +134,9 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
                     "image_size": recipe.data.image_size, "class_names": class_names,
                     **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe),
                     "test_files": test_files}
+        if recipe.export.onnx:
+            metadata["onnx"] = write_onnx(temporary, float32_classifier, recipe, class_names,
+                                          task, parity_examples)
         write_json(temporary / METADATA_FILE, metadata)
         version_dir = publish_version(temporary, model_dir)
     finally:
@@ -174,26 +184,10 @@ def _float32_copy(classifier: keras.Model, recipe: Recipe, num_classes: int) -> 
 def _serving_archive(model: keras.Model, class_names: list[str], task: Task,
                      recipe: Recipe) -> keras.export.ExportArchive:
     image_size, resize = recipe.data.image_size, recipe.data.resize
-    label_table = tf.constant(class_names)
-    with_embedding = embedding_model(model)
-
-    def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        embedding, logits = with_embedding(images, training=False)
-        probabilities = task.probabilities_graph(logits)
-        if recipe.export.flip_tta:
-            mirrored = model(tf.reverse(images, axis=[2]), training=False)
-            probabilities = (probabilities + task.probabilities_graph(mirrored)) / 2.0
-        served = task.serving_outputs(probabilities, label_table, recipe.export.top_k)
-        return {**served, "embedding": embedding}
-
-    def decode(image_bytes: tf.Tensor) -> tf.Tensor:
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-        return prepare_image(image, image_size, resize)
+    outputs = served_outputs(model, class_names, task, recipe)
 
     def serve_image_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(decode, image_bytes,
-                           fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
-                                                             tf.float32))
+        images = decode_images(image_bytes, image_size, resize)
         served = outputs(images)
         del served["embedding"]  # TF Serving clients get the outputs they always got
         return served

@@ -18,6 +18,7 @@ from kcls.config import Task as TaskName
 from kcls.config import require_choice
 from kcls.tasks.base import CalibrationPlan, Evaluation, LossWeights, Objective, Task
 from kcls.tasks.multi_label import MultiLabelTask
+from kcls.tasks.rejection import RejectionRule
 from kcls.tasks.single_label import SingleLabelTask
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (SingleLabelTask, MultiLabelTask)}
@@ -37,14 +38,17 @@ def task_from_metadata(name: str, metadata: dict[str, Any],
                        tuned_on: str = "the model's validation split (stored in the model)"
                        ) -> Task:
     """The fitted task an export or a run recorded (`Task.metadata`: `temperature`,
-    `thresholds`), for the problem type `name` of its recipe."""
+    `thresholds`, `rejection`), for the problem type `name` of its recipe."""
     task = get_task(name)
     if isinstance(task, MultiLabelTask) and metadata.get("thresholds") is not None:
         return MultiLabelTask(tuple(float(value) for value in metadata["thresholds"]), tuned_on)
-    if isinstance(task, SingleLabelTask) and metadata.get("temperature") is not None:
-        return SingleLabelTask(float(metadata["temperature"]))
+    if isinstance(task, SingleLabelTask):
+        temperature = metadata.get("temperature")
+        return SingleLabelTask(None if temperature is None else float(temperature),
+                               rejection=RejectionRule.from_metadata(metadata.get("rejection")))
     return task
 
 
 __all__ = ["TASKS", "CalibrationPlan", "Evaluation", "LossWeights", "MultiLabelTask",
-           "Objective", "SingleLabelTask", "Task", "get_task", "task_from_metadata"]
+           "Objective", "RejectionRule", "SingleLabelTask", "Task", "get_task",
+           "task_from_metadata"]

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ import tensorflow as tf
 
 from kcls.config import TASK_CAPABILITIES, Calibrate, ConfigError, require_choice
 from kcls.metrics.evaluation import Evaluation
+from kcls.tasks.rejection import RejectionRule
 
 # A fresh training loss and fresh training metrics, for one `compile()`.
 Objective = Callable[[], tuple[keras.losses.Loss, list[keras.metrics.Metric]]]
@@ -73,10 +75,18 @@ class CalibrationPlan:
     Attributes:
         method: `temperature`, `thresholds` or `none`.
         carve_out: whether to hold training images out to fit on (no validation split).
+        reject_coverage: the coverage of the rejection rule to fit (`RejectionRule`), or
+            None for none (`export.reject_coverage`, `auto` resolved).
     """
 
     method: str
     carve_out: bool = False
+    reject_coverage: float | None = None
+
+    @property
+    def fits_anything(self) -> bool:
+        """Whether anything is fitted on held-out examples after training."""
+        return self.method != "none" or self.reject_coverage is not None
 
 
 class Task(abc.ABC):
@@ -94,7 +104,11 @@ class Task(abc.ABC):
         agreement_kind: what "same prediction" means between two models (`top-1`).
         report_title: the report's heading; plots: the report's plots
             (`kcls.evaluation.plots.PLOTS` names).
+        rejection: the fitted rule for unknown images (`kcls.tasks.rejection`), or None;
+            only tasks whose `TASK_CAPABILITIES` have `rejection` get one.
     """
+
+    rejection: RejectionRule | None = None
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -143,10 +157,37 @@ class Task(abc.ABC):
         "activation"}`."""
 
     # After training.
-    def calibration_plan(self, calibrate: str, has_validation: bool) -> CalibrationPlan:
-        """What `evaluate.calibrate` (`auto` included) means for this task and data."""
+    def calibration_plan(self, calibrate: str, has_validation: bool,
+                         reject_coverage: float | str | None = None) -> CalibrationPlan:
+        """What `evaluate.calibrate` and `export.reject_coverage` (`auto` included) mean
+        for this task and data."""
         require_choice(calibrate, Calibrate, "evaluate.calibrate")
         return CalibrationPlan("none")
+
+    def fit_rejection(self, train_embeddings: np.ndarray, train_labels: np.ndarray,
+                      held_out_embeddings: np.ndarray, coverage: float, fitted_on: str,
+                      num_classes: int) -> Task:
+        """The task with a rejection rule (`RejectionRule.fit`): the class means of the
+        training embeddings `[M, D]` (int labels `[M]`, or one-hot `[M, C]`), a threshold
+        keeping `coverage` of the held-out embeddings `[N, D]`.
+
+        Raises:
+            ConfigError: a task without rejection (`TASK_CAPABILITIES`).
+        """
+        if not TASK_CAPABILITIES[self.name].rejection:
+            raise ConfigError(f"{self.description} models learn no rejection rule; set "
+                              "export.reject_coverage=none.")
+        labels = np.asarray(train_labels)
+        labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels.astype(np.int64)
+        rule = RejectionRule.fit(train_embeddings, labels, held_out_embeddings, coverage,
+                                 fitted_on, num_classes)
+        return dataclasses.replace(self, rejection=rule)
+
+    def rejection_outputs(self, logits: tf.Tensor, embedding: tf.Tensor
+                          ) -> dict[str, tf.Tensor]:
+        """The rule's outputs in a graph, `known` (bool `[N]`) and `known_score` (float32
+        `[N]`), from logits `[N, C]` and embeddings `[N, D]`; none without a rule."""
+        return {} if self.rejection is None else self.rejection.outputs_graph(embedding)
 
     def fit(self, logits: np.ndarray, labels: np.ndarray, fitted_on: str) -> Task:
         """The task fitted on held-out `logits` `[N, C]` and `labels`; `self` by default."""
@@ -170,12 +211,19 @@ class Task(abc.ABC):
         """The classes `kcls explain` draws for one image's probabilities `[C]`, most
         probable first."""
 
+    @abc.abstractmethod
+    def ranked_labels(self, probabilities: np.ndarray, top_k: int) -> list[int]:
+        """The classes a prediction names for one image's probabilities `[C]`, best first,
+        at most `top_k`: what `serving_outputs` serves as `labels` (without blanks)."""
+
     # Metrics and reports.
     @abc.abstractmethod
     def evaluate(self, logits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 flipped_logits: np.ndarray | None = None) -> Evaluation:
+                 flipped_logits: np.ndarray | None = None,
+                 embeddings: np.ndarray | None = None) -> Evaluation:
         """Every test metric of `logits` `[N, C]` against `labels`; with `flipped_logits`
-        (of the mirrored images) the flip-TTA metrics too."""
+        (of the mirrored images) the flip-TTA metrics too; with `embeddings` `[N, D]` and
+        a rejection rule, the rule's coverage and accuracy on the known images."""
 
     @abc.abstractmethod
     def edge_metrics(self, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -206,7 +254,7 @@ class Task(abc.ABC):
 
     def metadata(self) -> dict[str, Any]:
         """What an export records to rebuild the fitted task (`task_from_metadata`)."""
-        return {"task": self.name, "temperature": None, "thresholds": None}
+        return {"task": self.name, "temperature": None, "thresholds": None, "rejection": None}
 
 
 def format_value(value: Any) -> str:

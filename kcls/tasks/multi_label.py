@@ -123,7 +123,9 @@ class MultiLabelTask(Task):
         return {"loss": "BinaryCrossentropy", "metric": "BinaryAccuracy",
                 "metric_arguments": {"threshold": 0.0}, "activation": "sigmoid"}
 
-    def calibration_plan(self, calibrate: str, has_validation: bool) -> CalibrationPlan:
+    def calibration_plan(self, calibrate: str, has_validation: bool,
+                         reject_coverage: float | str | None = None) -> CalibrationPlan:
+        """Thresholds with a validation split; no rejection rule (`TASK_CAPABILITIES`)."""
         super().calibration_plan(calibrate, has_validation)  # checks the setting
         return CalibrationPlan("thresholds" if has_validation else "none")
 
@@ -155,8 +157,15 @@ class MultiLabelTask(Task):
             labels = [int(np.argmax(probabilities))]
         return [int(label) for label in sorted(labels, key=lambda label: -probabilities[label])]
 
+    def ranked_labels(self, probabilities: np.ndarray, top_k: int) -> list[int]:
+        """The labels at or above their thresholds, best first, at most `top_k`."""
+        above = np.flatnonzero(probabilities >= self.threshold_vector(len(probabilities)))
+        return [int(label) for label in sorted(above, key=lambda label: -probabilities[label])
+                ][:top_k]
+
     def evaluate(self, logits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 flipped_logits: np.ndarray | None = None) -> Evaluation:
+                 flipped_logits: np.ndarray | None = None,
+                 embeddings: np.ndarray | None = None) -> Evaluation:
         """Multi-label metrics at the thresholds; `labels` multi-hot `[N, C]`."""
         probabilities = self.probabilities(logits)
         metrics = multilabel_metrics(probabilities, labels, self.threshold_vector(len(class_names)),
@@ -206,5 +215,5 @@ class MultiLabelTask(Task):
                 "predicted": tf.cast(above, tf.int32)}
 
     def metadata(self) -> dict[str, Any]:
-        return {"task": self.name, "temperature": None,
+        return {"task": self.name, "temperature": None, "rejection": None,
                 "thresholds": None if self.thresholds is None else list(self.thresholds)}

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ import tensorflow as tf
 from scipy.special import softmax
 
 from kcls.config import Calibrate as CalibrateSetting
-from kcls.config import require_choice
+from kcls.config import RejectCoverage, require_choice
 from kcls.data.pipeline import balanced_class_weights
 from kcls.metrics.calibration import fit_temperature
 from kcls.metrics.classification import (
@@ -41,6 +42,11 @@ from kcls.tasks.base import (
     Task,
     format_value,
 )
+from kcls.tasks.rejection import RejectionRule
+
+# `export.reject_coverage=auto` with a validation split (docs/serving.md, "Rejecting
+# unknown images").
+AUTO_REJECT_COVERAGE = 0.95
 
 
 @dataclass(frozen=True)
@@ -52,10 +58,13 @@ class SingleLabelTask(Task):
             logits by, or None (T = 1).
         calibration: how T was fitted (`fitted_on`, `fit_examples`, `fit_nll_before`,
             `fit_nll_after`), recorded in the metrics; None when it was not fitted here.
+        rejection: the rule for unknown images (`kcls.tasks.rejection.RejectionRule`), or
+            None.
     """
 
     temperature: float | None = None
     calibration: dict[str, Any] | None = None
+    rejection: RejectionRule | None = None
 
     name: ClassVar[str] = "multiclass"
     description: ClassVar[str] = "single-label"
@@ -85,18 +94,29 @@ class SingleLabelTask(Task):
         return {"loss": "CategoricalCrossentropy", "metric": "CategoricalAccuracy",
                 "metric_arguments": {}, "activation": "softmax"}
 
-    def calibration_plan(self, calibrate: str, has_validation: bool) -> CalibrationPlan:
+    def calibration_plan(self, calibrate: str, has_validation: bool,
+                         reject_coverage: float | str | None = None) -> CalibrationPlan:
+        """`temperature` when asked (`auto`: with a validation split), and the rejection
+        rule's coverage (`auto`: `AUTO_REJECT_COVERAGE` with a validation split); without
+        a validation split, either one carves training images out to fit on."""
         require_choice(calibrate, CalibrateSetting, "evaluate.calibrate")
-        if calibrate == "temperature" or (calibrate == "auto" and has_validation):
-            return CalibrationPlan("temperature", carve_out=not has_validation)
-        return CalibrationPlan("none")
+        require_choice(reject_coverage, RejectCoverage | None, "export.reject_coverage")
+        temperature = calibrate == "temperature" or (calibrate == "auto" and has_validation)
+        coverage = (None if reject_coverage is None or (reject_coverage == "auto"
+                                                        and not has_validation)
+                    else AUTO_REJECT_COVERAGE if reject_coverage == "auto"
+                    else float(reject_coverage))
+        return CalibrationPlan("temperature" if temperature else "none",
+                               carve_out=not has_validation and (temperature
+                                                                 or coverage is not None),
+                               reject_coverage=coverage)
 
     def fit(self, logits: np.ndarray, labels: np.ndarray, fitted_on: str) -> SingleLabelTask:
         """Fits the temperature by the NLL of held-out `logits` `[N, C]` and `labels` (int
         `[N]` or one-hot `[N, C]`)."""
         labels = class_indices(labels)
         temperature = fit_temperature(logits, labels)
-        return SingleLabelTask(temperature, {
+        return dataclasses.replace(self, temperature=temperature, calibration={
             "fitted_on": fitted_on, "fit_examples": int(len(labels)),
             "fit_nll_before": summary_metrics(logits, labels)["nll"],
             "fit_nll_after": summary_metrics(logits / temperature, labels)["nll"]})
@@ -114,17 +134,28 @@ class SingleLabelTask(Task):
     def explained_labels(self, probabilities: np.ndarray) -> list[int]:
         return [int(np.argmax(probabilities))]
 
+    def ranked_labels(self, probabilities: np.ndarray, top_k: int) -> list[int]:
+        """The `top_k` most probable classes, best first."""
+        return [int(index) for index in np.argsort(-np.asarray(probabilities),
+                                                   kind="stable")[:top_k]]
+
     def evaluate(self, logits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 flipped_logits: np.ndarray | None = None) -> Evaluation:
-        """`kcls.metrics.classification.evaluate_predictions` at the task's temperature.
+                 flipped_logits: np.ndarray | None = None,
+                 embeddings: np.ndarray | None = None) -> Evaluation:
+        """`kcls.metrics.classification.evaluate_predictions` at the task's temperature,
+        and with `embeddings` `[N, D]` the rejection rule's test coverage (`rejection`).
 
         Args:
             logits: float `[N, C]`; labels: int `[N]` (or one-hot float `[N, C]`).
         """
-        evaluation = evaluate_predictions(logits, class_indices(labels), class_names,
-                                          flipped_logits, self.temperature)
+        classes = class_indices(labels)
+        evaluation = evaluate_predictions(logits, classes, class_names, flipped_logits,
+                                          self.temperature)
         if self.calibration and "calibration" in evaluation.metrics:
             evaluation.metrics["calibration"].update(self.calibration)
+        if self.rejection is not None and embeddings is not None:
+            evaluation.metrics["rejection"] = self.rejection.evaluate(
+                embeddings, np.argmax(logits, axis=-1) == classes)
         return evaluation
 
     def edge_metrics(self, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -144,6 +175,8 @@ class SingleLabelTask(Task):
         lines.append("test support per class: "
                      + ", ".join(f"{name} {count}" for name, count in support.items()))
         imbalance = class_balance_warning(support)
+        if self.rejection is not None:
+            lines.append(self.rejection.describe() + _rejection_test_line(metrics))
         return lines + ([f"warning: {imbalance}"] if imbalance else [])
 
     def summary_line(self, metrics: dict[str, Any], chance: float) -> str:
@@ -160,8 +193,8 @@ class SingleLabelTask(Task):
                 lines.append(f"| {key} | {format_value(metrics[key])} |")
         for key, value in metrics.get("tta", {}).items():
             lines.append(f"| {key} (flip TTA) | {format_value(value)} |")
-        return lines + _calibration_section(metrics.get("calibration")) + _per_class_section(
-            metrics)
+        return (lines + _calibration_section(metrics.get("calibration"))
+                + _rejection_section(metrics.get("rejection")) + _per_class_section(metrics))
 
     def serving_outputs(self, probabilities: tf.Tensor, label_table: tf.Tensor,
                         top_k: int) -> dict[str, tf.Tensor]:
@@ -170,7 +203,8 @@ class SingleLabelTask(Task):
                 "labels": tf.gather(label_table, classes)}
 
     def metadata(self) -> dict[str, Any]:
-        return {"task": self.name, "temperature": self.temperature, "thresholds": None}
+        return {"task": self.name, "temperature": self.temperature, "thresholds": None,
+                "rejection": self.rejection.metadata() if self.rejection else None}
 
 
 def class_indices(labels: np.ndarray) -> np.ndarray:
@@ -190,6 +224,31 @@ def _calibration_section(calibration: dict[str, Any] | None) -> list[str]:
              "| metric | before (T = 1) | after |", "| --- | --- | --- |"]
     return lines + [f"| {key} | {calibration['before'][key]:.4f} | "
                     f"{calibration['after'][key]:.4f} |" for key in ("nll", "ece")]
+
+
+def _rejection_test_line(metrics: dict[str, Any]) -> str:
+    rejection = metrics.get("rejection")
+    if not rejection:
+        return ""
+    accuracy = rejection["accuracy_known"]
+    return (f"; test: {rejection['coverage']:.1%} known"
+            + (f", accuracy on them {accuracy:.4f}" if accuracy is not None else ""))
+
+
+def _rejection_section(rejection: dict[str, Any] | None) -> list[str]:
+    if not rejection:
+        return []
+    accuracy = rejection["accuracy_known"]
+    return ["", "## Unknown images", "",
+            f"Known when the embedding's cosine similarity to the nearest class mean is at "
+            f"least {rejection['threshold']:.4f}, chosen on the {rejection['fitted_on']} to "
+            f"keep {rejection['target_coverage']:.0%} of in-distribution images (it kept "
+            f"{rejection['fitted_coverage']:.1%} there); the export serves `known` and "
+            "`known_score`.", "",
+            "| metric | value |", "| --- | --- |",
+            f"| test images known (coverage) | {rejection['coverage']:.4f} |",
+            "| accuracy on the known test images | "
+            + (f"{accuracy:.4f} |" if accuracy is not None else "- |")]
 
 
 def _per_class_section(metrics: dict[str, Any]) -> list[str]:

@@ -23,7 +23,8 @@ REFERENCE_FIX = ("delete it, and `kcls export` computes the profile again on the
 
 
 def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
-               model_name: str | None = None, log: Callable[[str], None] = print) -> Path:
+               model_name: str | None = None, onnx: bool = False,
+               log: Callable[[str], None] = print) -> Path:
     """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
@@ -40,6 +41,9 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
         base_dir: export base directory; defaults to the run's `export.base_dir`.
         model_name: the name to serve it under instead of the run's
             (`kcls.config.Recipe.model_name`); it is recorded in `kcls.json`.
+        onnx: also write `model.onnx` into the version (`export.onnx`), checked against
+            the SavedModel on the recipe's test split (`kcls.serving.onnx`); the run's
+            own `export.onnx` applies either way.
         log: receives the progress lines of a run being finished.
 
     Returns:
@@ -51,13 +55,18 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
         ConfigError: the run's `config.json` does not match this kcls version's config,
             `model_name` is not one folder name, or the model's latest version serves
             other classes (`kcls.serving.publish.check_model_labels`).
+        MissingOnnxError, OnnxError: with ONNX, its packages are missing or the ONNX
+            model disagrees with the SavedModel (nothing is published).
     """
     if not (Path(run_dir) / RUN_INFO_FILE).is_file() and "training" in read_state(run_dir):
-        return finish_run(Path(run_dir), base_dir, model_name, log)
+        return finish_run(Path(run_dir), base_dir, model_name, onnx, log)
     loaded = load_run(run_dir)
+    export = loaded.recipe.export
     if model_name is not None:
-        loaded.recipe = dataclasses.replace(loaded.recipe, export=dataclasses.replace(
-            loaded.recipe.export, model_name=model_name))
+        export = dataclasses.replace(export, model_name=model_name)
+    if onnx:
+        export = dataclasses.replace(export, onnx=True)
+    loaded.recipe = dataclasses.replace(loaded.recipe, export=export)
     reference = None
     if loaded.task.supports_monitoring:
         reference_file = Path(run_dir) / RUN_REFERENCE_FILE
@@ -70,14 +79,15 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
 
 
 def finish_run(run_dir: Path, base_dir: str | Path | None, model_name: str | None,
-               log: Callable[[str], None]) -> Path:
+               onnx: bool, log: Callable[[str], None]) -> Path:
     """Runs the stages after training of a run killed after it, with export on."""
     from kcls.workflows.run import run_recipe  # training code: only to finish a run
 
     recipe = read_run_config(run_dir)
     export = dataclasses.replace(recipe.export, enabled=True,
                                  base_dir=str(base_dir or recipe.export.base_dir),
-                                 model_name=model_name or recipe.export.model_name)
+                                 model_name=model_name or recipe.export.model_name,
+                                 onnx=onnx or recipe.export.onnx)
     log(f"{run_dir} was stopped after training, before its run.json: finishing it "
         "(calibration, evaluation, export)")
     return run_recipe(dataclasses.replace(recipe, export=export), run_dir, log=log,

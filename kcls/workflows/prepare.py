@@ -6,8 +6,9 @@
    collectives must happen before TensorFlow runs anything else;
 2. the data splits (`kcls.data.sources`), checked against the problem type (the task,
    `kcls.tasks`), and what the task fits after training on held-out data: a calibration
-   temperature or per-label thresholds, with a carve-out of the training split when
-   there is no validation split and the task needs one;
+   temperature or per-label thresholds and the rejection rule's coverage, with a
+   carve-out of the training split when there is no validation split and the task
+   needs one;
 3. steps per epoch, precision, XLA and BatchNorm (each `auto` with its reason);
 4. the classifier, built in the strategy's scope, seeded;
 5. where augmentation runs (the device, or the TPU host), the loss weights
@@ -47,6 +48,10 @@ from kcls.train.compute import (
     resolve_precision,
 )
 from kcls.train.schedule import describe_normalization, resolve_train_batchnorm
+
+# The most training images whose embeddings give the rejection rule's class means
+# (`export.reject_coverage`): the means of a few thousand images are already stable.
+STATISTICS_IMAGES = 10_000
 
 
 @dataclass
@@ -108,6 +113,16 @@ class Prepared:
     def class_names(self) -> list[str]:
         return self.splits.class_names
 
+    def statistics_count(self) -> int:
+        """How many training images the rejection rule's class means are computed on."""
+        return min(self.splits.sizes["train"], STATISTICS_IMAGES)
+
+    def statistics_batches(self) -> tf.data.Dataset:
+        """Those training images in evaluation mode (no augmentation), batched."""
+        data = dataclasses.replace(self.recipe.data, cache="none")
+        return eval_pipeline(self.splits.train.take(STATISTICS_IMAGES), len(self.class_names),
+                             data)
+
     def objective(self) -> Objective:
         """The task's loss and training metrics with the recipe's smoothing and weights."""
         return self.task.objective(self.recipe.train.label_smoothing, self.loss_weights)
@@ -168,7 +183,8 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
 def plan_calibration(task: Task, recipe: Recipe, splits: Splits) -> tuple[Splits, Calibration]:
     """The task's calibration plan for `evaluate.calibrate` and the data, and the splits
     left after carving its examples off the training split when it needs to."""
-    plan = task.calibration_plan(recipe.evaluate.calibrate, splits.validation is not None)
+    plan = task.calibration_plan(recipe.evaluate.calibrate, splits.validation is not None,
+                                 recipe.export.reject_coverage)
     if not plan.carve_out:
         return splits, Calibration(plan, splits.validation, splits.sizes["validation"],
                                    "validation split")

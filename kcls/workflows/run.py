@@ -52,7 +52,7 @@ from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline, prepare_image
 from kcls.data.sources import Splits
 from kcls.environment import software_versions
-from kcls.evaluation.evaluate import evaluate_classifier, predict_batches
+from kcls.evaluation.evaluate import evaluate_classifier, fit_after_training
 from kcls.evaluation.plots import confident_mistakes
 from kcls.evaluation.report import write_report
 from kcls.files import safe_file_name, save_weights, write_bytes, write_json, write_text
@@ -68,6 +68,7 @@ from kcls.layout import (
 from kcls.monitoring.drift import small_reference_warning
 from kcls.monitoring.profile import REFERENCE_SPLITS, reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.serving.onnx import onnx_line
 from kcls.serving.publish import check_model_labels
 from kcls.tasks import Evaluation, Task
 from kcls.tracking import RunObserver, observers_for
@@ -196,7 +197,8 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
         f"run dir {run_dir}")
     if prepared.calibration.plan.carve_out:
         log(f"{prepared.calibration.count} training images held out to fit the calibration "
-            "temperature (no validation split; evaluate.calibrate=temperature)")
+            "temperature or the rejection rule on (no validation split; "
+            "evaluate.calibrate=temperature or export.reject_coverage set)")
     if prepared.host_augmentation is not None:
         log(f"augmentation {', '.join(prepared.host_augmentation.stage_names)} on the host "
             "(tf.data): TPUs run only XLA-compiled programs and these stages have ops XLA "
@@ -223,7 +225,8 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
     return TimeBudget(
         parse_duration(recipe.train.time_budget),
         evaluation_images=evaluated + reference
-        + (calibration.count if calibration.plan.method != "none" else 0),
+        + (calibration.count if calibration.plan.fits_anything else 0)
+        + (prepared.statistics_count() if calibration.plan.reject_coverage else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
         else AFTER_TRAINING_SECONDS / 2)
 
@@ -281,16 +284,16 @@ def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
 
 def fit_task(prepared: Prepared) -> Task:
     """The task fitted on the held-out calibration examples (its temperature or
-    thresholds), or as it is when its plan fits nothing."""
+    thresholds, and the rejection rule), or as it is when its plan fits nothing."""
     calibration = prepared.calibration
-    if calibration.plan.method == "none" or calibration.examples is None:
+    if not calibration.plan.fits_anything or calibration.examples is None:
         return prepared.task
     batches = prepared.validation_batches
     if calibration.plan.carve_out:
         batches = eval_pipeline(calibration.examples, len(prepared.class_names),
                                 dataclasses.replace(prepared.recipe.data, cache="none"))
-    logits, labels = predict_batches(prepared.classifier, batches)
-    return prepared.task.fit(logits, labels, calibration.fitted_on)
+    return fit_after_training(prepared.classifier, prepared.task, calibration.plan, batches,
+                              calibration.fitted_on, prepared.statistics_batches())
 
 
 def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult,
@@ -352,11 +355,14 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
         return None
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
                                     task=task, reference=reference,
-                                    test_files=prepared.splits.test_files)
+                                    test_files=prepared.splits.test_files,
+                                    parity_examples=prepared.splits.test)
     record_state(run_dir, export_dir=str(export_dir))
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
         "single-label models only)"))
+    if recipe.export.onnx:
+        log(onnx_line(export_dir))
     return export_dir
 
 
@@ -413,9 +419,11 @@ def training_record(training: TrainingResult, prepared: Prepared) -> dict[str, A
 
 
 def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What run.json records of the fitted task: the temperature and the calibration."""
+    """What run.json records of the fitted task: the temperature, the calibration and the
+    rejection rule."""
     return {"temperature": task.metadata()["temperature"],
-            "calibration": metrics.get("calibration", {"method": "none"})}
+            "calibration": metrics.get("calibration", {"method": "none"}),
+            "rejection": task.metadata()["rejection"]}
 
 
 def budget_line(budget: TimeBudget) -> str:
