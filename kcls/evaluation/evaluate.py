@@ -28,6 +28,7 @@ from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import test_examples
 from kcls.evaluation.report import write_report
 from kcls.load import load_classifier
+from kcls.models.classifier import inference_function
 from kcls.tasks import Evaluation, SingleLabelTask, Task
 
 
@@ -45,10 +46,12 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
         `(logits float32 [N, C], labels float32 [N, C])`.
     """
     # One pass, batch by batch: `predict()` would read the data twice (images, then
-    # labels) and warn that a dataset of unknown length "ran out of data".
+    # labels) and warn that a dataset of unknown length "ran out of data". Run here alone
+    # (`inference_function`), so that the chief of several workers can evaluate.
+    predict = inference_function(classifier)
     logits, labels = [], []
     for images, batch_labels in batches:
-        logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
+        logits.append(predict(images[:, :, ::-1] if flip else images))
         labels.append(batch_labels.numpy())
     return (np.concatenate(logits).astype(np.float32),
             np.concatenate(labels).astype(np.float32))
