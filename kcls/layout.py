@@ -22,6 +22,9 @@ and locked by `kcls.workflows.run_directory`):
     samples/             a few held-out test images as PNG (`SAMPLES_DIR`)
     logs/                TensorBoard logs (`LOGS_DIR`)
     backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
+    tmp_<type>_<index>/  under train.strategy=multiworker, the copies a worker other
+                         than the chief writes while training, deleted when training
+                         ends (`WORKER_SCRATCH_DIR`)
     optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
 
 A pretraining run directory (`kcls pretrain`, default `runs/pretrain/<timestamp>[-N]/`)
@@ -68,6 +71,7 @@ SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 BACKUP_DIR = "backup"
 PROGRESS_FILE = "progress.json"
+WORKER_SCRATCH_DIR = "tmp_{task_type}_{task_id}"  # .format(task_type="worker", task_id=1)
 # Evaluation reports (run directories, `kcls evaluate --out`).
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
