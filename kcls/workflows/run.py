@@ -22,6 +22,11 @@ the reference profile and the export. It writes the run directory:
                              range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.phases`):
                              run again with the same run_dir to resume a killed run
+
+Under `train.strategy=multiworker` every worker calls `run_recipe` with the same run
+directory, on storage they all share: all of them train, only the chief (`kcls.train.cluster`)
+writes the files above and then evaluates, calibrates and exports on its own; the others
+return once training is done (`RunResult.worker`), after deleting the copies they wrote.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcls import __version__
-from kcls.config import Recipe, parse_duration, to_json
+from kcls.config import ConfigError, Recipe, parse_duration, to_json
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline, prepare_image
 from kcls.data.sources import Splits
@@ -60,6 +65,12 @@ from kcls.monitoring.profile import reference_profile
 from kcls.serving.export import export_saved_model
 from kcls.tasks import Evaluation, Task
 from kcls.train.budget import TimeBudget
+from kcls.train.cluster import (
+    Worker,
+    lost_worker_error,
+    weights_digest,
+    worker_from_environment,
+)
 from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
@@ -85,6 +96,10 @@ class RunResult:
         classifier: the trained keras.Model (in the training precision).
         class_names: list[str].
         task: the fitted Task (its temperature or thresholds), which reads `metrics`.
+        worker: the process of the cluster that returned this; a worker other than the
+            chief returns after training: no metrics, no export, no task.
+        weights_digest: `kcls.train.cluster.weights_digest` of the trained weights, the
+            same on every worker (run.json records the chief's).
     """
 
     run_dir: Path
@@ -94,10 +109,20 @@ class RunResult:
     classifier: keras.Model = field(repr=False)
     class_names: list[str] = field(default_factory=list)
     task: Task | None = None
+    worker: Worker = field(default_factory=Worker)
+    weights_digest: str = ""
 
     def headline(self) -> str:
         """The test metric(s) the run is judged by, for one line (`accuracy 0.9900`)."""
         return self.task.headline(self.metrics)
+
+    def summary_line(self) -> str:
+        """What the run did, in one line for the command line."""
+        if not self.worker.is_chief:
+            return (f"done: {self.worker.name} trained (weights digest {self.weights_digest}); "
+                    f"the chief evaluates and exports, run dir {self.run_dir}")
+        return (f"done: test {self.headline()}; run dir {self.run_dir}"
+                + (f"; export {self.export_dir}" if self.export_dir else ""))
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
@@ -107,50 +132,78 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
 
     Args:
         recipe: Recipe, the resolved configuration.
-        run_dir: where logs and reports go; default `runs/<recipe>/<timestamp>`.
+        run_dir: where logs and reports go; default `runs/<recipe>/<timestamp>`. Required
+            under `train.strategy=multiworker`: the same folder on every worker.
         log: receives one-line progress messages.
         verbose: Keras `fit()` verbosity (progress bar by default, 0 for none).
         splits: data to use instead of `recipe.data.source`, e.g. in-memory arrays from
             `kcls.data.sources.splits_from_arrays` in a notebook.
 
     Returns:
-        RunResult with the metrics and the export path.
+        RunResult with the metrics and the export path (on a worker other than the
+        chief: after training, without them).
 
     Raises:
         ConfigError: data, backbone or weights that cannot be found, or a run directory
             that cannot be used (raised before any training starts).
     """
     started = time.time()
+    worker = worker_from_environment(recipe.train.strategy)
+    if recipe.train.strategy == "multiworker" and run_dir is None:
+        raise ConfigError("train.strategy=multiworker needs the run directory named, the same "
+                          "on every worker and on storage they share: pass --out DIR (or "
+                          "run_dir=...), or use `kcls recipe run NAME --workers N`.")
     # Everything that can refuse the run is checked before the run directory is written.
     if run_dir is not None:
-        check_run_dir(run_dir)
+        check_run_dir(run_dir, lock=worker.is_chief)
     prepared = prepare(recipe, splits)
     if run_dir is not None and recipe.train.time_budget is None:
         check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
-    with claim_run_dir(run_dir, recipe.name, log) as run_dir:
-        write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
+    with claim_run_dir(run_dir, recipe.name, log, lock=worker.is_chief) as run_dir:
+        if worker.is_chief:
+            write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
         log_start(prepared, run_dir, log)
         time_budget = plan_time_budget(prepared)
         training = train(prepared, run_dir, time_budget, verbose, log)
-        seconds = {"training": round(time.time() - started, 1)}
-        save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
-        task = fit_task(prepared)
-        evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
-        export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
-        seconds["total"] = round(time.time() - started, 1)
-        write_json(run_dir / RUN_INFO_FILE, run_record(prepared, training, task, evaluation,
-                                                       export_dir, seconds, time_budget))
-        if time_budget is not None:
-            log(budget_line(time_budget))
-        return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
-                         prepared.classifier, prepared.class_names, task)
+        digest = weights_digest(prepared.classifier)
+        if not worker.is_chief:
+            return RunResult(run_dir, {}, None, training.history, prepared.classifier,
+                             prepared.class_names, worker=worker, weights_digest=digest)
+        return evaluate_and_publish(prepared, training, run_dir, time_budget, digest, started,
+                                    log)
+
+
+def evaluate_and_publish(prepared: Prepared, training: TrainingResult, run_dir: Path,
+                         time_budget: TimeBudget | None, digest: str, started: float,
+                         log: Callable[[str], None]) -> RunResult:
+    """What the chief does after training, alone: saves the weights, fits the task,
+    evaluates the test split, publishes (samples, reference profile, export) and writes
+    run.json last.
+
+    Args:
+        digest: the trained weights' `weights_digest`, recorded in run.json.
+        started: `time.time()` when the run started.
+    """
+    seconds = {"training": round(time.time() - started, 1)}
+    save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+    task = fit_task(prepared)
+    evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
+    export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
+    seconds["total"] = round(time.time() - started, 1)
+    record = run_record(prepared, training, task, evaluation, export_dir, seconds, time_budget)
+    write_json(run_dir / RUN_INFO_FILE, {**record, "weights_digest": digest})
+    if time_budget is not None:
+        log(budget_line(time_budget))
+    return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
+                     prepared.classifier, prepared.class_names, task, prepared.worker, digest)
 
 
 def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> None:
     """The run's header line, then the choices it made that a user should know about."""
     recipe, splits, sizes = prepared.recipe, prepared.splits, prepared.splits.sizes
+    workers = f" | {prepared.worker.name}" if prepared.worker.count > 1 else ""
     log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
-        f"{describe_strategy(prepared.strategy)} | {prepared.precision} | XLA "
+        f"{describe_strategy(prepared.strategy)}{workers} | {prepared.precision} | XLA "
         f"{'on' if prepared.train_config.jit_compile else 'off'} "
         f"({prepared.jit_compile_reason}) | {len(splits.class_names)} classes | train "
         f"{sizes['train']}, validation {sizes['validation']}, test {sizes['test']} | "
@@ -186,11 +239,17 @@ def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
           verbose: int | str, log: Callable[[str], None]) -> TrainingResult:
     """Fits the phases (`kcls.train.phases.fit_phases`) and says what resuming or the
     learning-rate search decided."""
-    training = fit_phases(
-        prepared.classifier, prepared.train_batches, prepared.validation_batches,
-        prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
-        verbose=verbose, run_dir=run_dir, strategy=prepared.strategy, time_budget=time_budget,
-        objective=prepared.objective())
+    try:
+        training = fit_phases(
+            prepared.classifier, prepared.train_batches, prepared.validation_batches,
+            prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
+            verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
+            time_budget=time_budget, objective=prepared.objective())
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+        # A collective aborted: under several workers, one of them is gone.
+        if prepared.worker.count == 1:
+            raise
+        raise lost_worker_error(error) from error
     if training.resumed:
         log("resumed an interrupted run: " + ", ".join(
             f"{phase.name} {'done before' if phase.skipped_on_resume else 'continued'}"
