@@ -32,6 +32,7 @@ from kcls.train.cluster import (
     shard_policy,
     tf_config,
     weights_digest,
+    worker_cache,
     worker_from_environment,
 )
 from kcls.train.trainer import Trainer
@@ -66,6 +67,13 @@ def test_workers_write_the_run_directory_into_their_scratch_folders(tmp_path):
     assert chief.write_path(path, tmp_path) == path
     assert other.write_path(path, tmp_path) == tmp_path / "tmp_worker_1" / "backup" / "frozen"
     assert other.name == "worker 1 of 2"
+
+
+def test_each_worker_caches_to_its_own_files():
+    other = Worker("worker", 1, 2, False)
+    assert worker_cache("/cache/digits", other) == "/cache/digits.worker-1"
+    assert worker_cache("memory", other) == "memory"
+    assert worker_cache("/cache/digits", Worker()) == "/cache/digits"
 
 
 def test_tf_config_is_read_and_checked(monkeypatch):

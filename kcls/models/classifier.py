@@ -96,12 +96,13 @@ def embedding_model(classifier: keras.Model) -> keras.Model:
 
 
 def inference_function(model: keras.Model) -> Callable[[Any], Any]:
-    """`model(images, training=False)` as NumPy, compiled once per model, on this process alone.
+    """`model(images, training=False)` as NumPy, runnable by one worker of several alone.
 
-    Keras's `predict_on_batch` runs a model built in a strategy's scope through that
-    strategy, and under MultiWorkerMirroredStrategy that gathers every worker's batch (a
-    collective), which hangs or fails when only the chief evaluates; this call reads the
-    local copy of the weights and runs on the local device. Same outputs otherwise.
+    Keras's `predict_on_batch` runs a model through the strategy its weights were made
+    under, and under MultiWorkerMirroredStrategy that gathers every worker's batch (a
+    collective), which hangs or fails when only the chief evaluates. For such weights this
+    is a compiled call (once per model) that reads the local copy of the weights on the
+    local device; for any other model, `predict_on_batch` itself (TPUs need it).
 
     Args:
         model: keras.Model, float32 images `[B, H, W, 3]` -> one output or a list of them.
@@ -109,11 +110,20 @@ def inference_function(model: keras.Model) -> Callable[[Any], Any]:
     Returns:
         A function of an image batch returning the model's output(s) as np.ndarray.
     """
+    if not _has_multiworker_weights(model):
+        return model.predict_on_batch
     if model not in _INFERENCE_FUNCTIONS:
         _INFERENCE_FUNCTIONS[model] = tf.function(lambda images: model(images, training=False),
                                                   reduce_retracing=True)
     compiled = _INFERENCE_FUNCTIONS[model]
     return lambda images: tf.nest.map_structure(np.asarray, compiled(images))
+
+
+def _has_multiworker_weights(model: keras.Model) -> bool:
+    """Whether `model`'s weights are MultiWorkerMirroredStrategy variables."""
+    value = getattr(model.weights[0], "value", None) if model.weights else None
+    strategy = getattr(value, "distribute_strategy", None)  # of tf.distribute variables
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def build_imagenet_classifier(backbone_name: str, image_size: int | None = None) -> keras.Model:

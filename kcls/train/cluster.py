@@ -212,6 +212,14 @@ def shard_policy(source: str) -> tf.data.experimental.AutoShardPolicy:
     return policy.FILE if kind in FILE_SHARDED_SOURCES else policy.DATA
 
 
+def worker_cache(cache: str, worker: Worker) -> str:
+    """`data.cache` for this worker: a file prefix gets the worker's name appended (two
+    tf.data caches writing one file fail), `memory` and `none` stay as they are."""
+    if cache in ("memory", "none") or worker.count == 1:
+        return cache
+    return f"{cache}.{worker.task_type}-{worker.task_id}"
+
+
 def distributable(dataset: tf.data.Dataset,
                   policy: tf.data.experimental.AutoShardPolicy) -> tf.data.Dataset:
     """`dataset` split between workers by `policy` when a strategy distributes it."""

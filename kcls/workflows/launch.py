@@ -66,9 +66,11 @@ def tf_config(ports: Sequence[int], index: int) -> str:
 
 
 def worker_environment(ports: Sequence[int], index: int) -> dict[str, str]:
-    """This process's environment with worker `index`'s `TF_CONFIG`, and the kcls
-    checkout this process runs first on `PYTHONPATH`, so the workers run the same code."""
-    environment = {**os.environ, "TF_CONFIG": tf_config(ports, index)}
+    """This process's environment with worker `index`'s `TF_CONFIG`, unbuffered output,
+    and the kcls checkout this process runs first on `PYTHONPATH`, so the workers run
+    the same code."""
+    # Unbuffered: the chief's lines are streamed as they come, not in blocks.
+    environment = {**os.environ, "TF_CONFIG": tf_config(ports, index), "PYTHONUNBUFFERED": "1"}
     source_root = Path(__file__).resolve().parents[2]
     if (source_root / "pyproject.toml").is_file():
         environment["PYTHONPATH"] = os.pathsep.join(

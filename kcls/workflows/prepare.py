@@ -46,6 +46,7 @@ from kcls.train.cluster import (
     distributable,
     is_multiworker,
     shard_policy,
+    worker_cache,
     worker_of,
 )
 from kcls.train.compute import (
@@ -176,7 +177,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     loss_weights = balanced_loss_weights(task, recipe, splits)
     sharding = input_sharding(recipe, strategy)
     train_batches, validation_batches = pipelines(recipe, splits, loss_weights,
-                                                  host_augmentation, sharding)
+                                                  host_augmentation, sharding, worker)
     return Prepared(recipe, strategy, splits, task, calibration,
                     steps_per_epoch(recipe, splits), precision, train_config, jit_compile_reason,
                     classifier, host_augmentation, device_augmentation, loss_weights,
@@ -237,14 +238,16 @@ def balanced_loss_weights(task: Task, recipe: Recipe, splits: Splits) -> LossWei
 
 
 def pipelines(recipe: Recipe, splits: Splits, loss_weights: LossWeights,
-              host_augmentation: Augmentation | None, sharding: dict[str, Any] | None = None
-              ) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+              host_augmentation: Augmentation | None, sharding: dict[str, Any] | None = None,
+              worker: Worker | None = None) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
     """The infinite training batches and the finite validation batches (or None), split
-    between workers as `sharding` (`input_sharding`) says."""
+    between workers as `sharding` (`input_sharding`) says, cached in `worker`'s own
+    files (`kcls.train.cluster.worker_cache`)."""
     num_classes = len(splits.class_names)
     data = recipe.data
     if sharding is not None:
-        data = dataclasses.replace(data, deterministic=sharding["deterministic"])
+        data = dataclasses.replace(data, deterministic=sharding["deterministic"],
+                                   cache=worker_cache(data.cache, worker or Worker()))
     train_batches = train_pipeline(splits.train, num_classes, data, loss_weights.per_class,
                                    splits.fingerprint, host_augment=host_augmentation)
     validation_batches = None
