@@ -24,6 +24,7 @@ from kcls.layout import BACKUP_DIR, PROGRESS_FILE, RUN_INFO_FILE, WEIGHTS_FILE
 from kcls.recipes import load_recipe
 from kcls.train import compute
 from kcls.train.batchnorm import batchnorm_layers, synchronize_batchnorm
+from kcls.train.budget import CALIBRATION_STEPS, BudgetPlanner, TimeBudget
 from kcls.train.cluster import (
     Worker,
     WorkerBackupAndRestore,
@@ -35,8 +36,10 @@ from kcls.train.cluster import (
     worker_cache,
     worker_from_environment,
 )
+from kcls.train.schedule import WarmupCosine
 from kcls.train.trainer import Trainer
 from kcls.workflows import launch
+from kcls.workflows.lr_find import find_recipe_learning_rate
 from kcls.workflows.run import run_recipe
 
 # A quickstart small enough for two workers sharing two busy cores: one phase (each
@@ -125,6 +128,37 @@ def test_shared_decisions_are_the_process_own_on_one_process():
     assert broadcast_from_chief(strategy, 7.0) == 7.0
     summed = all_reduce_sum(strategy, [np.ones((2, 3)), np.arange(3)])
     assert [array.shape for array in summed] == [(2, 3), (3,)]
+
+
+def test_a_budgeted_phase_follows_the_plan_the_workers_agree_on():
+    # Every re-plan goes through `agree` (the chief's plan, broadcast): a worker whose
+    # own clock says otherwise still stops with the others.
+    seen, clock = [], [0.0]
+    budget = TimeBudget(100.0, clock=lambda: clock[0])
+    schedule = WarmupCosine(1.0, total_steps=1, warmup_fraction=0.1)
+    planner = BudgetPlanner(budget, schedule, first_epoch=0, steps_per_epoch=10, batch_size=10,
+                            share=1.0, name="unfrozen",
+                            agree=lambda planned: seen.append(planned) or 3)
+    planner.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    planner.model.stop_training = False
+    planner.on_train_begin()
+    for epoch in range(3):
+        planner.on_epoch_begin(epoch)
+        for _ in range(10):
+            planner.on_train_batch_begin(0)
+            clock[0] += 0.1  # this worker alone could fit far more epochs
+            planner.on_train_batch_end(0)
+        planner.on_epoch_end(epoch)
+    assert seen[0] > 3 and len(seen) == 4  # after the calibration steps and every epoch
+    assert planner.planned_epochs == 3 and planner.model.stop_training
+    assert float(schedule.total_steps.numpy()) == 30.0
+    assert CALIBRATION_STEPS < 10
+
+
+def test_lr_find_runs_in_one_process():
+    recipe = apply_overrides(load_recipe("quickstart"), ["train.strategy=multiworker"])
+    with pytest.raises(ConfigError, match="kcls lr-find runs in one process"):
+        find_recipe_learning_rate(recipe)
 
 
 def test_weights_digest_follows_every_weight():
@@ -318,8 +352,10 @@ def _failure(folder: Path) -> str:
 
 @pytest.mark.slow
 def test_two_workers_train_one_run_like_one_process(tmp_path):
-    overrides = [*TINY, f"export.base_dir={tmp_path / 'saved_models'}",
-                 "train.early_stopping_patience=5", "train.strategy=multiworker"]
+    # The range test's rate and early stopping are decisions both workers must share.
+    shared = ["train.learning_rate=auto", "train.early_stopping_patience=5"]
+    overrides = [*TINY, *shared, f"export.base_dir={tmp_path / 'saved_models'}",
+                 "train.strategy=multiworker"]
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
     run_dir, logs = tmp_path / "runs" / "two", tmp_path / "logs"
@@ -339,6 +375,7 @@ def test_two_workers_train_one_run_like_one_process(tmp_path):
     assert record["input_sharding"] == {"train": "DATA", "validation": "DATA",
                                         "deterministic": True, "replica_batch_size": 16}
     assert not record["jit_compile"] and "CPU" in record["jit_compile_reason"]
+    assert record["phases"][0]["learning_rate_search"]["steps"] >= 5
     # One run directory, one export; the other worker's copies are gone.
     assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["two"]
     assert sorted(path.name for path in (tmp_path / "saved_models" / "quickstart").iterdir()
@@ -349,7 +386,7 @@ def test_two_workers_train_one_run_like_one_process(tmp_path):
     assert weights_digest(load_classifier(chief["export_dir"]).classifier) == chief["digest"]
     # One process with the same global batch learns about as well.
     single = run_recipe(apply_overrides(load_recipe("quickstart"), [
-        *TINY, f"export.base_dir={tmp_path / 'single_models'}"]), tmp_path / "single",
+        *TINY, *shared, f"export.base_dir={tmp_path / 'single_models'}"]), tmp_path / "single",
         verbose=0)
     assert abs(single.metrics["accuracy"] - chief["metrics"]["accuracy"]) < 0.15, (
         single.metrics["accuracy"], chief["metrics"]["accuracy"])
