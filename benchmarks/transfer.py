@@ -3,10 +3,13 @@
     python benchmarks/transfer.py                          # both datasets, all rows
     python benchmarks/transfer.py --datasets hymenoptera   # ~15 minutes
     python benchmarks/transfer.py --rows d --set train.unfrozen_lr_factor=0.1
+    python benchmarks/transfer.py --rows d --same-budget \
+        --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
 
-Every row starts from the same EfficientNet-Lite0 (ImageNet weights converted from the
-pip-shipped checkpoint, or random for row a), trains on the same images for the same
-total number of epochs and is scored on the same held-out images:
+Every row starts from the same backbone (EfficientNet-Lite0 unless `--backbones` lists
+others; ImageNet weights converted from the pip-shipped checkpoints, or random for row
+a), trains on the same images for the same total number of epochs and is scored on the
+same held-out images:
 
 - a: from scratch: random init, the whole network (BatchNorm training) every epoch.
 - b: frozen backbone, the head only, every epoch.
@@ -33,9 +36,17 @@ for all of them. Datasets:
   train, 2,000 test: the split kcls makes with data.test_fraction=0.2), at 128 px and
   1 + 5 epochs.
 
-Prints one row per (dataset, row): test accuracy, wall-clock seconds (training and the
-final evaluation) and epochs, then the table in Markdown. Measured results are in
-docs/transfer.md.
+The backbone axis (`--backbones A,B,...`) repeats every row with each backbone (the
+recipe's image size and schedule unchanged). `--same-budget` adds, for every backbone
+after the first, a run with `train.time_budget` set to the seconds the first backbone's
+run took: the accuracy a larger network reaches in the smaller one's time.
+
+Prints one row per (dataset, backbone, row): test accuracy, wall-clock seconds (training
+and the final evaluation), epochs trained, inference milliseconds per image (the Keras
+classifier on random images at the recipe's size, warm, median of repeated calls, at
+batch 1 and per image of a batch of 32) and backbone parameters, then the table in
+Markdown. The first line names the CPU, its core count and flags. Measured results are
+in docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -90,6 +102,22 @@ DATASET_OVERRIDES = {
     "cifar10": ["data.image_size=128", "train.frozen_epochs=1", "train.unfrozen_epochs=5"],
 }
 KERAS_IO_TOP_LAYERS = 20
+INFERENCE_REPEATS = 20  # timed calls per batch size, after one warm-up call
+
+
+@dataclass
+class Measured:
+    """One table row: a (dataset, backbone, row, budget) over its seeds."""
+
+    dataset: str
+    backbone: str
+    row: str
+    budget: float | None = None
+    accuracies: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    milliseconds: tuple[float, float] = (float("nan"), float("nan"))
+    parameters: int = 0
 
 
 def folder_examples(paths: list[str], labels: np.ndarray) -> tf.data.Dataset:
@@ -151,8 +179,9 @@ def row_recipe(recipe: Recipe, row: str) -> Recipe:
     return recipe
 
 
-def run_kcls_row(recipe: Recipe, splits: Splits, work_dir: Path) -> tuple[float, float]:
-    """Test accuracy and seconds of one kcls run, without export."""
+def run_kcls_row(recipe: Recipe, splits: Splits, work_dir: Path
+                 ) -> tuple[float, float, int, keras.Model]:
+    """Test accuracy, seconds, epochs trained and the classifier of one kcls run, no export."""
     recipe = dataclasses.replace(
         recipe, export=dataclasses.replace(recipe.export, enabled=False))
     started = time.time()
@@ -162,11 +191,33 @@ def run_kcls_row(recipe: Recipe, splits: Splits, work_dir: Path) -> tuple[float,
     phases = json.loads((result.run_dir / RUN_INFO_FILE).read_text())["phases"]
     print("    peak learning rates: " + ", ".join(
         f"{phase['name']} {phase['learning_rate']:.2e}" for phase in phases), flush=True)
-    return float(result.metrics["accuracy"]), seconds
+    return (float(result.metrics["accuracy"]), seconds,
+            sum(phase["epochs"] for phase in phases), result.classifier)
 
 
-def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float]:
-    """The keras.io "fine-tuning with EfficientNet" recipe, written plainly, same weights."""
+def inference_milliseconds(classifier: keras.Model, image_size: int) -> tuple[float, float]:
+    """Milliseconds per image of `classifier` at batch 1 and at batch 32 (per image).
+
+    Random float32 images `[B, S, S, 3]` in [0, 255], one compiled forward pass
+    (`training=False`), warmed up once, the median of `INFERENCE_REPEATS` calls.
+    """
+    forward = tf.function(lambda images: classifier(images, training=False))
+    milliseconds = []
+    for batch_size in (1, 32):
+        images = tf.random.uniform((batch_size, image_size, image_size, 3), 0.0, 255.0)
+        forward(images).numpy()
+        times = []
+        for _ in range(INFERENCE_REPEATS):
+            started = time.perf_counter()
+            forward(images).numpy()
+            times.append(time.perf_counter() - started)
+        milliseconds.append(1000.0 * float(np.median(times)) / batch_size)
+    return milliseconds[0], milliseconds[1]
+
+
+def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float, int, keras.Model]:
+    """The keras.io "fine-tuning with EfficientNet" recipe, written plainly, same weights:
+    test accuracy, seconds, epochs and the model."""
     size, classes = recipe.data.image_size, len(splits.class_names)
     batch_size = recipe.data.batch_size
     keras.utils.set_random_seed(recipe.train.seed)
@@ -187,7 +238,7 @@ def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float]:
         keras.layers.RandomContrast(factor=0.1, value_range=(0, 255)),
     ], name="img_augmentation")
     inputs = keras.Input((size, size, 3))
-    backbone = build_backbone("efficientnet_lite0", size, "imagenet")
+    backbone = build_backbone(recipe.model.backbone, size, "imagenet")
     backbone.trainable = False
     x = backbone(augmentation(inputs))
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -209,13 +260,18 @@ def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float]:
                   loss="categorical_crossentropy", metrics=["accuracy"])
     model.fit(train, epochs=recipe.train.unfrozen_epochs, verbose=2)
     _, accuracy = model.evaluate(test, verbose=0)
-    return float(accuracy), time.time() - started
+    return (float(accuracy), time.time() - started,
+            recipe.train.frozen_epochs + recipe.train.unfrozen_epochs, model)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="hymenoptera,cifar10")
     parser.add_argument("--rows", default="".join(ROWS))
+    parser.add_argument("--backbones", default="efficientnet_lite0",
+                        help="comma-separated model.backbone values, each run for every row")
+    parser.add_argument("--same-budget", action="store_true",
+                        help="also run the later backbones in the first one's measured time")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per row with train.seed 0, 1, ...; the table shows the mean")
     parser.add_argument("--first-seed", type=int, default=0,
@@ -223,10 +279,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override for the finetune recipe (all rows), e.g. data.batch_size=64")
     arguments = parser.parse_args()
-    flags = _cpu_flags()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"flags: {flags}; TensorFlow {tf.__version__}, Keras {keras.__version__}")
-    results = []
+    print(f"{_cpu_model()}, {os.cpu_count()} cores, flags: {_cpu_flags()}; "
+          f"TensorFlow {tf.__version__}, Keras {keras.__version__}", flush=True)
+    results: list[Measured] = []
     with tempfile.TemporaryDirectory() as work:
         for dataset in arguments.datasets.split(","):
             splits = load_dataset(dataset)
@@ -236,27 +291,87 @@ def main() -> None:
             print(f"== {dataset}: train {splits.sizes['train']}, test {splits.sizes['test']}, "
                   f"{recipe.data.image_size} px, {epochs} epochs", flush=True)
             for row in arguments.rows:
-                accuracies, times = [], []
-                for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
-                    print(f"-- {dataset} {row}: {ROWS[row]}, seed {seed}", flush=True)
-                    seeded = apply_overrides(recipe, [f"train.seed={seed}"])
-                    if row == "e":
-                        accuracy, seconds = run_keras_io_row(seeded, splits)
-                    else:
-                        accuracy, seconds = run_kcls_row(row_recipe(seeded, row), splits,
-                                                         Path(work) / f"{dataset}_{row}_{seed}")
-                    keras.backend.clear_session()
-                    accuracies.append(accuracy)
-                    times.append(seconds)
-                    print(f"{dataset} {row} ({ROWS[row]}) seed {seed}: accuracy {accuracy:.4f}, "
-                          f"{seconds:.0f} s, {epochs} epochs", flush=True)
-                results.append((dataset, row, accuracies, float(np.mean(times)), epochs))
-    print("\n| dataset | row | test top-1 (mean) | runs | seconds per run | epochs |\n"
-          "| --- | --- | ---: | --- | ---: | ---: |")
-    for dataset, row, accuracies, seconds, epochs in results:
-        runs = ", ".join(f"{accuracy:.4f}" for accuracy in accuracies)
-        print(f"| {dataset} | {row}: {ROWS[row]} | {np.mean(accuracies):.4f} | {runs} | "
-              f"{seconds:.0f} | {epochs} |")
+                results += measure_backbones(dataset, row, recipe, splits, arguments,
+                                             Path(work))
+    print_table(results)
+
+
+def measure_backbones(dataset: str, row: str, recipe: Recipe, splits: Splits,
+                      arguments: argparse.Namespace, work: Path) -> list[Measured]:
+    """Every backbone of `--backbones` on one (dataset, row), plus the same-budget runs."""
+    backbones = arguments.backbones.split(",")
+    plain = [Measured(dataset, backbone, row) for backbone in backbones]
+    budgeted = [Measured(dataset, backbone, row) for backbone in backbones[1:]
+                if arguments.same_budget and row != "e"]
+    for seed in range(arguments.first_seed, arguments.first_seed + arguments.seeds):
+        for measured in plain:
+            measure(measured, apply_overrides(recipe, [
+                f"model.backbone={measured.backbone}", f"train.seed={seed}"]), splits, work)
+        for measured in budgeted:
+            measured.budget = plain[0].seconds[-1]
+            measure(measured, apply_overrides(recipe, [
+                f"model.backbone={measured.backbone}", f"train.seed={seed}",
+                f"train.time_budget={measured.budget:.0f}"]), splits, work)
+    return plain + budgeted
+
+
+def measure(measured: Measured, recipe: Recipe, splits: Splits, work: Path) -> None:
+    """Runs `recipe` as row `measured.row` and appends its accuracy, time and epochs."""
+    seed = recipe.train.seed
+    label = (f"{measured.dataset} {measured.backbone} {measured.row} ({ROWS[measured.row]})"
+             + (f", budget {measured.budget:.0f} s" if measured.budget else ""))
+    print(f"-- {label}, seed {seed}", flush=True)
+    if measured.row == "e":
+        accuracy, seconds, epochs, classifier = run_keras_io_row(recipe, splits)
+    else:
+        accuracy, seconds, epochs, classifier = run_kcls_row(
+            row_recipe(recipe, measured.row), splits,
+            work / f"{measured.dataset}_{measured.backbone}_{measured.row}_{seed}"
+            f"_{measured.budget or 0:.0f}")
+    measured.milliseconds = inference_milliseconds(classifier, recipe.data.image_size)
+    measured.parameters = _backbone_parameters(classifier)
+    keras.backend.clear_session()
+    measured.accuracies.append(accuracy)
+    measured.seconds.append(seconds)
+    measured.epochs.append(epochs)
+    print(f"{label} seed {seed}: accuracy {accuracy:.4f}, {seconds:.0f} s, {epochs} epochs, "
+          f"{measured.milliseconds[0]:.1f} ms/image at batch 1, "
+          f"{measured.milliseconds[1]:.1f} at batch 32", flush=True)
+
+
+def print_table(results: list[Measured]) -> None:
+    """The Markdown table of every measured row."""
+    print("\n| dataset | backbone | row | time budget | test top-1 (mean) | runs | seconds "
+          "per run | epochs | ms/image, batch 1 | ms/image, batch 32 | backbone parameters |\n"
+          "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for measured in results:
+        runs = ", ".join(f"{accuracy:.4f}" for accuracy in measured.accuracies)
+        budget = f"{measured.budget:.0f} s" if measured.budget else "none"
+        epochs = "-".join(sorted({str(epochs) for epochs in measured.epochs}))
+        print(f"| {measured.dataset} | {measured.backbone} | {measured.row}: "
+              f"{ROWS[measured.row]} | {budget} | {np.mean(measured.accuracies):.4f} | "
+              f"{runs} | {np.mean(measured.seconds):.0f} | {epochs} | "
+              f"{measured.milliseconds[0]:.1f} | {measured.milliseconds[1]:.1f} | "
+              f"{measured.parameters:,} |")
+
+
+def _backbone_parameters(classifier: keras.Model) -> int:
+    """Parameters of the classifier's backbone: its largest nested model (the kcls layer
+    `backbone`, or the keras.io row's backbone beside its augmentation)."""
+    nested = [layer.count_params() for layer in classifier.layers
+              if isinstance(layer, keras.Model)]
+    return max(nested, default=classifier.count_params())
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> str:

@@ -7,22 +7,21 @@
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
     kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
-    kcls export RUN_DIR [--base-dir DIR]
+    kcls export RUN_DIR [--base-dir DIR] [--model-name NAME]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
     kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
     kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
     kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
     kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
+    kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise on a
@@ -35,16 +34,20 @@ from kcls.config import apply_overrides, to_json  # noqa: E402
 from kcls.recipes import list_recipes, load_recipe  # noqa: E402
 
 SET_HELP = "Override a config value, e.g. --set train.frozen_epochs=3 (repeatable)."
+MODEL_DIR = click.argument("model_dir",
+                           type=click.Path(exists=True, file_okay=False, path_type=Path))
 # kcls's own errors by module, and how each ends a command: as a usage error (exit 2) or
 # a failure (exit 1). Looked up in `sys.modules`: an error's module is loaded if it raised
 # one, and `kcls recipe list` never pays for importing TensorFlow.
 USER_ERRORS = (
     ("kcls.config", "ConfigError", click.UsageError),
+    ("kcls.files", "OutputFolderError", click.UsageError),
+    ("kcls.layout", "CacheDirError", click.UsageError),
     ("kcls.monitoring.monitor", "MonitorError", click.UsageError),
     ("kcls.serving.client", "MissingServingApiError", click.UsageError),
     ("kcls.optimize.convert", "OptimizeError", click.ClickException),
     ("kcls.serving.predict", "PredictionError", click.ClickException),
-    ("kcls.serving.predict", "UnreadableExportError", click.ClickException),
+    ("kcls.load", "DamagedFileError", click.ClickException),
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
     ("kcls.serving.client", "ServingError", click.ClickException),
     ("kcls.evaluation.explain", "ImageError", click.ClickException),
@@ -138,7 +141,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
     result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
-    click.echo(result.summary_line())
+    click.echo(result.summary_line("test" if resolved.evaluate.test else "validation"))
 
 
 @main.command("lr-find")
@@ -181,6 +184,46 @@ def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int
         click.echo(f"warning: {note}", err=True)
     click.echo(f"suggested learning rate ({search.rule}): {search.suggestion:.2e}; plot "
                f"{out_dir / LR_FIND_PLOT}")
+
+
+@main.command()
+@click.argument("name", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--budget", required=True,
+              help="Wall-clock budget of the whole search, e.g. 40m, 2h (trials and the end).")
+@click.option("--space", default="finetune", show_default=True,
+              help="What to vary: a preset (finetune, scratch) or a .py file with get_space().")
+@click.option("--trial-budget", default="auto", show_default=True,
+              help="Each trial's train.time_budget, e.g. 4m; auto: an eighth of --budget; "
+                   "none: the recipe's epochs as configured.")
+@click.option("--trials", "max_trials", type=click.IntRange(min=1),
+              help="Stop after this many trials (default: when the budget is spent).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Search directory (default: a new runs/tune/NAME/TIMESTAMP). A search "
+                   "there resumes: finished trials are kept, never run again.")
+def tune(name: str, overrides: tuple[str, ...], budget: str, space: str, trial_budget: str,
+         max_trials: int | None, seed: int, out_dir: Path | None) -> None:
+    """Search the settings of RECIPE that score best on its validation split, within --budget.
+
+    Every trial is a normal run (its own time budget, no test evaluation, no export),
+    pruned when its validation loss per epoch falls behind the other trials'. At the end
+    the best trial's model is evaluated once on the test split, and its recipe is
+    written as best_recipe.py (run it with `kcls recipe run PATH/best_recipe.py`), with
+    tune_report.md: the trial table, parameter importance and the curves.
+    """
+    resolved = _resolve(name, overrides)
+    start_tensorflow()
+    from kcls.workflows.tune import tune_recipe
+
+    result = tune_recipe(resolved, budget, space,
+                         None if trial_budget.lower() == "none" else trial_budget, max_trials,
+                         out_dir, seed, log=click.echo)
+    trials = ", ".join(f"{count} {state}" for state, count in result.trials.items())
+    click.echo(f"done: best trial {result.best_trial} (validation loss "
+               f"{result.validation_loss:.4f}; {trials}); test accuracy "
+               f"{result.test_metrics.get('accuracy', float('nan')):.4f}; recipe "
+               f"{result.best_recipe_file}")
 
 
 @main.command()
@@ -246,19 +289,22 @@ def predict(paths: tuple[Path, ...], top_k: int, server: str | None, grpc_target
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Export base directory (default: the run's export.base_dir).")
-def export(run_dir: Path, base_dir: Path | None) -> None:
+@click.option("--model-name", metavar="NAME",
+              help="Serve it under this name (default: the run's export.model_name, else its "
+                   "image folder's or recipe's name).")
+def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None:
     """Export the next SavedModel version of the model trained in RUN_DIR."""
     start_tensorflow()
     from kcls.layout import MODELS_CONFIG_FILE
     from kcls.workflows.export import export_run
 
-    version_dir = export_run(run_dir, base_dir)
+    version_dir = export_run(run_dir, base_dir, model_name)
     click.echo(f"exported float32 SavedModel to {version_dir}; TF Serving config "
                f"{version_dir.parent.parent / MODELS_CONFIG_FILE}")
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@MODEL_DIR
 @click.option("--data", "data_source", metavar="SOURCE",
               help="folder:PATH (every image), tfds:NAME or sklearn:digits (test split). "
                    "Default: the test split the model's recipe held out.")
@@ -288,24 +334,25 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@MODEL_DIR
 @click.argument("images", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", default="explanations", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for the overlays.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the overlays (default: RUN_DIR/explanations, or "
+                   "saved_models/NAME/explanations/VERSION for an export).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing overlays of the same name (default: a new name).")
-def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite: bool) -> None:
+def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path | None,
+            overwrite: bool) -> None:
     """Write Grad-CAM overlays of the top-1 class for IMAGES (of every predicted label for a
     multi-label model).
 
     MODEL_DIR is an export (version or model folder) or a run directory.
     """
     start_tensorflow()
-    from kcls.evaluation.explain import explain_files
-    from kcls.load import load_classifier
+    from kcls.evaluation.explain import explain_model
 
-    written = explain_files(load_classifier(model_dir), list(images), out_dir, overwrite)
+    written = explain_model(model_dir, list(images), out_dir, overwrite)
     for image, (target, label, probability) in zip(images, written):
         click.echo(f"{image} -> {target}: {label} ({probability:.3f})")
 
@@ -336,9 +383,10 @@ def explain(model_dir: Path, images: tuple[Path, ...], out_dir: Path, overwrite:
 @click.option("--target-sparsity", default=0.5, show_default=True,
               type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="prune: final share of zeros in every Conv/Dense kernel.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier optimize report in --out.")
 def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: bool,
              out_dir: Path | None, calibration_images: int, latency_runs: int, threads: int,
-             epochs: int, target_sparsity: float) -> None:
+             epochs: int, target_sparsity: float, overwrite: bool) -> None:
     """Quantize a trained model (a run dir or an export) to TFLite and compare it with float32.
 
     Both models are evaluated on the recipe's held-out test split; optimize.json,
@@ -354,7 +402,8 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
 
     report = optimize_model(model_path, method, out_dir, io_type or "int8",
                             calibration_images, latency_runs, threads, epochs,
-                            target_sparsity, per_channel=not per_tensor, log=click.echo)
+                            target_sparsity, per_channel=not per_tensor, overwrite=overwrite,
+                            log=click.echo)
     for name, row in (("float32", report["float32"]), (method, report["optimized"])):
         click.echo(f"{name:<12} {row['size_bytes']:>10,} bytes ({row['zipped_bytes']:,} zipped)"
                    f"  {metrics_line(report, row)}  {row['latency_ms']:.3f} ms/image")
@@ -364,17 +413,17 @@ def optimize(model_path: Path, method: str, io_type: str | None, per_tensor: boo
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "data_source", metavar="FOLDER",
-              help="A folder of recent production images (any layout, no labels), run "
-                   "through the export: class, confidence and embedding tests.")
+@MODEL_DIR
 @click.option("--predictions", "predictions_file", metavar="FILE.jsonl",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Logged served answers (kcls predict --server ... --log FILE.jsonl, or "
                    "TF Serving response bodies, one per line): class and confidence tests.")
+@click.option("--data", "data_source", metavar="FOLDER",
+              help="Or a folder of recent production images (any layout, no labels), run "
+                   "through the export: class, confidence and embedding tests.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for monitor.json, monitor.md and plots "
-                   "(default: monitor/MODEL-UTCTIME).")
+              help="Folder for monitor.json, monitor.md and plots (default: "
+                   "saved_models/NAME/monitor/VERSION/UTCTIME, beside the export's versions).")
 @click.option("--alpha", default=0.05, show_default=True, type=float,
               help="False-alarm rate on unchanged data (Bonferroni over the tests).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
@@ -473,26 +522,12 @@ def start_tensorflow(strategy: str = "auto") -> None:
     `strategy` is `train.strategy`: under `multiworker` the strategy is created here,
     first (`kcls.train.compute.initialize_devices`).
     """
-    with _native_stderr_muted(os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0"):
+    from kcls.environment import native_logs_wanted, native_stderr_muted
+
+    with native_stderr_muted(not native_logs_wanted()):
         from kcls.train.compute import initialize_devices
 
         initialize_devices(strategy)
-
-
-@contextlib.contextmanager
-def _native_stderr_muted(mute: bool) -> Iterator[None]:
-    if not mute:
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _echo_error(line: str) -> None:

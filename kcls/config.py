@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -31,6 +32,7 @@ ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
 Calibrate = Literal["auto", "temperature", "none"]
 Task = Literal["multiclass", "multilabel"]
+DownloadPolicy = Literal["auto", "never"]
 JitCompile = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
 
@@ -64,6 +66,15 @@ class ConfigError(ValueError):
     """A configuration value or override that cannot be used, with the fix in its message."""
 
 
+MIN_IMAGE_SIZE = 16
+# Every image becomes a square of `image_size` pixels before the network: at 2048 px a
+# batch of 64 float32 images alone is 3.2 GB, and the activations are many times that.
+# Larger inputs exhaust the memory of any single device: downscale or tile the images.
+MAX_IMAGE_SIZE = 2048
+# NumPy's and Python's seeding accept 0 <= seed < 2**32 (TensorFlow more).
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are batched.
@@ -72,6 +83,10 @@ class DataConfig:
         source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH` or
             `manifest:PATH.csv` (multi-label, `kcls.data.manifest`).
         data_dir: TFDS data directory; `None` means the TFDS default (`~/tensorflow_datasets`).
+        download: what a `tfds:NAME` source that is not prepared in `data_dir` does: `auto`
+            downloads and prepares it through TFDS itself (its checksums and progress bars;
+            once, then it is read from `data_dir`), `never` stops before training with
+            the commands that prepare it elsewhere.
         train_split: TFDS split (slicing allowed, e.g. `train[:90%]`) for training and
             validation.
         test_split: TFDS split held out for the final evaluation. Sources without
@@ -79,7 +94,8 @@ class DataConfig:
         validation_fraction: share of the training split carved off (stratified,
             seeded) for validation.
         test_fraction: share held out for testing by sources that have no test split.
-        image_size: side of the square model input, in pixels.
+        image_size: side of the square model input, in pixels: 16 to 2048 (larger
+            inputs exhaust a device's memory; downscale or tile large images).
         resize: how images become squares: `resize` (stretch), `center_crop` (keep the
             aspect ratio, crop the longer side) or `pad` (keep the aspect ratio, pad with black).
         batch_size: global batch size (summed over replicas).
@@ -94,11 +110,12 @@ class DataConfig:
         shuffle_buffer: number of examples in the shuffle buffer.
         deterministic: same seed, same batches in the same order (slower: ordered tf.data).
         seed: seed for splitting, shuffling and augmentation (whose random draws derive
-            from it, one seed per training step and replica).
+            from it, one seed per training step and replica); 0 to 2**32 - 1.
     """
 
     source: str = "sklearn:digits"
     data_dir: Optional[str] = None
+    download: DownloadPolicy = "auto"
     train_split: str = "train"
     test_split: str = "test"
     validation_fraction: float = 0.1
@@ -126,7 +143,7 @@ class DataConfig:
                  self.validation_fraction, "a number in [0, 1)")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,
                  "a number in (0, 1)")
-        _require(self.image_size >= 16, "data.image_size", self.image_size, "at least 16 pixels")
+        check_image_size(self.image_size, "data.image_size")
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "a positive integer")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer,
                  "a positive integer")
@@ -142,10 +159,18 @@ class ModelConfig:
     """The network: a named backbone and a classification head.
 
     Attributes:
-        backbone: a name from `kcls.models.backbones.BACKBONES`.
-        weights: `None` (random init), `imagenet` (offline for `efficientnet_lite0`, whose
-            weights ship with kcls; for the others the KerasCV preset, downloaded once and
-            cached) or a path to a `.weights.h5` file saved from the same backbone.
+        backbone: a name from `kcls.models.backbones.BACKBONES`, or a preset:
+            `keras_hub:PRESET_OR_PATH` (a KerasHub image backbone preset, e.g.
+            `keras_hub:resnet_50_imagenet`, or a local preset folder; its image converter's
+            scale and offset are folded into the model; `pip install "kcls[hub]"`) or
+            `keras_cv:PRESET_OR_PATH` (a KerasCV backbone preset or folder).
+        weights: `None` (random init), `imagenet` (offline for `efficientnet_lite0`,
+            `efficientnet_lite1` and `efficientnet_lite2`, whose weights ship with kcls; for
+            the others the KerasCV preset, downloaded once and cached; for a `keras_hub:` or
+            `keras_cv:` backbone the preset's own pretrained weights), a KerasCV preset
+            folder of the backbone's architecture (its ImageNet preset copied from a
+            machine that downloaded it) or a path to a `.weights.h5` file saved from the
+            same backbone.
         dropout: dropout rate before the classification layer.
         task: `multiclass` (one label per image: softmax and categorical cross-entropy)
             or `multilabel` (any set of labels per image: one sigmoid per label and
@@ -224,7 +249,7 @@ class TrainConfig:
             `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`, every worker with
             the same `--out` on shared storage, or `kcls recipe run NAME --workers N`; see
             docs/distributed.md) or `default`.
-        seed: seed for weight initialisation and dropout.
+        seed: seed for weight initialisation and dropout; 0 to 2**32 - 1.
     """
 
     frozen_epochs: int = 2
@@ -294,11 +319,17 @@ class EvaluateConfig:
             unchanged); `none` serves `softmax(logits)`; `auto`: `temperature` when the
             recipe has a validation split, else `none`. `run.json`, `kcls.json` and the
             report record T and the test NLL and ECE before and after it.
+        test: evaluate on the test split at the end (metrics, report, samples, reference
+            profile, export). `false` never reads the test split: the run is scored on
+            the validation split (`run.json` `metrics`, `evaluated_split`) and writes no
+            report, samples or export (`export.enabled` must be false). Every trial of
+            `kcls tune` runs so (docs/tuning.md); the test split is read once, for the winner.
     """
 
     flip_tta: bool = False
     mistakes: int = 16
     calibrate: Calibrate = "auto"
+    test: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate")
@@ -313,7 +344,9 @@ class ExportConfig:
         enabled: export at the end of `recipe run`.
         base_dir: TF Serving base path; versions land in `<base_dir>/<model_name>/<N>/`.
         model_name: name of the served model, one folder name (no `/`, `\\`, leading `.` or
-            control characters); `None` uses the recipe name, which follows the same rule.
+            control characters); `None`: the image folder's name for `data.source=folder:PATH`
+            (`hymenoptera-train` for `.../hymenoptera/train`, so two data sets never become
+            versions of one served model), else the recipe name.
         top_k: number of classes the signatures return.
         flip_tta: serve the average of the probabilities of each image and its mirror
             (what `evaluate.flip_tta` measures), at twice the inference cost.
@@ -333,6 +366,32 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """Where a run reports its parameters, curves, metrics and files (`kcls.tracking`).
+
+    Attributes:
+        mlflow: MLflow tracking URI: `sqlite:///mlruns.db`, a folder (`./mlruns`,
+            `file:///...`) or a tracking server (`http://HOST:5000`). Each run becomes an
+            MLflow run with the resolved recipe as parameters, per-epoch metrics of both
+            phases, the final metrics, the report and plots as artifacts, the export's
+            path and version and the git commit; failed or interrupted runs are marked
+            so. Needs `pip install "kcls[mlflow]"`. `None`: no tracking.
+        experiment: MLflow experiment name; `None` uses the recipe name.
+    """
+
+    mlflow: Optional[str] = None
+    experiment: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "track")
+        _require(self.mlflow is None or bool(self.mlflow.strip()), "track.mlflow", self.mlflow,
+                 "an MLflow tracking URI (sqlite:///mlruns.db, ./mlruns, http://HOST:5000) "
+                 "or none")
+        _require(self.experiment is None or bool(self.experiment.strip()), "track.experiment",
+                 self.experiment, "an experiment name or none (the recipe name)")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A complete, runnable recipe: what to train on, what to train, how, and where to export."""
 
@@ -343,6 +402,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self) -> None:
         require_choice(self.name, str, "name")
@@ -363,14 +423,56 @@ class Recipe:
                  f"{task} ({capabilities.calibration_note})")
         _require(capabilities.flip_tta or not self.evaluate.flip_tta, "evaluate.flip_tta",
                  self.evaluate.flip_tta, f"false with {task} (not supported yet)")
+        # The export carries the test metrics and the test split's reference profile.
+        _require(self.evaluate.test or not self.export.enabled, "export.enabled",
+                 self.export.enabled, "false with evaluate.test=false (an export records the "
+                 "test metrics and the test split's reference profile)")
+        _require(self.evaluate.test or self.data.validation_fraction > 0,
+                 "data.validation_fraction", self.data.validation_fraction,
+                 "above 0 with evaluate.test=false (the run is scored on the validation split)")
 
     @property
     def model_name(self) -> str:
-        """The name exports are served under."""
-        return self.export.model_name or self.name
+        """The name exports are served under: `export.model_name`, else, for an image
+        folder (`data.source=folder:PATH`), the folder's name (`default_model_name`),
+        else the recipe name."""
+        return self.export.model_name or default_model_name(self.name, self.data.source)
 
 
-SECTIONS = ("data", "model", "train", "evaluate", "export")
+# Folder names that say which split a folder is, not what is in it: a model is named
+# after the folder above them too (`hymenoptera/train` serves as `hymenoptera-train`).
+GENERIC_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test",
+                                  "testing", "images", "imgs", "photos", "data", "dataset",
+                                  "all"})
+
+
+def default_model_name(recipe_name: str, source: str) -> str:
+    """The served model's name when `export.model_name` is not set.
+
+    A model trained on an image folder is named after it, so that two data sets trained
+    with one recipe (say `finetune`) never become versions of one served model; other
+    sources keep the recipe name. Characters other than letters, digits, `.`, `+`, `-`
+    and `_` become `_`.
+
+    >>> default_model_name("finetune", "folder:../shared/data/hymenoptera/train")
+    'hymenoptera-train'
+    >>> default_model_name("finetune", "folder:~/birds"), default_model_name("q", "sklearn:digits")
+    ('birds', 'q')
+    """
+    kind, _, path = source.partition(":")
+    if kind != "folder":
+        return recipe_name
+    parts = [re.sub(r"[^\w.+-]+", "_", part).strip("._") for part in
+             path.replace("\\", "/").split("/") if part not in ("", ".", "..", "~")]
+    parts = [part for part in parts if part]
+    if not parts:
+        return recipe_name
+    if parts[-1].lower() in GENERIC_FOLDER_NAMES and len(parts) > 1:
+        return f"{parts[-2]}-{parts[-1]}"
+    return parts[-1]
+
+
+SECTIONS = ("data", "model", "train", "evaluate", "export", "track")
 
 
 def valid_keys(recipe: Recipe) -> list[str]:
@@ -445,10 +547,12 @@ class PretrainConfig:
     Attributes:
         source: `folder:PATH`, a folder of images, searched recursively; sub-folder
             names (labels) are ignored. Required (`kcls pretrain FOLDER` sets it).
-        backbone: a name from `kcls.models.backbones.BACKBONES`.
+        backbone: a name from `kcls.models.backbones.BACKBONES`, or a `keras_hub:` or
+            `keras_cv:` preset (as `model.backbone`).
         weights: where the backbone starts: `None` (random initialisation), `imagenet`
             (domain-adaptive pretraining) or a `.weights.h5` file from the same backbone.
-        image_size: side of the square input, in pixels (use the fine-tune's `data.image_size`).
+        image_size: side of the square input, in pixels, 16 to 2048 (use the fine-tune's
+            `data.image_size`).
         resize: how images become squares (as `data.resize`).
         batch_size: images per step (each gives two views); larger batches give the loss
             more negatives, smaller ones more steps per epoch. On 8,000 CIFAR-10 images
@@ -474,7 +578,7 @@ class PretrainConfig:
         cache: `memory` keeps the resized images in RAM, `none` decodes every epoch.
         jit_compile: compile the step with XLA: `true`, `false` or `auto` (as
             `train.jit_compile`).
-        seed: seed of the initialisation, shuffling and augmentation.
+        seed: seed of the initialisation, shuffling and augmentation; 0 to 2**32 - 1.
     """
 
     source: Optional[str] = None
@@ -508,8 +612,7 @@ class PretrainConfig:
             _require(value is None or value.startswith("folder:")
                      and bool(value[len("folder:"):].strip()),
                      f"pretrain.{key}", value, "'folder:PATH', a folder of images")
-        _require(self.image_size >= 16, "pretrain.image_size", self.image_size,
-                 "at least 16 pixels")
+        check_image_size(self.image_size, "pretrain.image_size")
         _require(self.batch_size >= 2, "pretrain.batch_size", self.batch_size,
                  "at least 2 images (the loss contrasts images of a batch)")
         _require(self.epochs >= 1, "pretrain.epochs", self.epochs, "a positive integer")
@@ -554,7 +657,7 @@ def apply_pretrain_overrides(config: PretrainConfig,
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                  "evaluate": EvaluateConfig, "export": ExportConfig}
+                  "evaluate": EvaluateConfig, "export": ExportConfig, "track": TrackConfig}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -628,8 +731,9 @@ def check_fields(section: Any, section_name: str) -> None:
     """Checks that every field of a config dataclass holds a value of its type.
 
     Types are those of the annotations: `int` (not `bool`), `float` (an `int` is
-    accepted), `bool`, `str`, `Optional[...]` and `Literal` choices, possibly beside
-    other types (`bool | Literal["auto"]`). Called by each section's `__post_init__`, so
+    accepted; `inf` and `nan` are not), `bool`, `str`, `Optional[...]` and `Literal`
+    choices, possibly beside other types (`bool | Literal["auto"]`); every `seed` is in
+    `[0, MAX_SEED]`. Called by each section's `__post_init__`, so
     recipe files, `--set` overrides and configurations read back from run directories
     and exports meet the same check.
 
@@ -638,8 +742,23 @@ def check_fields(section: Any, section_name: str) -> None:
     """
     hints = typing.get_type_hints(type(section))
     for config_field in dataclasses.fields(section):
-        require_choice(getattr(section, config_field.name), hints[config_field.name],
-                       f"{section_name}.{config_field.name}")
+        key, value = f"{section_name}.{config_field.name}", getattr(section, config_field.name)
+        require_choice(value, hints[config_field.name], key)
+        # inf and nan parse as floats and pass every `>` check (nan fails none).
+        _require(not isinstance(value, float) or math.isfinite(value), key, value,
+                 "a finite number")
+        if config_field.name == "seed":
+            _require(0 <= value <= MAX_SEED, key, value, f"an integer from 0 to {MAX_SEED}")
+
+
+def check_image_size(value: int, key: str) -> None:
+    """Raises `ConfigError` unless `value` is a side from `MIN_IMAGE_SIZE` to
+    `MAX_IMAGE_SIZE` pixels (the reason for the ceiling is in the message)."""
+    _require(value >= MIN_IMAGE_SIZE, key, value, f"at least {MIN_IMAGE_SIZE} pixels")
+    _require(value <= MAX_IMAGE_SIZE, key, value,
+             f"at most {MAX_IMAGE_SIZE} pixels: images are resized to squares of this side, "
+             "and larger ones exhaust the memory of a device (a batch of 64 at 2048 px is "
+             "3.2 GB before the network); downscale or tile large images")
 
 
 def check_name(value: Any, key: str) -> None:

@@ -81,11 +81,97 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+SAFE_NAME_CHARACTERS = frozenset(" -_.+,=@()")
+SAFE_NAME_LENGTH = 100
+
+
+def safe_file_name(text: str, limit: int = SAFE_NAME_LENGTH) -> str:
+    """`text` (a class name, a label) made safe as one file name on every file system.
+
+    Letters, digits and ` -_.+,=@()` stay; every other character (`/`, `\\`, `:`,
+    control characters, `%` itself) becomes `%XX` escapes of its UTF-8 bytes, as in
+    URLs, so two texts never share a name; a leading `.` (hidden) and trailing spaces and
+    dots (dropped by Windows) are escaped too. A longer result than `limit` characters is
+    cut and ends with a digest of `text`.
+
+    >>> safe_file_name("in/out"), safe_file_name("100%"), safe_file_name(".hidden")
+    ('in%2Fout', '100%25', '%2Ehidden')
+    """
+    escaped = "".join(character if character.isalnum() or character in SAFE_NAME_CHARACTERS
+                      else _percent(character) for character in text)
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    stripped = escaped.rstrip(" .")
+    escaped = stripped + "".join(_percent(c) for c in escaped[len(stripped):]) or "%00"
+    if len(escaped) > limit:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        escaped = f"{escaped[:limit - 17]}~{digest}"
+    return escaped
+
+
+def _percent(character: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in character.encode("utf-8", "surrogatepass"))
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be made or written; the message names the fix."""
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Checks, before any work, that files can be written into the folder `path`.
+
+    Nothing is created: the folder (or, when it does not exist yet, the nearest folder
+    it would be made in) must be a writable folder, not a file.
+
+    Args:
+        path: the output folder.
+        option: how the user named it, for the message (`--out`, `export.base_dir`).
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        OutputFolderError: naming the folder, what is in the way and the fix.
+    """
+    path = Path(path)
+    existing = next((folder for folder in (path, *path.parents)
+                     if folder.exists() or folder.is_symlink()), Path("."))
+    if not existing.is_dir():
+        blocking = "it is a file" if existing == path else f"{existing} is a file"
+        raise OutputFolderError(f"{option} {str(path)!r} cannot be a folder: {blocking}. "
+                                f"Pass another {option} folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"{option} {str(path)!r} cannot be written: {existing} is not "
+                                f"writable by this user. Pass another {option} folder.")
+    return path
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Writes `data` to `path` atomically and returns `path`."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
     return Path(path)
+
+
+def write_new_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes `data` to `path` atomically unless a file is there already.
+
+    The content is written to a temporary name and hard-linked to `path` in one step,
+    so two writers never share the name and no reader sees part of the file.
+
+    Raises:
+        FileExistsError: `path` exists (it is left untouched).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(temporary_name(path.name))
+    try:
+        temporary.write_bytes(data)
+        _fsync(temporary)
+        os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

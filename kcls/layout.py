@@ -16,6 +16,8 @@ and locked by `kcls.workflows.run_directory`):
     model.weights.h5     the trained classifier's Keras weights (`WEIGHTS_FILE`)
     best.weights.h5      the weights of the best validation epoch (`BEST_WEIGHTS_FILE`)
     metrics.json, report.md, *.png    the evaluation report (`METRICS_FILE`, ...)
+    confident_mistakes.csv  the wrong test predictions with their files
+                         (`CONFIDENT_MISTAKES_FILE`)
     reference.json       the reference profile of the test split (`RUN_REFERENCE_FILE`)
     lr_find_<phase>.png  the learning-rate range test of each phase, with
                          train.learning_rate=auto (`LR_FIND_PHASE_PLOT`)
@@ -25,7 +27,10 @@ and locked by `kcls.workflows.run_directory`):
     tmp_<type>_<index>/  under train.strategy=multiworker, the copies a worker other
                          than the chief writes while training, deleted when training
                          ends (`WORKER_SCRATCH_DIR`)
+    tracking.json        with track.mlflow: the MLflow run id, reopened when the run
+                         resumes (`TRACKING_FILE`)
     optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
+    explanations/        `kcls explain` overlays (`EXPLANATIONS_DIR`)
 
 A pretraining run directory (`kcls pretrain`, default `runs/pretrain/<timestamp>[-N]/`)
 holds `pretrain_config.json`, `backbone.weights.h5` (for `model.weights=PATH`),
@@ -40,10 +45,25 @@ for TF Serving, and `<base_dir>/<model>/optimized/<version>/<method>/` holds
 `kcls optimize` output (TF Serving ignores folders whose names are not numbers).
 
 `kcls monitor` writes `monitor.json`, `monitor.md` and three plots into
-`monitor/<model>-<UTC time>/` (`MONITOR_DIR`) or its `--out` folder.
+`<base_dir>/<model>/monitor/<version>/<UTC time>/` (`MONITOR_DIR`) or its `--out`
+folder; `kcls explain` its overlays into `<run_dir>/explanations/` or
+`<base_dir>/<model>/explanations/<version>/` (`EXPLANATIONS_DIR`) or its `--out`
+folder (`model_output_dir`).
 
 `kcls optimize` writes `model.tflite`, `float32.tflite`, `optimize.json` and
 `optimize.md`; `prune` and `qat` also `saved_model/` and `result.json` (the TF-MOT child).
+
+A search (`kcls tune`, default `runs/tune/<recipe>/<timestamp>[-N]/`, locked like a run
+directory) holds
+
+    study.db             the Optuna study (SQLite): every trial, resumable (`TUNE_STUDY_FILE`)
+    trials/trial-NNN/    one run directory per trial, run with evaluate.test=false
+                         (`TUNE_TRIALS_DIR`)
+    best_recipe.py       the best trial's recipe as a recipe page (`BEST_RECIPE_FILE`)
+    best_test/           the best trial's test-split report: metrics.json, report.md, plots
+                         (`TUNE_TEST_DIR`)
+    tune_report.md, tune_curves.png, tune.json   trial table, importance, curves, summary
+                         (`TUNE_REPORT_FILE`, `TUNE_CURVES_PLOT`, `TUNE_SUMMARY_FILE`)
 
 The user cache (`cache_root()`) holds converted ImageNet weights
 (`kcls.models.pretrained`) and, in `folder_checks/`, which images of each image folder
@@ -72,6 +92,17 @@ LOGS_DIR = "logs"
 BACKUP_DIR = "backup"
 PROGRESS_FILE = "progress.json"
 WORKER_SCRATCH_DIR = "tmp_{task_type}_{task_id}"  # .format(task_type="worker", task_id=1)
+TRACKING_FILE = "tracking.json"
+
+# A search (`kcls tune`).
+TUNE_RUNS_DIR = "runs/tune"
+TUNE_STUDY_FILE = "study.db"
+TUNE_TRIALS_DIR = "trials"
+BEST_RECIPE_FILE = "best_recipe.py"
+TUNE_TEST_DIR = "best_test"
+TUNE_REPORT_FILE = "tune_report.md"
+TUNE_CURVES_PLOT = "tune_curves.png"
+TUNE_SUMMARY_FILE = "tune.json"
 # Evaluation reports (run directories, `kcls evaluate --out`).
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -79,6 +110,8 @@ TRAINING_CURVES_PLOT = "training_curves.png"
 CONFUSION_MATRIX_PLOT = "confusion_matrix.png"
 RELIABILITY_PLOT = "reliability.png"
 CONFIDENT_MISTAKES_PLOT = "confident_mistakes.png"
+# Every wrong test prediction, most confident first, with its file (sources of files).
+CONFIDENT_MISTAKES_FILE = "confident_mistakes.csv"
 PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
 RUN_REFERENCE_FILE = "reference.json"
@@ -97,7 +130,9 @@ MANIFEST_LABELS_FILE = "labels.txt"
 REFERENCE_FILE = "assets/reference.json"
 METADATA_FILE = "kcls.json"
 MODELS_CONFIG_FILE = "models.config"
-# Drift monitoring (`kcls monitor`).
+# Grad-CAM overlays (`kcls explain`, default folder: `model_output_dir`).
+EXPLANATIONS_DIR = "explanations"
+# Drift monitoring (`kcls monitor`, default folder: `model_output_dir`).
 MONITOR_DIR = "monitor"
 MONITOR_FILE = "monitor.json"
 MONITOR_REPORT_FILE = "monitor.md"
@@ -123,12 +158,30 @@ CACHE_ENVIRONMENT_VARIABLE = "KCLS_CACHE_DIR"
 FOLDER_CHECKS_DIR = "folder_checks"
 
 
+class CacheDirError(NotADirectoryError):
+    """The user cache (`cache_root`) is, or is inside, a file: the message names the fix."""
+
+
 def cache_root() -> Path:
-    """`$KCLS_CACHE_DIR`, else `$XDG_CACHE_HOME/kcls`, else `~/.cache/kcls`."""
+    """`$KCLS_CACHE_DIR`, else `$XDG_CACHE_HOME/kcls`, else `~/.cache/kcls`.
+
+    Raises:
+        CacheDirError: that path, or a folder it would be made in, is a file.
+    """
     if os.environ.get(CACHE_ENVIRONMENT_VARIABLE):
-        return Path(os.environ[CACHE_ENVIRONMENT_VARIABLE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "kcls"
+        root, how = Path(os.environ[CACHE_ENVIRONMENT_VARIABLE]).expanduser(), (
+            f"{CACHE_ENVIRONMENT_VARIABLE}={os.environ[CACHE_ENVIRONMENT_VARIABLE]}")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root, how = Path(base).expanduser() / "kcls", "the default cache folder"
+    blocking = next((path for path in (root, *root.parents)
+                     if path.exists() or path.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise CacheDirError(
+            f"The kcls cache ({how}) cannot be a folder: {blocking} is a file. Point "
+            f"{CACHE_ENVIRONMENT_VARIABLE} at a folder (it is created when missing), or "
+            "unset it for ~/.cache/kcls.")
+    return root
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -188,11 +241,23 @@ def resolve_export_dir(path: str | Path) -> Path:
         "the folder.")
 
 
+def model_output_dir(model_path: str | Path, folder: str, *names: str) -> Path:
+    """Where a command writes what it makes of a model, by default: inside a run
+    directory, `<run_dir>/<folder>/<names...>`; beside an export's versions,
+    `<model>/<folder>/<version>/<names...>` (TF Serving ignores folders whose names are
+    not numbers, and a published version is never written into).
+
+    >>> model_output_dir("saved_models/quickstart/3", EXPLANATIONS_DIR)  # doctest: +SKIP
+    PosixPath('saved_models/quickstart/explanations/3')
+    """
+    path = Path(model_path)
+    if is_run_dir(path):
+        return path.joinpath(folder, *names)
+    export_dir = resolve_export_dir(path)
+    return export_dir.parent.joinpath(folder, export_dir.name, *names)
+
+
 def optimized_dir(model_path: str | Path, method: str) -> Path:
     """Where `kcls optimize` writes by default: `<run_dir>/optimized/<method>/`, or
     `<model>/optimized/<version>/<method>/` beside an export's versions."""
-    path = Path(model_path)
-    if is_run_dir(path):
-        return path / OPTIMIZED_DIR / method
-    export_dir = resolve_export_dir(path)
-    return export_dir.parent / OPTIMIZED_DIR / export_dir.name / method
+    return model_output_dir(model_path, OPTIMIZED_DIR, method)

@@ -6,12 +6,14 @@
         --set model.weights=none
 
 Data: TFDS `cifar10` (50,000 train / 10,000 test images, 32x32), upscaled to 128x128
-for the backbone; 10% of the training split is held out for validation. kcls never
-downloads data during a run: prepare it once with `tfds build cifar10`.
+for the backbone; 10% of the training split is held out for validation. The first run
+downloads and prepares it through TFDS (`data.download=auto`), into `data.data_dir`
+(default `~/tensorflow_datasets`); `--set data.download=never` refuses instead.
 
 Model: EfficientNetV2-B0 with the KerasCV ImageNet preset (downloaded once, then
-cached). Offline, the run stops before training with a message naming what could
-not be fetched and the overrides that avoid it.
+cached; `--set model.weights=DIR` reads a preset folder copied from a machine that has
+it). Offline, the run stops before training with a message naming what could not be
+fetched and the overrides that avoid it.
 
 Schedule: 2 epochs training the head on the frozen backbone, then 8 epochs of the
 whole network (BatchNorm frozen) at a 10x lower learning rate, XLA, and mixed

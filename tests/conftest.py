@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import socket
 import struct
@@ -51,6 +52,47 @@ def no_network(monkeypatch, request):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+_CONNECT = socket.socket.connect  # captured before conftest's no_network patches it
+_GETADDRINFO = socket.getaddrinfo
+_CREATE_CONNECTION = socket.create_connection
+
+
+def _is_loopback(host) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture
+def loopback_only(no_network, monkeypatch):
+    """Re-allows connections to 127.0.0.0/8 and ::1; everything else stays blocked."""
+    refuse_connect, refuse_lookup = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and _is_loopback(host):
+            return _CONNECT(self, address)
+        return refuse_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if _is_loopback(host):
+            return _GETADDRINFO(host, *args, **kwargs)
+        return refuse_lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    # The original resolves and connects through the two guarded functions above.
+    monkeypatch.setattr(socket, "create_connection", _CREATE_CONNECTION)
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (free to start a server on)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def weights_cache(tmp_path_factory):
     """Converted ImageNet weights go to a temporary cache, never the user's ~/.cache/kcls."""
@@ -67,6 +109,51 @@ def tiny_recipe(tmp_path):
         "train.frozen_epochs=1", "train.unfrozen_epochs=1", "train.steps_per_epoch=2",
         "data.batch_size=16", f"export.base_dir={tmp_path / 'saved_models'}",
     ])
+
+
+@pytest.fixture(scope="module")
+def untrained_models(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A run directory as `kcls recipe run` leaves it (untrained weights, classes cat and
+    dog, 32 px), its export with a reference profile, and a folder of 12 images."""
+    import keras
+    import tensorflow as tf
+
+    from kcls.config import DataConfig, ExportConfig, ModelConfig, Recipe, to_json
+    from kcls.files import save_weights, write_json, write_text
+    from kcls.layout import (
+        METRICS_FILE,
+        RUN_CONFIG_FILE,
+        RUN_INFO_FILE,
+        RUN_REFERENCE_FILE,
+        WEIGHTS_FILE,
+    )
+    from kcls.models.classifier import build_classifier
+    from kcls.monitoring.profile import reference_profile
+    from kcls.serving.export import export_saved_model
+
+    class_names = ["cat", "dog"]
+    keras.utils.set_random_seed(0)
+    root = tmp_path_factory.mktemp("originals")
+    recipe = Recipe(name="tiny", data=DataConfig(image_size=32),
+                    model=ModelConfig(backbone="resnet_v2_tiny"),
+                    export=ExportConfig(base_dir=str(root / "saved_models")))
+    classifier = build_classifier(recipe.model, len(class_names), 32)
+    images = tf.random.stateless_uniform([12, 32, 32, 3], (0, 1), maxval=255)
+    batches = tf.data.Dataset.from_tensor_slices(
+        (images, tf.one_hot(tf.range(12) % 2, 2))).batch(6)
+    reference = reference_profile(classifier, batches, class_names)
+    run_dir = root / "run"
+    write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
+    write_json(run_dir / RUN_INFO_FILE, {"class_names": class_names, "temperature": None})
+    write_json(run_dir / METRICS_FILE, {"accuracy": 0.5})
+    write_json(run_dir / RUN_REFERENCE_FILE, reference)
+    save_weights(classifier, run_dir / WEIGHTS_FILE)
+    export_dir = export_saved_model(classifier, recipe, class_names, reference=reference)
+    incoming = root / "incoming"
+    incoming.mkdir()
+    for index, image in enumerate(tf.cast(images, tf.uint8)):
+        (incoming / f"{index}.png").write_bytes(tf.io.encode_png(image).numpy())
+    return run_dir, export_dir, incoming
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

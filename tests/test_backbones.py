@@ -1,5 +1,6 @@
 """Backbone registry: offline builds match KerasCV presets; blocks; local weights; errors."""
 
+import dataclasses
 import math
 
 import keras
@@ -28,7 +29,8 @@ def expected_block_count(name: str) -> int:
 def test_registry_covers_the_promised_families():
     assert {"efficientnetv2_b0", "efficientnetv2_b1", "efficientnetv2_b2", "efficientnetv2_b3",
             "efficientnetv2_s", "resnet50_v2", "mobilenet_v3_small",
-            "mobilenet_v3_large", "efficientnet_lite0"} <= set(BACKBONES)
+            "mobilenet_v3_large", "efficientnet_lite0", "efficientnet_lite1",
+            "efficientnet_lite2"} <= set(BACKBONES)
     for spec in BACKBONES.values():
         if spec.weights_preset:
             assert spec.weights_preset in spec.constructor.presets_with_weights
@@ -116,3 +118,54 @@ def test_compact_resnet_stages_and_an_xla_training_step():
     trainer = Trainer(classifier, build_augmentation("light"))
     trainer.compile(optimizer="sgd", loss="categorical_crossentropy", jit_compile=True)
     assert trainer.jit_compile is True
+
+
+def save_keras_cv_preset(backbone: keras.Model, folder) -> None:
+    # KerasCV 0.9 has no public saver (KerasHub's backbones have `save_to_preset`); this
+    # writes what its hub presets hold: config.json, model.weights.h5, metadata.json.
+    from keras_cv.src.utils.preset_utils import save_to_preset
+
+    save_to_preset(backbone, str(folder))
+
+
+def test_a_keras_cv_preset_folder_loads_through_kcls(tmp_path):
+    source = build_backbone("resnet_v2_tiny", image_size=32)
+    for variable in source.weights:
+        variable.assign(np.random.default_rng(0).normal(size=variable.shape))
+    save_keras_cv_preset(source, tmp_path / "tiny")
+    loaded = build_backbone(f"keras_cv:{tmp_path / 'tiny'}", 32, "imagenet")
+    for expected, actual in zip(source.weights, loaded.weights):
+        np.testing.assert_array_equal(expected.numpy(), actual.numpy())
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(images), source(images), atol=1e-5)  # [0, 255] in
+    assert len(backbone_blocks(loaded)) == 7  # the wrapped ResNetV2's, as for resnet_v2_tiny
+    random = build_backbone(f"keras_cv:{tmp_path / 'tiny'}", 48, None)
+    assert random.input_shape == (None, 48, 48, 3)
+    assert not np.allclose(random.weights[0].numpy(), source.weights[0].numpy())
+    with pytest.raises(ConfigError, match="not a usable KerasCV preset folder"):
+        build_backbone(f"keras_cv:{tmp_path}", 32, "imagenet")
+
+
+@pytest.mark.slow
+def test_cifar10_effnet_loads_its_imagenet_preset_from_a_local_folder(tmp_path):
+    """cifar10_effnet's weight loading (`from_preset`) offline: the preset folder a machine
+    with internet downloaded, here written from the same architecture."""
+    from kcls.models.classifier import BACKBONE_LAYER, build_classifier
+    from kcls.recipes import load_recipe
+
+    model = load_recipe("cifar10_effnet").model
+    source = build_backbone(model.backbone, image_size=32)
+    for variable in source.weights[:8]:
+        variable.assign(np.random.default_rng(0).normal(size=variable.shape))
+    save_keras_cv_preset(source, tmp_path / "efficientnetv2_b0_imagenet")
+    classifier = build_classifier(dataclasses.replace(
+        model, weights=str(tmp_path / "efficientnetv2_b0_imagenet")), 10, 64)
+    backbone = classifier.get_layer(BACKBONE_LAYER)
+    assert backbone.input_shape == (None, 64, 64, 3)
+    for expected, actual in zip(source.weights, backbone.weights):
+        np.testing.assert_array_equal(expected.numpy(), actual.numpy())
+    # A preset of another architecture is refused, naming what differs.
+    save_keras_cv_preset(build_backbone("efficientnetv2_b1", 32), tmp_path / "b1")
+    with pytest.raises(ConfigError, match="another architecture than backbone "
+                                          "'efficientnetv2_b0' .*depth_coefficient"):
+        build_backbone("efficientnetv2_b0", 32, str(tmp_path / "b1"))

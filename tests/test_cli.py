@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -46,9 +47,11 @@ def test_bad_override_value_names_key_and_type():
     assert "'data.batch_size'" in result.output and "expected an integer" in result.output
 
 
-def test_offline_cifar10_fails_fast_with_the_fix(tmp_path):
+def test_unprepared_cifar10_with_downloads_off_fails_fast_with_the_fix(tmp_path):
+    # data.download=auto would have TFDS download it (tests/test_data.py prepares a local
+    # builder that way, and checks the offline error).
     result = invoke("recipe", "run", "cifar10_effnet", "--set", f"data.data_dir={tmp_path}",
-                    "--out", str(tmp_path / "run"))
+                    "--set", "data.download=never", "--out", str(tmp_path / "run"))
     assert result.exit_code == 2
     assert "'cifar10' is not prepared" in result.output
     assert str(tmp_path) in result.output and "data.source=folder:" in result.output
@@ -103,6 +106,7 @@ def test_a_recipe_file_with_a_syntax_error_names_the_line(tmp_path):
     ["optimize", "{empty}", "--method", "ptq-dynamic"],
     ["monitor", "{empty}", "--data", "{empty}"],
     ["pretrain", "{empty}", "--set", "pretrain.nope=1"],
+    ["tune", "quickstart", "--budget", "1m", "--set", "train.nope=1"],
 ], ids=lambda command: " ".join(command[:2]))
 def test_every_command_gives_one_line_errors_and_debug_gives_the_traceback(command, tmp_path):
     empty = tmp_path / "empty"
@@ -116,3 +120,31 @@ def test_every_command_gives_one_line_errors_and_debug_gives_the_traceback(comma
         ("Usage:", "Error:")), result.output
     debug = invoke("--debug", *arguments)
     assert isinstance(debug.exception, (ValueError, OSError)), (debug.exception, debug.output)
+
+
+def test_missing_tracking_and_tuning_extras_are_one_line_errors_naming_the_install(
+        monkeypatch, tmp_path):
+    # A module set to None in sys.modules fails to import, as an uninstalled one does.
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    result = invoke("recipe", "run", "quickstart", "--set", "track.mlflow=sqlite:///x.db",
+                    "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and 'pip install "kcls[mlflow]"' in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    result = invoke("tune", "quickstart", "--budget", "1m", "--out", str(tmp_path / "tune"))
+    assert result.exit_code == 2 and 'pip install "kcls[tune]"' in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "tune").exists()
+
+
+def test_tune_refuses_budgets_and_spaces_it_cannot_use(tmp_path):
+    pytest.importorskip("optuna", reason='needs Optuna: pip install -e ".[test]"')
+    for arguments, message in (
+            (["--budget", "soon"], "--budget soon: 'soon' is not a duration"),
+            (["--budget", "1m", "--trial-budget", "2m"], "longer than --budget 1m"),
+            (["--budget", "1m", "--space", "big"], "Unknown search space 'big'"),
+            (["--budget", "1m", "--set", "data.validation_fraction=0"],
+             "set data.validation_fraction above 0")):
+        result = invoke("tune", "quickstart", *arguments, "--out", str(tmp_path / "tune"))
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "tune").exists()

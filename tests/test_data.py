@@ -1,5 +1,7 @@
 """Data sources and tf.data pipelines on real files and real bundled data."""
 
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -380,3 +382,82 @@ def test_a_second_scan_decodes_only_new_or_changed_files(damaged_folder: Path):
     second = scan_folder(damaged_folder)
     assert str(victim) in second.skipped and len(second.paths) == 11
     assert str(victim) not in json.loads(cache.read_text())["decoded"]
+
+
+@functools.cache
+def _register_local_tfds_builders() -> None:
+    """Two TFDS builders, registered by name as TFDS registers every builder class:
+    `kcls_local_photos` prepares from PNG files in TFDS's manual download folder
+    (`<data_dir>/downloads/manual/<split>/<class>/*.png`); `kcls_remote_photos` needs the
+    network to prepare (a plain `requests` download, which the test's socket guard
+    refuses as an offline machine would)."""
+    import requests
+    import tensorflow_datasets as tfds
+
+    class KclsLocalPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "Put train/<class>/*.png and test/<class>/*.png here."
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=["ants", "bees"])}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(dl_manager.manual_dir / split)
+                    for split in ("train", "test")}
+
+        def _generate_examples(self, folder):
+            for path in sorted(folder.glob("*/*.png")):
+                yield f"{path.parent.name}/{path.name}", {"image": path,
+                                                          "label": path.parent.name}
+
+    class KclsRemotePhotos(KclsLocalPhotos):
+        def _split_generators(self, dl_manager):
+            requests.get("https://example.com/kcls_remote_photos.zip", timeout=5)
+            raise AssertionError("unreachable: the download above needs the network")
+
+
+def test_tfds_data_is_downloaded_and_prepared_on_first_use(tmp_path: Path):
+    _register_local_tfds_builders()
+    data = DataConfig(source="tfds:kcls_local_photos", data_dir=str(tmp_path),
+                      validation_fraction=0.0)
+    with pytest.raises(ConfigError, match="'kcls_local_photos' is not prepared .* "
+                                          "data.download=never.*data.data_dir=DIR"):
+        load_splits(dataclasses.replace(data, download="never"))
+    with pytest.raises(ConfigError, match="needs files downloaded by hand: put them into "
+                                          f"'{tmp_path / 'downloads' / 'manual'}'"):
+        load_splits(data)
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, count in (("train", 6), ("test", 2)):
+        for label, name in enumerate(["ants", "bees"]):
+            folder = tmp_path / "downloads" / "manual" / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 255, (6 + index, 9, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+                written[pixels.tobytes()] = (split, label)
+    splits = load_splits(data)  # data.download=auto: TFDS prepares it, then kcls reads it
+    assert splits.class_names == ["ants", "bees"]
+    assert splits.sizes == {"train": 12, "validation": 0, "test": 4}
+    for split, examples in (("train", splits.train), ("test", splits.test)):
+        for image, label in examples.as_numpy_iterator():
+            assert written[image.tobytes()] == (split, label)
+    # Prepared once: the next run reads it, even with data.download=never.
+    assert load_splits(dataclasses.replace(data, download="never")).sizes["test"] == 4
+
+
+def test_a_tfds_download_without_network_names_the_dataset_and_the_way_around(tmp_path):
+    _register_local_tfds_builders()
+    with pytest.raises(ConfigError, match=r"Could not download TFDS dataset "
+                       r"'kcls_remote_photos' into .*ConnectionError.*no internet\?.*"
+                       r"tfds build kcls_remote_photos --data_dir DIR.*data.source=folder:"):
+        load_splits(DataConfig(source="tfds:kcls_remote_photos", data_dir=str(tmp_path)))
+    # Nothing half-prepared is left to be mistaken for the dataset.
+    import tensorflow_datasets as tfds
+
+    assert not tfds.builder("kcls_remote_photos", data_dir=str(tmp_path)).is_prepared()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -49,3 +50,33 @@ def test_docs_link_to_existing_files():
 def _relative_links(text: str) -> list[str]:
     return [target for target in re.findall(r"\]\(([^)]+)\)", text)
             if "://" not in target and not target.startswith("#")]
+
+
+# Names that are not Python: the MLflow tags kcls.tracking.mlflow_tracker sets, kcls.json.
+NOT_PYTHON = {"kcls.json", "kcls.error", "kcls.phases", "kcls.version", "kcls.run_dir",
+              "kcls.export_dir", "kcls.export_version"}
+
+
+def test_every_module_or_name_the_docs_cite_exists():
+    # `kcls.train.phases.fit_phases` in a page or a docstring must still be there.
+    pages = [*DOCS.glob("*.md"), ROOT / "README.md", *(ROOT / "notebooks").glob("*.ipynb"),
+             *(ROOT / "kcls").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    stale = {(page.name, reference) for page in pages
+             for reference in re.findall(r"`(kcls(?:\.[A-Za-z_]\w*)+)", page.read_text())
+             if reference not in NOT_PYTHON and not _resolves(reference)}
+    assert not stale, sorted(stale)
+
+
+def _resolves(reference: str) -> bool:
+    parts = reference.split(".")
+    for count in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:count]))
+        except ImportError:
+            continue
+        for name in parts[count:]:
+            if not hasattr(target, name) and name not in getattr(target, "__annotations__", {}):
+                return False
+            target = getattr(target, name, None)
+        return True
+    return False

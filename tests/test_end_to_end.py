@@ -69,8 +69,9 @@ def test_run_writes_run_dir_and_first_version(tiny_run):
     # The reference profile `kcls monitor` reads: the run's, copied into the export.
     reference = json.loads((result.export_dir / "assets" / "reference.json").read_text())
     assert reference == json.loads((result.run_dir / "reference.json").read_text())
-    assert reference["examples"] == 360 and reference["class_names"] == labels
-    assert sum(reference["predicted_counts"]) == 360
+    # Every held-out image: the 360 test and 144 validation digits (issue 29, defect 9).
+    assert reference["examples"] == 360 + 144 and reference["class_names"] == labels
+    assert sum(reference["predicted_counts"]) == 504 and reference["split"] == "validation+test"
     assert reference["temperature"] == result.metrics["calibration"]["temperature"]
 
 

@@ -34,6 +34,15 @@ def patch_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return images, labels, masks
 
 
+def save_patch_images(count: int, seed: int, folder, name: str):
+    """`patch_images` saved as PNGs named `name.format(index)`: (images, paths)."""
+    images, _, _ = patch_images(count, seed)
+    paths = [folder / name.format(index) for index in range(count)]
+    for path, image in zip(paths, images):
+        Image.fromarray(image.astype(np.uint8)).save(path)
+    return images, paths
+
+
 @pytest.fixture(scope="module")
 def trained_classifier():
     keras.utils.set_random_seed(0)
@@ -75,17 +84,18 @@ def test_an_export_loads_back_as_the_same_keras_classifier(trained_classifier, t
 def test_cli_explain_writes_overlays(trained_classifier, tmp_path):
     export_dir = export_saved_model(trained_classifier, Recipe(name="patches"),
                                     ["left", "right"], base_dir=tmp_path / "models")
-    images, _, _ = patch_images(2, 3)
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(tmp_path / f"img {index}.png")
-        Image.fromarray(image.astype(np.uint8)).save(paths[-1])
+    images, paths = save_patch_images(2, 3, tmp_path, "img {}.png")
     result = CliRunner().invoke(main, ["explain", str(export_dir), *map(str, paths),
                                        "--out", str(tmp_path / "cams")])
     assert result.exit_code == 0, result.output
     for index in range(2):
         with Image.open(tmp_path / "cams" / f"img {index}_gradcam.png") as overlay:
-            assert overlay.size == (32, 32) and overlay.mode == "RGB"
+            # The image and its overlay side by side, enlarged 7x, under a caption.
+            assert overlay.size == (2 * 224, 224 + 24) and overlay.mode == "RGB"
+            pixels = np.asarray(overlay)
+            enlarged = images[index].astype(np.uint8).repeat(7, 0).repeat(7, 1)
+            np.testing.assert_array_equal(pixels[24:, :224], enlarged)
+            assert pixels[:24].min() < 100  # the caption's text
     # Each line names the trained classifier's top class for that image and its probability.
     probabilities = tf.nn.softmax(trained_classifier(images.astype(np.uint8).astype(np.float32),
                                                      training=False)).numpy()
@@ -131,3 +141,31 @@ def test_images_with_the_same_name_get_their_own_overlays_and_none_is_overwritte
                                                          overwrite=True)]
     assert replaced == written
     assert [target.read_bytes() for target in replaced] == contents[::-1]
+
+
+def test_predict_and_explain_print_the_same_calibrated_probability(trained_classifier,
+                                                                    tmp_path):
+    """Issue 29, defect 4: explain read softmax(logits), predict softmax(logits / T)."""
+    from kcls.tasks import SingleLabelTask
+
+    recipe = Recipe(name="patches", model=ModelConfig(backbone="resnet_v2_tiny", dropout=0.0))
+    export_dir = export_saved_model(trained_classifier, recipe, ["left", "right"],
+                                    base_dir=tmp_path / "models",
+                                    task=SingleLabelTask(temperature=3.0))
+    images, paths = save_patch_images(3, 7, tmp_path, "{}.png")
+    predicted = CliRunner().invoke(main, ["predict", str(export_dir), *map(str, paths),
+                                          "--top-k", "1"])
+    explained = CliRunner().invoke(main, ["explain", str(export_dir), *map(str, paths),
+                                          "--out", str(tmp_path / "cams")])
+    assert predicted.exit_code == 0 and explained.exit_code == 0, (predicted.output,
+                                                                    explained.output)
+    served = [re.search(r": (\w+) \(([\d.]+)\)$", line).groups()
+              for line in predicted.output.splitlines()]
+    drawn = [re.search(r": (\w+) \(([\d.]+)\)$", line).groups()
+             for line in explained.output.splitlines()]
+    assert served == drawn and len(served) == 3
+    uncalibrated = tf.nn.softmax(trained_classifier(images.astype(np.uint8).astype(np.float32),
+                                                    training=False)).numpy().max(axis=1)
+    # T = 3 pulls the probabilities towards 1/2: the test would see an unscaled softmax.
+    assert all(float(probability) < top - 0.01
+               for (_, probability), top in zip(served, uncalibrated))

@@ -18,12 +18,13 @@ PACKAGE = ROOT / "kcls"
 LAYERS = [
     ["kcls.cli"],
     ["kcls.workflows"],
-    ["kcls.evaluation", "kcls.serving", "kcls.monitoring", "kcls.optimize", "kcls.ssl"],
+    ["kcls.evaluation", "kcls.serving", "kcls.monitoring", "kcls.optimize", "kcls.ssl",
+     "kcls.tuning"],
     ["kcls.train"],
     ["kcls.load"],
     ["kcls.tasks"],
     ["kcls.data", "kcls.models"],
-    ["kcls.metrics", "kcls.figures", "kcls.environment", "kcls.recipes"],
+    ["kcls.metrics", "kcls.figures", "kcls.environment", "kcls.recipes", "kcls.tracking"],
     ["kcls.config", "kcls.layout", "kcls.files"],
 ]
 

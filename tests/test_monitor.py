@@ -154,17 +154,42 @@ def test_logged_predictions_are_monitored_without_images(exported, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", "served.jsonl:2: not a logged prediction"),
-    ('{"scores": [0.9]}', "need probabilities, or scores with classes or labels"),
-    ('{"labels": ["purple"], "scores": [0.9]}', "'purple' is not one of the model's classes"),
-    ('{"probabilities": [0.5, 0.5]}', "2 probabilities for 3 classes"),
+    (b"not json", "line 2: Expecting value"),
+    (b'{"scores": [0.9]}', "need probabilities, or scores with classes or labels"),
+    (b'{"labels": ["purple"], "scores": [0.9]}', "'purple' is not one of the model's classes"),
+    (b'{"probabilities": [0.5, 0.5]}', "2 probabilities for 3 classes"),
+    # Issue 29, defect 8: a traceback (UnicodeDecodeError, StopIteration) or a "DRIFT".
+    ('{"labels": ["r\xe9d"], "scores": [0.9]}'.encode("latin-1"), "line 2: not UTF-8 text"),
+    (b'{"outputs": {}}', "line 2: empty outputs"),
+    (b'{"probabilities": [NaN, 0.5, 0.5]}', "not probabilities in [0, 1]"),
+    (b'{"labels": ["red"], "scores": [NaN]}', "not probabilities in [0, 1]"),
+    (b'{"probabilities": [1.5, 0.0, 0.0]}', "not probabilities in [0, 1]"),
 ])
-def test_a_bad_log_line_is_named(tmp_path, line, message):
+def test_a_bad_log_line_is_skipped_and_named(tmp_path, line, message):
     log = tmp_path / "served.jsonl"
-    log.write_text('{"labels": ["red"], "scores": [0.9]}\n' + line + "\n")
-    with pytest.raises(PredictionLogError, match=message.replace("(", r"\(").replace(
-            ")", r"\)").replace("[", r"\[")):
+    good = b'{"labels": ["red"], "scores": [0.9]}\n'
+    log.write_bytes(good + line + b"\n" + good)
+    skipped = []
+    classes, confidences = read_predictions(log, CLASS_NAMES, skipped)
+    assert classes.tolist() == [0, 0] and confidences.tolist() == [0.9, 0.9]
+    assert len(skipped) == 1 and skipped[0].startswith("line 2: ") and message in skipped[0]
+    log.write_bytes(line + b"\n" + line + b"\n")
+    with pytest.raises(PredictionLogError, match="no usable prediction") as raised:
         read_predictions(log, CLASS_NAMES)
+    assert message in str(raised.value) and "line 1" in str(raised.value)
+
+
+def test_monitor_counts_the_bad_lines_of_a_log_and_names_a_few(exported, tmp_path):
+    log = tmp_path / "served.jsonl"
+    good = json.dumps({"probabilities": [0.8, 0.1, 0.1]}).encode()
+    log.write_bytes(b"\n".join([good] * 30 + [b"\xff garbage"] * 5 + [b'{"outputs": {}}']))
+    result = CliRunner().invoke(main, ["monitor", str(exported), "--predictions", str(log),
+                                       "--out", str(tmp_path / "report")])
+    assert result.exit_code in (0, DRIFT_EXIT_CODE), result.output
+    assert ("skipped 6 unusable line(s) of " in result.output
+            and "line 31: not UTF-8 text; line 32: not UTF-8 text" in result.output)
+    report = json.loads((tmp_path / "report" / "monitor.json").read_text())
+    assert report["examples"] == 30 and len(report["skipped_lines"]) == 6
 
 
 @pytest.mark.slow
@@ -213,3 +238,15 @@ def test_image_files_skip_hidden_folders_and_undecodable_files_are_named(exporte
     assert "broken.jpg" in lines[0]
     with pytest.raises(MonitorError, match="not a folder"):
         image_files(tmp_path / "nowhere")
+
+
+def test_monitor_follows_symlinked_folders_as_training_does(tmp_path):
+    """Issue 29 minor: `kcls monitor --data` ignored a symlinked class folder."""
+    images, _ = colour_images(4, seed=3)
+    real = write_folder(tmp_path / "elsewhere" / "cats", images)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "cats").symlink_to(real, target_is_directory=True)
+    (incoming / "loop").symlink_to(incoming, target_is_directory=True)  # listed once
+    assert [path.name for path in image_files(incoming)] == [
+        "000.png", "001.png", "002.png", "003.png"]

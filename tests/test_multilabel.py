@@ -140,6 +140,58 @@ def test_manifest_that_cannot_be_read_is_a_clear_error(tmp_path: Path):
         read_manifest(manifest)
 
 
+def test_a_manifest_saved_by_excel_with_a_byte_order_mark_reads(tmp_path: Path):
+    """Issue 29, defect 5: the BOM became part of the first column's name, and the error
+    said it needs path,labels and has path, labels."""
+    manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": "cat"},
+                                          {"path": "1.png", "labels": "dog;sun"}])
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    (tmp_path / "labels.txt").write_bytes(b"\xef\xbb\xbf" + b"cat\ndog\nsun\n")
+    files = read_manifest(manifest)
+    assert files.class_names == LABELS and len(files.paths) == 2
+
+
+def test_a_latin1_manifest_is_one_error_naming_the_line(tmp_path: Path):
+    manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": "cat"}], labels=None)
+    manifest.write_bytes(manifest.read_bytes() + "1.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 on line 3.*CSV UTF-8"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize("label", ["two\nlines", "line\u2028separator", "tab\there"])
+def test_labels_that_would_corrupt_labels_txt_are_refused(tmp_path: Path, label: str):
+    manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": f"cat;{label}"},
+                                          {"path": "1.png", "labels": "cat"}], labels=None)
+    with pytest.raises(ConfigError, match=r"row 2: the label .* cannot be a class name"):
+        read_manifest(manifest)
+    (tmp_path / "labels.txt").write_text(f"cat\n{label}\n")
+    manifest.write_text("path,labels\n0.png,cat\n")
+    if "\n" not in label:  # str.splitlines made two class names of U+2028 and kept a tab
+        with pytest.raises(ConfigError, match="labels.txt: the label"):
+            read_manifest(manifest)
+
+
+def test_a_label_with_a_slash_never_becomes_a_path(tmp_path: Path):
+    """`kcls explain` of a label `in/out` wrote `000_in/out_gradcam.png` ([Errno 2])."""
+    from kcls.evaluation.explain import explain_files
+    from kcls.load import LoadedClassifier
+    from kcls.models.classifier import build_classifier
+    from kcls.tasks import task_from_metadata
+
+    manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": "in/out"},
+                                          {"path": "1.png", "labels": "cat"}], labels=None)
+    assert read_manifest(manifest).class_names == ["cat", "in/out"]
+    recipe = Recipe(name="slash", model=ModelConfig(backbone="resnet_v2_tiny",
+                                                    task="multilabel"))
+    task = task_from_metadata("multilabel", {"thresholds": [0.0, 0.0]})  # explain both
+    loaded = LoadedClassifier(build_classifier(recipe.model, 2, 32), recipe, ["cat", "in/out"],
+                              task)
+    written = explain_files(loaded, [tmp_path / "0.png"], tmp_path / "cams")
+    assert sorted(target.name for target, _, _ in written) == [
+        "0_cat_gradcam.png", "0_in%2Fout_gradcam.png"]
+    assert all(target.parent == tmp_path / "cams" for target, _, _ in written)
+
+
 def test_manifest_splits_carry_multi_hot_labels_through_the_pipeline(tmp_path: Path):
     rows = [{"path": f"{index}.png", "labels": ["cat", "dog;sun", "cat;sun"][index % 3],
              "split": ["train"] * 8 + ["validation"] * 2 + ["test"] * 2}

@@ -280,3 +280,39 @@ def test_calibration_and_held_out_images_name_the_files_they_skip(damaged_folder
     images, labels = held_out_examples(recipe, test_skipped)
     assert images.shape == (3, 16, 16, 3) and len(labels) == 3
     assert test_skipped == calibration_skipped
+
+
+def test_optimize_prints_no_converter_lines_and_points_at_the_edge_extra(trained, tmp_path,
+                                                                          capfd, monkeypatch):
+    """Issue 29 minor: the converter's `Ignored output_format` lines, the interpreter's
+    XNNPACK line and TensorFlow's "deletion in TF 2.20" warning reached the terminal."""
+    import kcls.optimize.interpreter as interpreter
+
+    _, _, export_dir = trained
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # as from Python, not the CLI
+    monkeypatch.setattr(interpreter, "_warned_about_tf_lite", False)
+    with pytest.warns(UserWarning) as warned:
+        optimize(export_dir, "ptq-dynamic", tmp_path / "out", latency_runs=2)
+    printed = capfd.readouterr()
+    for line in ("Ignored output_format", "XNNPACK", "drop_control_dependency"):
+        assert line not in printed.err + printed.out
+    messages = [str(warning.message) for warning in warned]
+    assert not [message for message in messages if "scheduled for deletion" in message]
+    if interpreter.interpreter_name() == "tf.lite":
+        assert [message for message in messages if 'pip install "kcls[edge]"' in message]
+
+
+def test_importing_the_tf_mot_worker_leaves_this_process_on_keras_3():
+    # The worker switches a process to tf-keras only when it runs as the program: a test
+    # (or a docs check) importing it once must not hand TF_USE_LEGACY_KERAS=1 to every
+    # child process started after it (CLI runs, notebook kernels).
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    code = ("import os, kcls.optimize.mot_worker\n"
+            "print(os.environ.get('TF_USE_LEGACY_KERAS', 'unset'))")
+    printed = subprocess.run([sys.executable, "-c", code], env=environment, check=True,
+                             capture_output=True, text=True).stdout
+    assert printed.split()[-1] == "unset"

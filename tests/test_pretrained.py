@@ -1,4 +1,4 @@
-"""Real ImageNet weights offline: the EfficientNet-Lite0 port from the pip-shipped checkpoint.
+"""Real ImageNet weights offline: the EfficientNet-Lite0/1/2 ports from pip-shipped checkpoints.
 
 The conversion must place every checkpoint tensor exactly once and fill every Keras
 weight; the converted network must recognise real photos (zero-shot ants vs bees with
@@ -27,6 +27,8 @@ from kcls.models.classifier import build_classifier, build_imagenet_classifier
 from kcls.models.pretrained import (
     BACKBONE_FILE,
     EFFICIENTNET_LITE0,
+    EFFICIENTNET_LITE1,
+    EFFICIENTNET_LITE2,
     HEAD_FILE,
     MANIFEST_FILE,
     PipWeights,
@@ -43,6 +45,10 @@ HYMENOPTERA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "
 needs_hymenoptera = pytest.mark.skipif(
     not HYMENOPTERA.is_dir(), reason=f"real photos not found at {HYMENOPTERA} (../shared/data)")
 IMAGENET_BEE, IMAGENET_ANT = 309, 310
+# backbone -> (its pip-shipped weights, checkpoint tensors, kcls blocks: the stem + MBConvs)
+LITE_VARIANTS = {"efficientnet_lite0": (EFFICIENTNET_LITE0, 296, 17),
+                 "efficientnet_lite1": (EFFICIENTNET_LITE1, 386, 22),
+                 "efficientnet_lite2": (EFFICIENTNET_LITE2, 386, 22)}
 
 
 @pytest.fixture
@@ -57,8 +63,9 @@ def checkpoint() -> dict[str, np.ndarray]:
     return read_legacy_checkpoint(EFFICIENTNET_LITE0.checkpoint_path())
 
 
-def backbone_and_head(image_size: int = 32) -> tuple[keras.Model, keras.layers.Dense]:
-    backbone = build_backbone("efficientnet_lite0", image_size)
+def backbone_and_head(name: str = "efficientnet_lite0", image_size: int = 32
+                      ) -> tuple[keras.Model, keras.layers.Dense]:
+    backbone = build_backbone(name, image_size)
     head = keras.layers.Dense(1000, name="head")
     head.build((None, 1280))
     return backbone, head
@@ -91,8 +98,12 @@ def test_truncated_and_zip_checkpoints_are_clear_errors(tmp_path):
         read_legacy_checkpoint(zipped)
 
 
-def test_every_tensor_lands_in_exactly_one_keras_weight(checkpoint):
-    backbone, head = backbone_and_head()
+@pytest.mark.parametrize("backbone_name", LITE_VARIANTS)
+def test_every_tensor_lands_in_exactly_one_keras_weight(backbone_name):
+    weights, tensor_count, block_count = LITE_VARIANTS[backbone_name]
+    checkpoint = read_legacy_checkpoint(weights.checkpoint_path())
+    assert len(checkpoint) == tensor_count
+    backbone, head = backbone_and_head(backbone_name)
     tensor_map = efficientnet_lite_tensor_map(backbone)
     used = {name for name in checkpoint if not name.endswith("num_batches_tracked")}
     assert set(tensor_map) == used  # every tensor is used ...
@@ -114,8 +125,8 @@ def test_every_tensor_lands_in_exactly_one_keras_weight(checkpoint):
         else:
             expected = tensor.T
         np.testing.assert_array_equal(variable.numpy(), expected, err_msg=name)
-    # The blocks kcls unfreezes are the checkpoint's 16 MBConv blocks (+ the stem).
-    assert len(backbone_blocks(backbone)) == 17
+    # The blocks kcls unfreezes are the checkpoint's MBConv blocks (+ the stem).
+    assert len(backbone_blocks(backbone)) == block_count
 
 
 def test_a_missing_extra_or_misshapen_tensor_is_refused(checkpoint):
@@ -187,6 +198,18 @@ def test_the_cache_is_written_once_and_rebuilt_when_damaged(empty_cache):
     assert (folder / MANIFEST_FILE).is_file()
 
 
+def test_the_same_seed_gives_the_same_head_with_an_empty_or_a_full_cache(empty_cache):
+    # Converting the checkpoint (empty cache) must not draw from the random state the new
+    # head is initialised from, or a first run trains another model than its reruns.
+    heads = []
+    for _ in range(2):  # the first converts, the second reads the cache
+        keras.utils.set_random_seed(0)
+        classifier = build_classifier(ModelConfig(backbone="efficientnet_lite0",
+                                                  weights="imagenet"), 2, 32)
+        heads.append(classifier.get_layer("logits").get_weights()[0])
+    np.testing.assert_array_equal(heads[0], heads[1])
+
+
 def test_a_missing_weights_package_names_the_pip_install():
     absent = PipWeights(distribution="no-such-weights-package", module="no_such_weights_module",
                         file="model.pth", cache_name="absent",
@@ -197,18 +220,22 @@ def test_a_missing_weights_package_names_the_pip_install():
 
 @pytest.mark.slow
 @needs_hymenoptera
-def test_zero_shot_ants_vs_bees_with_the_imagenet_head():
-    model = build_imagenet_classifier("efficientnet_lite0")
+@pytest.mark.parametrize("name", LITE_VARIANTS)
+def test_zero_shot_ants_vs_bees_with_the_imagenet_head(name):
+    # At the resolution each network was trained at (224, 240, 260 px).
+    model = build_imagenet_classifier(name)
+    size = model.input_shape[1]
     files = scan_folder(HYMENOPTERA / "val")
     assert files.class_names == ["ants", "bees"]
     images = tf.data.Dataset.from_tensor_slices((files.paths, files.labels)).map(
-        decode_image_file).map(lambda image, label: prepare_image(image, 224, "center_crop"))
+        decode_image_file).map(lambda image, label: prepare_image(image, size, "center_crop"))
     logits = model.predict(images.batch(32), verbose=0)
     predicted = np.where(logits[:, IMAGENET_ANT] > logits[:, IMAGENET_BEE], 0, 1)
     accuracy = float(np.mean(predicted == files.labels))
-    print(f"zero-shot ants vs bees on {len(files.paths)} photos: {accuracy:.3f}")
+    print(f"{name} zero-shot ants vs bees on {len(files.paths)} photos at {size} px: "
+          f"{accuracy:.3f}")
     assert len(files.paths) == 153
-    assert accuracy >= 0.90  # measured 0.974
+    assert accuracy >= 0.95  # measured 0.974 (Lite0), 0.967 (Lite1), 0.974 (Lite2)
 
 
 def fine_tune_accuracy(weights: str | None, train: tf.data.Dataset,
@@ -269,12 +296,14 @@ def test_the_finetune_recipe_runs_on_a_photo_folder_and_its_export_predicts(tmp_
         "--set", "train.frozen_epochs=1", "--set", "train.unfrozen_epochs=1",
         "--set", "train.steps_per_epoch=2", "--set", f"export.base_dir={models}"])
     assert result.exit_code == 0, result.output
-    config = json.loads((models / "finetune" / "1" / "kcls.json").read_text())
+    config = json.loads((models / "hymenoptera-train" / "1" / "kcls.json").read_text())
     assert config["recipe"]["model"] == {"backbone": "efficientnet_lite0",
                                          "weights": "imagenet", "dropout": 0.2,
                                          "task": "multiclass"}
     sample = sorted((tmp_path / "run" / "samples").glob("*.png"))[0]
-    predicted = CliRunner().invoke(main, ["predict", str(models / "finetune"), str(sample)])
+    # Served under the folder's name (issue 29, defect 10), not the recipe's.
+    predicted = CliRunner().invoke(main, ["predict", str(models / "hymenoptera-train"),
+                                          str(sample)])
     assert predicted.exit_code == 0, predicted.output
     labels = [label for label in predicted.output.split() if label in ("ants", "bees")]
     assert len(labels) == 2  # both classes, ranked

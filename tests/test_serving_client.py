@@ -8,7 +8,6 @@ tests see that images survive the base64/proto round trip byte for byte.
 
 import base64
 import hashlib
-import ipaddress
 import json
 import re
 import socket
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from conftest import closed_port
 
 from kcls.cli import main
 from kcls.monitoring.prediction_log import read_predictions
@@ -31,40 +31,6 @@ IMAGES = [b"\x89PNG\r\n\x1a\n first image \x00\xff", b"\xff\xd8\xff second \x00 
 CORRUPT = b"BAD: not an image"
 DECODE_ERROR = ("Unknown image file format. One of JPEG, PNG, GIF, BMP required.\n"
                 "\t [[{{node DecodeImage}}]]")
-
-_CONNECT = socket.socket.connect  # captured before conftest's no_network patches it
-_GETADDRINFO = socket.getaddrinfo
-_CREATE_CONNECTION = socket.create_connection
-
-
-def _is_loopback(host) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-@pytest.fixture
-def loopback_only(no_network, monkeypatch):
-    """Re-allows connections to 127.0.0.0/8 and ::1; everything else stays blocked."""
-    refuse_connect, refuse_lookup = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if self.family in (socket.AF_INET, socket.AF_INET6) and _is_loopback(host):
-            return _CONNECT(self, address)
-        return refuse_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if _is_loopback(host):
-            return _GETADDRINFO(host, *args, **kwargs)
-        return refuse_lookup(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    # The original resolves and connects through the two guarded functions above.
-    monkeypatch.setattr(socket, "create_connection", _CREATE_CONNECTION)
-
 
 def digest(image: bytes) -> str:
     return hashlib.sha256(image).hexdigest()[:12]
@@ -79,12 +45,6 @@ def fake_outputs(images: list[bytes]) -> dict[str, np.ndarray]:
             "scores": np.tile(np.float32([0.75, 0.25]), (count, 1)),
             "classes": np.tile(np.int32([2, 0]), (count, 1)),
             "probabilities": np.tile(np.float32([0.25, 0.0, 0.75]), (count, 1))}
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------

@@ -153,10 +153,23 @@ def scan_images(root: str | Path) -> FolderFiles:
 
 def list_image_files(root: Path) -> list[Path]:
     """The image files (by extension) under the folder `root`, at any depth, sorted;
-    hidden files and folders (names starting with `.`) left out. Nothing is opened."""
-    return [path for path in sorted(root.rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    hidden files and folders (names starting with `.`) left out. Nothing is opened.
+
+    Symbolic links to folders are followed, as training follows a symlinked class
+    folder; each real folder is listed once, so a link loop ends.
+    """
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [Path(folder) / name for name in names if not name.startswith(".")
+                  and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                  and (Path(folder) / name).is_file()]
+    return sorted(found)
 
 
 def check_images(root: str | Path, paths: Sequence[Path]) -> list[bool]:
@@ -186,19 +199,32 @@ def check_images(root: str | Path, paths: Sequence[Path]) -> list[bool]:
 
 def _check_class_name(class_dir: Path) -> None:
     """Refuses a class folder name that `labels.txt` (one name per line) cannot hold."""
-    name = class_dir.name
-    # Control characters (newline, tab, ...), line and paragraph separators split or
-    # hide lines; surrogates stand for bytes that are not UTF-8; outer spaces vanish
-    # when a reader strips lines.
-    odd = [c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")]
-    if odd or name != name.strip():
+    problem = class_name_problem(class_dir.name)
+    if problem:
         raise ConfigError(
             f"Class folder {printable_path(class_dir)!r} has a name kcls cannot use as a "
-            "class name: "
-            + ("it contains control or line-separator characters, or bytes that are not "
-               "UTF-8" if odd else "it starts or ends with a space")
-            + ", which would misalign the class names in the export's labels.txt. "
-            "Please rename the folder (letters, digits, spaces, '-' and '_' are safe).")
+            f"class name: {problem}, which would misalign the class names in the export's "
+            "labels.txt. Please rename the folder (letters, digits, spaces, '-' and '_' are "
+            "safe).")
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name (a line of `labels.txt`), or None when it can.
+
+    Control characters (newline, tab, ...), line and paragraph separators split or hide
+    lines; surrogates stand for bytes that are not UTF-8; outer spaces vanish when a
+    reader strips lines. Folder class names and manifest labels meet the same check.
+
+    >>> class_name_problem("ants"), class_name_problem("in/out")
+    (None, None)
+    >>> class_name_problem("a\u2028b")
+    'it contains control or line-separator characters, or bytes that are not UTF-8'
+    """
+    if any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in name):
+        return "it contains control or line-separator characters, or bytes that are not UTF-8"
+    if name != name.strip():
+        return "it starts or ends with a space"
+    return None
 
 
 def decode_image_file(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -17,8 +17,10 @@ Rows that cannot train are skipped, counted and named, never dropped silently
 a missing, unreadable or undecodable image (the checks of folder sources,
 `kcls.data.folder.check_images`), an empty label set, a label not in `labels.txt`, and
 a repeated path (the first row counts). A manifest that cannot be read at all (no such
-file, no `path`/`labels` columns, an unknown split name, or no usable row) is a
-`ConfigError` naming the fix.
+file, not UTF-8 text, no `path`/`labels` columns, an unknown split name, a label that
+cannot be a class name (control or line-separator characters, as for folder class
+names), or no usable row) is a `ConfigError` naming the fix. A UTF-8 byte-order mark
+(Excel's "CSV UTF-8") is read as text, not as part of the first column's name.
 
 Example:
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from kcls.config import ConfigError
-from kcls.data.folder import check_images, printable_path
+from kcls.data.folder import check_images, class_name_problem, printable_path
 from kcls.layout import MANIFEST_LABELS_FILE
 
 LABEL_SEPARATOR = ";"
@@ -76,13 +79,16 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         raise ConfigError(
             f"Manifest {str(manifest)!r} does not exist. Pass data.source=manifest:PATH.csv, "
             "a CSV with columns path,labels (labels separated by ';').")
-    with open(manifest, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
-        columns = rows[0].keys() if rows else []
+    reader = csv.DictReader(io.StringIO(read_text(manifest), newline=""))
+    if reader.fieldnames:  # "path, labels" (a space after the comma) is fine too
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    rows = list(reader)
+    columns = list(rows[0].keys()) if rows else []
     if "path" not in columns or "labels" not in columns:
         raise ConfigError(
             f"Manifest {str(manifest)!r} needs a header row with the columns path,labels "
-            f"(and optionally split); it has {', '.join(columns) or 'no rows'}.")
+            "(and optionally split); it has "
+            f"{', '.join(repr(column) for column in columns) or 'no rows'}.")
     known = _known_labels(manifest)
     skipped: list[str] = []
     reasons: collections.Counter[str] = collections.Counter()
@@ -97,6 +103,7 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         path = (row.get("path") or "").strip()
         labels = [label.strip() for label in (row.get("labels") or "").split(LABEL_SEPARATOR)]
         labels = sorted({label for label in labels if label})
+        _check_labels(labels, f"Manifest {str(manifest)!r} row {number}")
         split = (row.get("split") or "").strip() if "split" in columns else None
         if split is not None and split not in SPLIT_NAMES:
             raise ConfigError(
@@ -142,10 +149,42 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
                          skipped)
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a manifest or `labels.txt`, a byte-order mark dropped (Excel's
+    "CSV UTF-8" writes one).
+
+    Raises:
+        ConfigError: the file is not UTF-8 (e.g. latin-1): the message names the line.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{str(path)!r} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}, "
+            "e.g. a latin-1 file): save it as UTF-8 (Excel: 'CSV UTF-8').") from None
+
+
+def _check_labels(labels: list[str], where: str) -> None:
+    """Refuses labels that cannot be class names (`kcls.data.folder.class_name_problem`)."""
+    for label in labels:
+        problem = class_name_problem(label)
+        if problem:
+            raise ConfigError(
+                f"{where}: the label {label!r} cannot be a class name: {problem}, which would "
+                "misalign the class names in the export's labels.txt. Rename the label.")
+
+
 def _known_labels(manifest: Path) -> list[str] | None:
-    """The class names of `labels.txt` beside the manifest, or None without one."""
+    """The class names of `labels.txt` beside the manifest, or None without one.
+
+    Lines are split on newlines only: `str.splitlines` would also split on the line
+    separators (U+2028, ...) a label cannot hold anyway.
+    """
     labels_file = manifest.parent / MANIFEST_LABELS_FILE
     if not labels_file.is_file():
         return None
-    return [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
-
+    names = [line.strip() for line in read_text(labels_file).split("\n") if line.strip()]
+    _check_labels(names, str(labels_file))
+    return names

@@ -4,7 +4,8 @@ A source is named by `DataConfig.source`:
 
 - `sklearn:digits` — scikit-learn's bundled 8x8 handwritten digits (1,797 real images,
   10 classes), offline everywhere scikit-learn is installed.
-- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir`; a
+- `tfds:NAME` — a TensorFlow Datasets dataset, read from `DataConfig.data_dir` (and
+  downloaded and prepared there by TFDS on first use with `data.download=auto`); a
   `labels` feature that is a sequence of class labels makes it multi-label (float32
   multi-hot `[C]` labels).
 - `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
@@ -30,12 +31,14 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
-from kcls.config import ConfigError, DataConfig
+from kcls.config import ConfigError, DataConfig, DownloadPolicy, require_choice
 
 
 @dataclass
@@ -57,6 +60,10 @@ class Splits:
         fingerprint: hex digest of what the source read (the files with their sizes and
             modification times, the array bytes, or the TFDS dataset and version), which
             keys on-disk caches (see `kcls.data.pipeline`).
+        test_files: list[str], the image files of the test split in its order, for
+            sources made of files (folders, manifests); None for the others, whose test
+            split does not change (arrays, TFDS). A run records it, so `kcls evaluate`
+            scores the same images however the folder grows (`recorded_test_examples`).
     """
 
     train: tf.data.Dataset
@@ -67,6 +74,38 @@ class Splits:
     skipped: list[str] = field(default_factory=list)
     train_labels: np.ndarray | None = None
     fingerprint: str = ""
+    test_files: list[str] | None = None
+
+    def evaluated_test_files(self) -> list[str] | None:
+        """The file of each test example that reached the model, in order (read it
+        after the pass), or None for sources without files."""
+        return evaluated_files(self.test_files, self.skipped)
+
+
+@dataclass
+class HeldOut:
+    """Held-out examples to score a trained model on (`test_examples`).
+
+    Attributes:
+        examples: unbatched `(uint8 image, label)` examples.
+        skipped: the files that did not reach them (appended to while they are read).
+        files: the image file of each example in order (before any is skipped), or None
+            for sources without files.
+    """
+
+    examples: tf.data.Dataset
+    skipped: list[str]
+    files: list[str] | None = None
+
+    def evaluated_files(self) -> list[str] | None:
+        """The file of each example that reached the model (read it after the pass)."""
+        return evaluated_files(self.files, self.skipped)
+
+
+def evaluated_files(files: list[str] | None, skipped: list[str]) -> list[str] | None:
+    """`files` without the `skipped` ones, or None without files."""
+    failed = set(skipped)
+    return None if files is None else [path for path in files if path not in failed]
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -89,9 +128,9 @@ def load_splits(config: DataConfig) -> Splits:
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
-def test_examples(config: DataConfig, class_names: list[str], source: str | None = None
-                  ) -> tuple[tf.data.Dataset, list[str]]:
-    """The held-out examples to score a trained model on, and their skipped files.
+def test_examples(config: DataConfig, class_names: list[str], source: str | None = None,
+                  test_files: list[str] | None = None) -> HeldOut:
+    """The held-out examples to score a trained model on, their files and skipped files.
 
     Args:
         config: the model's DataConfig: its source, seed and fractions name the test
@@ -100,29 +139,105 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
         source: another `data.source` to score on instead: `folder:PATH` takes every
             image of that folder (its class folders must be the model's classes), any
             other source its test split.
-
-    Returns:
-        `(examples, skipped)`: unbatched `(uint8 image, label)` examples, and the files
-        that did not reach them (appended to while the examples are read).
+        test_files: the test split's files the model's run recorded
+            (`Splits.test_files`), scored instead of a split made again from data that
+            may have grown since (`recorded_test_examples`); not used with `source`.
 
     Raises:
         ConfigError: unusable data, or classes that differ from `class_names`.
     """
+    if source is None and test_files is not None:
+        return recorded_test_examples(config, class_names, test_files)
     if source and source.startswith("folder:"):
         from kcls.data.folder import decode_files, scan_folder
 
         files = scan_folder(source.partition(":")[2])
-        found, skipped = files.class_names, files.skipped
-        examples = decode_files(files.paths, files.labels, skipped)
+        found = files.class_names
+        held_out = HeldOut(decode_files(files.paths, files.labels, files.skipped),
+                           files.skipped, files.paths)
     else:
         splits = load_splits(dataclasses.replace(config, source=source or config.source))
-        found, examples, skipped = splits.class_names, splits.test, splits.skipped
+        found = splits.class_names
+        held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
     if found != class_names:
         raise ConfigError(
             f"The evaluation data's classes {found} are not the model's classes "
             f"{class_names}; evaluate on data with the same class folders or labels (for a "
             "manifest, the model's labels.txt beside it).")
-    return examples, skipped
+    return held_out
+
+
+def recorded_test_examples(config: DataConfig, class_names: list[str],
+                           test_files: list[str]) -> HeldOut:
+    """The test files a run recorded, read from its folder or manifest as it is now.
+
+    The files keep the labels the source gives them now (by class name, so a class
+    folder added since changes nothing); a recorded file that is gone, no longer of one
+    of the model's classes, or unreadable is skipped and named, never replaced by
+    another image.
+
+    Raises:
+        ConfigError: the source is not made of files, or none of the files is left.
+    """
+    from kcls.data.folder import decode_files
+
+    paths, labels, names, unreadable = _source_files(config)
+    labels, known = _relabel(np.asarray(labels), names, class_names)
+    position = {path: index for index, path in enumerate(paths)}
+    kept = [position[path] for path in test_files if path in position and known[position[path]]]
+    unreadable = set(unreadable)
+    skipped = [path if path in unreadable else f"{path} (no longer in {config.source} under "
+               "one of the model's classes)" for path in test_files
+               if path not in position or not known[position[path]]]
+    if not kept:
+        raise ConfigError(
+            f"None of the {len(test_files)} test images the run recorded is in "
+            f"{config.source} any more (first: {test_files[0] if test_files else 'none'}); "
+            "evaluate on other data with --data SOURCE.")
+    files = [paths[index] for index in kept]
+    return HeldOut(decode_files(files, labels[kept], skipped), skipped, files)
+
+
+FILE_SOURCES = ("folder", "manifest")
+
+
+def has_files(config: DataConfig) -> bool:
+    """Whether `config.source` is made of image files (`Splits.test_files` is known)."""
+    return config.source.partition(":")[0] in FILE_SOURCES
+
+
+def _source_files(config: DataConfig) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """`(paths, labels, class_names, unreadable files)` of a folder or manifest source."""
+    kind, _, argument = config.source.partition(":")
+    if kind == "folder":
+        from kcls.data.folder import scan_folder
+
+        files = scan_folder(argument)
+        return files.paths, files.labels, files.class_names, files.skipped
+    if kind == "manifest":
+        from kcls.data.manifest import read_manifest
+
+        files = read_manifest(argument)
+        return files.paths, files.targets, files.class_names, []  # rows named in warnings
+    raise ConfigError(f"{config.source!r} is not a source of files: its test split cannot "
+                      "be read back from a list of files.")
+
+
+def _relabel(labels: np.ndarray, names: list[str], class_names: list[str]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels over classes `names` as labels over `class_names` (matched by name), and
+    whether each example still has one of them: `(labels, known bool [N])`."""
+    if names == class_names:
+        return labels, np.ones(len(labels), bool)
+    if labels.ndim == 1:  # class indices
+        mapping = np.asarray([class_names.index(name) if name in class_names else -1
+                              for name in names], np.int64)
+        relabelled = mapping[labels]
+        return np.maximum(relabelled, 0), relabelled >= 0
+    columns = [labels[:, names.index(name)] if name in names else np.zeros(len(labels))
+               for name in class_names]  # multi-hot
+    relabelled = np.stack(columns, axis=1).astype(labels.dtype)
+    return relabelled, relabelled.sum(axis=1) > 0
 
 
 def splits_from_arrays(images: np.ndarray, labels: np.ndarray, class_names: list[str],
@@ -160,7 +275,7 @@ def _folder_splits(root: str, config: DataConfig) -> Splits:
         # `files.skipped`, the list `Splits.skipped` reports, instead of vanishing.
         return decode_files(paths[selected], files.labels[selected], files.skipped)
 
-    splits = _split(files.labels, files.class_names, config, dataset)
+    splits = _split(files.labels, files.class_names, config, dataset, paths)
     splits.skipped = files.skipped
     stats = [os.stat(path) for path in files.paths]
     splits.fingerprint = fingerprint(
@@ -204,7 +319,8 @@ def _manifest_splits(manifest: str, config: DataConfig) -> Splits:
                   skipped=files.skipped, train_labels=files.targets[train],
                   fingerprint=fingerprint(
                       files.paths, files.targets.tobytes(), files.splits, files.class_names,
-                      [(stat.st_size, stat.st_mtime_ns) for stat in stats]))
+                      [(stat.st_size, stat.st_mtime_ns) for stat in stats]),
+                  test_files=paths[test].tolist())
 
 
 def fingerprint(*parts: object) -> str:
@@ -216,7 +332,8 @@ def fingerprint(*parts: object) -> str:
 
 
 def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
-           dataset: Callable[[np.ndarray], tf.data.Dataset]) -> Splits:
+           dataset: Callable[[np.ndarray], tf.data.Dataset],
+           files: np.ndarray | None = None) -> Splits:
     """Stratified, seeded test and validation split of examples `0..N-1`.
 
     Args:
@@ -224,6 +341,7 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
         class_names: list[str], one per class.
         config: DataConfig, for `test_fraction`, `validation_fraction` and `seed`.
         dataset: makes the dataset of the examples at the given indices, in their order.
+        files: str array `(N,)` of the examples' files, for `Splits.test_files`.
     """
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=len(class_names))
@@ -252,7 +370,8 @@ def _split(labels: np.ndarray, class_names: list[str], config: DataConfig,
     validation = dataset(validation_indices) if len(validation_indices) else None
     return Splits(dataset(train_indices), validation, dataset(test_indices), list(class_names),
                   {"train": len(train_indices), "validation": len(validation_indices),
-                   "test": len(test_indices)}, train_labels=labels[train_indices])
+                   "test": len(test_indices)}, train_labels=labels[train_indices],
+                  test_files=None if files is None else files[test_indices].tolist())
 
 
 def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
@@ -364,19 +483,7 @@ def _sklearn_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _tfds_splits(name: str, config: DataConfig) -> Splits:
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=config.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(
-            f"TFDS has no dataset named {name!r} (data.source=tfds:{name}). "
-            "See https://www.tensorflow.org/datasets/catalog for the names.") from None
-    if not builder.is_prepared():
-        raise ConfigError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r} and kcls does not "
-            "download data during a run. Prepare it where there is internet "
-            f"(`tfds build {name} --data_dir DIR`) and point kcls at it with "
-            "--set data.data_dir=DIR, or train on local images with "
-            "--set data.source=folder:PATH (one sub-folder per class).")
+    builder = tfds_builder(name, config)
     features = builder.info.features
     label_key = next((key for key in ("label", "labels") if key in features), None)
     if "image" not in features or label_key is None:
@@ -420,6 +527,62 @@ def _tfds_splits(name: str, config: DataConfig) -> Splits:
     return Splits(train.skip(validation_count), validation, test, class_names,
                   {"train": train_count - validation_count, "validation": validation_count,
                    "test": test_count}, fingerprint=source)
+
+
+def tfds_builder(name: str, config: DataConfig) -> Any:
+    """The TFDS builder of dataset `name`, prepared in `config.data_dir` (TFDS's default
+    folder when None).
+
+    With `data.download=auto` a dataset that is not prepared yet is downloaded and
+    prepared by TFDS itself (`download_and_prepare`: its URLs, checksums and progress
+    bars; files it has to be given by hand are read from `<data_dir>/downloads/manual`);
+    with `never` kcls refuses instead.
+
+    Returns:
+        A `tfds.core.DatasetBuilder` whose `as_dataset` reads the prepared files.
+
+    Raises:
+        ConfigError: an unknown name, a dataset that is not prepared with
+            `data.download=never`, or one that cannot be downloaded (no network, files
+            missing from the manual folder); the message names the dataset and the way
+            around.
+    """
+    import tensorflow_datasets as tfds
+
+    require_choice(config.download, DownloadPolicy, "data.download")
+    try:
+        builder = tfds.builder(name, data_dir=config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(
+            f"TFDS has no dataset named {name!r} (data.source=tfds:{name}). "
+            "See https://www.tensorflow.org/datasets/catalog for the names.") from None
+    if builder.is_prepared():
+        return builder
+    elsewhere = (f"prepare it where there is internet (`tfds build {name} --data_dir DIR`) "
+                 "and point kcls at it with --set data.data_dir=DIR, or train on local images "
+                 "with --set data.source=folder:PATH (one sub-folder per class)")
+    if config.download == "never":
+        raise ConfigError(
+            f"TFDS dataset {name!r} is not prepared in {str(builder.data_dir)!r} and "
+            f"data.download=never: {elsewhere}, or let TFDS download it with "
+            "--set data.download=auto.")
+    try:
+        builder.download_and_prepare()
+    except (OSError, tfds.download.DownloadError) as error:  # requests' errors are OSErrors
+        raise ConfigError(
+            f"Could not download TFDS dataset {name!r} into {str(builder.data_dir)!r} "
+            f"({type(error).__name__}: {str(error)[:160]}; no internet?): {elsewhere}."
+        ) from None
+    except AssertionError:  # TFDS's way of saying the manual download folder is empty
+        if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+            raise
+        # TFDS's default download folder: `downloads/` beside the dataset folders.
+        manual = Path(builder.data_dir).parents[1] / "downloads" / "manual"
+        raise ConfigError(
+            f"TFDS dataset {name!r} needs files downloaded by hand: put them into "
+            f"{str(manual)!r} as its MANUAL_DOWNLOAD_INSTRUCTIONS say (`tfds build {name}` "
+            "prints them), then run again.") from None
+    return builder
 
 
 def _as_rgb_example(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -25,9 +25,10 @@ import tensorflow as tf
 from kcls.config import ConfigError
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import test_examples
+from kcls.data.sources import HeldOut, Splits, has_files, test_examples
 from kcls.evaluation.report import write_report
-from kcls.load import load_classifier
+from kcls.files import check_output_dir
+from kcls.load import LoadedClassifier, load_classifier
 from kcls.models.classifier import inference_function
 from kcls.tasks import Evaluation, SingleLabelTask, Task
 
@@ -44,6 +45,10 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
 
     Returns:
         `(logits float32 [N, C], labels float32 [N, C])`.
+
+    Raises:
+        ConfigError: a logit is NaN or infinite (training diverged; the message says
+            what to change).
     """
     # One pass, batch by batch: `predict()` would read the data twice (images, then
     # labels) and warn that a dataset of unknown length "ran out of data". Run here alone
@@ -53,8 +58,14 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
     for images, batch_labels in batches:
         logits.append(predict(images[:, :, ::-1] if flip else images))
         labels.append(batch_labels.numpy())
-    return (np.concatenate(logits).astype(np.float32),
-            np.concatenate(labels).astype(np.float32))
+    logits = np.concatenate(logits).astype(np.float32)
+    broken = int(np.count_nonzero(~np.isfinite(logits).all(axis=1)))
+    if broken:  # every metric, the temperature and scikit-learn would fail on them
+        raise ConfigError(
+            f"The classifier outputs NaN or infinite logits for {broken} of {len(logits)} "
+            "images: its training diverged (a NaN loss). Train again with a lower "
+            "train.learning_rate (`kcls lr-find NAME` suggests one) or with train.clipnorm=1.")
+    return logits, np.concatenate(labels).astype(np.float32)
 
 
 def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
@@ -88,7 +99,8 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
 
 def evaluate_model(model_path: str, data_source: str | None = None,
                    out_dir: str | None = None, flip_tta: bool = False,
-                   log: Callable[[str], None] = print) -> Evaluation:
+                   log: Callable[[str], None] = print,
+                   splits: Splits | None = None) -> Evaluation:
     """Evaluates an export or a run directory and writes the report (what `kcls evaluate` does).
 
     The model's task scores it as it serves (its calibration temperature or per-label
@@ -99,12 +111,15 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         data_source: `folder:PATH` evaluates every image of that folder (its class
             folders must be the model's classes); any other source (`tfds:NAME`,
             `sklearn:digits`, `manifest:PATH.csv`) the test split of that source. `None`:
-            the test split the model's recipe held out (same seed, so never an image it
-            trained on).
+            the test split the model held out: the test files its run recorded (`run.json`,
+            `kcls.json`), however the folder grew since, or for sources without files the
+            recipe's split (same seed, so never an image it trained on).
         out_dir: where `metrics.json`, `report.md` and the plots go (None: no files).
         flip_tta: also report flip test-time augmentation metrics.
         log: receives a line naming the files of the data that did not reach the model
             (unreadable or undecodable images of a folder), when there are any.
+        splits: evaluate on `splits.test` (the data the model was trained with, e.g.
+            in-memory arrays) instead of loading `data_source` or the recipe's source.
 
     Returns:
         The Evaluation; its `skipped` lists those files (also in `report.md`).
@@ -113,21 +128,37 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         ConfigError: unusable data, class names that differ from the model's, or flip
             TTA for a task without it.
         FileNotFoundError: `model_path` is neither an export nor a run directory.
+        OutputFolderError: `out_dir` cannot be written.
     """
+    if out_dir:
+        check_output_dir(out_dir)  # before the model and the data are read
     loaded = load_classifier(model_path)
     if flip_tta and not loaded.task.supports_flip_tta:
         raise ConfigError(f"--flip-tta is not supported for {loaded.task.description} models "
                           f"(model.task={loaded.task.name}); evaluate without it.")
-    data = loaded.recipe.data
-    examples, skipped = test_examples(data, loaded.class_names, data_source)
-    batches = eval_pipeline(examples, len(loaded.class_names),
-                            dataclasses.replace(data, cache="none"))
+    held_out = (HeldOut(splits.test, splits.skipped, splits.test_files) if splits is not None
+                else recorded_or_given(loaded, model_path, data_source, log))
+    batches = eval_pipeline(held_out.examples, len(loaded.class_names),
+                            dataclasses.replace(loaded.recipe.data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, loaded.class_names, flip_tta,
                                      loaded.task)
     # Read after the pass: files failing to decode during it were appended to `skipped`.
-    evaluation.skipped = list(skipped)
-    if skipped:
-        log(skipped_files_line(skipped))
+    evaluation.skipped, evaluation.files = list(held_out.skipped), held_out.evaluated_files()
+    if held_out.skipped:
+        log(skipped_files_line(held_out.skipped))
     if out_dir:
         write_report(out_dir, evaluation, loaded.task, loaded.class_names)
     return evaluation
+
+
+def recorded_or_given(loaded: LoadedClassifier, model_path: str, data_source: str | None,
+                      log: Callable[[str], None]) -> HeldOut:
+    """What `evaluate_model` scores: `data_source`, or else the test files the model's run
+    recorded (for older models without them, the recipe's test split made again)."""
+    data = loaded.recipe.data
+    test_files = loaded.metadata.get("test_files") if data_source is None else None
+    if data_source is None and test_files is None and has_files(data):
+        log(f"warning: {model_path} recorded no test files (trained by an older kcls): its "
+            f"test split is made again from {data.source} as it is now; if images were "
+            "added since, some of them may be images it trained on.")
+    return test_examples(data, loaded.class_names, data_source, test_files)

@@ -8,12 +8,14 @@ them, keeps the positive part and upsamples it to the image. kcls classifiers ar
 
 Example:
 
->>> loaded = load_classifier("saved_models/quickstart")  # doctest: +SKIP
->>> written = explain_files(loaded, ["digit.png"], "explanations")  # doctest: +SKIP
+>>> written = explain_model("saved_models/quickstart", ["digit.png"])  # doctest: +SKIP
+>>> written[0][0]  # doctest: +SKIP
+PosixPath('saved_models/quickstart/explanations/3/digit_gradcam.png')
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import keras
@@ -22,7 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from kcls.data.pipeline import prepare_image
-from kcls.load import LoadedClassifier
+from kcls.files import check_output_dir, safe_file_name, write_bytes, write_new_bytes
+from kcls.layout import EXPLANATIONS_DIR, model_output_dir
+from kcls.load import LoadedClassifier, load_classifier
 from kcls.models.classifier import BACKBONE_LAYER
 
 
@@ -70,13 +74,41 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
     return np.clip((1 - alpha) * image + alpha * colours, 0, 255).astype(np.uint8)
 
 
+def explain_model(model_path: str | Path, image_paths: list[str | Path],
+                  out_dir: str | Path | None = None, overwrite: bool = False
+                  ) -> list[tuple[Path, str, float]]:
+    """What `kcls explain` does: checks the output folder, loads the model
+    (`kcls.load.load_classifier`) and writes the overlays (`explain_files`).
+
+    Args:
+        model_path: an export (version or model folder) or a run directory.
+        image_paths: the images to explain.
+        out_dir: folder for the overlays; default `<run_dir>/explanations/` or
+            `<base_dir>/<model>/explanations/<version>/` (`kcls.layout.model_output_dir`).
+        overwrite: replace existing overlays of the same name.
+
+    Raises:
+        OutputFolderError: `out_dir` cannot be written (checked before the model loads).
+        ImageError, FileNotFoundError, DamagedFileError, ConfigError: as `explain_files`
+            and `load_classifier`.
+    """
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    loaded = load_classifier(model_path)  # its errors name what `model_path` lacks
+    out_dir = out_dir or check_output_dir(model_output_dir(model_path, EXPLANATIONS_DIR))
+    return explain_files(loaded, image_paths, out_dir, overwrite)
+
+
 def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
                   out_dir: str | Path, overwrite: bool = False
                   ) -> list[tuple[Path, str, float]]:
     """Writes a Grad-CAM overlay of each image for its top-1 class into `out_dir`; for a
     multi-label model one per predicted label, `photo_<label>_gradcam.png`.
 
-    The overlay of `photo.jpg` is `<out_dir>/photo_gradcam.png`. Names are unique within
+    Each PNG shows the image as the model sees it (resized) beside its overlay, under a
+    caption naming the label and its probability (as the export serves it). The overlay
+    of `photo.jpg` is `<out_dir>/photo_gradcam.png`; labels in names are escaped
+    (`kcls.files.safe_file_name`: `in/out` becomes `in%2Fout`). Names are unique within
     a call: a second `photo.*` (e.g. from another folder) gets `photo_gradcam-2.png`,
     and so on. An existing file is never replaced unless `overwrite` is set: the next
     free name is used instead.
@@ -108,29 +140,58 @@ def explain_files(loaded: LoadedClassifier, image_paths: list[str | Path],
         image = tf.cast(tf.round(prepared[0]), tf.uint8).numpy()
         for label, probability, stem in _explained_labels(loaded, logits[0], path.stem):
             heatmaps, _ = grad_cam(loaded.classifier, prepared, np.array([label]))
-            png = tf.io.encode_png(overlay(image, heatmaps[0])).numpy()
-            while True:
-                target = _overlay_path(out_dir, stem, {target for target, _, _ in written},
-                                       overwrite)
-                try:  # "x": another process may have taken the name since the check
-                    with open(target, "wb" if overwrite else "xb") as file:
-                        file.write(png)
-                    break
-                except FileExistsError:
-                    continue
-            written.append((target, loaded.class_names[label], probability))
+            name = loaded.class_names[label]
+            png = panel(image, overlay(image, heatmaps[0]), f"{name} {probability:.3f}")
+            target = _write_new(out_dir, stem, {target for target, _, _ in written}, png,
+                                overwrite)
+            written.append((target, name, probability))
     return written
+
+
+PANEL_SIDE = 224  # small model inputs (32 px) are enlarged to this, pixels kept sharp
+CAPTION_HEIGHT = 24
+
+
+def panel(image: np.ndarray, overlaid: np.ndarray, caption: str) -> bytes:
+    """A PNG of uint8 `image` `[S, S, 3]` beside `overlaid`, under a one-line `caption`.
+
+    Images smaller than `PANEL_SIDE` are enlarged by a whole factor (nearest neighbour).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    factor = max(1, PANEL_SIDE // max(image.shape[:2]))
+    pair = np.concatenate([image, overlaid], axis=1).repeat(factor, 0).repeat(factor, 1)
+    height, width = pair.shape[:2]
+    canvas = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
+    canvas.paste(Image.fromarray(pair), (0, CAPTION_HEIGHT))
+    ImageDraw.Draw(canvas).text((4, 4), caption, fill="black",
+                                font=ImageFont.load_default(size=14))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_new(out_dir: Path, stem: str, taken: set[Path], png: bytes,
+               overwrite: bool) -> Path:
+    """Writes `png` to the first free overlay name of `stem` (`_overlay_path`)."""
+    while True:
+        target = _overlay_path(out_dir, stem, taken, overwrite)
+        try:  # another process may have taken the name since the check
+            return (write_bytes if overwrite else write_new_bytes)(target, png)
+        except FileExistsError:
+            continue
 
 
 def _explained_labels(loaded: LoadedClassifier, logits: tf.Tensor, stem: str
                       ) -> list[tuple[int, float, str]]:
     """`(class index, probability, overlay stem)` of what to explain for one image: the
     task's explained labels (the top-1 class; for a multi-label model every label at or
-    above its threshold) with the probabilities the export serves, stems `<stem>_<label>`
-    when the task explains each label."""
+    above its threshold) with the probabilities the export serves, stems
+    `<stem>_<escaped label>` when the task explains each label."""
     probabilities = loaded.task.probabilities(np.asarray(logits)[None])[0]
     return [(label, float(probabilities[label]),
-             f"{stem}_{loaded.class_names[label]}" if loaded.task.explains_each_label else stem)
+             f"{stem}_{safe_file_name(loaded.class_names[label])}"
+             if loaded.task.explains_each_label else stem)
             for label in loaded.task.explained_labels(probabilities)]
 
 

@@ -5,7 +5,9 @@
     confusion_matrix.png    row-normalised, class names on the axes (single-label)
     reliability.png         accuracy vs confidence in 15 bins, with the ECE (before and
                             after temperature scaling, when the model was calibrated)
-    confident_mistakes.png  the held-out images the model got wrong most confidently
+    confident_mistakes.png  the held-out images the model got wrong most confidently,
+                            with their file names (`write_mistakes_table` lists them all
+                            in confident_mistakes.csv)
     pr_curves.png           one precision-recall curve per label, thresholds marked
                             (multi-label)
 
@@ -20,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from kcls.figures import plt, save_figure
+from kcls.files import write_text
 from kcls.layout import (
     CONFIDENT_MISTAKES_PLOT,
     CONFUSION_MATRIX_PLOT,
@@ -142,7 +147,8 @@ def confident_mistakes(evaluation: Evaluation, count: int = 16) -> np.ndarray:
 
 def plot_confident_mistakes(evaluation: Evaluation, images: Mapping[int, np.ndarray],
                             class_names: list[str], path: Path, count: int = 16) -> Path:
-    """A grid of the wrong predictions with the highest confidence, titled `true -> predicted`."""
+    """A grid of the wrong predictions with the highest confidence, titled `true ->
+    predicted confidence` over the image's file name (its test index without files)."""
     predictions = evaluation.probabilities.argmax(axis=1)
     confidence = evaluation.probabilities.max(axis=1)
     chosen = confident_mistakes(evaluation, count)
@@ -154,12 +160,33 @@ def plot_confident_mistakes(evaluation: Evaluation, images: Mapping[int, np.ndar
         axis.axis("off")
     for axis, index in zip(axes.flat, chosen):
         axis.imshow(images[index])
+        name = Path(evaluation.files[index]).name if evaluation.files else f"#{index}"
         axis.set_title(f"{class_names[evaluation.labels[index]]} -> "
-                       f"{class_names[predictions[index]]}\n{confidence[index]:.2f}", fontsize=8)
+                       f"{class_names[predictions[index]]} {confidence[index]:.2f}\n"
+                       f"{_shortened(name)}", fontsize=8)
     if not len(chosen):
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     figure.suptitle("most confident mistakes (true -> predicted, confidence)")
     return save_figure(figure, path)
+
+
+def _shortened(name: str, length: int = 28) -> str:
+    return name if len(name) <= length else name[:12] + "..." + name[-(length - 15):]
+
+
+def write_mistakes_table(evaluation: Evaluation, class_names: list[str], path: Path) -> Path:
+    """Writes every wrong single-label prediction, most confident first, as CSV:
+    `rank,file,true,predicted,confidence` (`file` empty when the data has no files)."""
+    predictions = evaluation.probabilities.argmax(axis=1)
+    confidence = evaluation.probabilities.max(axis=1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["rank", "file", "true", "predicted", "confidence"])
+    for rank, index in enumerate(confident_mistakes(evaluation, len(predictions)), start=1):
+        writer.writerow([rank, evaluation.files[index] if evaluation.files else "",
+                         class_names[evaluation.labels[index]],
+                         class_names[predictions[index]], f"{confidence[index]:.4f}"])
+    return write_text(path, buffer.getvalue())
 
 
 def _confusion_matrix(evaluation: Evaluation, class_names: list[str], path: Path,

@@ -18,9 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from kcls.evaluation.plots import PLOTS, plot_training_curves
+from kcls.evaluation.plots import PLOTS, plot_training_curves, write_mistakes_table
 from kcls.files import write_json, write_text
-from kcls.layout import METRICS_FILE, REPORT_FILE, TRAINING_CURVES_PLOT
+from kcls.layout import (
+    CONFIDENT_MISTAKES_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    TRAINING_CURVES_PLOT,
+)
 from kcls.tasks import Evaluation, Task
 
 
@@ -29,7 +34,9 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                  phases: list[dict[str, Any]] | None = None,
                  images: Mapping[int, np.ndarray] | None = None,
                  mistakes: int = 16) -> list[Path]:
-    """Writes `metrics.json`, `report.md` and the plots into `run_dir`.
+    """Writes `metrics.json`, `report.md`, the plots and, for a task with the confident
+    mistakes plot, `confident_mistakes.csv` (`evaluation.files` names the images) into
+    `run_dir`.
 
     Args:
         run_dir: output folder (created if missing).
@@ -58,16 +65,25 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
         path = plot(evaluation, class_names, run_dir / file_name, images, mistakes)
         if path is not None:
             written.append(path)
+    tables = []
+    if "confident_mistakes" in task.plots:
+        tables.append(write_mistakes_table(evaluation, class_names,
+                                           run_dir / CONFIDENT_MISTAKES_FILE))
     report = write_text(run_dir / REPORT_FILE, markdown_report(
-        task, evaluation.metrics, [path.name for path in written[1:]], evaluation.skipped))
-    return [*written, report]
+        task, evaluation.metrics, [path.name for path in written[1:]], evaluation.skipped,
+        [path.name for path in tables]))
+    return [*written, *tables, report]
 
 
 def markdown_report(task: Task, metrics: dict[str, Any], plots: list[str],
-                    skipped: list[str] | None = None) -> str:
-    """The task's metric sections under its title, the `skipped` files of the data that
-    did not reach the model (when there are any) and the plots embedded."""
+                    skipped: list[str] | None = None, tables: list[str] | None = None) -> str:
+    """The task's metric sections under its title, links to the `tables` (CSV files),
+    the `skipped` files of the data that did not reach the model (when there are any)
+    and the plots embedded."""
     lines = [f"# {task.report_title}", "", *task.report_sections(metrics)]
+    if tables:
+        lines += ["", "Every wrong prediction, most confident first, with its file: "
+                  + ", ".join(f"[{name}]({name})" for name in tables) + "."]
     if skipped:
         lines += ["", f"## Skipped files ({len(skipped)})", "",
                   "Unreadable or undecodable; not among the examples above.", ""]

@@ -21,6 +21,8 @@ class Evaluation:
         skipped: list[str] of the data's files that did not reach the model (unreadable
             or undecodable images; see `kcls.data.folder`), not counted in `N`.
         uncalibrated_probabilities: float32 `[N, C]` before temperature scaling, or None.
+        files: list[str] of the image file of each of the N examples, in order, when the
+            data is made of files (folders, manifests), else None.
     """
 
     metrics: dict[str, Any]
@@ -28,3 +30,4 @@ class Evaluation:
     labels: np.ndarray = field(repr=False)
     skipped: list[str] = field(default_factory=list)
     uncalibrated_probabilities: np.ndarray | None = field(default=None, repr=False)
+    files: list[str] | None = field(default=None, repr=False)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -55,7 +56,9 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
         images = keras.Input((image_size, image_size, 3), name="images")
         logits = classification_head(keras.layers, backbone(images), num_classes,
                                      config.dropout, dtype="float32")
-        return keras.Model(images, logits, name=f"{config.backbone}_classifier")
+        # Preset backbones (`keras_hub:PATH`) hold characters Keras names may not.
+        name = re.sub(r"[^\w.-]+", "_", config.backbone).strip("_")
+        return keras.Model(images, logits, name=f"{name}_classifier")
 
 
 def classification_head(layers: Any, features: Any, num_classes: int, dropout: float,

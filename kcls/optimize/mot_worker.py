@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import os
 
-# Must precede the first TensorFlow import of this process (see the module docstring).
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Must precede the first TensorFlow import of this process (see the module docstring);
+# only when this module is the program: an import (docs checks, tests) must not switch
+# the importing process, nor every child process it starts after, to tf-keras.
+if __name__ == "__main__":
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
 import sys  # noqa: E402

@@ -41,8 +41,8 @@ import tensorflow as tf
 from kcls.config import Recipe
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import prepare_image
-from kcls.data.sources import load_splits
-from kcls.files import write_bytes, write_json, write_text
+from kcls.data.sources import HeldOut, load_splits, recorded_test_examples
+from kcls.files import check_output_dir, write_bytes, write_json, write_text
 from kcls.layout import (
     FLOAT32_TFLITE_FILE,
     OPTIMIZE_REPORT_FILE,
@@ -66,15 +66,21 @@ from kcls.tasks import Task
 METHODS = PTQ_METHODS + TRAINING_METHODS
 
 
-def held_out_examples(recipe: Recipe, skipped: list[str] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """The recipe's held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]`
-    (multi-label: multi-hot int64 `[N, C]`).
+def held_out_examples(recipe: Recipe, skipped: list[str] | None = None,
+                      class_names: list[str] | None = None,
+                      test_files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out test split as arrays: float32 `[N, S, S, 3]`, int64 `[N]` (multi-label:
+    multi-hot int64 `[N, C]`): the `test_files` a run recorded (labelled by
+    `class_names`, `kcls.data.sources.recorded_test_examples`), else the recipe's split.
 
-    `skipped` receives the source's files that do not reach the model (`Splits.skipped`).
+    `skipped` receives the source's files that do not reach the model.
     """
-    splits = load_splits(recipe.data)
-    prepared = splits.test.map(
+    if test_files is not None and class_names is not None:
+        held_out = recorded_test_examples(recipe.data, class_names, test_files)
+    else:
+        splits = load_splits(recipe.data)
+        held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
+    prepared = held_out.examples.map(
         lambda image, label: (prepare_image(image, recipe.data.image_size, recipe.data.resize),
                               label), num_parallel_calls=tf.data.AUTOTUNE)
     images, labels = [], []
@@ -82,7 +88,7 @@ def held_out_examples(recipe: Recipe, skipped: list[str] | None = None
         images.append(image)
         labels.append(label)
     if skipped is not None:
-        skipped.extend(name for name in splits.skipped if name not in skipped)
+        skipped.extend(name for name in held_out.skipped if name not in skipped)
     return np.stack(images).astype(np.float32), np.asarray(labels, np.int64)
 
 
@@ -90,7 +96,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
              io_type: str = "int8", calibration_images: int = 200, latency_runs: int = 100,
              num_threads: int = 1, mot_epochs: int = 2, target_sparsity: float = 0.5,
              mot_steps_per_epoch: int | None = None, per_channel: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantizes a trained classifier for the edge and compares it with float32 TFLite.
 
     Args:
@@ -107,6 +113,7 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         mot_steps_per_epoch: caps `prune`/`qat` steps per epoch (default: the whole split).
         per_channel: `ptq-int8` weight scales per output channel (default) or per tensor
             (smaller file; see `convert`).
+        overwrite: replace the models and report of an earlier call in `out_dir`.
         log: receives the progress lines of `prune` and `qat`, as they come, and a line
             naming the skipped files, if any.
 
@@ -122,15 +129,14 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
         `prune`, `sparsity` (share of zeros per kernel and `overall`).
 
     Raises:
-        OptimizeError: unknown or unavailable method, or a bad `io_type`.
+        OptimizeError: unknown or unavailable method, a bad `io_type`, or an earlier
+            report in `out_dir` (without `overwrite`).
+        OutputFolderError: `out_dir` cannot be written (checked before any work).
         FileNotFoundError, ConfigError: from `load_classifier`.
     """
-    if method not in METHODS:
-        raise OptimizeError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
-    if io_type not in IO_TYPES:
-        raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
-    loaded = load_classifier(model_path)
-    out_dir = Path(out_dir) if out_dir else optimized_dir(model_path, method)
+    out_dir = check_request(method, io_type, out_dir, overwrite)
+    loaded = load_classifier(model_path)  # its errors name what `model_path` lacks
+    out_dir = out_dir or check_optimize_dir(optimized_dir(model_path, method), overwrite)
     skipped: list[str] = []  # files of the data that reach neither calibration nor test
     with tempfile.TemporaryDirectory(prefix="kcls-tflite-") as temporary:
         saved_model = write_probability_saved_model(
@@ -147,7 +153,8 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
                 saved_model, method,
                 representative_images(loaded.recipe, calibration_images, skipped),
                 io_type, per_channel), {}
-    images, labels = held_out_examples(loaded.recipe, skipped)
+    images, labels = held_out_examples(loaded.recipe, skipped, loaded.class_names,
+                                       loaded.metadata.get("test_files"))
     skipped.extend(name for name in mot_result.get("skipped_files", []) if name not in skipped)
     if skipped:
         log(skipped_files_line(skipped))
@@ -165,6 +172,31 @@ def optimize(model_path: str | Path, method: str, out_dir: str | Path | None = N
     write_json(out_dir / OPTIMIZE_REPORT_FILE, report)
     write_text(out_dir / OPTIMIZE_TABLE_FILE, markdown_table(report))
     return report
+
+
+def check_request(method: str, io_type: str, out_dir: str | Path | None,
+                  overwrite: bool) -> Path | None:
+    """Checks an `optimize` request before any work: the method, the io type and, when
+    given, the output folder (`check_optimize_dir`). Returns that folder or None.
+
+    Raises:
+        OptimizeError: unknown method or io type, or an earlier report (no `overwrite`).
+        OutputFolderError: the folder cannot be written.
+    """
+    if method not in METHODS:
+        raise OptimizeError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
+    if io_type not in IO_TYPES:
+        raise OptimizeError(f"Unknown io type {io_type!r}; use one of {', '.join(IO_TYPES)}.")
+    return None if out_dir is None else check_optimize_dir(out_dir, overwrite)
+
+
+def check_optimize_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """`out_dir`, once checked writable and without an earlier report (or `overwrite`)."""
+    out_dir = check_output_dir(out_dir)
+    if (out_dir / OPTIMIZE_REPORT_FILE).exists() and not overwrite:
+        raise OptimizeError(f"{out_dir / OPTIMIZE_REPORT_FILE} exists: pass --overwrite to "
+                            "replace that optimized model and its report, or another --out.")
+    return out_dir
 
 
 def compare(task: Task, float_model: bytes, optimized_model: bytes, images: np.ndarray,

@@ -64,7 +64,12 @@ from kcls.files import write_bytes, write_json, write_text
 from kcls.layout import LABELS_FILE, METADATA_FILE, REFERENCE_FILE, SAVED_MODEL_FILE, WEIGHTS_FILE
 from kcls.load import float32_architecture
 from kcls.models.classifier import embedding_model
-from kcls.serving.publish import new_version_folder, publish_version, write_models_config
+from kcls.serving.publish import (
+    check_model_labels,
+    new_version_folder,
+    publish_version,
+    write_models_config,
+)
 from kcls.tasks import Task, get_task
 
 IMAGE_INPUT = "image_bytes"  # serving_default input, and the tf.Example feature of `classify`
@@ -74,7 +79,8 @@ CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: list[str],
                        metrics: dict[str, Any] | None = None,
                        base_dir: str | Path | None = None, task: Task | None = None,
-                       reference: dict[str, Any] | None = None) -> Path:
+                       reference: dict[str, Any] | None = None,
+                       test_files: list[str] | None = None) -> Path:
     """Writes the next version of `recipe.model_name` under `base_dir` and returns its path.
 
     Args:
@@ -89,14 +95,22 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
         reference: the reference profile (`kcls.monitoring.profile.reference_profile`)
             written to `assets/reference.json`; None writes none (`kcls monitor` then
             says how to get one).
+        test_files: the image files of the test split the metrics come from
+            (`kcls.data.sources.Splits.test_files`), recorded in `kcls.json` so that
+            `kcls evaluate` scores the same images later; None for sources without files.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/3`. The
         base dir's `models.config` is rewritten to list it.
+
+    Raises:
+        ConfigError: the model's latest version serves other classes
+            (`kcls.serving.publish.check_model_labels`).
     """
     task = task or get_task(recipe.model.task)
     base_dir = Path(base_dir or recipe.export.base_dir)
     model_dir = base_dir / recipe.model_name
+    check_model_labels(model_dir, class_names)
     temporary = new_version_folder(model_dir)
     try:
         float32_classifier = _float32_copy(classifier, recipe, len(class_names))
@@ -111,7 +125,8 @@ def export_saved_model(classifier: keras.Model, recipe: Recipe, class_names: lis
             write_json(temporary / REFERENCE_FILE, reference, indent=None)
         metadata = {**software_versions(), "model_name": recipe.model_name,
                     "image_size": recipe.data.image_size, "class_names": class_names,
-                    **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe)}
+                    **task.metadata(), "metrics": metrics or {}, "recipe": to_dict(recipe),
+                    "test_files": test_files}
         write_json(temporary / METADATA_FILE, metadata)
         version_dir = publish_version(temporary, model_dir)
     finally:

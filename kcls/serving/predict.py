@@ -16,6 +16,7 @@ from typing import Any
 import tensorflow as tf
 
 from kcls.layout import resolve_export_dir
+from kcls.load import load_saved_model
 
 
 class PredictionError(ValueError):
@@ -49,25 +50,14 @@ class Predictor:
             raise PredictionError(f"{path}: {error}.") from None
 
 
-class UnreadableExportError(OSError):
-    """An export whose SavedModel TensorFlow cannot load (damaged or truncated files)."""
-
-
 def load_predictor(model_dir: str | Path) -> Predictor:
     """Loads the export at `model_dir` (a version directory, or a model folder: latest version).
 
     Raises:
         FileNotFoundError: no export there, or the version has no SavedModel
             (`kcls.layout.resolve_export_dir`).
-        UnreadableExportError: the SavedModel is damaged; the message names the folder.
+        DamagedFileError: the SavedModel is damaged; the message names the folder.
     """
     export_dir = resolve_export_dir(model_dir)
-    try:
-        loaded = tf.saved_model.load(str(export_dir))
-        signature = loaded.signatures["serving_default"]
-    except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise UnreadableExportError(
-            f"The export {str(export_dir)!r} cannot be loaded ({detail[:200]}). Export "
-            "again with `kcls export RUN_DIR`, or pass another version folder.") from None
+    loaded, signature = load_saved_model(export_dir, "serving_default")
     return Predictor(export_dir, signature, loaded)

@@ -24,8 +24,10 @@ import shutil
 import time
 from pathlib import Path
 
+from kcls.config import ConfigError
 from kcls.files import TEMPORARY_NAME, owner_tag, process_exists, temporary_name, write_text
 from kcls.layout import MODELS_CONFIG_FILE, exported_versions, versions
+from kcls.load import read_export_labels
 
 SERVING_MOUNT = "/models"  # where the docker command in the README mounts the base dir
 STALE_TEMPORARY_SECONDS = 3600.0
@@ -50,6 +52,35 @@ def publish_version(temporary: Path, model_dir: Path) -> Path:
         except OSError:
             if not target.exists():
                 raise
+
+
+def check_model_labels(model_dir: str | Path, class_names: list[str]) -> None:
+    """Refuses a new version of `model_dir` whose classes differ from its latest version's.
+
+    TF Serving serves the latest version under the model's name: a classifier of other
+    classes there would answer every client with labels it never asked about.
+
+    Raises:
+        ConfigError: naming both class lists and the fix (`export.model_name`).
+    """
+    model_dir = Path(model_dir)
+    published = exported_versions(model_dir)
+    if not published:
+        return
+    latest = model_dir / str(published[-1])
+    served = read_export_labels(latest)
+    if served is None or served == list(class_names):
+        return
+    raise ConfigError(
+        f"{latest} serves the classes {_listed(served)}; this model has {_listed(class_names)}. "
+        f"As version {published[-1] + 1} of {model_dir.name!r} it would replace them for every "
+        "client. Export it under its own name: --set export.model_name=NAME (`kcls export "
+        "RUN_DIR --model-name NAME`), or into another export.base_dir.")
+
+
+def _listed(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names[:shown]) + (f" ... ({len(names)} classes)" if len(names) > shown
+                                       else "")
 
 
 def write_models_config(base_dir: str | Path, mount: str = SERVING_MOUNT) -> Path:

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import TASK_CAPABILITIES, Calibrate, require_choice
+from kcls.config import TASK_CAPABILITIES, Calibrate, ConfigError, require_choice
 from kcls.metrics.evaluation import Evaluation
 
 # A fresh training loss and fresh training metrics, for one `compile()`.
@@ -85,6 +85,8 @@ class Task(abc.ABC):
     Attributes:
         name: the `model.task` value.
         description: a few words for messages (`single-label`).
+        label_rank: the dimensions of one example's label: 0 (a class index) or 1 (a
+            multi-hot vector); wrong_labels: what to say of a source with the other kind.
         training_score: the training metric the curves plot beside the loss.
         headline_metrics: the test metrics a model is judged by, first the main one.
         supports_monitoring: whether `kcls monitor` can compare its predictions.
@@ -96,6 +98,8 @@ class Task(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    label_rank: ClassVar[int]
+    wrong_labels: ClassVar[str]
     training_score: ClassVar[str]
     headline_metrics: ClassVar[tuple[str, ...]]
     supports_monitoring: ClassVar[bool]
@@ -109,10 +113,11 @@ class Task(abc.ABC):
         return TASK_CAPABILITIES[self.name].flip_tta
 
     # Data.
-    @abc.abstractmethod
     def check_labels(self, label_rank: int, source: str) -> None:
         """Raises `ConfigError` unless examples whose labels have `label_rank` dimensions
         (0: a class index, 1: a multi-hot vector) suit the task, naming the fix."""
+        if label_rank != self.label_rank:
+            raise ConfigError(f"data.source={source!r} {self.wrong_labels}")
 
     @abc.abstractmethod
     def balanced_weights(self, class_counts: Callable[[], np.ndarray],

@@ -26,7 +26,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import ConfigError
 from kcls.metrics.multilabel import (
     DEFAULT_THRESHOLD,
     multilabel_metrics,
@@ -92,6 +91,11 @@ class MultiLabelTask(Task):
 
     name: ClassVar[str] = "multilabel"
     description: ClassVar[str] = "multi-label"
+    label_rank: ClassVar[int] = 1
+    wrong_labels: ClassVar[str] = (
+        "gives each image one class; model.task=multilabel needs sets of labels: use a "
+        "manifest (data.source=manifest:PATH.csv, see docs/multilabel.md) or "
+        "model.task=multiclass.")
     training_score: ClassVar[str] = "pr_auc"
     headline_metrics: ClassVar[tuple[str, ...]] = ("mAP", "micro_f1")
     supports_monitoring: ClassVar[bool] = False
@@ -99,13 +103,6 @@ class MultiLabelTask(Task):
     agreement_kind: ClassVar[str] = "label-set"
     report_title: ClassVar[str] = "Multi-label evaluation on the held-out split"
     plots: ClassVar[tuple[str, ...]] = ("pr_curves",)
-
-    def check_labels(self, label_rank: int, source: str) -> None:
-        if label_rank != 1:
-            raise ConfigError(
-                f"data.source={source!r} gives each image one class; model.task=multilabel "
-                "needs sets of labels: use a manifest (data.source=manifest:PATH.csv, see "
-                "docs/multilabel.md) or model.task=multiclass.")
 
     def balanced_weights(self, class_counts: Callable[[], np.ndarray],
                          targets: Callable[[], np.ndarray]) -> LossWeights:

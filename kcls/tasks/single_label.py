@@ -25,7 +25,7 @@ import tensorflow as tf
 from scipy.special import softmax
 
 from kcls.config import Calibrate as CalibrateSetting
-from kcls.config import ConfigError, require_choice
+from kcls.config import require_choice
 from kcls.data.pipeline import balanced_class_weights
 from kcls.metrics.calibration import fit_temperature
 from kcls.metrics.classification import (
@@ -59,6 +59,8 @@ class SingleLabelTask(Task):
 
     name: ClassVar[str] = "multiclass"
     description: ClassVar[str] = "single-label"
+    label_rank: ClassVar[int] = 0
+    wrong_labels: ClassVar[str] = "gives each image a set of labels: set model.task=multilabel."
     training_score: ClassVar[str] = "accuracy"
     headline_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     supports_monitoring: ClassVar[bool] = True
@@ -66,11 +68,6 @@ class SingleLabelTask(Task):
     agreement_kind: ClassVar[str] = "top-1"
     report_title: ClassVar[str] = "Evaluation on the held-out split"
     plots: ClassVar[tuple[str, ...]] = ("confusion_matrix", "reliability", "confident_mistakes")
-
-    def check_labels(self, label_rank: int, source: str) -> None:
-        if label_rank != 0:
-            raise ConfigError(f"data.source={source!r} gives each image a set of labels: set "
-                              "model.task=multilabel.")
 
     def balanced_weights(self, class_counts: Callable[[], np.ndarray],
                          targets: Callable[[], np.ndarray]) -> LossWeights:

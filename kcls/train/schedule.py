@@ -32,8 +32,11 @@ from kcls.train.layerwise import LayerwiseAdamW, LayerwiseSGD
 SGD_MOMENTUM = 0.9
 EMA_MOMENTUM = 0.99
 # Variable names (Keras 3 `variable.name`, regular expressions) kept out of weight decay:
-# shrinking biases and normalisation scales/offsets towards 0 only hurts.
-NO_WEIGHT_DECAY = ("bias", "gamma", "beta")
+# shrinking biases and normalisation scales/offsets towards 0 only hurts, and so it does
+# for a transformer's position embeddings, class/register tokens and layer scales
+# (`embeddings`, `class_token`, `cls_token`, `register_tokens`, `lambda1` in KerasHub's
+# ViT and DINOv2; timm and BEiT exclude the same).
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "embeddings", "token", "lambda")
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,31 @@ def resolve_train_batchnorm(config: TrainConfig, weights: str | None) -> bool:
     if config.train_batchnorm is not None:
         return config.train_batchnorm
     return weights is None
+
+
+def describe_normalization(classifier: keras.Model, train_batchnorm: bool) -> str:
+    """What the backbone's normalization layers do in phase 2, for logs and run.json.
+
+    BatchNorm follows `train_batchnorm`; LayerNorm (transformers: KerasHub's ViT,
+    DINOv2 ...) keeps no running statistics that fine-tuning batches could spoil, so it
+    always trains with its block (and stays out of weight decay, `NO_WEIGHT_DECAY`).
+
+    Returns:
+        E.g. `49 BatchNormalization layers in inference mode` or `13 LayerNormalization
+        layers train with their blocks; no BatchNormalization`.
+    """
+    layers = list(classifier.get_layer(BACKBONE_LAYER)._flatten_layers())
+    batchnorm = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
+    layernorm = sum(isinstance(layer, keras.layers.LayerNormalization) for layer in layers)
+    parts = []
+    if batchnorm:
+        parts.append(f"{batchnorm} BatchNormalization layers "
+                     + ("train" if train_batchnorm else "in inference mode"))
+    if layernorm:
+        parts.append(f"{layernorm} LayerNormalization layers train with their blocks")
+        if not batchnorm:
+            parts.append("no BatchNormalization")
+    return "; ".join(parts) or "no normalization layers"
 
 
 def set_backbone_trainable(classifier: keras.Model, trainable: bool, unfreeze: str = "all",

@@ -7,16 +7,21 @@ Example:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 from kcls.layout import RUN_REFERENCE_FILE
-from kcls.load import load_run, load_run_metrics
+from kcls.load import load_run, load_run_metrics, read_reference
 from kcls.monitoring.profile import recipe_reference_profile
 from kcls.serving.export import export_saved_model
 
+# A run's reference profile can always be computed again.
+REFERENCE_FIX = ("delete it, and `kcls export` computes the profile again on the recipe's "
+                 "held-out images")
 
-def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
+
+def export_run(run_dir: str | Path, base_dir: str | Path | None = None,
+               model_name: str | None = None) -> Path:
     """Exports the next version of the model trained in `run_dir` (what `kcls export` does).
 
     Rebuilds the classifier in float32 from `<run_dir>/config.json`, loads
@@ -29,20 +34,29 @@ def export_run(run_dir: str | Path, base_dir: str | Path | None = None) -> Path:
     Args:
         run_dir: a run directory written by `kcls recipe run` (or `kcls.workflows.run.run_recipe`).
         base_dir: export base directory; defaults to the run's `export.base_dir`.
+        model_name: the name to serve it under instead of the run's
+            (`kcls.config.Recipe.model_name`); it is recorded in `kcls.json`.
 
     Returns:
         Path of the new version directory, e.g. `saved_models/quickstart/4`.
 
     Raises:
         FileNotFoundError: `run_dir` lacks one of the files above (the message names it).
-        ConfigError: the run's `config.json` does not match this kcls version's config.
+        DamagedFileError: one of them cannot be read (the message names it and the fix).
+        ConfigError: the run's `config.json` does not match this kcls version's config,
+            `model_name` is not one folder name, or the model's latest version serves
+            other classes (`kcls.serving.publish.check_model_labels`).
     """
     loaded = load_run(run_dir)
+    if model_name is not None:
+        loaded.recipe = dataclasses.replace(loaded.recipe, export=dataclasses.replace(
+            loaded.recipe.export, model_name=model_name))
     reference = None
     if loaded.task.supports_monitoring:
         reference_file = Path(run_dir) / RUN_REFERENCE_FILE
-        reference = (json.loads(reference_file.read_text()) if reference_file.is_file() else
+        reference = (read_reference(reference_file, REFERENCE_FIX) if reference_file.is_file() else
                      recipe_reference_profile(loaded.classifier, loaded.recipe,
                                               loaded.class_names, loaded.task))
     return export_saved_model(loaded.classifier, loaded.recipe, loaded.class_names,
-                              load_run_metrics(run_dir), base_dir, loaded.task, reference)
+                              load_run_metrics(run_dir), base_dir, loaded.task, reference,
+                              loaded.metadata.get("test_files"))

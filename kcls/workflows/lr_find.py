@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kcls.config import ConfigError, Recipe
 from kcls.data.sources import Splits
-from kcls.files import write_json
+from kcls.files import check_output_dir, write_json
 from kcls.layout import LR_FIND_FILE, LR_FIND_PLOT
 from kcls.train.lr_find import STEPS as LR_FIND_STEPS
 from kcls.train.lr_find import LearningRateSearch, plot_learning_rate_search
@@ -56,6 +56,7 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
     Raises:
         ConfigError: an unknown or empty phase, files in the way, data, backbone or
             weights that cannot be found, or train.strategy=multiworker.
+        OutputFolderError: `out_dir` cannot be written (checked before the test runs).
     """
     if recipe.train.strategy == "multiworker":
         raise ConfigError("kcls lr-find runs in one process: use --set train.strategy=auto "
@@ -66,7 +67,7 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
         raise ConfigError(f"The recipe {recipe.name!r} has no {phase!r} phase (it trains "
                           f"{', '.join(phases)}): pick one of those, or give the phase epochs "
                           f"with --set train.{phase}_epochs=N.")
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)  # before the range test, not after it
     plot, curve = out_dir / LR_FIND_PLOT, out_dir / LR_FIND_FILE
     existing = [str(path) for path in (plot, curve) if path.exists()]
     if existing and not overwrite:

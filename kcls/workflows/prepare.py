@@ -56,7 +56,7 @@ from kcls.train.compute import (
     resolve_jit_compile,
     resolve_precision,
 )
-from kcls.train.schedule import resolve_train_batchnorm
+from kcls.train.schedule import describe_normalization, resolve_train_batchnorm
 
 
 @dataclass
@@ -135,6 +135,8 @@ class Prepared:
                 "precision": self.precision, "jit_compile": self.train_config.jit_compile,
                 "jit_compile_reason": self.jit_compile_reason,
                 "train_batchnorm": self.train_config.train_batchnorm,
+                "normalization": describe_normalization(self.classifier,
+                                                        self.train_config.train_batchnorm),
                 "seed": self.recipe.train.seed, "steps_per_epoch": self.steps_per_epoch,
                 "global_batch_size": self.recipe.data.batch_size, "task": self.task.name,
                 **self.loss_weights.record(self.class_names)}

@@ -44,7 +44,7 @@ from kcls.layout import (
     PRETRAIN_CURVES_PLOT,
     RUN_INFO_FILE,
 )
-from kcls.models.backbones import build_backbone, get_spec
+from kcls.models.backbones import build_backbone, check_backbone
 from kcls.ssl.augment import ContrastiveAugment
 from kcls.ssl.simclr import KnnMonitor, SimCLR
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
@@ -147,7 +147,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
             unusable weights, or a run directory that is taken (all before training).
     """
     started = time.time()
-    get_spec(config.backbone)
+    check_backbone(config.backbone)
     if run_dir is not None:
         check_run_dir(run_dir)
     data = data or load_pretrain_data(config)

@@ -12,8 +12,8 @@ the reference profile and the export. It writes the run directory:
     <run_dir>/report.md      the metrics as tables, with the plots below
     <run_dir>/*.png          training curves and the task's plots (confusion matrix,
                              reliability, confident mistakes; PR curves for multi-label)
-    <run_dir>/reference.json the test split's reference profile (`kcls.monitoring.profile`),
-                             exported for `kcls monitor`
+    <run_dir>/reference.json the reference profile of the held-out images (validation and
+                             test; `kcls.monitoring.profile`), exported for `kcls monitor`
     <run_dir>/model.weights.h5  trained weights, re-exported by `kcls export RUN_DIR`
     <run_dir>/samples/       a few held-out test images as PNG, handy for `kcls predict`
     <run_dir>/logs/          TensorBoard logs of both training phases
@@ -22,18 +22,24 @@ the reference profile and the export. It writes the run directory:
                              range test (loss against rate, the rate chosen marked)
     <run_dir>/backup/        resume state while training (see `kcls.train.phases`):
                              run again with the same run_dir to resume a killed run
+    <run_dir>/tracking.json  with track.mlflow: the MLflow run (`kcls.tracking`)
+
+Observers (`kcls.tracking`) are told of the steps: MLflow tracking with `track.mlflow`,
+and whatever the caller adds (`kcls tune`'s pruning). With `evaluate.test=false` the run
+is scored on the validation split and the test split is never read.
 
 Under `train.strategy=multiworker` every worker calls `run_recipe` with the same run
 directory, on storage they all share: all of them train, only the chief (`kcls.train.cluster`)
-writes the files above and then evaluates, calibrates and exports on its own; the others
-return once training is done (`RunResult.worker`), after deleting the copies they wrote.
+writes the files above, tells the observers, and then evaluates, calibrates and exports on
+its own; the others return once training is done (`RunResult.worker`), after deleting the
+copies they wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +57,7 @@ from kcls.environment import software_versions
 from kcls.evaluation.evaluate import evaluate_classifier, predict_batches
 from kcls.evaluation.plots import confident_mistakes
 from kcls.evaluation.report import write_report
-from kcls.files import save_weights, write_bytes, write_json, write_text
+from kcls.files import safe_file_name, save_weights, write_bytes, write_json, write_text
 from kcls.layout import (
     LR_FIND_PHASE_PLOT,
     REPORT_FILE,
@@ -61,9 +67,12 @@ from kcls.layout import (
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
-from kcls.monitoring.profile import reference_profile
+from kcls.monitoring.drift import small_reference_warning
+from kcls.monitoring.profile import REFERENCE_SPLITS, reference_profile
 from kcls.serving.export import export_saved_model
+from kcls.serving.publish import check_model_labels
 from kcls.tasks import Evaluation, Task
+from kcls.tracking import Observers, RunObserver, observers_for
 from kcls.train.budget import TimeBudget
 from kcls.train.cluster import (
     Worker,
@@ -74,6 +83,7 @@ from kcls.train.cluster import (
 from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
+from kcls.train.schedule import describe_normalization
 from kcls.workflows.prepare import Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
@@ -116,18 +126,20 @@ class RunResult:
         """The test metric(s) the run is judged by, for one line (`accuracy 0.9900`)."""
         return self.task.headline(self.metrics)
 
-    def summary_line(self) -> str:
-        """What the run did, in one line for the command line."""
+    def summary_line(self, split: str = "test") -> str:
+        """What the run did, in one line for the command line; `split` is the one
+        `metrics` were measured on (`validation` with `evaluate.test=false`)."""
         if not self.worker.is_chief:
             return (f"done: {self.worker.name} trained (weights digest {self.weights_digest}); "
                     f"the chief evaluates and exports, run dir {self.run_dir}")
-        return (f"done: test {self.headline()}; run dir {self.run_dir}"
+        return (f"done: {split} {self.headline()}; run dir {self.run_dir}"
                 + (f"; export {self.export_dir}" if self.export_dir else ""))
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                log: Callable[[str], None] = print, verbose: int | str = "auto",
-               splits: Splits | None = None) -> RunResult:
+               splits: Splits | None = None,
+               observers: Iterable[RunObserver] = ()) -> RunResult:
     """Trains, evaluates and exports `recipe`.
 
     Args:
@@ -138,14 +150,18 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         verbose: Keras `fit()` verbosity (progress bar by default, 0 for none).
         splits: data to use instead of `recipe.data.source`, e.g. in-memory arrays from
             `kcls.data.sources.splits_from_arrays` in a notebook.
+        observers: `kcls.tracking.RunObserver`s told of the run's steps, after those
+            `track.*` asks for (`kcls.tracking.observers_for`).
 
     Returns:
-        RunResult with the metrics and the export path (on a worker other than the
-        chief: after training, without them).
+        RunResult with the metrics (of the validation split with `evaluate.test=false`)
+        and the export path (on a worker other than the chief: after training, without
+        them).
 
     Raises:
-        ConfigError: data, backbone or weights that cannot be found, or a run directory
-            that cannot be used (raised before any training starts).
+        ConfigError: data, backbone or weights that cannot be found, a run directory
+            that cannot be used, or tracking without MLflow installed (raised before any
+            training starts).
     """
     started = time.time()
     worker = worker_from_environment(recipe.train.strategy)
@@ -156,29 +172,37 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     # Everything that can refuse the run is checked before the run directory is written.
     if run_dir is not None:
         check_run_dir(run_dir, lock=worker.is_chief)
+    # The chief alone reports: one tracked run (one tracking.json) for the whole cluster.
+    observers = observers_for(recipe, observers) if worker.is_chief else Observers()
     prepared = prepare(recipe, splits)
+    if recipe.export.enabled:  # a version of other classes is refused: before training
+        check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
+                           prepared.class_names)
     if run_dir is not None and recipe.train.time_budget is None:
         check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
-    with claim_run_dir(run_dir, recipe.name, log, lock=worker.is_chief) as run_dir:
+    with (claim_run_dir(run_dir, recipe.name, log, lock=worker.is_chief) as run_dir,
+          observers.watching(run_dir)):
         if worker.is_chief:
             write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
         log_start(prepared, run_dir, log)
+        observers.started(recipe, run_dir, prepared.record())
         time_budget = plan_time_budget(prepared)
-        training = train(prepared, run_dir, time_budget, verbose, log)
+        training = train(prepared, run_dir, time_budget, verbose, log, observers.callbacks())
         digest = weights_digest(prepared.classifier)
         if not worker.is_chief:
             return RunResult(run_dir, {}, None, training.history, prepared.classifier,
                              prepared.class_names, worker=worker, weights_digest=digest)
         return evaluate_and_publish(prepared, training, run_dir, time_budget, digest, started,
-                                    log)
+                                    log, observers)
 
 
 def evaluate_and_publish(prepared: Prepared, training: TrainingResult, run_dir: Path,
                          time_budget: TimeBudget | None, digest: str, started: float,
-                         log: Callable[[str], None]) -> RunResult:
+                         log: Callable[[str], None], observers: Observers) -> RunResult:
     """What the chief does after training, alone: saves the weights, fits the task,
-    evaluates the test split, publishes (samples, reference profile, export) and writes
-    run.json last.
+    evaluates the test split and publishes (samples, reference profile, export), or with
+    `evaluate.test=false` scores the validation split only; writes run.json last and
+    tells the observers.
 
     Args:
         digest: the trained weights' `weights_digest`, recorded in run.json.
@@ -187,11 +211,16 @@ def evaluate_and_publish(prepared: Prepared, training: TrainingResult, run_dir: 
     seconds = {"training": round(time.time() - started, 1)}
     save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
     task = fit_task(prepared)
-    evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
-    export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
+    if prepared.recipe.evaluate.test:
+        evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
+        export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
+    else:  # e.g. a tuning trial: scored on validation, the test split never read
+        evaluation, export_dir = evaluate_validation_split(prepared, task, log), None
     seconds["total"] = round(time.time() - started, 1)
-    record = run_record(prepared, training, task, evaluation, export_dir, seconds, time_budget)
-    write_json(run_dir / RUN_INFO_FILE, {**record, "weights_digest": digest})
+    record = {**run_record(prepared, training, task, evaluation, export_dir, seconds,
+                           time_budget), "weights_digest": digest}
+    write_json(run_dir / RUN_INFO_FILE, record)
+    observers.finished(run_dir, record)
     if time_budget is not None:
         log(budget_line(time_budget))
     return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
@@ -215,6 +244,10 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
         log(f"augmentation {', '.join(prepared.host_augmentation.stage_names)} on the host "
             "(tf.data): TPUs run only XLA-compiled programs and these stages have ops XLA "
             "cannot compile")
+    normalization = describe_normalization(prepared.classifier,
+                                           prepared.train_config.train_batchnorm)
+    if "LayerNormalization" in normalization:  # a transformer: say how it is fine-tuned
+        log(f"normalization: {normalization}")
     weights = prepared.loss_weights.describe(prepared.class_names)
     if weights:
         log(weights)
@@ -226,24 +259,28 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
     if recipe.train.time_budget is None:
         return None
     calibration = prepared.calibration
+    tested = test if recipe.evaluate.test else 0  # evaluate.test=false never reads it
+    evaluated = (test * (2 if recipe.evaluate.flip_tta else 1) if recipe.evaluate.test
+                 else prepared.splits.sizes["validation"])
+    reference = (tested + calibration.count) * (2 if recipe.export.flip_tta else 1)
     return TimeBudget(
         parse_duration(recipe.train.time_budget),
-        evaluation_images=test * (2 if recipe.evaluate.flip_tta else 1)
-        + test * (2 if recipe.export.flip_tta else 1)  # the reference profile
+        evaluation_images=evaluated + reference
         + (calibration.count if calibration.plan.method != "none" else 0),
         fixed_seconds=AFTER_TRAINING_SECONDS if recipe.export.enabled
         else AFTER_TRAINING_SECONDS / 2)
 
 
 def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
-          verbose: int | str, log: Callable[[str], None]) -> TrainingResult:
-    """Fits the phases (`kcls.train.phases.fit_phases`) and says what resuming or the
-    learning-rate search decided."""
+          verbose: int | str, log: Callable[[str], None],
+          callbacks: list[keras.callbacks.Callback] | None = None) -> TrainingResult:
+    """Fits the phases (`kcls.train.phases.fit_phases`, with the observers' `callbacks`)
+    and says what resuming or the learning-rate search decided."""
     try:
         training = fit_phases(
             prepared.classifier, prepared.train_batches, prepared.validation_batches,
             prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
-            verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
+            callbacks, verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
             time_budget=time_budget, objective=prepared.objective())
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
         # A collective aborted: under several workers, one of them is gone.
@@ -285,6 +322,7 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
     for line in task.notes(evaluation.metrics):
         log(line)
     evaluation.skipped = list(splits.skipped)  # the report names them too
+    evaluation.files = splits.evaluated_test_files()  # the mistakes' file names
     images = (mistake_images(splits, recipe, evaluation)
               if "confident_mistakes" in task.plots else None)
     write_report(run_dir, evaluation, task, splits.class_names, training.history,
@@ -297,6 +335,19 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
     return evaluation
 
 
+def evaluate_validation_split(prepared: Prepared, task: Task,
+                              log: Callable[[str], None]) -> Evaluation:
+    """Scores the validation split with the fitted task (a run with `evaluate.test=false`)."""
+    if prepared.validation_batches is None:
+        raise ConfigError("evaluate.test=false scores the run on the validation split, and "
+                          "this recipe has none: set data.validation_fraction above 0.")
+    evaluation = evaluate_classifier(prepared.classifier, prepared.validation_batches,
+                                     prepared.class_names, task=task)
+    log(f"validation {task.headline(evaluation.metrics)} (evaluate.test=false: the test "
+        "split was not read, no report or export)")
+    return evaluation
+
+
 def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Path,
             log: Callable[[str], None]) -> Path | None:
     """Writes the samples and, for a task `kcls monitor` supports, the reference profile,
@@ -305,13 +356,19 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
     write_samples(prepared.splits, recipe, task, run_dir / SAMPLES_DIR)
     reference = None
     if task.supports_monitoring:
-        reference = reference_profile(prepared.classifier, test_batches(prepared),
-                                      prepared.class_names, task, recipe.export.flip_tta)
+        reference = reference_profile(prepared.classifier, reference_batches(prepared),
+                                      prepared.class_names, task, recipe.export.flip_tta,
+                                      split=REFERENCE_SPLITS if recipe.evaluate.test
+                                      else "validation")
         write_json(run_dir / RUN_REFERENCE_FILE, reference, indent=None)
+        warning = small_reference_warning(reference["examples"])
+        if warning:
+            log(f"warning: {warning}")
     if not recipe.export.enabled:
         return None
     export_dir = export_saved_model(prepared.classifier, recipe, prepared.class_names, metrics,
-                                    task=task, reference=reference)
+                                    task=task, reference=reference,
+                                    test_files=prepared.splits.test_files)
     log(f"exported float32 SavedModel to {export_dir}" + (
         "" if reference is not None else " (no reference profile: `kcls monitor` handles "
         "single-label models only)"))
@@ -325,6 +382,19 @@ def test_batches(prepared: Prepared) -> tf.data.Dataset:
                          splits.fingerprint)
 
 
+def reference_batches(prepared: Prepared) -> tf.data.Dataset:
+    """Every image the run held out from training, the reference profile's data: the
+    test split and the validation split (or, without one, the calibration carve-out);
+    the validation images only with `evaluate.test=false`, which never reads the test split."""
+    examples, held_out = prepared.splits.test, prepared.calibration.examples
+    if not prepared.recipe.evaluate.test:
+        examples, held_out = held_out, None
+    if held_out is not None:
+        examples = examples.concatenate(held_out)
+    return eval_pipeline(examples, len(prepared.class_names),
+                         dataclasses.replace(prepared.recipe.data, cache="none"))
+
+
 def run_record(prepared: Prepared, training: TrainingResult, task: Task,
                evaluation: Evaluation, export_dir: Path | None, seconds: dict[str, float],
                time_budget: TimeBudget | None) -> dict[str, Any]:
@@ -333,6 +403,8 @@ def run_record(prepared: Prepared, training: TrainingResult, task: Task,
     record = {**software_versions(), **prepared.record(), **training_record(training, prepared),
               "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
               "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
+              "test_files": prepared.splits.test_files,  # what `kcls evaluate` scores
+              "evaluated_split": "test" if prepared.recipe.evaluate.test else "validation",
               "export_dir": str(export_dir) if export_dir else None, "seconds": seconds}
     if training.jit_compile != prepared.train_config.jit_compile:
         record["jit_compile_reason"] = (f"{prepared.jit_compile_reason}; off: a layer of the "
@@ -380,13 +452,14 @@ def mistake_images(splits: Splits, recipe: Recipe,
 
 
 def write_samples(splits: Splits, recipe: Recipe, task: Task, folder: Path) -> None:
-    """Saves the first test images as `<index>_<class>.png`, resized to the model input."""
+    """Saves the first test images as `<index>_<class>.png`, resized to the model input
+    (the class name escaped by `kcls.files.safe_file_name`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, (image, label) in enumerate(splits.test.take(SAMPLE_IMAGES)):
         resized = tf.cast(tf.round(prepare_image(image, recipe.data.image_size,
                                                  recipe.data.resize)), tf.uint8)
         names = task.label_names(label.numpy(), splits.class_names)
-        name = f"{index}_{'+'.join(names)}.png".replace("/", "_")
+        name = f"{index}_{safe_file_name('+'.join(names))}.png"
         write_bytes(folder / name, tf.io.encode_png(resized).numpy())
 
 
