@@ -41,6 +41,7 @@ from kcls.train.trainer import Trainer
 from kcls.workflows import launch
 from kcls.workflows.lr_find import find_recipe_learning_rate
 from kcls.workflows.run import run_recipe
+from kcls.workflows.tune import tune_settings
 
 # A quickstart small enough for two workers sharing two busy cores: one phase (each
 # phase traces its own step functions, the slowest part here), BatchNorm trained.
@@ -155,10 +156,12 @@ def test_a_budgeted_phase_follows_the_plan_the_workers_agree_on():
     assert CALIBRATION_STEPS < 10
 
 
-def test_lr_find_runs_in_one_process():
+def test_lr_find_and_tune_run_in_one_process():
     recipe = apply_overrides(load_recipe("quickstart"), ["train.strategy=multiworker"])
     with pytest.raises(ConfigError, match="kcls lr-find runs in one process"):
         find_recipe_learning_rate(recipe)
+    with pytest.raises(ConfigError, match="kcls tune runs its trials in one process"):
+        tune_settings(recipe, "10m", None, "finetune", None, 0)
 
 
 def test_weights_digest_follows_every_weight():
