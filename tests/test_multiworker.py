@@ -315,26 +315,6 @@ def test_local_workers_train_with_the_multiworker_strategy_only():
 
 # --------------------------------------------------------------------------- real workers
 
-# Runs `run_recipe` as one worker and writes what it returned to `<out>/worker<i>.json`.
-WORKER_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    from kcls.train.compute import initialize_devices
-    initialize_devices("multiworker")  # before TensorFlow runs anything
-    from kcls.config import apply_overrides
-    from kcls.recipes import load_recipe
-    from kcls.workflows.run import run_recipe
-
-    out, run_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-    recipe = apply_overrides(load_recipe("quickstart"), overrides)
-    result = run_recipe(recipe, run_dir, verbose=0)
-    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    with open(os.path.join(out, f"worker{index}.json"), "w") as file:
-        json.dump({"chief": result.worker.is_chief, "digest": result.weights_digest,
-                   "history": result.history, "metrics": result.metrics,
-                   "export_dir": str(result.export_dir)}, file)
-""")
-
-
 def _wait(workers: list[subprocess.Popen], timeout: float = WORKER_TIMEOUT) -> list[int]:
     try:
         return [worker.wait(timeout=max(timeout, 1)) for worker in workers]
@@ -353,48 +333,6 @@ def _failure(folder: Path) -> str:
                      for path in sorted(folder.glob("worker*.err")))
 
 
-@pytest.mark.slow
-def test_two_workers_train_one_run_like_one_process(tmp_path):
-    # The range test's rate and early stopping are decisions both workers must share.
-    shared = ["train.learning_rate=auto", "train.early_stopping_patience=5"]
-    overrides = [*TINY, *shared, f"export.base_dir={tmp_path / 'saved_models'}",
-                 "train.strategy=multiworker"]
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT)
-    run_dir, logs = tmp_path / "runs" / "two", tmp_path / "logs"
-    workers = launch.start_workers(
-        [sys.executable, str(script), str(tmp_path), str(run_dir), *overrides], 2,
-        outputs=_outputs(logs, 2))
-    assert _wait(workers) == [0, 0], _failure(logs)
-    chief, other = (json.loads((tmp_path / f"worker{index}.json").read_text())
-                    for index in range(2))
-    assert chief["chief"] and not other["chief"] and not other["metrics"]
-    # The same weights, bit for bit, and the same (all-reduced) logs on both workers.
-    assert chief["digest"] == other["digest"]
-    assert chief["history"] == other["history"]
-    record = json.loads((run_dir / RUN_INFO_FILE).read_text())
-    assert record["strategy"] == "MultiWorkerMirroredStrategy x 2 replicas"
-    assert record["workers"] == 2 and record["weights_digest"] == chief["digest"]
-    assert record["input_sharding"] == {"train": "DATA", "validation": "DATA",
-                                        "deterministic": True, "replica_batch_size": 16}
-    assert not record["jit_compile"] and "CPU" in record["jit_compile_reason"]
-    assert record["phases"][0]["learning_rate_search"]["steps"] >= 5
-    # One run directory, one export; the other worker's copies are gone.
-    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["two"]
-    assert sorted(path.name for path in (tmp_path / "saved_models" / "quickstart").iterdir()
-                  ) == ["1"]
-    assert not list(run_dir.glob("tmp_*")) and not (run_dir / BACKUP_DIR).exists()
-    from kcls.load import load_classifier
-
-    assert weights_digest(load_classifier(chief["export_dir"]).classifier) == chief["digest"]
-    # One process with the same global batch learns about as well.
-    single = run_recipe(apply_overrides(load_recipe("quickstart"), [
-        *TINY, *shared, f"export.base_dir={tmp_path / 'single_models'}"]), tmp_path / "single",
-        verbose=0)
-    assert abs(single.metrics["accuracy"] - chief["metrics"]["accuracy"]) < 0.15, (
-        single.metrics["accuracy"], chief["metrics"]["accuracy"])
-
-
 def _recorded_epochs(run_dir: Path) -> int:
     try:
         return len(json.loads((run_dir / BACKUP_DIR / PROGRESS_FILE).read_text())["epochs"])
@@ -403,10 +341,14 @@ def _recorded_epochs(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_and_a_restart_finish_the_run(tmp_path):
-    run_dir = tmp_path / "run"
+def test_two_workers_killed_and_restarted_finish_one_run(tmp_path):
+    # One scenario for the slow part (each launch costs two TensorFlow start-ups and
+    # traces): a worker killed mid-run, both started again, and the finished run checked.
+    # The range test's rate and early stopping are decisions both workers must share.
+    run_dir = tmp_path / "runs" / "two"
     command = launch.worker_command("quickstart", [
-        *TINY, f"export.base_dir={tmp_path / 'saved_models'}"], run_dir)
+        *TINY, "train.learning_rate=auto", "train.early_stopping_patience=5",
+        f"export.base_dir={tmp_path / 'saved_models'}"], run_dir)
     first = launch.start_workers(command, 2, outputs=_outputs(tmp_path / "first", 2))
     deadline = time.monotonic() + WORKER_TIMEOUT
     while _recorded_epochs(run_dir) < 1 and time.monotonic() < deadline:
@@ -426,8 +368,22 @@ def test_a_killed_worker_and_a_restart_finish_the_run(tmp_path):
     record = json.loads((run_dir / RUN_INFO_FILE).read_text())
     assert record["resumed"] and len(record["history"]["loss"]) == 3
     assert "resumed an interrupted run" in (tmp_path / "second" / "worker0.out").read_text()
-    assert (run_dir / WEIGHTS_FILE).is_file()
-    assert [path.name for path in (tmp_path / "saved_models" / "quickstart").iterdir()] == ["1"]
-    assert not list(run_dir.glob("tmp_*")) and not (run_dir / BACKUP_DIR).exists()
+    assert record["strategy"] == "MultiWorkerMirroredStrategy x 2 replicas"
+    assert record["workers"] == 2
+    assert record["input_sharding"] == {"train": "DATA", "validation": "DATA",
+                                        "deterministic": True, "replica_batch_size": 16}
+    assert not record["jit_compile"] and "CPU" in record["jit_compile_reason"]
+    assert record["phases"][0]["learning_rate_search"]["steps"] >= 5  # kept for the resume
+    assert record["metrics"]["accuracy"] > 0.5, record["metrics"]  # chance: 0.1
+    # The same weights, bit for bit, on both workers and in the export.
     worker_line = (tmp_path / "second" / "worker1.out").read_text()
     assert f"weights digest {record['weights_digest']}" in worker_line
+    from kcls.load import load_classifier
+
+    export_dir = tmp_path / "saved_models" / "quickstart" / "1"
+    assert weights_digest(load_classifier(export_dir).classifier) == record["weights_digest"]
+    # One run directory, one export; the other worker's copies are gone.
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["two"]
+    assert [path.name for path in (tmp_path / "saved_models" / "quickstart").iterdir()] == ["1"]
+    assert (run_dir / WEIGHTS_FILE).is_file()
+    assert not list(run_dir.glob("tmp_*")) and not (run_dir / BACKUP_DIR).exists()
