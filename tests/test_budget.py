@@ -1,5 +1,6 @@
 """`train.time_budget`: durations, the planner's arithmetic, and a budgeted run end to end."""
 
+import functools
 import json
 
 import keras
@@ -86,11 +87,28 @@ def test_planner_fits_the_epochs_in_the_budget_and_shortens_the_plan_when_epochs
     assert float(schedule(20)) > 0.1
 
 
+class TickingClock:
+    """A clock that moves `tick` seconds each time it is read: the budget's plan then
+    depends on the number of steps and epochs, not on how loaded the machine is."""
+
+    def __init__(self, tick: float):
+        self.tick, self.now = tick, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 @pytest.mark.slow
-def test_budgeted_run_sets_the_epochs_from_the_budget_not_the_config(tmp_path):
-    # Tracing each phase's step takes seconds: the budget must be well above that.
+def test_budgeted_run_sets_the_epochs_from_the_budget_not_the_config(tmp_path, monkeypatch):
+    # Measured on the wall clock, a loaded CI machine fitted fewer epochs than configured
+    # and failed this test: the run's budget reads a clock that ticks per reading.
+    import kcls.workflows.run as run_module
+
+    clock = TickingClock(0.1)
+    monkeypatch.setattr(run_module, "TimeBudget", functools.partial(TimeBudget, clock=clock))
     recipe = apply_overrides(load_recipe("quickstart"), [
-        "train.time_budget=45s", "train.frozen_epochs=1", "train.unfrozen_epochs=3",
+        "train.time_budget=40s", "train.frozen_epochs=1", "train.unfrozen_epochs=3",
         "train.steps_per_epoch=5", "train.jit_compile=false", "data.batch_size=16",
         "export.enabled=false"])
     result = run_recipe(recipe, tmp_path / "run", log=lambda message: None, verbose=0)
