@@ -2,7 +2,7 @@
 
     kcls [--debug] recipe list
     kcls recipe show NAME [--set key=value ...]
-    kcls recipe run NAME [--set key=value ...] [--out DIR]
+    kcls recipe run NAME [--set key=value ...] [--out DIR] [--workers N]
     kcls predict MODEL IMAGE_OR_FOLDER_OR_GLOB... [--top-k K] [--output FILE.csv|FILE.jsonl]
     kcls predict --server http://HOST:8501 --model NAME IMAGE...   (TF Serving REST)
     kcls predict --grpc HOST:8500 --model NAME IMAGE...            (TF Serving gRPC)
@@ -55,6 +55,7 @@ USER_ERRORS = (
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
     ("kcls.serving.client", "ServingError", click.ClickException),
     ("kcls.evaluation.explain", "ImageError", click.ClickException),
+    ("kcls.train.cluster", "WorkerLostError", click.ClickException),
     ("builtins", "FileNotFoundError", click.ClickException),
 )
 
@@ -123,19 +124,28 @@ def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory for logs and reports (default: a new runs/NAME/TIMESTAMP). "
-                   "An interrupted run there resumes; a finished one is never overwritten.")
-def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None) -> None:
+                   "An interrupted run there resumes; a finished one is never overwritten. "
+                   "Required with train.strategy=multiworker: the same folder on every worker.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Train on N local worker processes (train.strategy=multiworker, TF_CONFIG "
+                   "on free 127.0.0.1 ports), streaming the chief's output; all stop if one "
+                   "fails. See docs/distributed.md.")
+def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
+               workers: int | None) -> None:
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
     resolved = _resolve(name, overrides)
-    start_tensorflow()
+    if workers:
+        from kcls.workflows.launch import launch_local_workers
+
+        sys.exit(launch_local_workers(resolved, name, overrides, run_dir, workers, _debug(),
+                                      log=click.echo, error_log=_echo_error))
+    start_tensorflow(resolved.train.strategy)
     from kcls.workflows.run import run_recipe
 
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
     result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
-    split = "test" if resolved.evaluate.test else "validation"
-    click.echo(f"done: {split} {result.headline()}; run dir {result.run_dir}"
-               + (f"; export {result.export_dir}" if result.export_dir else ""))
+    click.echo(result.summary_line("test" if resolved.evaluate.test else "validation"))
 
 
 @main.group()
@@ -630,19 +640,25 @@ def _echo_ranked(path: Path, ranked: list[tuple[str, float]], known: bool | None
                   or "(no label above its threshold)"))
 
 
-def start_tensorflow() -> None:
+def start_tensorflow(strategy: str = "auto") -> None:
     """Imports TensorFlow and initialises its devices without the C++ start-up logs.
 
     Some of those lines (CUDA probing, cuInit) are written before TensorFlow reads
     TF_CPP_MIN_LOG_LEVEL, so the native stderr is muted for the duration unless the
     user asked for logs with TF_CPP_MIN_LOG_LEVEL=0. Python errors still surface.
+    `strategy` is `train.strategy`: under `multiworker` the strategy is created here,
+    first (`kcls.train.compute.initialize_devices`).
     """
     from kcls.environment import native_logs_wanted, native_stderr_muted
 
     with native_stderr_muted(not native_logs_wanted()):
-        import tensorflow as tf
+        from kcls.train.compute import initialize_devices
 
-        tf.config.list_logical_devices()
+        initialize_devices(strategy)
+
+
+def _echo_error(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def _resolve(name: str, overrides: tuple[str, ...]):

@@ -247,10 +247,14 @@ class TrainConfig:
             GPUs and TPUs, and on CPUs only for the backbones measured faster with it
             there (`kcls.train.compute.XLA_CPU_SPEEDUP`; none so far: on a 2-core CPU
             EfficientNetV2-B0 trained at 0.41x the speed with XLA, `resnet_v2_tiny` at
-            0.77x, `compact_resnet` at 0.72x). `run.json` records the value used and why.
+            0.77x, `compact_resnet` at 0.72x; under `multiworker` XLA cannot compile the
+            workers' collectives for CPUs, so `auto` is off there and `true` an error).
+            `run.json` records the value used and why.
         strategy: `auto` (TPUStrategy when a TPU is configured, MirroredStrategy on several
             GPUs, else the default), `mirrored` (all local GPUs, or all logical CPUs),
-            `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`) or `default`.
+            `multiworker` (MultiWorkerMirroredStrategy from `TF_CONFIG`, every worker with
+            the same `--out` on shared storage, or `kcls recipe run NAME --workers N`; see
+            docs/distributed.md) or `default`.
         seed: seed for weight initialisation and dropout; 0 to 2**32 - 1.
     """
 
@@ -807,6 +811,19 @@ def check_name(value: Any, key: str) -> None:
     _require(not unsafe, key, value,
              "a single folder name: not empty, not starting with '.', without '/', '\\', "
              "control characters or surrounding spaces")
+
+
+def check_global_batch(batch_size: int, replicas: int) -> None:
+    """Raises unless `replicas` (of several workers) can share the global `batch_size` equally.
+
+    Raises:
+        ConfigError: naming the batch size and one that works.
+    """
+    if batch_size % replicas:
+        suggestion = max(batch_size // replicas, 1) * replicas
+        raise ConfigError(f"data.batch_size={batch_size} is the global batch and cannot be "
+                          f"split equally between {replicas} replicas: use a multiple of "
+                          f"{replicas}, e.g. data.batch_size={suggestion}.")
 
 
 def require_choice(value: Any, choices: Any, key: str) -> None:

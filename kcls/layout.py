@@ -25,6 +25,9 @@ and locked by `kcls.workflows.run_directory`):
     samples/             a few held-out test images as PNG (`SAMPLES_DIR`)
     logs/                TensorBoard logs (`LOGS_DIR`)
     backup/              resume state while training (`BACKUP_DIR`, `PROGRESS_FILE`)
+    tmp_<type>_<index>/  under train.strategy=multiworker, the copies a worker other
+                         than the chief writes while training, deleted when training
+                         ends (`WORKER_SCRATCH_DIR`)
     tracking.json        with track.mlflow: the MLflow run id, reopened when the run
                          resumes (`TRACKING_FILE`)
     optimized/<method>/  `kcls optimize` output (`OPTIMIZED_DIR`)
@@ -97,6 +100,7 @@ SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 BACKUP_DIR = "backup"
 PROGRESS_FILE = "progress.json"
+WORKER_SCRATCH_DIR = "tmp_{task_type}_{task_id}"  # .format(task_type="worker", task_id=1)
 TRACKING_FILE = "tracking.json"
 
 # A search (`kcls tune`).

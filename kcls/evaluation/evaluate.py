@@ -29,7 +29,7 @@ from kcls.data.sources import HeldOut, Splits, has_files, test_examples
 from kcls.evaluation.report import write_report
 from kcls.files import check_output_dir
 from kcls.load import LoadedClassifier, load_classifier
-from kcls.models.classifier import embedding_model
+from kcls.models.classifier import embedding_model, inference_function
 from kcls.tasks import CalibrationPlan, Evaluation, SingleLabelTask, Task
 
 
@@ -51,10 +51,12 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
             what to change).
     """
     # One pass, batch by batch: `predict()` would read the data twice (images, then
-    # labels) and warn that a dataset of unknown length "ran out of data".
+    # labels) and warn that a dataset of unknown length "ran out of data". Run here alone
+    # (`inference_function`), so that the chief of several workers can evaluate.
+    predict = inference_function(classifier)
     logits, labels = [], []
     for images, batch_labels in batches:
-        logits.append(classifier.predict_on_batch(images[:, :, ::-1] if flip else images))
+        logits.append(predict(images[:, :, ::-1] if flip else images))
         labels.append(batch_labels.numpy())
     logits = np.concatenate(logits).astype(np.float32)
     broken = int(np.count_nonzero(~np.isfinite(logits).all(axis=1)))
@@ -70,10 +72,10 @@ def predict_embeddings(classifier: keras.Model, batches: tf.data.Dataset
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`predict_batches` with the penultimate-layer embeddings too: `(embeddings float32
     [N, D], logits float32 [N, C], labels float32 [N, C])`."""
-    with_embedding = embedding_model(classifier)
+    with_embedding = inference_function(embedding_model(classifier))  # the chief alone
     embeddings, logits, labels = [], [], []
     for images, batch_labels in batches:
-        embedding, logit = with_embedding.predict_on_batch(images)
+        embedding, logit = with_embedding(images)
         embeddings.append(embedding)
         logits.append(logit)
         labels.append(batch_labels.numpy())

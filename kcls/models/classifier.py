@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from kcls.config import ConfigError, ModelConfig
 from kcls.models.backbones import build_backbone, get_spec
@@ -26,6 +29,7 @@ from kcls.models.pretrained import load_imagenet_weights
 
 BACKBONE_LAYER = "backbone"
 EMBEDDING_LAYER = "pool"  # its output, the pooled backbone features, is the embedding
+_INFERENCE_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def build_classifier(config: ModelConfig, num_classes: int, image_size: int,
@@ -92,6 +96,37 @@ def embedding_model(classifier: keras.Model) -> keras.Model:
     return keras.Model(classifier.inputs, [keras.ops.cast(embedding, "float32"),
                                            classifier.outputs[0]],
                        name=f"{classifier.name}_with_embedding")
+
+
+def inference_function(model: keras.Model) -> Callable[[Any], Any]:
+    """`model(images, training=False)` as NumPy, runnable by one worker of several alone.
+
+    Keras's `predict_on_batch` runs a model through the strategy its weights were made
+    under, and under MultiWorkerMirroredStrategy that gathers every worker's batch (a
+    collective), which hangs or fails when only the chief evaluates. For such weights this
+    is a compiled call (once per model) that reads the local copy of the weights on the
+    local device; for any other model, `predict_on_batch` itself (TPUs need it).
+
+    Args:
+        model: keras.Model, float32 images `[B, H, W, 3]` -> one output or a list of them.
+
+    Returns:
+        A function of an image batch returning the model's output(s) as np.ndarray.
+    """
+    if not _has_multiworker_weights(model):
+        return model.predict_on_batch
+    if model not in _INFERENCE_FUNCTIONS:
+        _INFERENCE_FUNCTIONS[model] = tf.function(lambda images: model(images, training=False),
+                                                  reduce_retracing=True)
+    compiled = _INFERENCE_FUNCTIONS[model]
+    return lambda images: tf.nest.map_structure(np.asarray, compiled(images))
+
+
+def _has_multiworker_weights(model: keras.Model) -> bool:
+    """Whether `model`'s weights are MultiWorkerMirroredStrategy variables."""
+    value = getattr(model.weights[0], "value", None) if model.weights else None
+    strategy = getattr(value, "distribute_strategy", None)  # of tf.distribute variables
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def build_imagenet_classifier(backbone_name: str, image_size: int | None = None) -> keras.Model:

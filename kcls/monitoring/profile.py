@@ -29,7 +29,7 @@ import tensorflow as tf
 from kcls.config import ConfigError, Recipe
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
-from kcls.models.classifier import embedding_model
+from kcls.models.classifier import embedding_model, inference_function
 from kcls.monitoring.drift import build_profile
 from kcls.tasks import SingleLabelTask, Task
 
@@ -49,13 +49,13 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset, task: Tas
     Returns:
         `(probabilities float64 [N, C], embeddings float32 [N, D], labels int64 [N])`.
     """
-    model = embedding_model(classifier)
+    predict = inference_function(embedding_model(classifier))  # the chief alone can run it
     probabilities, embeddings, labels = [], [], []
     for images, one_hot in batches:
-        embedding, logits = model.predict_on_batch(images)
+        embedding, logits = predict(images)
         batch_probabilities = task.probabilities(logits)
         if flip_tta:
-            mirrored = model.predict_on_batch(images[:, :, ::-1])[1]
+            mirrored = predict(images[:, :, ::-1])[1]
             batch_probabilities = (batch_probabilities + task.probabilities(mirrored)) / 2
         probabilities.append(batch_probabilities)
         embeddings.append(np.asarray(embedding, np.float32))

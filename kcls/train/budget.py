@@ -18,7 +18,9 @@ so `frozen_epochs=1, unfrozen_epochs=4` gives the frozen phase a fifth of the
 training time: the configured epochs set the proportions, the budget the length.
 
 A budgeted run is planned for one sitting: it keeps no resume backup (a restarted run
-would start a new budget). Durations are parsed by `kcls.config.parse_duration`.
+would start a new budget). Several workers (MultiWorkerMirroredStrategy) follow one plan,
+the chief's, shared at every re-plan: workers that planned different epoch counts would
+wait on each other forever. Durations are parsed by `kcls.config.parse_duration`.
 """
 
 from __future__ import annotations
@@ -96,11 +98,17 @@ class BudgetPlanner(keras.callbacks.Callback):
         batch_size: global batch size, to turn step time into time per image.
         share: this phase's fraction of the training time still to be spent, in (0, 1].
         name: phase name, for the plan record.
+        agree: called with this process's planned epochs at every (re-)plan, returns the
+            plan to follow: under several workers the chief's
+            (`kcls.train.cluster.broadcast_from_chief`, a collective every worker makes at
+            the same step). None: the process's own.
     """
 
     def __init__(self, budget: TimeBudget, schedule: WarmupCosine, first_epoch: int,
-                 steps_per_epoch: int, batch_size: int, share: float, name: str) -> None:
+                 steps_per_epoch: int, batch_size: int, share: float, name: str,
+                 agree: Callable[[int], float] | None = None) -> None:
         super().__init__()
+        self.agree = agree or (lambda planned: planned)
         self.budget = budget
         self.schedule = schedule
         self.first_epoch = first_epoch
@@ -189,7 +197,7 @@ class BudgetPlanner(keras.callbacks.Callback):
         in_progress = 1 if steps_into_epoch else 0
         rest_of_epoch = in_progress * (epoch_seconds - steps_into_epoch * step)
         more = math.floor(max(self._phase_end_by - now - rest_of_epoch, 0.0) / epoch_seconds)
-        planned = min(max(epochs_done + in_progress + more, 1), MAX_EPOCHS)
+        planned = int(self.agree(min(max(epochs_done + in_progress + more, 1), MAX_EPOCHS)))
         if planned != self.planned_epochs:
             self.planned_epochs = planned
             self.schedule.total_steps.assign(float(planned * self.steps_per_epoch))

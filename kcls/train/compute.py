@@ -1,7 +1,8 @@
 """Where and in which precision training runs: tf.distribute strategy and dtype policy.
 
 Create the strategy first: connecting to a TPU and configuring multi-worker
-collectives must happen before TensorFlow runs anything else, and `auto` precision
+collectives must happen before TensorFlow runs anything else (even listing the logical
+devices: `initialize_devices` brings TensorFlow up in that order), and `auto` precision
 looks at the devices the strategy brought up.
 
 Example:
@@ -14,12 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import tensorflow as tf
 
 from kcls.config import ConfigError, JitCompile, Precision, Strategy, require_choice
+from kcls.train.cluster import is_multiworker, tf_config
 
 # Training images/s with XLA over without, float32, the whole backbone trained, measured
 # by benchmarks/train_step.py on this project's 2-core x86 CPU (the best of the runs):
@@ -29,6 +32,13 @@ XLA_CPU_SPEEDUP = {
     "resnet_v2_tiny": 0.77,  # 32x32, batch 64, BatchNorm trained: 0.54-0.77 (frozen: 0.50)
     "compact_resnet": 0.72,  # 32x32, batch 128, BatchNorm trained: 0.56-0.72 (frozen: 0.32-0.50)
 }
+# XLA compiles the gradient all-reduce into the step, and has no CPU collectives (TF 2.21:
+# "Collectives are not yet implemented for CPU devices when compiling with XLA").
+XLA_MULTIWORKER_CPU_REASON = ("MultiWorkerMirroredStrategy on CPUs: XLA cannot compile "
+                              "collectives for CPU devices")
+# One MultiWorkerMirroredStrategy per process and TF_CONFIG: collectives are configured
+# once, at start-up, and later calls must get the same strategy back.
+_MULTIWORKER_STRATEGIES: dict[str, tf.distribute.Strategy] = {}
 
 
 def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
@@ -48,18 +58,17 @@ def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
         equal share of every batch.
 
     Raises:
-        ConfigError: `multiworker` without `TF_CONFIG`.
+        ConfigError: `multiworker` without a usable `TF_CONFIG`.
     """
     require_choice(name, Strategy, "train.strategy")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multiworker":
-        if not os.environ.get("TF_CONFIG"):
-            raise ConfigError(
-                "train.strategy=multiworker needs the TF_CONFIG environment variable describing "
-                "the cluster (see tf.distribute.MultiWorkerMirroredStrategy); use "
-                "train.strategy=mirrored for the devices of one machine.")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        key = json.dumps(tf_config(), sort_keys=True)
+        if key not in _MULTIWORKER_STRATEGIES:
+            # Waits until every worker of TF_CONFIG has started (forever if one never does).
+            _MULTIWORKER_STRATEGIES[key] = tf.distribute.MultiWorkerMirroredStrategy()
+        return _MULTIWORKER_STRATEGIES[key]
     tpu = _configured_tpu() if name == "auto" else None
     if tpu is not None:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
@@ -76,9 +85,26 @@ def make_strategy(name: Strategy = "auto") -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def initialize_devices(strategy_name: Strategy = "auto") -> None:
+    """Brings TensorFlow's devices up for `train.strategy=strategy_name`.
+
+    Under `multiworker` that is creating the strategy (`make_strategy`, which later calls
+    return): its collectives must be configured before TensorFlow runs anything, and
+    listing the logical devices first would raise "Collective ops must be configured at
+    program startup". Any other strategy is created later, from the devices listed here.
+    """
+    if strategy_name == "multiworker":
+        make_strategy("multiworker")
+    else:
+        tf.config.list_logical_devices()
+
+
 def describe_strategy(strategy: tf.distribute.Strategy) -> str:
     """E.g. `MirroredStrategy x 2 replicas`, for logs and run.json."""
-    return f"{type(strategy).__name__.lstrip('_')} x {strategy.num_replicas_in_sync} replicas"
+    # MultiWorkerMirroredStrategy is an alias of a class named CollectiveAllReduceStrategy.
+    name = ("MultiWorkerMirroredStrategy" if is_multiworker(strategy)
+            else type(strategy).__name__.lstrip("_"))
+    return f"{name} x {strategy.num_replicas_in_sync} replicas"
 
 
 def resolve_precision(precision: Precision) -> str:
@@ -105,22 +131,38 @@ def resolve_precision(precision: Precision) -> str:
     return "float32"
 
 
-def resolve_jit_compile(setting: JitCompile, backbone: str) -> tuple[bool, str]:
+def resolve_jit_compile(setting: JitCompile, backbone: str,
+                        strategy: tf.distribute.Strategy | None = None) -> tuple[bool, str]:
     """Whether the training step compiles with XLA, and why, for `train.jit_compile`.
 
     `auto` uses XLA on TPUs (which run only compiled programs) and GPUs (where it fuses
     the step's many small ops), and on CPUs only for the backbones `XLA_CPU_SPEEDUP`
     measured faster with it: XLA's CPU convolutions are slower than oneDNN's. A backbone
-    that was not measured trains without XLA on a CPU.
+    that was not measured trains without XLA on a CPU. Under MultiWorkerMirroredStrategy
+    on CPUs there is no XLA at all: the step holds the workers' collectives, which XLA
+    cannot compile for CPU devices.
 
     Args:
         setting: `True`, `False` or `"auto"`.
         backbone: the `model.backbone` name.
+        strategy: the training strategy; None for the current one.
 
     Returns:
         `(use_xla, reason)`, the reason one line for `run.json`.
+
+    Raises:
+        ConfigError: `true` under MultiWorkerMirroredStrategy on CPUs.
     """
     require_choice(setting, JitCompile, "train.jit_compile")
+    accelerated = bool(tf.config.list_logical_devices("TPU")
+                       or tf.config.list_physical_devices("GPU"))
+    if (setting is not False and not accelerated
+            and is_multiworker(strategy or tf.distribute.get_strategy())):
+        if setting is True:
+            raise ConfigError(f"train.jit_compile=true cannot train under "
+                              f"{XLA_MULTIWORKER_CPU_REASON}: use train.jit_compile=auto or "
+                              "false.")
+        return False, f"auto: {XLA_MULTIWORKER_CPU_REASON}"
     if isinstance(setting, bool):
         return setting, f"train.jit_compile={str(setting).lower()}"
     if tf.config.list_logical_devices("TPU"):

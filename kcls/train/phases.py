@@ -20,6 +20,13 @@ With a run directory, `fit_phases` writes
         <phase>/                   Keras BackupAndRestore of the running phase (model,
                                    optimizer and epoch at the last epoch end)
 
+Under MultiWorkerMirroredStrategy every worker runs all of this, reads the resume state
+from the chief's run directory (storage all workers share) and trains the same steps;
+only the chief writes these files, the others write the callbacks' copies into their
+scratch folders (`kcls.train.cluster.Worker.write_path`), deleted at the end. The
+decisions are the chief's (a budget's plan, a learning rate found), or the same on every
+worker because they read all-reduced logs (early stopping, the range test's stop).
+
 and a killed run started again with the same run directory resumes: completed phases
 are skipped (their end weights are loaded), the interrupted phase continues from its
 last finished epoch, and the epoch counter and history come out as if uninterrupted.
@@ -51,8 +58,16 @@ from kcls.config import ConfigError, TrainConfig
 from kcls.data.augment import Augmentation, compiles_with_xla
 from kcls.layout import BACKUP_DIR, BEST_WEIGHTS_FILE, LOGS_DIR, LR_FIND_PHASE_PLOT
 from kcls.tasks import LossWeights, Objective, SingleLabelTask
-from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm
+from kcls.train.batchnorm import PreciseBatchNorm, recalibrate_batchnorm, synchronize_batchnorm
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
+from kcls.train.cluster import (
+    Worker,
+    WorkerBackupAndRestore,
+    barrier,
+    broadcast_from_chief,
+    is_multiworker,
+    worker_of,
+)
 from kcls.train.layerwise import layer_decay_multipliers
 from kcls.train.lr_find import (
     STEPS,
@@ -123,10 +138,11 @@ class _PhaseRun:
     extra_callbacks: list[keras.callbacks.Callback]
     verbose: int | str
     strategy: tf.distribute.Strategy
+    worker: Worker
     time_budget: TimeBudget | None
     objective: Objective
     run_dir: Path | None
-    backup_dir: Path | None  # None when the run cannot resume
+    backup_dir: Path | None  # the chief's; None when the run cannot resume
     progress: TrainingProgress
     resumed: bool
     monitor: str  # the log the best checkpoint and early stopping watch
@@ -246,20 +262,26 @@ def _open_run(classifier: keras.Model, train_batches: tf.data.Dataset,
         ConfigError: the run directory holds an interrupted run with another schedule.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    worker = worker_of(strategy)
+    if is_multiworker(strategy):
+        synchronize_batchnorm(classifier)
     # A budgeted run is planned for one sitting: started again, it would plan a new budget.
     backup_dir = run_dir / BACKUP_DIR if run_dir is not None and time_budget is None else None
-    progress = TrainingProgress.load(backup_dir, schedule_fingerprint(config, steps_per_epoch))
+    progress = TrainingProgress.load(backup_dir, schedule_fingerprint(config, steps_per_epoch),
+                                     write=worker.is_chief)
     monitor = "val_loss" if validation_batches is not None else "loss"
     best_checkpoint = None
     if run_dir is not None:
         best_checkpoint = ClassifierCheckpoint(
-            run_dir / BEST_WEIGHTS_FILE, monitor=monitor, save_best_only=True,
-            save_weights_only=True, initial_value_threshold=progress.best(monitor))
+            worker.write_path(run_dir / BEST_WEIGHTS_FILE, run_dir), monitor=monitor,
+            save_best_only=True, save_weights_only=True,
+            initial_value_threshold=progress.best(monitor))
     return _PhaseRun(
         classifier=classifier, train_batches=train_batches,
         validation_batches=validation_batches, steps_per_epoch=steps_per_epoch, config=config,
-        device_augment=device_augment, extra_callbacks=extra_callbacks, verbose=verbose,
-        strategy=strategy, time_budget=time_budget, objective=objective, run_dir=run_dir,
+        device_augment=device_augment, extra_callbacks=extra_callbacks,
+        verbose=verbose if worker.is_chief else 0, strategy=strategy, worker=worker,
+        time_budget=time_budget, objective=objective, run_dir=run_dir,
         backup_dir=backup_dir, progress=progress, resumed=progress.started, monitor=monitor,
         best_checkpoint=best_checkpoint)
 
@@ -293,11 +315,15 @@ def _peak_learning_rate(run: _PhaseRun, phase: Phase) -> float:
         search = find_phase_learning_rate(run.classifier, run.train_batches, run.config, phase,
                                           run.device_augment, run.strategy,
                                           objective=run.objective)
-        if run.run_dir is not None:
+        if run.run_dir is not None and run.worker.is_chief:
             plot_learning_rate_search(
                 search, run.run_dir / LR_FIND_PHASE_PLOT.format(phase=phase.name),
                 title=f"learning-rate range test, {phase.name} phase")
-        progress.searched(phase.name, search.summary())
+        # The workers' curves are the same (their losses are all-reduced); the chief's
+        # rate is the one every worker trains at, whatever rounding says.
+        summary = {**search.summary(),
+                   "suggestion": broadcast_from_chief(run.strategy, search.suggestion)}
+        progress.searched(phase.name, summary)
     return float(progress.searches[phase.name]["suggestion"])
 
 
@@ -342,18 +368,20 @@ def _phase_callbacks(run: _PhaseRun, phase: Phase, phases_left: list[Phase],
         `(callbacks, epochs)`: epochs is the phase's configured epochs, or with a time
         budget `MAX_EPOCHS` (the budget's planner stops the phase).
     """
-    config = run.config
+    config, worker = run.config, run.worker
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.TerminateOnNaN(), run.progress.recorder()]
     if run.backup_dir is not None:
-        callbacks.append(keras.callbacks.BackupAndRestore(run.backup_dir / phase.name))
+        chief_backup = run.backup_dir / phase.name
+        callbacks.append(WorkerBackupAndRestore(worker.write_path(chief_backup, run.run_dir),
+                                                chief_backup))
     if run.run_dir is not None:
-        callbacks += [run.best_checkpoint,
-                      keras.callbacks.TensorBoard(run.run_dir / LOGS_DIR, write_graph=False)]
+        logs = worker.write_path(run.run_dir / LOGS_DIR, run.run_dir)
+        callbacks += [run.best_checkpoint, keras.callbacks.TensorBoard(logs, write_graph=False)]
     if (phase.backbone_trainable and config.train_batchnorm
             and run.validation_batches is not None):
         callbacks.append(PreciseBatchNorm(run.classifier, run.train_batches,
-                                          run.steps_per_epoch))
+                                          run.steps_per_epoch, run.strategy))
     if config.early_stopping_patience:
         # With EMA the phase ends on the averaged weights, not on one epoch's raw ones.
         callbacks.append(keras.callbacks.EarlyStopping(
@@ -366,7 +394,8 @@ def _phase_callbacks(run: _PhaseRun, phase: Phase, phases_left: list[Phase],
     planner = BudgetPlanner(
         run.time_budget, schedule, first_epoch, run.steps_per_epoch,
         _batch_size(run.train_batches),
-        share=phase.epochs / sum(later.epochs for later in phases_left), name=phase.name)
+        share=phase.epochs / sum(later.epochs for later in phases_left), name=phase.name,
+        agree=lambda planned: broadcast_from_chief(run.strategy, planned))
     return callbacks + [BudgetProgress(planner), planner], MAX_EPOCHS
 
 
@@ -400,7 +429,8 @@ def _finish_phase(run: _PhaseRun, phase: Phase, first_epoch: int, epochs: int,
     recalibrated = 0
     if phase.backbone_trainable and config.train_batchnorm:
         recalibrated = recalibrate_batchnorm(classifier, run.train_batches,
-                                             max_batches=(end - first_epoch) * run.steps_per_epoch)
+                                             max_batches=(end - first_epoch) * run.steps_per_epoch,
+                                             strategy=run.strategy)
     record = PhaseRecord(
         name=phase.name, first_epoch=first_epoch, epochs=end - first_epoch,
         learning_rate=learning_rate,
@@ -408,7 +438,7 @@ def _finish_phase(run: _PhaseRun, phase: Phase, first_epoch: int, epochs: int,
         trainable_params=_count(classifier.trainable_weights),
         batchnorm_recalibrated_on=recalibrated,
         learning_rate_search=run.progress.searches.get(phase.name))
-    if run.backup_dir is not None:
+    if run.backup_dir is not None and run.worker.is_chief:
         classifier.save_weights(_phase_weights(run.backup_dir, phase.name))
     run.progress.complete(record)
     return record
@@ -425,7 +455,11 @@ def _finish(run: _PhaseRun, records: list[PhaseRecord], jit_compile: bool,
             None when no phase traced one.
     """
     _load_skipped_phase_weights(run, records)  # killed after the last phase, before cleaning up
-    if run.backup_dir is not None:
+    if run.worker.count > 1:
+        barrier(run.strategy)  # every worker has read the chief's backup before it goes
+    if run.run_dir is not None and not run.worker.is_chief:
+        shutil.rmtree(run.worker.scratch_dir(run.run_dir), ignore_errors=True)
+    if run.backup_dir is not None and run.worker.is_chief:
         shutil.rmtree(run.backup_dir, ignore_errors=True)
     best = run.run_dir / BEST_WEIGHTS_FILE if run.run_dir is not None else None
     augmentation = None if compiled is None else {

@@ -13,7 +13,9 @@ end:
                                the rate found before the interruption
 
 `check_resumable` tells before anything is written whether a run directory's interrupted
-run can be resumed with the given settings.
+run can be resumed with the given settings. Under several workers every worker reads the
+chief's progress and only the chief writes it (`TrainingProgress.load(..., write=False)`
+on the others).
 
 Example:
 
@@ -104,13 +106,16 @@ class TrainingProgress:
         self.searches: dict[str, dict[str, Any]] = state.get("learning_rate_searches", {})
 
     @classmethod
-    def load(cls, backup_dir: Path | None, schedule: dict[str, Any]) -> TrainingProgress:
+    def load(cls, backup_dir: Path | None, schedule: dict[str, Any],
+             write: bool = True) -> TrainingProgress:
         """The saved progress of the run in `backup_dir`, which must have had `schedule`.
 
         Args:
             backup_dir: the run directory's `backup/` folder (which may not exist yet),
                 or None for a run that keeps no backup (the progress stays in memory).
             schedule: the run's `schedule_fingerprint`.
+            write: mirror the progress to `backup_dir` (False: read it only, as workers
+                other than the chief do).
 
         Returns:
             TrainingProgress, empty when there is nothing saved.
@@ -131,7 +136,7 @@ class TrainingProgress:
                 f"schedule ({', '.join(changed)} changed), which cannot be resumed. Resume with "
                 f"the same settings, or start afresh in a new run directory (or delete "
                 f"{backup_dir}).")
-        return cls(path, state, schedule)
+        return cls(path if write else None, state, schedule)
 
     @property
     def started(self) -> bool:

@@ -54,10 +54,13 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
         LearningRateSearch: the curve and `suggestion`, the phase's peak rate.
 
     Raises:
-        ConfigError: an unknown or empty phase, files in the way, or data, backbone or
-            weights that cannot be found.
+        ConfigError: an unknown or empty phase, files in the way, data, backbone or
+            weights that cannot be found, or train.strategy=multiworker.
         OutputFolderError: `out_dir` cannot be written (checked before the test runs).
     """
+    if recipe.train.strategy == "multiworker":
+        raise ConfigError("kcls lr-find runs in one process: use --set train.strategy=auto "
+                          "(a run with train.learning_rate=auto tests rates on its workers).")
     phases = {planned.name: planned for planned in plan_phases(recipe.train)}
     phase = phase or next(iter(phases))
     if phase not in phases:

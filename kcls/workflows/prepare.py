@@ -3,7 +3,8 @@
 `prepare(recipe)` makes every decision a recipe leaves open, once, in this order:
 
 1. the tf.distribute strategy, first: connecting to a TPU and configuring multi-worker
-   collectives must happen before TensorFlow runs anything else;
+   collectives must happen before TensorFlow runs anything else; with it, which worker
+   this process is (`kcls.train.cluster`);
 2. the data splits (`kcls.data.sources`), checked against the problem type (the task,
    `kcls.tasks`), and what the task fits after training on held-out data: a calibration
    temperature or per-label thresholds and the rejection rule's coverage, with a
@@ -12,7 +13,8 @@
 3. steps per epoch, precision, XLA and BatchNorm (each `auto` with its reason);
 4. the classifier, built in the strategy's scope, seeded;
 5. where augmentation runs (the device, or the TPU host), the loss weights
-   (`train.class_weights`) and the training and validation pipelines.
+   (`train.class_weights`) and the training and validation pipelines, under several
+   workers with how they are split between them (`input_sharding`).
 
 `kcls recipe run` (`kcls.workflows.run`) and `kcls lr-find` (`kcls.workflows.lr_find`)
 start from the same `Prepared`, and run.json records its `record()`, so a setting is
@@ -34,12 +36,20 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kcls.config import Recipe, TrainConfig
+from kcls.config import Recipe, TrainConfig, check_global_batch
 from kcls.data.augment import Augmentation, build_augmentation, place_augmentation
 from kcls.data.pipeline import check_cache_writable, eval_pipeline, train_pipeline
 from kcls.data.sources import Splits, carve_calibration_split, load_splits, train_class_counts
 from kcls.models.classifier import build_classifier
 from kcls.tasks import CalibrationPlan, LossWeights, Objective, Task, get_task
+from kcls.train.cluster import (
+    Worker,
+    distributable,
+    is_multiworker,
+    shard_policy,
+    worker_cache,
+    worker_of,
+)
 from kcls.train.compute import (
     describe_devices,
     describe_strategy,
@@ -91,6 +101,10 @@ class Prepared:
         device_augmentation: augmentation run on the device before the model step, or None.
         loss_weights: the task's weights of examples or labels in the loss.
         train_batches: infinite training batches; validation_batches: finite, or None.
+        worker: which process of the cluster this is (the chief of one without
+            `train.strategy=multiworker`).
+        input_sharding: under several workers, how the pipelines are split between them
+            (`input_sharding`); None for one process.
     """
 
     recipe: Recipe
@@ -108,6 +122,8 @@ class Prepared:
     loss_weights: LossWeights
     train_batches: tf.data.Dataset
     validation_batches: tf.data.Dataset | None
+    worker: Worker = dataclasses.field(default_factory=Worker)
+    input_sharding: dict[str, Any] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -130,6 +146,7 @@ class Prepared:
     def record(self) -> dict[str, Any]:
         """The resolved settings as run.json records them."""
         return {"devices": describe_devices(), "strategy": describe_strategy(self.strategy),
+                "workers": self.worker.count, "input_sharding": self.input_sharding,
                 "precision": self.precision, "jit_compile": self.train_config.jit_compile,
                 "jit_compile_reason": self.jit_compile_reason,
                 "train_batchnorm": self.train_config.train_batchnorm,
@@ -153,14 +170,17 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
             before anything is written).
     """
     strategy = make_strategy(recipe.train.strategy)
+    worker = worker_of(strategy)
     check_cache_writable(recipe.data)
+    if is_multiworker(strategy):
+        check_global_batch(recipe.data.batch_size, strategy.num_replicas_in_sync)
     splits = splits or load_splits(recipe.data)
     task = get_task(recipe.model.task)
     task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
     splits, calibration = plan_calibration(task, recipe, splits)
     precision = resolve_precision(recipe.train.precision)
     jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
-                                                          recipe.model.backbone)
+                                                          recipe.model.backbone, strategy)
     train_config = dataclasses.replace(
         recipe.train, jit_compile=jit_compile,
         train_batchnorm=resolve_train_batchnorm(recipe.train, recipe.model.weights))
@@ -172,12 +192,34 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
         recipe.data.augment, recipe.data.horizontal_flip, recipe.data.seed, recipe.data.mixup,
         recipe.data.cutmix), strategy)
     loss_weights = balanced_loss_weights(task, recipe, splits)
+    sharding = input_sharding(recipe, strategy)
     train_batches, validation_batches = pipelines(recipe, splits, loss_weights,
-                                                  host_augmentation)
+                                                  host_augmentation, sharding, worker)
     return Prepared(recipe, strategy, splits, task, calibration,
                     steps_per_epoch(recipe, splits), precision, train_config, jit_compile_reason,
                     classifier, host_augmentation, device_augmentation, loss_weights,
-                    train_batches, validation_batches)
+                    train_batches, validation_batches, worker, sharding)
+
+
+def input_sharding(recipe: Recipe, strategy: tf.distribute.Strategy) -> dict[str, Any] | None:
+    """How the pipelines are split between the workers of `strategy`, or None for one process.
+
+    The training input by file where the source has files to split
+    (`kcls.train.cluster.shard_policy`), by element otherwise; the validation input by
+    element. Splitting by element keeps each worker's share of a global batch, so every
+    worker must read the same examples in the same order: the pipelines are then ordered
+    (`deterministic`), and the seeded shuffle does the rest.
+
+    Returns:
+        `{"train": "FILE" or "DATA", "validation": "DATA", "deterministic": bool,
+        "replica_batch_size": int}`, as run.json records it.
+    """
+    if not is_multiworker(strategy):
+        return None
+    train = shard_policy(recipe.data.source).name
+    return {"train": train, "validation": "DATA",
+            "deterministic": recipe.data.deterministic or train == "DATA",
+            "replica_batch_size": recipe.data.batch_size // strategy.num_replicas_in_sync}
 
 
 def plan_calibration(task: Task, recipe: Recipe, splits: Splits) -> tuple[Splits, Calibration]:
@@ -214,14 +256,26 @@ def balanced_loss_weights(task: Task, recipe: Recipe, splits: Splits) -> LossWei
 
 
 def pipelines(recipe: Recipe, splits: Splits, loss_weights: LossWeights,
-              host_augmentation: Augmentation | None
-              ) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
-    """The infinite training batches and the finite validation batches (or None)."""
+              host_augmentation: Augmentation | None, sharding: dict[str, Any] | None = None,
+              worker: Worker | None = None) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+    """The infinite training batches and the finite validation batches (or None), split
+    between workers as `sharding` (`input_sharding`) says, cached in `worker`'s own
+    files (`kcls.train.cluster.worker_cache`)."""
     num_classes = len(splits.class_names)
-    train_batches = train_pipeline(splits.train, num_classes, recipe.data, loss_weights.per_class,
+    data = recipe.data
+    if sharding is not None:
+        data = dataclasses.replace(data, deterministic=sharding["deterministic"],
+                                   cache=worker_cache(data.cache, worker or Worker()))
+    train_batches = train_pipeline(splits.train, num_classes, data, loss_weights.per_class,
                                    splits.fingerprint, host_augment=host_augmentation)
     validation_batches = None
     if splits.validation is not None:
-        validation_batches = eval_pipeline(splits.validation, num_classes, recipe.data,
+        validation_batches = eval_pipeline(splits.validation, num_classes, data,
                                            "validation", splits.fingerprint)
+    if sharding is not None:
+        policy = tf.data.experimental.AutoShardPolicy
+        train_batches = distributable(train_batches, policy[sharding["train"]])
+        if validation_batches is not None:
+            validation_batches = distributable(validation_batches,
+                                               policy[sharding["validation"]])
     return train_batches, validation_batches

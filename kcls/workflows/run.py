@@ -30,6 +30,12 @@ the reference profile and the export. It writes the run directory:
 Observers (`kcls.tracking`) are told of the steps: MLflow tracking with `track.mlflow`,
 and whatever the caller adds (`kcls tune`'s pruning). With `evaluate.test=false` the run
 is scored on the validation split and the test split is never read.
+
+Under `train.strategy=multiworker` every worker calls `run_recipe` with the same run
+directory, on storage they all share: all of them train, only the chief (`kcls.train.cluster`)
+writes the files above, tells the observers, and then evaluates, calibrates and exports on
+its own; the others return once training is done (`RunResult.worker`), after deleting the
+copies they wrote.
 """
 
 from __future__ import annotations
@@ -71,8 +77,14 @@ from kcls.serving.export import export_saved_model
 from kcls.serving.onnx import onnx_line
 from kcls.serving.publish import check_model_labels
 from kcls.tasks import Evaluation, Task
-from kcls.tracking import RunObserver, observers_for
+from kcls.tracking import Observers, RunObserver, observers_for
 from kcls.train.budget import TimeBudget
+from kcls.train.cluster import (
+    Worker,
+    lost_worker_error,
+    weights_digest,
+    worker_from_environment,
+)
 from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
@@ -106,6 +118,10 @@ class RunResult:
         classifier: the trained keras.Model (in the training precision).
         class_names: list[str].
         task: the fitted Task (its temperature or thresholds), which reads `metrics`.
+        worker: the process of the cluster that returned this; a worker other than the
+            chief returns after training: no metrics, no export, no task.
+        weights_digest: `kcls.train.cluster.weights_digest` of the trained weights, the
+            same on every worker (run.json records the chief's).
     """
 
     run_dir: Path
@@ -115,10 +131,21 @@ class RunResult:
     classifier: keras.Model = field(repr=False)
     class_names: list[str] = field(default_factory=list)
     task: Task | None = None
+    worker: Worker = field(default_factory=Worker)
+    weights_digest: str = ""
 
     def headline(self) -> str:
         """The test metric(s) the run is judged by, for one line (`accuracy 0.9900`)."""
         return self.task.headline(self.metrics)
+
+    def summary_line(self, split: str = "test") -> str:
+        """What the run did, in one line for the command line; `split` is the one
+        `metrics` were measured on (`validation` with `evaluate.test=false`)."""
+        if not self.worker.is_chief:
+            return (f"done: {self.worker.name} trained (weights digest {self.weights_digest}); "
+                    f"the chief evaluates and exports, run dir {self.run_dir}")
+        return (f"done: {split} {self.headline()}; run dir {self.run_dir}"
+                + (f"; export {self.export_dir}" if self.export_dir else ""))
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
@@ -129,7 +156,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
 
     Args:
         recipe: Recipe, the resolved configuration.
-        run_dir: where logs and reports go; default `runs/<recipe>/<timestamp>`.
+        run_dir: where logs and reports go; default `runs/<recipe>/<timestamp>`. Required
+            under `train.strategy=multiworker`: the same folder on every worker.
         log: receives one-line progress messages.
         verbose: Keras `fit()` verbosity (progress bar by default, 0 for none).
         splits: data to use instead of `recipe.data.source`, e.g. in-memory arrays from
@@ -139,7 +167,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
 
     Returns:
         RunResult with the metrics (of the validation split with `evaluate.test=false`)
-        and the export path.
+        and the export path (on a worker other than the chief: after training, without
+        them).
 
     Raises:
         ConfigError: data, backbone or weights that cannot be found, a run directory
@@ -147,10 +176,16 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             training starts).
     """
     started = time.time()
+    worker = worker_from_environment(recipe.train.strategy)
+    if recipe.train.strategy == "multiworker" and run_dir is None:
+        raise ConfigError("train.strategy=multiworker needs the run directory named, the same "
+                          "on every worker and on storage they share: pass --out DIR (or "
+                          "run_dir=...), or use `kcls recipe run NAME --workers N`.")
     # Everything that can refuse the run is checked before the run directory is written.
     if run_dir is not None:
-        check_run_dir(run_dir)
-    observers = observers_for(recipe, observers)
+        check_run_dir(run_dir, lock=worker.is_chief)
+    # The chief alone reports: one tracked run (one tracking.json) for the whole cluster.
+    observers = observers_for(recipe, observers) if worker.is_chief else Observers()
     prepared = prepare(recipe, splits)
     if recipe.export.enabled:  # a version of other classes is refused: before training
         check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
@@ -159,38 +194,60 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
         if recipe.train.time_budget is None:
             check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
         check_same_run(run_dir, recipe, prepared.splits.fingerprint)
-    with claim_run_dir(run_dir, recipe.name, log) as run_dir, observers.watching(run_dir), \
-            resume_hint(run_dir, log):
-        write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
-        if not read_state(run_dir):
-            record_state(run_dir, source_fingerprint=prepared.splits.fingerprint)
+    with (claim_run_dir(run_dir, recipe.name, log, lock=worker.is_chief) as run_dir,
+          observers.watching(run_dir), resume_hint(run_dir, log)):
+        if worker.is_chief:
+            write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
+            if not read_state(run_dir):
+                record_state(run_dir, source_fingerprint=prepared.splits.fingerprint)
         log_start(prepared, run_dir, log)
         observers.started(recipe, run_dir, prepared.record())
         training, time_budget = train_or_resume(prepared, run_dir, verbose, log,
-                                                observers.callbacks())
-        seconds = {"training": round(time.time() - started, 1)}
-        task = fit_task(prepared)
-        if recipe.evaluate.test:
-            evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
-            export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
-        else:  # e.g. a tuning trial: scored on validation, the test split never read
-            evaluation, export_dir = evaluate_validation_split(prepared, task, log), None
-        seconds["total"] = round(time.time() - started, 1)
-        record = run_record(prepared, training, task, evaluation, export_dir, seconds,
-                            time_budget)
-        write_json(run_dir / RUN_INFO_FILE, record)
-        observers.finished(run_dir, record)
-        if time_budget is not None:
-            log(budget_line(time_budget))
-        return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
-                         prepared.classifier, prepared.class_names, task)
+                                                observers.callbacks(), worker.is_chief)
+        digest = weights_digest(prepared.classifier)
+        if not worker.is_chief:
+            return RunResult(run_dir, {}, None, training.history, prepared.classifier,
+                             prepared.class_names, worker=worker, weights_digest=digest)
+        return evaluate_and_publish(prepared, training, run_dir, time_budget, digest, started,
+                                    log, observers)
+
+
+def evaluate_and_publish(prepared: Prepared, training: TrainingResult, run_dir: Path,
+                         time_budget: TimeBudget | None, digest: str, started: float,
+                         log: Callable[[str], None], observers: Observers) -> RunResult:
+    """What the chief does after training, alone: fits the task,
+    evaluates the test split and publishes (samples, reference profile, export), or with
+    `evaluate.test=false` scores the validation split only; writes run.json last and
+    tells the observers.
+
+    Args:
+        digest: the trained weights' `weights_digest`, recorded in run.json.
+        started: `time.time()` when the run started.
+    """
+    seconds = {"training": round(time.time() - started, 1)}
+    task = fit_task(prepared)
+    if prepared.recipe.evaluate.test:
+        evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
+        export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
+    else:  # e.g. a tuning trial: scored on validation, the test split never read
+        evaluation, export_dir = evaluate_validation_split(prepared, task, log), None
+    seconds["total"] = round(time.time() - started, 1)
+    record = {**run_record(prepared, training, task, evaluation, export_dir, seconds,
+                           time_budget), "weights_digest": digest}
+    write_json(run_dir / RUN_INFO_FILE, record)
+    observers.finished(run_dir, record)
+    if time_budget is not None:
+        log(budget_line(time_budget))
+    return RunResult(run_dir, evaluation.metrics, export_dir, training.history,
+                     prepared.classifier, prepared.class_names, task, prepared.worker, digest)
 
 
 def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> None:
     """The run's header line, then the choices it made that a user should know about."""
     recipe, splits, sizes = prepared.recipe, prepared.splits, prepared.splits.sizes
+    workers = f" | {prepared.worker.name}" if prepared.worker.count > 1 else ""
     log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
-        f"{describe_strategy(prepared.strategy)} | {prepared.precision} | XLA "
+        f"{describe_strategy(prepared.strategy)}{workers} | {prepared.precision} | XLA "
         f"{'on' if prepared.train_config.jit_compile else 'off'} "
         f"({prepared.jit_compile_reason}) | {len(splits.class_names)} classes | train "
         f"{sizes['train']}, validation {sizes['validation']}, test {sizes['test']} | "
@@ -243,10 +300,11 @@ def resume_hint(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
 
 
 def train_or_resume(prepared: Prepared, run_dir: Path, verbose: int | str,
-                    log: Callable[[str], None], callbacks: list[keras.callbacks.Callback]
-                    ) -> tuple[TrainingResult, TimeBudget | None]:
-    """Trains and saves the weights and the training's record (`kcls.workflows.run_state`),
-    or, in a run killed after training, loads them: `(training, time budget or None)`."""
+                    log: Callable[[str], None], callbacks: list[keras.callbacks.Callback],
+                    chief: bool = True) -> tuple[TrainingResult, TimeBudget | None]:
+    """Trains and saves (the chief only) the weights and the training's record
+    (`kcls.workflows.run_state`), or, in a run killed after training, loads them:
+    `(training, time budget or None)`."""
     trained = trained_result(run_dir)
     if trained is not None:
         prepared.classifier.load_weights(run_dir / WEIGHTS_FILE)
@@ -255,8 +313,9 @@ def train_or_resume(prepared: Prepared, run_dir: Path, verbose: int | str,
         return trained, None
     time_budget = plan_time_budget(prepared)
     training = train(prepared, run_dir, time_budget, verbose, log, callbacks)
-    save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
-    record_state(run_dir, training=training.to_dict())
+    if chief:
+        save_weights(prepared.classifier, run_dir / WEIGHTS_FILE)  # for `kcls export RUN_DIR`
+        record_state(run_dir, training=training.to_dict())
     return training, time_budget
 
 
@@ -265,11 +324,17 @@ def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
           callbacks: list[keras.callbacks.Callback] | None = None) -> TrainingResult:
     """Fits the phases (`kcls.train.phases.fit_phases`, with the observers' `callbacks`)
     and says what resuming or the learning-rate search decided."""
-    training = fit_phases(
-        prepared.classifier, prepared.train_batches, prepared.validation_batches,
-        prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
-        callbacks, verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
-        time_budget=time_budget, objective=prepared.objective())
+    try:
+        training = fit_phases(
+            prepared.classifier, prepared.train_batches, prepared.validation_batches,
+            prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
+            callbacks, verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
+            time_budget=time_budget, objective=prepared.objective())
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+        # A collective aborted: under several workers, one of them is gone.
+        if prepared.worker.count == 1:
+            raise
+        raise lost_worker_error(error) from error
     if training.resumed:
         log("resumed an interrupted run: " + ", ".join(
             f"{phase.name} {'done before' if phase.skipped_on_resume else 'continued'}"

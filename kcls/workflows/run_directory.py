@@ -13,6 +13,10 @@ A run owns its directory from the moment it writes `config.json` to its end:
   (`model.weights.h5`) is refused: kcls never trains over a result. A trained model
   whose run was killed after training (its `state.json` holds the training) is not a
   result yet: that run resumes at evaluation (`kcls.workflows.run_state`).
+- Under several workers (`train.strategy=multiworker`) the run directory is one folder on
+  storage every worker shares, named by `--out` on all of them (a default name would
+  differ between machines); the chief claims and locks it, the other workers only check
+  it (`lock=False`): the lock is the chief's.
 
 Example:
 
@@ -39,11 +43,16 @@ from kcls.layout import RUN_INFO_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, RUNS_DIR, 
 MAX_SUFFIX = 1000  # runs of one recipe started in the same second
 
 
-def check_run_dir(run_dir: str | Path) -> None:
+def check_run_dir(run_dir: str | Path, lock: bool = True) -> None:
     """Raises unless a run may start (or resume) in `run_dir`.
 
     Cheap and side-effect free, so `run_recipe` calls it before loading any data;
     `claim_run_dir` checks again once it holds the lock.
+
+    Args:
+        run_dir: the run directory.
+        lock: whether this process will lock it (False for workers other than the
+            chief, which run in the chief's directory under the chief's lock).
 
     Raises:
         ConfigError: `run_dir` holds a finished run or a trained model, or a live
@@ -60,7 +69,7 @@ def check_run_dir(run_dir: str | Path) -> None:
                 f"{run_dir} holds {what} ({name}); kcls never trains over a result. Use a "
                 "new --out (or leave --out out for a new runs/NAME/TIMESTAMP folder), or "
                 "delete the folder to run there again.")
-    owner = _lock_owner(run_dir / RUN_LOCK_FILE)
+    owner = _lock_owner(run_dir / RUN_LOCK_FILE) if lock else None
     if owner is not None and not _mine(owner) and _alive(owner):
         raise ConfigError(_locked_message(run_dir, owner))
 
@@ -76,7 +85,7 @@ def _has_training_state(state_file: Path) -> bool:
 @contextlib.contextmanager
 def claim_run_dir(run_dir: str | Path | None, recipe_name: str,
                   log: Callable[[str], None] = print,
-                  parent: str | Path = RUNS_DIR) -> Iterator[Path]:
+                  parent: str | Path = RUNS_DIR, lock: bool = True) -> Iterator[Path]:
     """Creates or reuses a run directory and holds its lock while the block runs.
 
     Args:
@@ -85,14 +94,20 @@ def claim_run_dir(run_dir: str | Path | None, recipe_name: str,
         recipe_name: the recipe's name, a single folder name (`kcls.config.check_name`).
         log: receives the warning when a stale lock is taken over.
         parent: where default run directories go.
+        lock: False for a worker other than the chief: `run_dir` (required) is only
+            checked, neither created nor locked.
 
     Yields:
-        Path of the run directory, locked by this process.
+        Path of the run directory, locked by this process (by the chief with `lock=False`).
 
     Raises:
         ConfigError: see `check_run_dir`.
     """
-    path = Path(run_dir) if run_dir is not None else _new_run_dir(Path(parent) / recipe_name)
+    if not lock:
+        check_run_dir(run_dir, lock=False)
+        yield Path(run_dir)
+        return
+    path = Path(run_dir) if run_dir is not None else new_run_dir(recipe_name, parent)
     path.mkdir(parents=True, exist_ok=True)
     lock = path / RUN_LOCK_FILE
     _acquire(lock, log)
@@ -103,8 +118,10 @@ def claim_run_dir(run_dir: str | Path | None, recipe_name: str,
         lock.unlink(missing_ok=True)
 
 
-def _new_run_dir(recipe_dir: Path) -> Path:
-    """Creates `<recipe_dir>/<timestamp>`, or the first free `<timestamp>-N`, exclusively."""
+def new_run_dir(recipe_name: str, parent: str | Path = RUNS_DIR) -> Path:
+    """Creates `<parent>/<recipe_name>/<timestamp>`, or the first free `<timestamp>-N`,
+    exclusively, and returns it."""
+    recipe_dir = Path(parent) / recipe_name
     recipe_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for suffix in range(1, MAX_SUFFIX + 1):
@@ -190,4 +207,4 @@ def _locked_message(run_dir: Path, owner: dict[str, Any]) -> str:
             f"{run_dir / RUN_LOCK_FILE}.")
 
 
-__all__ = ["check_run_dir", "claim_run_dir"]
+__all__ = ["check_run_dir", "claim_run_dir", "new_run_dir"]

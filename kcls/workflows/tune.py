@@ -157,8 +157,9 @@ def tune_recipe(recipe: Recipe, budget: str, space: str = "finetune",
         TuneResult: the best trial, its recipe page and its test metrics.
 
     Raises:
-        ConfigError: Optuna missing, a bad budget or space, no validation split, a
-            search directory in use, or no trial finished within the budget.
+        ConfigError: Optuna missing, a bad budget or space, no validation split,
+            train.strategy=multiworker, a search directory in use, or no trial finished
+            within the budget.
     """
     optuna = import_optuna()
     settings = tune_settings(recipe, budget, trial_budget, space, max_trials, seed)
@@ -178,6 +179,10 @@ def tune_recipe(recipe: Recipe, budget: str, space: str = "finetune",
 def tune_settings(recipe: Recipe, budget: str, trial_budget: str | None, space: str,
                   max_trials: int | None, seed: int) -> TuneSettings:
     """The search's bounds, checked (see `tune_recipe`'s Raises)."""
+    if recipe.train.strategy == "multiworker":
+        # A trial's pruning stops the chief alone; the other workers would wait for it.
+        raise ConfigError("kcls tune runs its trials in one process: use --set "
+                          "train.strategy=auto (a single run can use train.strategy=multiworker).")
     if recipe.data.validation_fraction <= 0:
         raise ConfigError("kcls tune scores trials on the validation split, and the recipe "
                           "has none: set data.validation_fraction above 0, e.g. 0.1.")
