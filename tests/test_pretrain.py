@@ -18,12 +18,17 @@ from kcls.config import (
     apply_pretrain_overrides,
 )
 from kcls.data.folder import scan_images
-from kcls.layout import BACKBONE_WEIGHTS_FILE, PRETRAIN_CURVES_PLOT, RUN_INFO_FILE
+from kcls.layout import (
+    BACKBONE_WEIGHTS_FILE,
+    PRETRAIN_CONFIG_FILE,
+    PRETRAIN_CURVES_PLOT,
+    RUN_INFO_FILE,
+)
 from kcls.models.backbones import build_backbone
 from kcls.models.classifier import BACKBONE_LAYER, build_classifier
 from kcls.ssl.augment import ContrastiveAugment
 from kcls.ssl.simclr import knn_accuracy, nt_xent_loss
-from kcls.workflows.pretrain import pretrain
+from kcls.workflows.pretrain import PretrainResult, pretrain
 
 
 def hand_nt_xent(first: np.ndarray, second: np.ndarray, temperature: float) -> float:
@@ -119,19 +124,34 @@ def test_scan_images_searches_sub_folders_and_skips_hidden_and_broken_files(tmp_
     assert [Path(path).name for path in files.skipped] == ["broken.jpg"]
 
 
+PRETRAIN_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[PretrainConfig, Path, PretrainResult]:
+    """One run shared by the tests that only read it: 32 images, 6 epochs, kNN accuracy
+    on a labelled folder of two classes. Returns its config, run directory and result."""
+    root = tmp_path_factory.mktemp("pretrain")
+    write_images(root / "images", 32)
+    write_images(root / "labelled" / "one", 10, seed=1)
+    write_images(root / "labelled" / "two", 10, seed=2)
+    config = tiny_config(root / "images", epochs=PRETRAIN_EPOCHS,
+                         knn_source=f"folder:{root / 'labelled'}")
+    result = pretrain(config, root / "run", log=lambda line: None, verbose=0)
+    return config, root / "run", result
+
+
 @pytest.mark.slow
 def test_short_pretraining_lowers_the_loss_and_writes_weights_that_build_backbone_loads(
-        tmp_path):
-    write_images(tmp_path / "images", 32)
-    result = pretrain(tiny_config(tmp_path / "images", epochs=6), tmp_path / "run",
-                      log=lambda line: None, verbose=0)
+        pretrained):
+    _, run_dir, result = pretrained
     losses = result.history["loss"]
-    assert len(losses) == 6 and losses[-1] < losses[0]
-    assert result.weights_path == tmp_path / "run" / BACKBONE_WEIGHTS_FILE
-    assert (tmp_path / "run" / PRETRAIN_CURVES_PLOT).is_file()
-    info = json.loads((tmp_path / "run" / RUN_INFO_FILE).read_text())
+    assert len(losses) == PRETRAIN_EPOCHS and losses[-1] < losses[0]
+    assert result.weights_path == run_dir / BACKBONE_WEIGHTS_FILE
+    assert (run_dir / PRETRAIN_CURVES_PLOT).is_file()
+    info = json.loads((run_dir / RUN_INFO_FILE).read_text())
     assert info["history"]["loss"] == losses and info["images"] == 32
-    assert [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")] == []
+    assert [path.name for path in run_dir.iterdir() if path.name.startswith(".")] == []
 
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)), tf.float32)
     loaded = build_backbone("resnet_v2_tiny", 16, weights=str(result.weights_path))
@@ -145,15 +165,9 @@ def test_short_pretraining_lowers_the_loss_and_writes_weights_that_build_backbon
 
 
 @pytest.mark.slow
-def test_knn_accuracy_is_reported_each_epoch_with_a_labelled_folder(tmp_path):
-    write_images(tmp_path / "images", 16)
-    labelled = tmp_path / "labelled"
-    write_images(labelled / "one", 10, seed=1)
-    write_images(labelled / "two", 10, seed=2)
-    result = pretrain(tiny_config(tmp_path / "images", epochs=2,
-                                  knn_source=f"folder:{labelled}"),
-                      tmp_path / "run", log=lambda line: None, verbose=0)
-    assert len(result.history["knn_accuracy"]) == 2
+def test_knn_accuracy_is_reported_each_epoch_with_a_labelled_folder(pretrained):
+    _, _, result = pretrained
+    assert len(result.history["knn_accuracy"]) == PRETRAIN_EPOCHS
     assert all(0.0 <= value <= 1.0 for value in result.history["knn_accuracy"])
 
 
@@ -202,29 +216,40 @@ def test_config_checks_values_and_override_types():
             apply_pretrain_overrides(config, [override])
 
 
-@pytest.mark.slow
-def test_the_same_seed_gives_the_same_first_loss(tmp_path):
-    write_images(tmp_path / "images", 16)
-    losses = [pretrain(tiny_config(tmp_path / "images", epochs=1), tmp_path / f"run{index}",
-                       log=lambda line: None, verbose=0).history["loss"][0]
-              for index in range(2)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-
-
-@pytest.mark.slow
-def test_the_readme_flow_pretrain_then_fine_tune_from_the_weights(tmp_path, tiny_recipe):
-    from kcls.config import apply_overrides
-    from kcls.workflows.run import run_recipe
-
-    labelled = tmp_path / "labelled"
+@pytest.fixture(scope="module")
+def cli_pretrained(tmp_path_factory) -> tuple[Path, Path, str]:
+    """`kcls pretrain` as the README runs it, 1 epoch on a labelled folder of 24 images.
+    Returns the folder, the run directory and the command's output."""
+    root = tmp_path_factory.mktemp("cli_pretrain")
+    labelled = root / "labelled"
     write_images(labelled / "one", 12, seed=1)
     write_images(labelled / "two", 12, seed=2)
     result = CliRunner().invoke(main, [
-        "pretrain", str(labelled), "--backbone", "resnet_v2_tiny", "--out", str(tmp_path / "ssl"),
+        "pretrain", str(labelled), "--backbone", "resnet_v2_tiny", "--out", str(root / "ssl"),
         "--set", "pretrain.epochs=1", "--set", "pretrain.batch_size=8"])
     assert result.exit_code == 0, result.output
-    weights = tmp_path / "ssl" / BACKBONE_WEIGHTS_FILE
-    assert f"backbone weights {weights}" in result.output
+    return labelled, root / "ssl", result.output
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_first_loss(tmp_path, cli_pretrained):
+    # The config the command recorded, run again in the same process, as a user's rerun.
+    _, run_dir, _ = cli_pretrained
+    config = PretrainConfig(**json.loads((run_dir / PRETRAIN_CONFIG_FILE).read_text()))
+    first = json.loads((run_dir / RUN_INFO_FILE).read_text())["history"]["loss"][0]
+    again = pretrain(config, tmp_path / "run", log=lambda line: None, verbose=0)
+    assert again.history["loss"][0] == pytest.approx(first, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_readme_flow_pretrain_then_fine_tune_from_the_weights(tmp_path, tiny_recipe,
+                                                                    cli_pretrained):
+    from kcls.config import apply_overrides
+    from kcls.workflows.run import run_recipe
+
+    labelled, run_dir, output = cli_pretrained
+    weights = run_dir / BACKBONE_WEIGHTS_FILE
+    assert f"backbone weights {weights}" in output
     # The frozen phase alone: the fine-tuned classifier's backbone is the pretrained one.
     recipe = apply_overrides(tiny_recipe, [
         f"data.source=folder:{labelled}", f"model.weights={weights}", "train.unfrozen_epochs=0",

@@ -198,6 +198,9 @@ def build_simclr(config: PretrainConfig, steps_per_epoch: int, jit_compile: bool
                             config.warmup_fraction)
     model.compile(optimizer=make_optimizer(schedule, TrainConfig(
         optimizer="adamw", weight_decay=config.weight_decay)), jit_compile=jit_compile)
+    # Built now, not in the first step: a lazily built optimizer makes Keras trace the
+    # training step twice per fit() (measured: 11 s -> 6 s for a tiny pretraining run).
+    model.optimizer.build(model.trainable_variables)
     return model, schedule
 
 
