@@ -341,7 +341,8 @@ def export(run_dir: Path, base_dir: Path | None, model_name: str | None) -> None
 @main.command()
 @MODEL_DIR
 @click.option("--data", "data_source", metavar="SOURCE",
-              help="folder:PATH (every image), tfds:NAME, tfrecord:DIR or sklearn:digits "
+              help="folder:PATH (every image; the test split of a folder of train/, "
+                   "val/, test/ folders), tfds:NAME, tfrecord:DIR or sklearn:digits "
                    "(test split). "
                    "Default: the test split the model's recipe held out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),

@@ -8,14 +8,16 @@ A source is named by `DataConfig.source`:
   downloaded and prepared there by TFDS on first use with `data.download=auto`); a
   `labels` feature that is a sequence of class labels makes it multi-label (float32
   multi-hot `[C]` labels).
-- `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
+- `folder:PATH` — an image folder `PATH/<class>/<image>`, or a folder already split
+  into `PATH/train/<class>/`, `val/` (`valid/`, `validation/`) and `test/`, whose splits
+  are used as they are (see `kcls.data.folder` and `given_split_indices`).
 - `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
   examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
 - `tfrecord:DIR` — a pack of sharded TFRecords that `kcls data pack` wrote from a folder
   or a manifest, with its splits frozen in it (see `kcls.data.tfrecord`).
 
 Sources without a test split get one carved off, stratified and seeded; every source
-gets a validation split carved off its training data the same way. Folders and
+without a validation split gets one carved off its training data the same way. Folders and
 manifests are split by `file_splits` before any image is read, which `kcls data pack`
 uses too: a pack holds the splits the source makes.
 
@@ -145,7 +147,9 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
         class_names: the model's classes, which the data must have, in that order.
         source: another `data.source` to score on instead: `folder:PATH` takes every
             image of that folder (its class folders must be the model's classes), any
-            other source its test split.
+            other source its test split (a folder of split folders, `train/`, `val/`,
+            `test/`: its test split, `test/` or carved from `train/` with `config`'s
+            seed and `test_fraction`).
         test_files: the test split's files the model's run recorded
             (`Splits.test_files`), scored instead of a split made again from data that
             may have grown since (`recorded_test_examples`); not used with `source`.
@@ -160,8 +164,13 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
 
         files = scan_folder(source.partition(":")[2])
         found = files.class_names
-        held_out = HeldOut(decode_files(files.paths, files.labels, files.skipped),
-                           files.skipped, files.paths)
+        # A root of split folders: its test split (`test/`, or carved from `train/` as
+        # the model's training would carve it), never the images it trains on.
+        selected = (np.arange(len(files.paths)) if files.splits is None
+                    else folder_split_indices(files, config)[2])
+        paths = [files.paths[index] for index in selected]
+        held_out = HeldOut(decode_files(paths, files.labels[selected], files.skipped),
+                           files.skipped, paths)
     else:
         splits = load_splits(dataclasses.replace(config, source=source or config.source))
         found = splits.class_names
@@ -172,6 +181,24 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
             f"{class_names}; evaluate on data with the same class folders or labels (for a "
             "manifest, the model's labels.txt beside it).")
     return held_out
+
+
+def split_folders_note(source: str) -> str | None:
+    """What `test_examples` scores of `source` when it is a folder of split folders (a
+    line for `kcls evaluate`'s log), else None."""
+    from kcls.data.folder import split_folders
+
+    kind, _, argument = source.partition(":")
+    if kind != "folder" or not Path(argument).is_dir():
+        return None
+    given = split_folders(Path(argument))
+    if given is None:
+        return None
+    if "test" in given:
+        return f"{source} holds split folders: scoring its test split, {given['test']}"
+    return (f"{source} holds split folders without a test folder: scoring the test split "
+            f"carved from {given['train']} (the model's data.seed and data.test_fraction, "
+            "as its training run carved it)")
 
 
 def recorded_test_examples(config: DataConfig, class_names: list[str],
@@ -300,8 +327,9 @@ class FileSplits:
 
 def file_splits(config: DataConfig) -> FileSplits:
     """Scans a `folder:` or `manifest:` source (names and headers only, see
-    `kcls.data.folder`) and splits it: stratified by class for folders, the manifest's
-    `split` column or seeded random splits for manifests.
+    `kcls.data.folder`) and splits it: for folders, the split folders they give with the
+    missing splits carved stratified by class (`folder_split_indices`), for manifests,
+    the `split` column or seeded random splits.
 
     Raises:
         ConfigError: another kind of source, or data that cannot be split.
@@ -312,8 +340,8 @@ def file_splits(config: DataConfig) -> FileSplits:
 
         files = scan_folder(argument)
         paths, labels, class_names = files.paths, files.labels, files.class_names
-        indices = checked_split_indices(labels, class_names, config)
-        split_names = None
+        indices = folder_split_indices(files, config)
+        split_names = files.splits
     elif kind == "manifest":
         from kcls.data.manifest import read_manifest
 
@@ -406,6 +434,49 @@ def _manifest_split_indices(manifest: str, named: list[str] | None, count: int,
     return train, validation, test
 
 
+def folder_split_indices(files: Any, config: DataConfig
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `(train, validation, test)` indices of a folder's files (`FolderFiles`): its
+    split folders (`given_split_indices`), else stratified seeded splits
+    (`checked_split_indices`)."""
+    if files.splits is None:
+        return checked_split_indices(files.labels, files.class_names, config)
+    return given_split_indices(files.labels, files.class_names, files.splits, config)
+
+
+def given_split_indices(labels: np.ndarray, class_names: list[str], named: list[str],
+                        config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The splits a folder of split folders gives, the missing ones carved from its
+    training split the way `checked_split_indices` carves a folder.
+
+    Without a test folder the test split is `data.test_fraction` of `train/` (never of
+    `val/`: the validation images stay the ones given); without a validation folder the
+    validation split is `data.validation_fraction` of what `train/` keeps. The fractions
+    size carved splits only. Given validation and test images are never carved or moved,
+    so a given test split never trains.
+
+    Args:
+        labels: int array `(N,)`.
+        class_names: list[str], one per class.
+        named: the split of each example, `train`, `validation` or `test`.
+        config: DataConfig, for the fractions and `seed`.
+
+    Returns:
+        `(train, validation, test)` int arrays: the training indices in a seeded random
+        order, the others sorted.
+    """
+    named = np.asarray(named)
+    given = {split: np.flatnonzero(named == split) for split in ("train", "validation", "test")}
+    train = given["train"]
+    carved = checked_split_indices(
+        labels[train], class_names, config,
+        test_fraction=0.0 if len(given["test"]) else config.test_fraction,
+        validation_fraction=0.0 if len(given["validation"]) else config.validation_fraction)
+    train_kept, validation, test = (train[part] for part in carved)
+    return (train_kept, given["validation"] if len(given["validation"]) else validation,
+            given["test"] if len(given["test"]) else test)
+
+
 def fingerprint(*parts: object) -> str:
     """A hex digest of `parts` (bytes, or anything JSON can write)."""
     digest = hashlib.sha256()
@@ -414,7 +485,9 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()
 
 
-def checked_split_indices(labels: np.ndarray, class_names: list[str], config: DataConfig
+def checked_split_indices(labels: np.ndarray, class_names: list[str], config: DataConfig,
+                          test_fraction: float | None = None,
+                          validation_fraction: float | None = None
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`split_indices` of examples `0..N-1`, with errors and warnings users can act on.
 
@@ -422,12 +495,17 @@ def checked_split_indices(labels: np.ndarray, class_names: list[str], config: Da
         labels: int array `(N,)`.
         class_names: list[str], one per class.
         config: DataConfig, for `test_fraction`, `validation_fraction` and `seed`.
+        test_fraction, validation_fraction: float, instead of `config`'s (0 carves no
+            such split: a folder that gives it, `given_split_indices`).
 
     Raises:
         ConfigError: fewer than two classes, or a class too small for the split (the
             message gives the examples per class and the fixes).
     """
     labels = np.asarray(labels, dtype=np.int64)
+    test_fraction = config.test_fraction if test_fraction is None else test_fraction
+    validation_fraction = (config.validation_fraction if validation_fraction is None
+                           else validation_fraction)
     counts = np.bincount(labels, minlength=len(class_names))
     per_class = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
     if np.count_nonzero(counts) < 2:
@@ -435,14 +513,15 @@ def checked_split_indices(labels: np.ndarray, class_names: list[str], config: Da
             f"The data has examples of {np.count_nonzero(counts)} class(es) ({per_class}); "
             "a classifier needs at least two classes. Add the missing classes' images.")
     try:
-        train_indices, validation_indices, test_indices = split_indices(labels, config)
+        train_indices, validation_indices, test_indices = split_indices(
+            labels, config, test_fraction, validation_fraction)
     except ValueError:  # scikit-learn: a class or a split too small to stratify
         smallest = class_names[int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))]
-        test = int(np.ceil(config.test_fraction * len(labels)))  # scikit-learn's rounding
-        validation = int(np.ceil(config.validation_fraction * (len(labels) - test)))
+        test = int(np.ceil(test_fraction * len(labels)))  # scikit-learn's rounding
+        validation = int(np.ceil(validation_fraction * (len(labels) - test)))
         raise ConfigError(
-            f"Cannot make a stratified split with data.test_fraction={config.test_fraction} "
-            f"and data.validation_fraction={config.validation_fraction} of these examples "
+            f"Cannot make a stratified split with data.test_fraction={test_fraction} "
+            f"and data.validation_fraction={validation_fraction} of these examples "
             f"per class: {per_class} (smallest: {smallest}; the splits would hold test "
             f"{test}, validation {validation} examples for {np.count_nonzero(counts)} "
             "classes). Every class needs at least two examples for "
@@ -472,13 +551,15 @@ def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
                 "data.validation_fraction.", UserWarning, stacklevel=3)
 
 
-def split_indices(labels: np.ndarray, config: DataConfig
+def split_indices(labels: np.ndarray, config: DataConfig, test_fraction: float | None = None,
+                  validation_fraction: float | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The train, validation and test indices of examples with `labels`.
 
     Stratified and seeded: `config.test_fraction` of the examples is held out for
-    testing, then `config.validation_fraction` of the rest for validation. This is the
-    split `load_splits` makes of sources without their own splits (arrays, folders).
+    testing, then `config.validation_fraction` of the rest for validation (or the
+    fractions given instead; 0 holds nothing out). This is the split `load_splits`
+    makes of sources without their own splits (arrays, folders of class folders).
 
     Returns:
         `(train, validation, test)` int arrays: the training indices in a seeded random
@@ -486,8 +567,11 @@ def split_indices(labels: np.ndarray, config: DataConfig
     """
     labels = np.asarray(labels, dtype=np.int64)
     indices = np.arange(len(labels))
-    train, test = _stratified_split(indices, labels, config.test_fraction, config.seed)
-    train, validation = _stratified_split(train, labels[train], config.validation_fraction,
+    test_fraction = config.test_fraction if test_fraction is None else test_fraction
+    validation_fraction = (config.validation_fraction if validation_fraction is None
+                           else validation_fraction)
+    train, test = _stratified_split(indices, labels, test_fraction, config.seed)
+    train, validation = _stratified_split(train, labels[train], validation_fraction,
                                           config.seed)
     # Folders are listed class by class, and a shuffle buffer smaller than the split
     # would fill batches from one or two classes: shuffle the order once, as
