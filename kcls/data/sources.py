@@ -11,8 +11,10 @@ A source is named by `DataConfig.source`:
 - `folder:PATH` — an image folder `PATH/<class>/<image>`, or a folder already split
   into `PATH/train/<class>/`, `val/` (`valid/`, `validation/`) and `test/`, whose splits
   are used as they are (see `kcls.data.folder` and `given_split_indices`).
-- `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
-  examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
+- `manifest:PATH.csv` — a CSV of `path,label[,split]` rows (one class per image), or of
+  `path,labels[,split]` rows for multi-label data, whose examples then carry float32
+  multi-hot `[C]` labels; which one is read is the `label_format` argument, the recipe's
+  `model.task` (`kcls.config.Recipe.label_format`; see `kcls.data.manifest`).
 - `tfrecord:DIR` — a pack of sharded TFRecords that `kcls data pack` wrote from a folder
   or a manifest, with its splits frozen in it (see `kcls.data.tfrecord`).
 
@@ -43,7 +45,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
-from kcls.config import ConfigError, DataConfig, DownloadPolicy, require_choice
+from kcls.config import ConfigError, DataConfig, DownloadPolicy, LabelFormat, require_choice
 
 
 @dataclass
@@ -117,8 +119,15 @@ def evaluated_files(files: list[str] | None, skipped: list[str]) -> list[str] | 
     return None if files is None else [path for path in files if path not in failed]
 
 
-def load_splits(config: DataConfig) -> Splits:
+def load_splits(config: DataConfig, label_format: LabelFormat = "class_index") -> Splits:
     """Loads the source named by `config.source` and splits it.
+
+    Args:
+        config: DataConfig.
+        label_format: how a manifest's labels are read (`kcls.config.Recipe.label_format`,
+            from `model.task`): its `label` column as class indices, or its `labels`
+            column as multi-hot sets. Other sources' labels are what they are (the task
+            checks them, `Task.check_labels`).
 
     Raises:
         ConfigError: unknown source, or data that cannot be found (the message says
@@ -131,14 +140,15 @@ def load_splits(config: DataConfig) -> Splits:
     if kind == "tfds":
         return _tfds_splits(argument, config)
     if kind in ("folder", "manifest"):
-        return _decoded_splits(file_splits(config))
+        return _decoded_splits(file_splits(config, label_format))
     if kind == "tfrecord":
         return _pack_splits(argument)
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
 def test_examples(config: DataConfig, class_names: list[str], source: str | None = None,
-                  test_files: list[str] | None = None) -> HeldOut:
+                  test_files: list[str] | None = None,
+                  label_format: LabelFormat = "class_index") -> HeldOut:
     """The held-out examples to score a trained model on, their files and skipped files.
 
     Args:
@@ -153,12 +163,13 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
         test_files: the test split's files the model's run recorded
             (`Splits.test_files`), scored instead of a split made again from data that
             may have grown since (`recorded_test_examples`); not used with `source`.
+        label_format: how a manifest's labels are read (see `load_splits`).
 
     Raises:
         ConfigError: unusable data, or classes that differ from `class_names`.
     """
     if source is None and test_files is not None:
-        return recorded_test_examples(config, class_names, test_files)
+        return recorded_test_examples(config, class_names, test_files, label_format)
     if source and source.startswith("folder:"):
         from kcls.data.folder import decode_files, scan_folder
 
@@ -172,7 +183,8 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
         held_out = HeldOut(decode_files(paths, files.labels[selected], files.skipped),
                            files.skipped, paths)
     else:
-        splits = load_splits(dataclasses.replace(config, source=source or config.source))
+        splits = load_splits(dataclasses.replace(config, source=source or config.source),
+                             label_format)
         found = splits.class_names
         held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
     if found != class_names:
@@ -201,8 +213,8 @@ def split_folders_note(source: str) -> str | None:
             "as its training run carved it)")
 
 
-def recorded_test_examples(config: DataConfig, class_names: list[str],
-                           test_files: list[str]) -> HeldOut:
+def recorded_test_examples(config: DataConfig, class_names: list[str], test_files: list[str],
+                           label_format: LabelFormat = "class_index") -> HeldOut:
     """The test files a run recorded, read from its folder or manifest as it is now.
 
     The files keep the labels the source gives them now (by class name, so a class
@@ -215,7 +227,7 @@ def recorded_test_examples(config: DataConfig, class_names: list[str],
     """
     from kcls.data.folder import decode_files
 
-    paths, labels, names, unreadable = _source_files(config)
+    paths, labels, names, unreadable = _source_files(config, label_format)
     labels, known = _relabel(np.asarray(labels), names, class_names)
     position = {path: index for index, path in enumerate(paths)}
     kept = [position[path] for path in test_files if path in position and known[position[path]]]
@@ -240,7 +252,8 @@ def has_files(config: DataConfig) -> bool:
     return config.source.partition(":")[0] in FILE_SOURCES
 
 
-def _source_files(config: DataConfig) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+def _source_files(config: DataConfig, label_format: LabelFormat
+                  ) -> tuple[list[str], np.ndarray, list[str], list[str]]:
     """`(paths, labels, class_names, unreadable files)` of a folder or manifest source."""
     kind, _, argument = config.source.partition(":")
     if kind == "folder":
@@ -251,7 +264,7 @@ def _source_files(config: DataConfig) -> tuple[list[str], np.ndarray, list[str],
     if kind == "manifest":
         from kcls.data.manifest import read_manifest
 
-        files = read_manifest(argument)
+        files = read_manifest(argument, label_format)
         return files.paths, files.targets, files.class_names, []  # rows named in warnings
     raise ConfigError(f"{config.source!r} is not a source of files: its test split cannot "
                       "be read back from a list of files.")
@@ -325,11 +338,12 @@ class FileSplits:
     sizes: np.ndarray
 
 
-def file_splits(config: DataConfig) -> FileSplits:
+def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -> FileSplits:
     """Scans a `folder:` or `manifest:` source (names and headers only, see
     `kcls.data.folder`) and splits it: for folders, the split folders they give with the
-    missing splits carved stratified by class (`folder_split_indices`), for manifests,
-    the `split` column or seeded random splits.
+    missing splits carved stratified by class (`folder_split_indices`), for manifests
+    (read with `label_format`, see `load_splits`), the `split` column or seeded splits
+    (stratified for class labels, random for label sets).
 
     Raises:
         ConfigError: another kind of source, or data that cannot be split.
@@ -345,9 +359,9 @@ def file_splits(config: DataConfig) -> FileSplits:
     elif kind == "manifest":
         from kcls.data.manifest import read_manifest
 
-        files = read_manifest(argument)
+        files = read_manifest(argument, label_format)
         paths, labels, class_names = files.paths, files.targets, files.class_names
-        indices = _manifest_split_indices(argument, files.splits, len(paths), config)
+        indices = _manifest_split_indices(argument, files, config)
         split_names = files.splits
     else:
         raise ConfigError(f"data.source={config.source!r} is not a folder:PATH or "
@@ -411,17 +425,20 @@ def _indexed_splits(indices: tuple[np.ndarray, np.ndarray, np.ndarray],
                   test_files=None if files is None else files[test].tolist())
 
 
-def _manifest_split_indices(manifest: str, named: list[str] | None, count: int,
-                            config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The manifest's own splits (its `split` column), or seeded random ones (multi-label
-    sets cannot be stratified by one class)."""
-    if named is not None:
-        named = np.asarray(named)
+def _manifest_split_indices(manifest: str, files: Any, config: DataConfig
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The manifest's own splits (its `split` column, `ManifestFiles.splits`), else
+    stratified seeded splits of class labels (as for folders) or seeded random ones of
+    label sets (multi-label sets cannot be stratified by one class)."""
+    if files.splits is not None:
+        named = np.asarray(files.splits)
         train, validation, test = (np.flatnonzero(named == name)
                                    for name in ("train", "validation", "test"))
         train = np.random.default_rng(config.seed).permutation(train)
+    elif files.targets.ndim == 1:  # class indices
+        return checked_split_indices(files.targets, files.class_names, config)
     else:
-        order = np.random.default_rng(config.seed).permutation(count)
+        order = np.random.default_rng(config.seed).permutation(len(files.paths))
         test_count = int(np.ceil(config.test_fraction * len(order)))
         validation_count = int(np.ceil(config.validation_fraction * (len(order) - test_count)))
         test, validation, train = (np.sort(order[:test_count]),

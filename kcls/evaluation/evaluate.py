@@ -164,4 +164,5 @@ def recorded_or_given(loaded: LoadedClassifier, model_path: str, data_source: st
         note = split_folders_note(data_source)
         if note:
             log(note)
-    return test_examples(data, loaded.class_names, data_source, test_files)
+    return test_examples(data, loaded.class_names, data_source, test_files,
+                         loaded.recipe.label_format)

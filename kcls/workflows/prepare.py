@@ -139,7 +139,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     """
     strategy = make_strategy(recipe.train.strategy)
     check_cache_writable(recipe.data)
-    splits = splits or load_splits(recipe.data)
+    splits = splits or load_splits(recipe.data, recipe.label_format)
     task = get_task(recipe.model.task)
     task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
     splits, calibration = plan_calibration(task, recipe, splits)
