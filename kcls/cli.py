@@ -157,10 +157,12 @@ def data() -> None:
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--recipe", "recipe_name", metavar="NAME",
-              help="Split like this recipe's data section (seed, fractions); default: "
-                   "kcls's defaults (20% test, 10% of the rest validation, seed 0).")
+              help="Split like this recipe's data section (seed, fractions) and read a "
+                   "manifest's labels for its model.task; default: kcls's defaults (20% test, "
+                   "10% of the rest validation, seed 0, single-label).")
 @click.option("--set", "overrides", multiple=True, metavar="data.KEY=VALUE",
-              help="Override a data setting, e.g. --set data.test_fraction=0.1 (repeatable).")
+              help="Override a data setting, e.g. --set data.test_fraction=0.1, or "
+                   "model.task=multilabel for a path,labels manifest (repeatable).")
 @click.option("--shard-size", default="128MB", show_default=True,
               help="About how much a shard holds (KB, MB, GB).")
 @click.option("--replace", is_flag=True,
@@ -172,17 +174,21 @@ def data_pack(source: str, out_dir: Path, recipe_name: str | None, overrides: tu
     The splits are made once, here, and frozen in the pack; train on it with
     --set data.source=tfrecord:OUT_DIR. Packing an unchanged source again does nothing.
     """
-    other = [override for override in overrides if not override.strip().startswith("data.")]
+    other = [override for override in overrides
+             if not override.strip().startswith(("data.", "model.task="))]
     if other:
-        raise click.UsageError(f"kcls data pack takes data.KEY=VALUE overrides only, not "
-                               f"{', '.join(other)}.")
+        raise click.UsageError(f"kcls data pack takes data.KEY=VALUE overrides only (and "
+                               f"model.task=TASK, which says how a manifest's labels are "
+                               f"read), not {', '.join(other)}.")
     recipe = load_recipe(recipe_name) if recipe_name else Recipe(name="pack")
-    config = apply_overrides(recipe, [f"data.source={source}", *overrides]).data
+    recipe = apply_overrides(recipe, [f"data.source={source}", *overrides])
+    config = recipe.data
     start_tensorflow()
     from kcls.data.folder import skipped_files_line
     from kcls.data.pack import pack_source, parse_size
 
-    result = pack_source(config, out_dir, parse_size(shard_size), replace, log=click.echo)
+    result = pack_source(config, out_dir, parse_size(shard_size), replace, log=click.echo,
+                         label_format=recipe.label_format)
     if result.skipped:
         click.echo(skipped_files_line(result.skipped))
     if result.written:
@@ -430,7 +436,8 @@ def export(run_dir: Path, base_dir: Path | None, model_name: str | None,
 @main.command()
 @MODEL_DIR
 @click.option("--data", "data_source", metavar="SOURCE",
-              help="folder:PATH (every image), tfds:NAME, tfrecord:DIR or sklearn:digits "
+              help="folder:PATH (every image; the test split of a folder of train/, "
+                   "val/, test/ folders), tfds:NAME, tfrecord:DIR or sklearn:digits "
                    "(test split). "
                    "Default: the test split the model's recipe held out.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),

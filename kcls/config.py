@@ -32,6 +32,8 @@ ResizeMode = Literal["resize", "center_crop", "pad"]
 ClassWeights = Literal["none", "balanced"]
 Calibrate = Literal["auto", "temperature", "none"]
 Task = Literal["multiclass", "multilabel"]
+# How a source's labels are read: one class index per image, or a multi-hot label set.
+LabelFormat = Literal["class_index", "multi_hot"]
 DownloadPolicy = Literal["auto", "never"]
 JitCompile = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
@@ -49,21 +51,26 @@ class TaskCapabilities:
         calibration_note: why others are refused.
         flip_tta: whether flip test-time augmentation is measured (`evaluate.flip_tta`).
         rejection: whether exports learn a rule for unknown images (`export.reject_coverage`).
+        label_format: how the sources read labels for it (`Recipe.label_format`): a
+            manifest's `label` column as one class index, or its `labels` column as a
+            multi-hot set.
     """
 
     calibrations: tuple[str, ...]
     calibration_note: str
     flip_tta: bool
     rejection: bool
+    label_format: LabelFormat
 
 
 TASK_CAPABILITIES = {
     "multiclass": TaskCapabilities(("auto", "temperature", "none"),
-                                   "temperature scaling of the softmax", True, True),
+                                   "temperature scaling of the softmax", True, True,
+                                   "class_index"),
     # One temperature rescales a softmax; per-label sigmoids get per-label thresholds.
     # A multi-label model already answers "no label" when none reaches its threshold.
     "multilabel": TaskCapabilities(("auto", "none"), "per-label thresholds are tuned on the "
-                                   "validation split instead", False, False),
+                                   "validation split instead", False, False, "multi_hot"),
 }
 
 class ConfigError(ValueError):
@@ -84,8 +91,10 @@ class DataConfig:
     """Where images come from and how they are batched.
 
     Attributes:
-        source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH`,
-            `manifest:PATH.csv` (multi-label, `kcls.data.manifest`) or `tfrecord:DIR`
+        source: `sklearn:digits` (bundled, offline), `tfds:NAME`, `folder:PATH` (class
+            folders, or split folders `train/`, `val/`, `test/` of class folders),
+            `manifest:PATH.csv` (a CSV of `path,label` rows, or `path,labels` with
+            `model.task=multilabel`; `kcls.data.manifest`) or `tfrecord:DIR`
             (a pack of TFRecord shards written by `kcls data pack`, whose splits are the
             ones frozen at pack time; see docs/data.md).
         data_dir: TFDS data directory; `None` means the TFDS default (`~/tensorflow_datasets`).
@@ -457,6 +466,13 @@ class Recipe:
         _require(self.evaluate.test or self.data.validation_fraction > 0,
                  "data.validation_fraction", self.data.validation_fraction,
                  "above 0 with evaluate.test=false (the run is scored on the validation split)")
+
+    @property
+    def label_format(self) -> LabelFormat:
+        """How the data's labels are read for `model.task` (`TaskCapabilities.label_format`):
+        the one place a manifest's columns are chosen, passed to `kcls.data.sources`'
+        `load_splits` by every command that reads the recipe's data."""
+        return TASK_CAPABILITIES[self.model.task].label_format
 
     @property
     def model_name(self) -> str:

@@ -117,7 +117,7 @@ def test_manifest_counts_and_names_every_bad_row(tmp_path: Path):
     manifest = _write_manifest(tmp_path / "data", rows)
     with pytest.warns(UserWarning, match=r"skipped 4 row\(s\): 1 unknown labels, 1 empty label "
                                          r"sets, 1 duplicate rows, 1 missing or undecodable"):
-        files = read_manifest(manifest)
+        files = read_manifest(manifest, "multi_hot")
     assert files.class_names == LABELS
     assert len(files.paths) == 10
     np.testing.assert_array_equal(files.targets[:3], [[1, 0, 0], [0, 1, 1], [1, 0, 1]])
@@ -130,14 +130,14 @@ def test_manifest_counts_and_names_every_bad_row(tmp_path: Path):
 
 def test_manifest_that_cannot_be_read_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
-        read_manifest(tmp_path / "nope.csv")
+        read_manifest(tmp_path / "nope.csv", "multi_hot")
     manifest = _write_manifest(tmp_path / "a", [{"file": "0.png", "tags": "cat"}])
     with pytest.raises(ConfigError, match="columns path,labels"):
-        read_manifest(manifest)
+        read_manifest(manifest, "multi_hot")
     manifest = _write_manifest(tmp_path / "b", [{"path": "0.png", "labels": "cat",
                                                  "split": "dev"}])
     with pytest.raises(ConfigError, match="unknown split 'dev'"):
-        read_manifest(manifest)
+        read_manifest(manifest, "multi_hot")
 
 
 def test_a_manifest_saved_by_excel_with_a_byte_order_mark_reads(tmp_path: Path):
@@ -147,7 +147,7 @@ def test_a_manifest_saved_by_excel_with_a_byte_order_mark_reads(tmp_path: Path):
                                           {"path": "1.png", "labels": "dog;sun"}])
     manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
     (tmp_path / "labels.txt").write_bytes(b"\xef\xbb\xbf" + b"cat\ndog\nsun\n")
-    files = read_manifest(manifest)
+    files = read_manifest(manifest, "multi_hot")
     assert files.class_names == LABELS and len(files.paths) == 2
 
 
@@ -155,7 +155,7 @@ def test_a_latin1_manifest_is_one_error_naming_the_line(tmp_path: Path):
     manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": "cat"}], labels=None)
     manifest.write_bytes(manifest.read_bytes() + "1.png,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 on line 3.*CSV UTF-8"):
-        read_manifest(manifest)
+        read_manifest(manifest, "multi_hot")
 
 
 @pytest.mark.parametrize("label", ["two\nlines", "line\u2028separator", "tab\there"])
@@ -163,12 +163,12 @@ def test_labels_that_would_corrupt_labels_txt_are_refused(tmp_path: Path, label:
     manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": f"cat;{label}"},
                                           {"path": "1.png", "labels": "cat"}], labels=None)
     with pytest.raises(ConfigError, match=r"row 2: the label .* cannot be a class name"):
-        read_manifest(manifest)
+        read_manifest(manifest, "multi_hot")
     (tmp_path / "labels.txt").write_text(f"cat\n{label}\n")
     manifest.write_text("path,labels\n0.png,cat\n")
     if "\n" not in label:  # str.splitlines made two class names of U+2028 and kept a tab
         with pytest.raises(ConfigError, match="labels.txt: the label"):
-            read_manifest(manifest)
+            read_manifest(manifest, "multi_hot")
 
 
 def test_a_label_with_a_slash_never_becomes_a_path(tmp_path: Path):
@@ -180,7 +180,7 @@ def test_a_label_with_a_slash_never_becomes_a_path(tmp_path: Path):
 
     manifest = _write_manifest(tmp_path, [{"path": "0.png", "labels": "in/out"},
                                           {"path": "1.png", "labels": "cat"}], labels=None)
-    assert read_manifest(manifest).class_names == ["cat", "in/out"]
+    assert read_manifest(manifest, "multi_hot").class_names == ["cat", "in/out"]
     recipe = Recipe(name="slash", model=ModelConfig(backbone="resnet_v2_tiny",
                                                     task="multilabel"))
     task = task_from_metadata("multilabel", {"thresholds": [0.0, 0.0]})  # explain both
@@ -198,7 +198,8 @@ def test_manifest_splits_carry_multi_hot_labels_through_the_pipeline(tmp_path: P
             for index in range(12)]
     rows = [dict(row, split=row["split"][index]) for index, row in enumerate(rows)]
     manifest = _write_manifest(tmp_path, rows, labels=None)
-    splits = load_splits(DataConfig(source=f"manifest:{manifest}", image_size=16, batch_size=4))
+    splits = load_splits(DataConfig(source=f"manifest:{manifest}", image_size=16, batch_size=4),
+                         "multi_hot")
     assert splits.sizes == {"train": 8, "validation": 2, "test": 2}
     assert splits.class_names == ["cat", "dog", "sun"]
     images, targets = next(iter(eval_pipeline(splits.test, 3, DataConfig(image_size=16))))

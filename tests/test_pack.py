@@ -112,8 +112,8 @@ def test_a_multi_label_manifest_packs_with_multi_hot_labels(tmp_path):
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     config = DataConfig(source=f"manifest:{manifest}", validation_fraction=0.0)
-    pack_source(config, tmp_path / "pack", log=lambda line: None)
-    source, pack = load_splits(config), load_splits(
+    pack_source(config, tmp_path / "pack", log=lambda line: None, label_format="multi_hot")
+    source, pack = load_splits(config, "multi_hot"), load_splits(
         DataConfig(source=f"tfrecord:{tmp_path / 'pack'}"))
     assert pack.class_names == source.class_names == ["0", "1", "2", "odd"]
     assert pack.sizes == source.sizes and pack.validation is None

@@ -21,11 +21,19 @@ So the first training step waits for a listing and the headers, not for a decode
 every image (10,000 CIFAR-10 JPEGs: 5.5 s before, with a full decode at scan time;
 see docs/data.md for the measured table).
 
+A root already split (the Roboflow, Ultralytics and Hugging Face `imagefolder` layouts)
+holds split folders instead of class folders: `root/train/<class>/<image>` and any of
+`val/`, `valid/` or `validation/` and `test/` (names matched case-insensitively), each
+with the same class folders. The scan then records each file's split
+(`FolderFiles.splits`), and `kcls.data.sources` uses these splits as they are, carving a
+missing one from `train/` only. A root mixing split folders and other folders, or split
+folders with different classes, is refused (`split_folders`, `scan_folder`).
+
 Example:
 
->>> files = scan_folder("../shared/data/hymenoptera/train")  # doctest: +SKIP
->>> files.class_names
-['ants', 'bees']
+>>> files = scan_folder("../shared/data/hymenoptera")  # doctest: +SKIP
+>>> files.class_names, sorted(set(files.splits))
+(['ants', 'bees'], ['train', 'validation'])
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ graph_only = tf.autograph.experimental.do_not_convert
 # and 8 threads measured within noise of each other), on a network disk by the round
 # trips, which threads overlap.
 SCAN_THREADS = 4
+SPLIT_NAMES = ("train", "validation", "test")
+# The sub-folder names (lower-cased) that make a root a root of split folders, by split.
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "validation", "valid": "validation",
+                      "validation": "validation", "test": "test"}
 
 
 @dataclass
@@ -74,6 +86,8 @@ class FolderFiles:
             is not UTF-8, shown with its undecodable bytes escaped as `\\xNN`);
             `decode_files` appends the files that fail to decode when they are read.
         stamps: list of `(size, mtime_ns)` per path, as the scan found them.
+        splits: list[str] per path (`train`, `validation`, `test`) for a root of split
+            folders, None for a root of class folders.
     """
 
     paths: list[str]
@@ -81,23 +95,105 @@ class FolderFiles:
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
     stamps: list[tuple[int, int]] = field(default_factory=list)
+    splits: list[str] | None = None
 
 
 def scan_folder(root: str | Path) -> FolderFiles:
-    """Lists and checks the images under `root/<class>/` (names and headers, no decoding).
+    """Lists and checks the images under `root/<class>/`, or under
+    `root/<split>/<class>/` for a root of split folders (names and headers, no decoding).
 
     Hidden sub-folders (names starting with `.`) are not classes; a warning names them.
 
     Raises:
         ConfigError: `root` missing or not a folder, fewer than two class sub-folders,
             a class folder name that `labels.txt` cannot hold (control characters, bytes
-            that are not UTF-8, outer spaces), or a class with no usable image.
+            that are not UTF-8, outer spaces), a class with no usable image, or split
+            folders that cannot be used (`split_folders`; split folders whose class
+            folders differ).
     """
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(
             f"Image folder {str(root)!r} does not exist. Pass data.source=folder:PATH with "
             "one sub-folder of images per class.")
+    given = split_folders(root)
+    if given is None:
+        return _scan_classes(root)
+    _check_same_classes(root, given)  # before the scan: the folders' names say it
+    scans = {split: _scan_classes(folder) for split, folder in given.items()}
+    return FolderFiles(
+        [path for files in scans.values() for path in files.paths],
+        np.concatenate([files.labels for files in scans.values()]),
+        scans["train"].class_names,
+        [path for files in scans.values() for path in files.skipped],
+        [stamp for files in scans.values() for stamp in files.stamps],
+        [split for split, files in scans.items() for _ in files.paths])
+
+
+def split_folders(root: Path) -> dict[str, Path] | None:
+    """The split folders of `root` by split (`train`, then `validation` and `test` when
+    given), or None when `root` holds no sub-folder named like a split.
+
+    Raises:
+        ConfigError: `root` mixes split folders and other folders, has two folders for
+            one split (`val/` and `valid/`), or has split folders but no `train/`.
+    """
+    # Hidden folders are left out; `_class_folders` names them for a root of classes.
+    folders = _unhidden_folders(root)
+    named = [folder for folder in folders if folder.name.lower() in SPLIT_FOLDER_NAMES]
+    if not named:
+        return None
+    others = [printable_path(folder.name) for folder in folders if folder not in named]
+    if others:
+        raise ConfigError(
+            f"Image folder {str(root)!r} mixes split folders "
+            f"({', '.join(folder.name for folder in named)}) and other folders "
+            f"({', '.join(others)}): a folder holds either class folders "
+            "(ROOT/<class>/<image>) or split folders (ROOT/train/<class>/<image>, val/, "
+            f"test/); move {', '.join(others)} into the split folders as class folders, "
+            "or rename the split folders to use them as classes.")
+    given: dict[str, Path] = {}
+    for folder in named:
+        split = SPLIT_FOLDER_NAMES[folder.name.lower()]
+        if split in given:
+            raise ConfigError(
+                f"Image folder {str(root)!r} has two {split} folders, {given[split].name} "
+                f"and {folder.name}: merge them into one.")
+        given[split] = folder
+    if "train" not in given:
+        raise ConfigError(
+            f"Image folder {str(root)!r} has split folders ({', '.join(sorted(given))}) but "
+            f"no train folder: add {root}/train/<class>/ with the training images.")
+    return {split: given[split] for split in SPLIT_NAMES if split in given}
+
+
+def _check_same_classes(root: Path, given: dict[str, Path]) -> None:
+    """Refuses split folders whose class folders differ from `train/`'s."""
+    classes = [folder.name for folder in _unhidden_folders(given["train"])]
+    problems = []
+    for split_folder in given.values():
+        names = [folder.name for folder in _unhidden_folders(split_folder)]
+        missing = [name for name in classes if name not in names]
+        extra = [printable_path(name) for name in names if name not in classes]
+        if missing or extra:
+            problems.append(f"{split_folder.name}/ " + " and ".join(
+                part for part in (f"lacks {', '.join(missing)}" if missing else "",
+                                  f"has {', '.join(extra)}" if extra else "") if part))
+    if problems:
+        raise ConfigError(
+            f"Image folder {str(root)!r}: the split folders hold different classes "
+            f"({'; '.join(problems)}; {given['train'].name}/ has "
+            f"{', '.join(printable_path(name) for name in classes)}); every split folder "
+            "needs the same class folders: add the missing ones or remove the extra ones.")
+
+
+def _unhidden_folders(root: Path) -> list[Path]:
+    """The sub-folders of `root` whose names do not start with `.`, sorted (no warning)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_classes(root: Path) -> FolderFiles:
+    """`scan_folder` of a folder of class folders."""
     class_dirs = _class_folders(root)
     candidates = [(path, label) for label, class_dir in enumerate(class_dirs)
                   for path in _image_files(class_dir, skip_hidden=False)]
@@ -116,16 +212,21 @@ def scan_folder(root: str | Path) -> FolderFiles:
                        [d.name for d in class_dirs], skipped, [stamp for _, _, stamp in kept])
 
 
-def _class_folders(root: Path) -> list[Path]:
-    """The class folders of `root`, sorted; warns about hidden ones, refuses fewer than two."""
+def _visible_folders(root: Path) -> list[Path]:
+    """The sub-folders of `root` not starting with `.`, sorted; warns about the others."""
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     hidden = [p.name for p in folders if p.name.startswith(".")]
     if hidden:
         warnings.warn(
             f"Image folder {str(root)!r}: ignored {len(hidden)} hidden folder(s): "
             f"{', '.join(printable_path(name) for name in hidden)} (names starting with '.' "
-            "are not classes; rename a folder to use it as one).", UserWarning, stacklevel=3)
-    class_dirs = [p for p in folders if not p.name.startswith(".")]
+            "are not classes; rename a folder to use it as one).", UserWarning, stacklevel=5)
+    return [p for p in folders if not p.name.startswith(".")]
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The class folders of `root`, sorted; warns about hidden ones, refuses fewer than two."""
+    class_dirs = _visible_folders(root)
     for class_dir in class_dirs:
         _check_class_name(class_dir)
     if not class_dirs:

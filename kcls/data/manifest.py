@@ -1,13 +1,17 @@
-"""Manifest sources: a CSV file listing images and their labels, for multi-label data.
+"""Manifest sources: a CSV file listing images and their labels.
 
 `data.source=manifest:PATH.csv` reads a CSV with a header and the columns
 
 - `path`: the image file, relative to the manifest's folder (or absolute);
-- `labels`: the image's labels separated by `;` (e.g. `cat;dog`), one or more;
+- `label`: the image's class (`cat`), for single-label data (`model.task=multiclass`,
+  the default); or `labels`: the image's labels separated by `;` (`cat;dog`), one or
+  more, for multi-label data (`model.task=multilabel`). The recipe's task decides
+  which column is read (`kcls.config.Recipe.label_format`), nothing is guessed from
+  the file: a manifest with the other column is refused, naming the column expected;
 - `split` (optional): `train`, `validation` or `test`. With it the manifest fixes the
   splits (the mosaic set needs this: no source image in two splits); without it
-  kcls carves seeded random splits of `data.test_fraction` and
-  `data.validation_fraction`.
+  kcls carves seeded splits of `data.test_fraction` and `data.validation_fraction`
+  (stratified by class for single-label manifests, as for folders).
 
 Class names are the labels of `labels.txt` beside the manifest (one per line), when
 present, else the sorted set of labels the manifest uses.
@@ -16,9 +20,10 @@ Rows that cannot train are skipped, counted and named, never dropped silently
 (`ManifestFiles.skipped`, which `Splits.skipped` reports in run.json and the report):
 a missing or unreadable image or one without a header TensorFlow decodes (the scan of
 folder sources, `kcls.data.folder.check_images`; an image whose body fails to decode is
-named by its path when the pipeline reads it), an empty label set, a label not in
+named by its path when the pipeline reads it), an empty label (set), a label not in
 `labels.txt`, and a repeated path (the first row counts). A manifest that cannot be
-read at all (no such file, not UTF-8 text, no `path`/`labels` columns, an unknown split
+read at all (no such file, not UTF-8 text, no `path` column or no label column of the
+task (`label` or `labels`), an unknown split
 name, a label that cannot be a class name (control or line-separator characters, as for
 folder class names), or no usable row) is a `ConfigError` naming the fix. A UTF-8
 byte-order mark (Excel's "CSV UTF-8") is read as text, not as part of the first
@@ -26,9 +31,11 @@ column's name.
 
 Example:
 
->>> files = read_manifest("/tmp/mosaics/manifest.csv")  # doctest: +SKIP
+>>> files = read_manifest("/tmp/mosaics/manifest.csv", "multi_hot")  # doctest: +SKIP
 >>> files.targets.shape  # float32 multi-hot (N, C)
 (2500, 10)
+>>> read_manifest("/tmp/photos.csv", "class_index").targets.dtype  # doctest: +SKIP
+dtype('int64')
 """
 
 from __future__ import annotations
@@ -42,12 +49,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kcls.config import ConfigError
-from kcls.data.folder import check_images, class_name_problem, printable_path
+from kcls.config import TASK_CAPABILITIES, ConfigError, LabelFormat
+from kcls.data.folder import SPLIT_NAMES, check_images, class_name_problem, printable_path
 from kcls.layout import MANIFEST_LABELS_FILE
 
 LABEL_SEPARATOR = ";"
-SPLIT_NAMES = ("train", "validation", "test")
+# The column each label format reads, what its cell holds, and what an empty one is.
+LABEL_COLUMNS: dict[str, tuple[str, str, str]] = {
+    "class_index": ("label", "one class per image", "empty label"),
+    "multi_hot": ("labels", "labels separated by ';'", "empty label set"),
+}
 
 
 @dataclass
@@ -56,7 +67,8 @@ class ManifestFiles:
 
     Attributes:
         paths: list[str] of image files.
-        targets: float32 `(len(paths), C)` multi-hot labels.
+        targets: int64 `(len(paths),)` class indices (`class_index`) or float32
+            `(len(paths), C)` multi-hot labels (`multi_hot`).
         class_names: list[str], label `c` is `class_names[c]`.
         splits: list[str] per path (`train`, `validation`, `test`), or None when the
             manifest has no `split` column.
@@ -72,27 +84,30 @@ class ManifestFiles:
     stamps: list[tuple[int, int]] = field(default_factory=list)
 
 
-def read_manifest(manifest: str | Path) -> ManifestFiles:
+def read_manifest(manifest: str | Path, label_format: LabelFormat) -> ManifestFiles:
     """Reads and checks a manifest CSV (see the module docstring).
 
+    Args:
+        manifest: the CSV file.
+        label_format: `class_index` reads the `label` column (one class per row),
+            `multi_hot` the `labels` column (label sets); `kcls.config.Recipe.label_format`.
+
     Raises:
-        ConfigError: the manifest is missing or malformed, or has no usable row.
+        ConfigError: the manifest is missing or malformed (the label column of the other
+            format included), or has no usable row.
     """
     manifest = Path(manifest)
+    column, meaning, empty = LABEL_COLUMNS[label_format]
     if not manifest.is_file():
         raise ConfigError(
             f"Manifest {str(manifest)!r} does not exist. Pass data.source=manifest:PATH.csv, "
-            "a CSV with columns path,labels (labels separated by ';').")
+            f"a CSV with columns path,{column} ({meaning}).")
     reader = csv.DictReader(io.StringIO(read_text(manifest), newline=""))
     if reader.fieldnames:  # "path, labels" (a space after the comma) is fine too
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
     rows = list(reader)
     columns = list(rows[0].keys()) if rows else []
-    if "path" not in columns or "labels" not in columns:
-        raise ConfigError(
-            f"Manifest {str(manifest)!r} needs a header row with the columns path,labels "
-            "(and optionally split); it has "
-            f"{', '.join(repr(column) for column in columns) or 'no rows'}.")
+    _check_columns(manifest, columns, label_format)
     known = _known_labels(manifest)
     skipped: list[str] = []
     reasons: collections.Counter[str] = collections.Counter()
@@ -105,8 +120,7 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
 
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         path = (row.get("path") or "").strip()
-        labels = [label.strip() for label in (row.get("labels") or "").split(LABEL_SEPARATOR)]
-        labels = sorted({label for label in labels if label})
+        labels = _row_labels(row.get(column) or "", label_format)
         _check_labels(labels, f"Manifest {str(manifest)!r} row {number}")
         split = (row.get("split") or "").strip() if "split" in columns else None
         if split is not None and split not in SPLIT_NAMES:
@@ -119,7 +133,7 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         first_row[path] = number
         unknown = [label for label in labels if known is not None and label not in known]
         if not labels:
-            skip(number, path, "empty label set", "empty label sets")
+            skip(number, path, empty, f"{empty}s")
         elif unknown:
             skip(number, path, f"unknown label(s) {', '.join(unknown)} (not in "
                  f"{MANIFEST_LABELS_FILE})", "unknown labels")
@@ -145,13 +159,54 @@ def read_manifest(manifest: str | Path) -> ManifestFiles:
         raise ConfigError(f"Manifest {str(manifest)!r} has no usable row (skipped: "
                           f"{'; '.join(skipped[:3]) or 'no rows'}).")
     class_names = known or sorted({label for _, _, labels, _ in kept for label in labels})
-    index = {name: position for position, name in enumerate(class_names)}
-    targets = np.zeros((len(kept), len(class_names)), np.float32)
-    for row, (_, _, labels, _) in enumerate(kept):
-        targets[row, [index[label] for label in labels]] = 1.0
     splits = None if "split" not in columns else [split for _, _, _, split in kept]
-    return ManifestFiles([str(path) for _, path, _, _ in kept], targets, class_names, splits,
-                         skipped, stamps)
+    return ManifestFiles([str(path) for _, path, _, _ in kept],
+                         _targets([labels for _, _, labels, _ in kept], class_names,
+                                  label_format),
+                         class_names, splits, skipped, stamps)
+
+
+def _check_columns(manifest: Path, columns: list[str], label_format: LabelFormat) -> None:
+    """Refuses a manifest without `path` and the label column of `label_format`, naming
+    the column expected and, for the other format's column, the task that reads it."""
+    column, meaning, _ = LABEL_COLUMNS[label_format]
+    if "path" in columns and column in columns:
+        return
+    task = next(name for name, capabilities in TASK_CAPABILITIES.items()
+                if capabilities.label_format == label_format)
+    other = next(((name, other_column) for name, (other_column, _, _) in LABEL_COLUMNS.items()
+                  if other_column in columns and other_column != column), None)
+    if "path" in columns and other is not None:
+        other_task = next(name for name, capabilities in TASK_CAPABILITIES.items()
+                          if capabilities.label_format == other[0])
+        raise ConfigError(
+            f"Manifest {str(manifest)!r} has a {other[1]!r} column, but model.task={task} "
+            f"reads the column {column!r} ({meaning}): train it with --set "
+            f"model.task={other_task}, or write a {column!r} column.")
+    raise ConfigError(
+        f"Manifest {str(manifest)!r} needs a header row with the columns path,{column} "
+        f"({meaning}, for model.task={task}; and optionally split); it has "
+        f"{', '.join(repr(name) for name in columns) or 'no rows'}.")
+
+
+def _row_labels(cell: str, label_format: LabelFormat) -> list[str]:
+    """The labels of one row's label cell: the class (`class_index`; the whole cell, a
+    `;` included), or the sorted set of `;`-separated labels (`multi_hot`)."""
+    if label_format == "class_index":
+        return [cell.strip()] if cell.strip() else []
+    return sorted({label.strip() for label in cell.split(LABEL_SEPARATOR) if label.strip()})
+
+
+def _targets(labels: list[list[str]], class_names: list[str], label_format: LabelFormat
+             ) -> np.ndarray:
+    """int64 `(N,)` class indices (`class_index`) or float32 `(N, C)` multi-hot labels."""
+    index = {name: position for position, name in enumerate(class_names)}
+    if label_format == "class_index":
+        return np.asarray([index[row[0]] for row in labels], np.int64)
+    targets = np.zeros((len(labels), len(class_names)), np.float32)
+    for row, row_labels in enumerate(labels):
+        targets[row, [index[label] for label in row_labels]] = 1.0
+    return targets
 
 
 def read_text(path: Path) -> str:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from kcls.config import ConfigError, DataConfig
+from kcls.config import ConfigError, DataConfig, LabelFormat
 from kcls.data.folder import DECODE_CHUNK, decode_batches, graph_only
 from kcls.data.sources import FileSplits, file_splits, fingerprint
 from kcls.data.tfrecord import (
@@ -103,7 +103,8 @@ def parse_size(text: str) -> int:
 
 def pack_source(config: DataConfig, out_dir: str | Path,
                 shard_bytes: int = DEFAULT_SHARD_BYTES, replace: bool = False,
-                log: Callable[[str], None] = print) -> PackResult:
+                log: Callable[[str], None] = print,
+                label_format: LabelFormat = "class_index") -> PackResult:
     """Packs the `folder:` or `manifest:` source of `config` into `out_dir`.
 
     Args:
@@ -113,6 +114,8 @@ def pack_source(config: DataConfig, out_dir: str | Path,
         shard_bytes: int, about how many bytes a shard holds.
         replace: replace a pack of other files or settings in `out_dir`.
         log: receives a line per shard's worth of images written and a summary per split.
+        label_format: how a manifest's labels are read (`kcls.config.Recipe.label_format`:
+            its `label` column for `model.task=multiclass`, `labels` for `multilabel`).
 
     Returns:
         PackResult.
@@ -127,7 +130,7 @@ def pack_source(config: DataConfig, out_dir: str | Path,
             f"{config.source!r} (TFDS datasets are sharded TFRecords already).")
     out_dir = Path(out_dir)
     existing = _existing_pack(out_dir)  # refuses a folder of other files before the scan
-    files = file_splits(config)
+    files = file_splits(config, label_format)
     key = fingerprint(PACK_FORMAT, PACK_VERSION, files.fingerprint, shard_bytes, DECODE_CHUNK)
     if existing is not None and existing.get("fingerprint") == key:
         log(f"{out_dir} already holds this pack of {config.source} (the same files and "

@@ -8,14 +8,18 @@ A source is named by `DataConfig.source`:
   downloaded and prepared there by TFDS on first use with `data.download=auto`); a
   `labels` feature that is a sequence of class labels makes it multi-label (float32
   multi-hot `[C]` labels).
-- `folder:PATH` — an image folder `PATH/<class>/<image>` (see `kcls.data.folder`).
-- `manifest:PATH.csv` — a CSV of `path,labels[,split]` rows, for multi-label data:
-  examples then carry float32 multi-hot `[C]` labels (see `kcls.data.manifest`).
+- `folder:PATH` — an image folder `PATH/<class>/<image>`, or a folder already split
+  into `PATH/train/<class>/`, `val/` (`valid/`, `validation/`) and `test/`, whose splits
+  are used as they are (see `kcls.data.folder` and `given_split_indices`).
+- `manifest:PATH.csv` — a CSV of `path,label[,split]` rows (one class per image), or of
+  `path,labels[,split]` rows for multi-label data, whose examples then carry float32
+  multi-hot `[C]` labels; which one is read is the `label_format` argument, the recipe's
+  `model.task` (`kcls.config.Recipe.label_format`; see `kcls.data.manifest`).
 - `tfrecord:DIR` — a pack of sharded TFRecords that `kcls data pack` wrote from a folder
   or a manifest, with its splits frozen in it (see `kcls.data.tfrecord`).
 
 Sources without a test split get one carved off, stratified and seeded; every source
-gets a validation split carved off its training data the same way. Folders and
+without a validation split gets one carved off its training data the same way. Folders and
 manifests are split by `file_splits` before any image is read, which `kcls data pack`
 uses too: a pack holds the splits the source makes.
 
@@ -41,7 +45,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
-from kcls.config import ConfigError, DataConfig, DownloadPolicy, require_choice
+from kcls.config import ConfigError, DataConfig, DownloadPolicy, LabelFormat, require_choice
 
 
 @dataclass
@@ -115,8 +119,15 @@ def evaluated_files(files: list[str] | None, skipped: list[str]) -> list[str] | 
     return None if files is None else [path for path in files if path not in failed]
 
 
-def load_splits(config: DataConfig) -> Splits:
+def load_splits(config: DataConfig, label_format: LabelFormat = "class_index") -> Splits:
     """Loads the source named by `config.source` and splits it.
+
+    Args:
+        config: DataConfig.
+        label_format: how a manifest's labels are read (`kcls.config.Recipe.label_format`,
+            from `model.task`): its `label` column as class indices, or its `labels`
+            column as multi-hot sets. Other sources' labels are what they are (the task
+            checks them, `Task.check_labels`).
 
     Raises:
         ConfigError: unknown source, or data that cannot be found (the message says
@@ -129,14 +140,15 @@ def load_splits(config: DataConfig) -> Splits:
     if kind == "tfds":
         return _tfds_splits(argument, config)
     if kind in ("folder", "manifest"):
-        return _decoded_splits(file_splits(config))
+        return _decoded_splits(file_splits(config, label_format))
     if kind == "tfrecord":
         return _pack_splits(argument)
     raise ConfigError(f"Unknown data source {config.source!r}.")
 
 
 def test_examples(config: DataConfig, class_names: list[str], source: str | None = None,
-                  test_files: list[str] | None = None) -> HeldOut:
+                  test_files: list[str] | None = None,
+                  label_format: LabelFormat = "class_index") -> HeldOut:
     """The held-out examples to score a trained model on, their files and skipped files.
 
     Args:
@@ -145,25 +157,34 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
         class_names: the model's classes, which the data must have, in that order.
         source: another `data.source` to score on instead: `folder:PATH` takes every
             image of that folder (its class folders must be the model's classes), any
-            other source its test split.
+            other source its test split (a folder of split folders, `train/`, `val/`,
+            `test/`: its test split, `test/` or carved from `train/` with `config`'s
+            seed and `test_fraction`).
         test_files: the test split's files the model's run recorded
             (`Splits.test_files`), scored instead of a split made again from data that
             may have grown since (`recorded_test_examples`); not used with `source`.
+        label_format: how a manifest's labels are read (see `load_splits`).
 
     Raises:
         ConfigError: unusable data, or classes that differ from `class_names`.
     """
     if source is None and test_files is not None:
-        return recorded_test_examples(config, class_names, test_files)
+        return recorded_test_examples(config, class_names, test_files, label_format)
     if source and source.startswith("folder:"):
         from kcls.data.folder import decode_files, scan_folder
 
         files = scan_folder(source.partition(":")[2])
         found = files.class_names
-        held_out = HeldOut(decode_files(files.paths, files.labels, files.skipped),
-                           files.skipped, files.paths)
+        # A root of split folders: its test split (`test/`, or carved from `train/` as
+        # the model's training would carve it), never the images it trains on.
+        selected = (np.arange(len(files.paths)) if files.splits is None
+                    else folder_split_indices(files, config)[2])
+        paths = [files.paths[index] for index in selected]
+        held_out = HeldOut(decode_files(paths, files.labels[selected], files.skipped),
+                           files.skipped, paths)
     else:
-        splits = load_splits(dataclasses.replace(config, source=source or config.source))
+        splits = load_splits(dataclasses.replace(config, source=source or config.source),
+                             label_format)
         found = splits.class_names
         held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
     if found != class_names:
@@ -174,8 +195,26 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
     return held_out
 
 
-def recorded_test_examples(config: DataConfig, class_names: list[str],
-                           test_files: list[str]) -> HeldOut:
+def split_folders_note(source: str) -> str | None:
+    """What `test_examples` scores of `source` when it is a folder of split folders (a
+    line for `kcls evaluate`'s log), else None."""
+    from kcls.data.folder import split_folders
+
+    kind, _, argument = source.partition(":")
+    if kind != "folder" or not Path(argument).is_dir():
+        return None
+    given = split_folders(Path(argument))
+    if given is None:
+        return None
+    if "test" in given:
+        return f"{source} holds split folders: scoring its test split, {given['test']}"
+    return (f"{source} holds split folders without a test folder: scoring the test split "
+            f"carved from {given['train']} (the model's data.seed and data.test_fraction, "
+            "as its training run carved it)")
+
+
+def recorded_test_examples(config: DataConfig, class_names: list[str], test_files: list[str],
+                           label_format: LabelFormat = "class_index") -> HeldOut:
     """The test files a run recorded, read from its folder or manifest as it is now.
 
     The files keep the labels the source gives them now (by class name, so a class
@@ -188,7 +227,7 @@ def recorded_test_examples(config: DataConfig, class_names: list[str],
     """
     from kcls.data.folder import decode_files
 
-    paths, labels, names, unreadable = _source_files(config)
+    paths, labels, names, unreadable = _source_files(config, label_format)
     labels, known = _relabel(np.asarray(labels), names, class_names)
     position = {path: index for index, path in enumerate(paths)}
     kept = [position[path] for path in test_files if path in position and known[position[path]]]
@@ -213,7 +252,8 @@ def has_files(config: DataConfig) -> bool:
     return config.source.partition(":")[0] in FILE_SOURCES
 
 
-def _source_files(config: DataConfig) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+def _source_files(config: DataConfig, label_format: LabelFormat
+                  ) -> tuple[list[str], np.ndarray, list[str], list[str]]:
     """`(paths, labels, class_names, unreadable files)` of a folder or manifest source."""
     kind, _, argument = config.source.partition(":")
     if kind == "folder":
@@ -224,7 +264,7 @@ def _source_files(config: DataConfig) -> tuple[list[str], np.ndarray, list[str],
     if kind == "manifest":
         from kcls.data.manifest import read_manifest
 
-        files = read_manifest(argument)
+        files = read_manifest(argument, label_format)
         return files.paths, files.targets, files.class_names, []  # rows named in warnings
     raise ConfigError(f"{config.source!r} is not a source of files: its test split cannot "
                       "be read back from a list of files.")
@@ -298,10 +338,12 @@ class FileSplits:
     sizes: np.ndarray
 
 
-def file_splits(config: DataConfig) -> FileSplits:
+def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -> FileSplits:
     """Scans a `folder:` or `manifest:` source (names and headers only, see
-    `kcls.data.folder`) and splits it: stratified by class for folders, the manifest's
-    `split` column or seeded random splits for manifests.
+    `kcls.data.folder`) and splits it: for folders, the split folders they give with the
+    missing splits carved stratified by class (`folder_split_indices`), for manifests
+    (read with `label_format`, see `load_splits`), the `split` column or seeded splits
+    (stratified for class labels, random for label sets).
 
     Raises:
         ConfigError: another kind of source, or data that cannot be split.
@@ -312,14 +354,14 @@ def file_splits(config: DataConfig) -> FileSplits:
 
         files = scan_folder(argument)
         paths, labels, class_names = files.paths, files.labels, files.class_names
-        indices = checked_split_indices(labels, class_names, config)
-        split_names = None
+        indices = folder_split_indices(files, config)
+        split_names = files.splits
     elif kind == "manifest":
         from kcls.data.manifest import read_manifest
 
-        files = read_manifest(argument)
+        files = read_manifest(argument, label_format)
         paths, labels, class_names = files.paths, files.targets, files.class_names
-        indices = _manifest_split_indices(argument, files.splits, len(paths), config)
+        indices = _manifest_split_indices(argument, files, config)
         split_names = files.splits
     else:
         raise ConfigError(f"data.source={config.source!r} is not a folder:PATH or "
@@ -383,17 +425,20 @@ def _indexed_splits(indices: tuple[np.ndarray, np.ndarray, np.ndarray],
                   test_files=None if files is None else files[test].tolist())
 
 
-def _manifest_split_indices(manifest: str, named: list[str] | None, count: int,
-                            config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The manifest's own splits (its `split` column), or seeded random ones (multi-label
-    sets cannot be stratified by one class)."""
-    if named is not None:
-        named = np.asarray(named)
+def _manifest_split_indices(manifest: str, files: Any, config: DataConfig
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The manifest's own splits (its `split` column, `ManifestFiles.splits`), else
+    stratified seeded splits of class labels (as for folders) or seeded random ones of
+    label sets (multi-label sets cannot be stratified by one class)."""
+    if files.splits is not None:
+        named = np.asarray(files.splits)
         train, validation, test = (np.flatnonzero(named == name)
                                    for name in ("train", "validation", "test"))
         train = np.random.default_rng(config.seed).permutation(train)
+    elif files.targets.ndim == 1:  # class indices
+        return checked_split_indices(files.targets, files.class_names, config)
     else:
-        order = np.random.default_rng(config.seed).permutation(count)
+        order = np.random.default_rng(config.seed).permutation(len(files.paths))
         test_count = int(np.ceil(config.test_fraction * len(order)))
         validation_count = int(np.ceil(config.validation_fraction * (len(order) - test_count)))
         test, validation, train = (np.sort(order[:test_count]),
@@ -406,6 +451,49 @@ def _manifest_split_indices(manifest: str, named: list[str] | None, count: int,
     return train, validation, test
 
 
+def folder_split_indices(files: Any, config: DataConfig
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `(train, validation, test)` indices of a folder's files (`FolderFiles`): its
+    split folders (`given_split_indices`), else stratified seeded splits
+    (`checked_split_indices`)."""
+    if files.splits is None:
+        return checked_split_indices(files.labels, files.class_names, config)
+    return given_split_indices(files.labels, files.class_names, files.splits, config)
+
+
+def given_split_indices(labels: np.ndarray, class_names: list[str], named: list[str],
+                        config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The splits a folder of split folders gives, the missing ones carved from its
+    training split the way `checked_split_indices` carves a folder.
+
+    Without a test folder the test split is `data.test_fraction` of `train/` (never of
+    `val/`: the validation images stay the ones given); without a validation folder the
+    validation split is `data.validation_fraction` of what `train/` keeps. The fractions
+    size carved splits only. Given validation and test images are never carved or moved,
+    so a given test split never trains.
+
+    Args:
+        labels: int array `(N,)`.
+        class_names: list[str], one per class.
+        named: the split of each example, `train`, `validation` or `test`.
+        config: DataConfig, for the fractions and `seed`.
+
+    Returns:
+        `(train, validation, test)` int arrays: the training indices in a seeded random
+        order, the others sorted.
+    """
+    named = np.asarray(named)
+    given = {split: np.flatnonzero(named == split) for split in ("train", "validation", "test")}
+    train = given["train"]
+    carved = checked_split_indices(
+        labels[train], class_names, config,
+        test_fraction=0.0 if len(given["test"]) else config.test_fraction,
+        validation_fraction=0.0 if len(given["validation"]) else config.validation_fraction)
+    train_kept, validation, test = (train[part] for part in carved)
+    return (train_kept, given["validation"] if len(given["validation"]) else validation,
+            given["test"] if len(given["test"]) else test)
+
+
 def fingerprint(*parts: object) -> str:
     """A hex digest of `parts` (bytes, or anything JSON can write)."""
     digest = hashlib.sha256()
@@ -414,7 +502,9 @@ def fingerprint(*parts: object) -> str:
     return digest.hexdigest()
 
 
-def checked_split_indices(labels: np.ndarray, class_names: list[str], config: DataConfig
+def checked_split_indices(labels: np.ndarray, class_names: list[str], config: DataConfig,
+                          test_fraction: float | None = None,
+                          validation_fraction: float | None = None
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`split_indices` of examples `0..N-1`, with errors and warnings users can act on.
 
@@ -422,12 +512,17 @@ def checked_split_indices(labels: np.ndarray, class_names: list[str], config: Da
         labels: int array `(N,)`.
         class_names: list[str], one per class.
         config: DataConfig, for `test_fraction`, `validation_fraction` and `seed`.
+        test_fraction, validation_fraction: float, instead of `config`'s (0 carves no
+            such split: a folder that gives it, `given_split_indices`).
 
     Raises:
         ConfigError: fewer than two classes, or a class too small for the split (the
             message gives the examples per class and the fixes).
     """
     labels = np.asarray(labels, dtype=np.int64)
+    test_fraction = config.test_fraction if test_fraction is None else test_fraction
+    validation_fraction = (config.validation_fraction if validation_fraction is None
+                           else validation_fraction)
     counts = np.bincount(labels, minlength=len(class_names))
     per_class = ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
     if np.count_nonzero(counts) < 2:
@@ -435,14 +530,15 @@ def checked_split_indices(labels: np.ndarray, class_names: list[str], config: Da
             f"The data has examples of {np.count_nonzero(counts)} class(es) ({per_class}); "
             "a classifier needs at least two classes. Add the missing classes' images.")
     try:
-        train_indices, validation_indices, test_indices = split_indices(labels, config)
+        train_indices, validation_indices, test_indices = split_indices(
+            labels, config, test_fraction, validation_fraction)
     except ValueError:  # scikit-learn: a class or a split too small to stratify
         smallest = class_names[int(np.argmin(np.where(counts > 0, counts, counts.max() + 1)))]
-        test = int(np.ceil(config.test_fraction * len(labels)))  # scikit-learn's rounding
-        validation = int(np.ceil(config.validation_fraction * (len(labels) - test)))
+        test = int(np.ceil(test_fraction * len(labels)))  # scikit-learn's rounding
+        validation = int(np.ceil(validation_fraction * (len(labels) - test)))
         raise ConfigError(
-            f"Cannot make a stratified split with data.test_fraction={config.test_fraction} "
-            f"and data.validation_fraction={config.validation_fraction} of these examples "
+            f"Cannot make a stratified split with data.test_fraction={test_fraction} "
+            f"and data.validation_fraction={validation_fraction} of these examples "
             f"per class: {per_class} (smallest: {smallest}; the splits would hold test "
             f"{test}, validation {validation} examples for {np.count_nonzero(counts)} "
             "classes). Every class needs at least two examples for "
@@ -472,13 +568,15 @@ def _warn_about_missing_classes(labels: np.ndarray, class_names: list[str],
                 "data.validation_fraction.", UserWarning, stacklevel=3)
 
 
-def split_indices(labels: np.ndarray, config: DataConfig
+def split_indices(labels: np.ndarray, config: DataConfig, test_fraction: float | None = None,
+                  validation_fraction: float | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The train, validation and test indices of examples with `labels`.
 
     Stratified and seeded: `config.test_fraction` of the examples is held out for
-    testing, then `config.validation_fraction` of the rest for validation. This is the
-    split `load_splits` makes of sources without their own splits (arrays, folders).
+    testing, then `config.validation_fraction` of the rest for validation (or the
+    fractions given instead; 0 holds nothing out). This is the split `load_splits`
+    makes of sources without their own splits (arrays, folders of class folders).
 
     Returns:
         `(train, validation, test)` int arrays: the training indices in a seeded random
@@ -486,8 +584,11 @@ def split_indices(labels: np.ndarray, config: DataConfig
     """
     labels = np.asarray(labels, dtype=np.int64)
     indices = np.arange(len(labels))
-    train, test = _stratified_split(indices, labels, config.test_fraction, config.seed)
-    train, validation = _stratified_split(train, labels[train], config.validation_fraction,
+    test_fraction = config.test_fraction if test_fraction is None else test_fraction
+    validation_fraction = (config.validation_fraction if validation_fraction is None
+                           else validation_fraction)
+    train, test = _stratified_split(indices, labels, test_fraction, config.seed)
+    train, validation = _stratified_split(train, labels[train], validation_fraction,
                                           config.seed)
     # Folders are listed class by class, and a shuffle buffer smaller than the split
     # would fill batches from one or two classes: shuffle the order once, as

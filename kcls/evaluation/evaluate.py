@@ -25,7 +25,7 @@ import tensorflow as tf
 from kcls.config import ConfigError
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
-from kcls.data.sources import HeldOut, Splits, has_files, test_examples
+from kcls.data.sources import HeldOut, Splits, has_files, split_folders_note, test_examples
 from kcls.evaluation.report import write_report
 from kcls.files import check_output_dir
 from kcls.load import LoadedClassifier, load_classifier
@@ -155,7 +155,9 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     Args:
         model_path: an export (version or model folder) or a run directory.
         data_source: `folder:PATH` evaluates every image of that folder (its class
-            folders must be the model's classes); any other source (`tfds:NAME`,
+            folders must be the model's classes; a folder of split folders, `train/`,
+            `val/`, `test/`: its test split, `test/` or carved from `train/` as training
+            carves it, said in a log line); any other source (`tfds:NAME`,
             `sklearn:digits`, `manifest:PATH.csv`) the test split of that source. `None`:
             the test split the model held out: the test files its run recorded (`run.json`,
             `kcls.json`), however the folder grew since, or for sources without files the
@@ -207,4 +209,9 @@ def recorded_or_given(loaded: LoadedClassifier, model_path: str, data_source: st
         log(f"warning: {model_path} recorded no test files (trained by an older kcls): its "
             f"test split is made again from {data.source} as it is now; if images were "
             "added since, some of them may be images it trained on.")
-    return test_examples(data, loaded.class_names, data_source, test_files)
+    if data_source:
+        note = split_folders_note(data_source)
+        if note:
+            log(note)
+    return test_examples(data, loaded.class_names, data_source, test_files,
+                         loaded.recipe.label_format)

@@ -91,7 +91,7 @@ def recipe_reference_profile(classifier: keras.Model, recipe: Recipe,
         ConfigError: the recipe's data cannot be loaded, or its classes are not
             `class_names`.
     """
-    splits = load_splits(recipe.data)
+    splits = load_splits(recipe.data, recipe.label_format)
     if splits.class_names != class_names:
         raise ConfigError(f"The data {recipe.data.source} now has the classes "
                           f"{splits.class_names}, the run {class_names}: the reference profile "

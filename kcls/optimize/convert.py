@@ -137,7 +137,7 @@ def representative_images(recipe: Recipe, count: int = 200,
         shuffled with the recipe's seed, prepared exactly as in evaluation.
     """
     def images() -> Iterator[np.ndarray]:
-        splits = load_splits(recipe.data)
+        splits = load_splits(recipe.data, recipe.label_format)
         train = splits.train.shuffle(10_000, seed=recipe.data.seed)
         prepared = train.take(count).map(
             lambda image, _: prepare_image(image, recipe.data.image_size, recipe.data.resize),

@@ -98,7 +98,7 @@ def fine_tune_with_mot(classifier: keras.Model, recipe: Recipe, num_classes: int
             f"build for; use a post-training method instead ({', '.join(PTQ_METHODS)}).")
     out_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = steps_per_epoch or max(
-        load_splits(recipe.data).sizes["train"] // recipe.data.batch_size, 1)
+        load_splits(recipe.data, recipe.label_format).sizes["train"] // recipe.data.batch_size, 1)
     with tempfile.TemporaryDirectory(prefix="kcls-mot-") as temporary:
         job = {"method": method, "recipe": to_dict(recipe), "num_classes": num_classes,
                "objective": objective or get_task(recipe.model.task).legacy_objective(),

@@ -119,7 +119,7 @@ def training_batches(recipe: Any, num_classes: int) -> tuple[tf.data.Dataset, li
                    else tf.one_hot(label, num_classes))
         return prepare_image(image, data.image_size, data.resize), targets
 
-    splits = load_splits(data)
+    splits = load_splits(data, recipe.label_format)
     examples = splits.train.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return (examples.cache().shuffle(10_000, seed=data.seed).repeat()
             .batch(data.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE),

@@ -76,9 +76,10 @@ def held_out_examples(recipe: Recipe, skipped: list[str] | None = None,
     `skipped` receives the source's files that do not reach the model.
     """
     if test_files is not None and class_names is not None:
-        held_out = recorded_test_examples(recipe.data, class_names, test_files)
+        held_out = recorded_test_examples(recipe.data, class_names, test_files,
+                                          recipe.label_format)
     else:
-        splits = load_splits(recipe.data)
+        splits = load_splits(recipe.data, recipe.label_format)
         held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
     prepared = held_out.examples.map(
         lambda image, label: (prepare_image(image, recipe.data.image_size, recipe.data.resize),

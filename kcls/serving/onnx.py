@@ -159,7 +159,7 @@ def write_onnx(version_dir: str | Path, classifier: keras.Model, recipe: Recipe,
 
     model_bytes = onnx_model(classifier, recipe, class_names, task).SerializeToString()
     examples = parity_examples if parity_examples is not None else load_splits(
-        recipe.data).test
+        recipe.data, recipe.label_format).test
     parity = check_parity(model_bytes, version_dir, examples)
     if parity["top1_agreement"] < MINIMUM_AGREEMENT:
         raise OnnxError(

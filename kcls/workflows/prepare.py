@@ -174,7 +174,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     check_cache_writable(recipe.data)
     if is_multiworker(strategy):
         check_global_batch(recipe.data.batch_size, strategy.num_replicas_in_sync)
-    splits = splits or load_splits(recipe.data)
+    splits = splits or load_splits(recipe.data, recipe.label_format)
     task = get_task(recipe.model.task)
     task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
     splits, calibration = plan_calibration(task, recipe, splits)
