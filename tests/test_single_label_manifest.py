@@ -39,6 +39,12 @@ def write_csv(path: Path, header: str, rows: list[str]) -> Path:
     return path
 
 
+def cat_owl_manifest(folder: Path, names: list[str]) -> Path:
+    """`folder/photos.csv` labelling `names` cat, owl, cat, ... (`path,label`)."""
+    return write_csv(folder / "photos.csv", "path,label", [
+        f"{name},{'owl' if index % 2 else 'cat'}" for index, name in enumerate(names)])
+
+
 def test_a_path_label_csv_with_a_split_column_gives_class_index_labels(tmp_path):
     names = write_images(tmp_path, 12)
     splits_of = ["train"] * 8 + ["validation"] * 2 + ["test"] * 2
@@ -57,8 +63,7 @@ def test_a_path_label_csv_with_a_split_column_gives_class_index_labels(tmp_path)
 
 def test_without_a_split_column_the_splits_are_stratified_and_seeded(tmp_path):
     names = write_images(tmp_path, 20)
-    manifest = write_csv(tmp_path / "photos.csv", "path,label", [
-        f"{name},{'owl' if index % 2 else 'cat'}" for index, name in enumerate(names)])
+    manifest = cat_owl_manifest(tmp_path, names)
     config = DataConfig(source=f"manifest:{manifest}", test_fraction=0.2,
                         validation_fraction=0.25)
     files = file_splits(config)
@@ -132,8 +137,7 @@ def test_a_recipe_reads_the_manifest_its_task_names(tmp_path):
 
 def test_recorded_test_files_of_a_single_label_manifest_are_read_back(tmp_path):
     names = write_images(tmp_path, 10)
-    manifest = write_csv(tmp_path / "photos.csv", "path,label", [
-        f"{name},{'owl' if index % 2 else 'cat'}" for index, name in enumerate(names)])
+    manifest = cat_owl_manifest(tmp_path, names)
     config = DataConfig(source=f"manifest:{manifest}", test_fraction=0.2,
                         validation_fraction=0.0)
     splits = load_splits(config)
@@ -146,8 +150,7 @@ def test_recorded_test_files_of_a_single_label_manifest_are_read_back(tmp_path):
 def test_a_single_label_manifest_packs_with_class_indices_and_the_cli_reads_the_task(
         tmp_path):
     names = write_images(tmp_path, 12)
-    manifest = write_csv(tmp_path / "photos.csv", "path,label", [
-        f"{name},{'owl' if index % 2 else 'cat'}" for index, name in enumerate(names)])
+    manifest = cat_owl_manifest(tmp_path, names)
     config = DataConfig(source=f"manifest:{manifest}", test_fraction=0.25,
                         validation_fraction=0.0)
     result = pack_source(config, tmp_path / "pack", log=lambda line: None)
