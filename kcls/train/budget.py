@@ -17,6 +17,16 @@ How the time is shared:
 so `frozen_epochs=1, unfrozen_epochs=4` gives the frozen phase a fifth of the
 training time: the configured epochs set the proportions, the budget the length.
 
+A budget is a ceiling, not a target: a budgeted phase also stops when its validation
+loss (the training loss without validation data) has not improved for `TimeBudget.patience`
+epochs (`PLATEAU_PATIENCE` by default), keeping its best epoch's weights
+(`kcls.train.phases`), and the remaining time goes to the next phase or is not spent. A
+plan grows only when at least `PLAN_SLACK` more epochs fit (it shrinks at once when the
+deadline needs it), so the epoch totals the progress lines show stay put instead of
+drifting by an epoch or two at every re-plan. When a phase's share is shorter than its
+first epoch, the planner says so (`BudgetPlanner`'s `log`): a phase trains at least one
+epoch, and the run then takes longer than its budget.
+
 A budgeted run is planned for one sitting: it keeps no resume backup (a restarted run
 would start a new budget). Several workers (MultiWorkerMirroredStrategy) follow one plan,
 the chief's, shared at every re-plan: workers that planned different epoch counts would
@@ -42,6 +52,13 @@ MAX_EPOCHS = 100_000
 # A forward pass costs about a third of a training step (forward + backward ~ 3 forwards);
 # evaluation batches are larger and run without gradients, so this is on the safe side.
 FORWARD_COST = 1.0 / 3.0
+# Epochs without a better validation loss after which a budgeted phase stops (Keras
+# EarlyStopping's rule): on 129 training images an 8-minute budget ran 83 epochs, its
+# validation loss flat from epoch 37 (issue #29).
+PLATEAU_PATIENCE = 10
+# A plan grows only when this share more epochs (at least one) fit: re-plans after every
+# epoch otherwise moved the total by one or two (22, 24, ...) on measurement noise.
+PLAN_SLACK = 0.1
 
 
 @dataclass
@@ -57,6 +74,8 @@ class TimeBudget:
         clock: seconds on a monotonic clock (`time.monotonic`).
         started: `clock()` at the first training step, set when training starts.
         plans: one record per phase: its plan and, once it ends, the actual epochs/seconds.
+        patience: a phase stops after this many epochs without a better validation loss
+            (the budget is a ceiling); `train.early_stopping_patience`, when set, wins.
     """
 
     seconds: float
@@ -65,6 +84,7 @@ class TimeBudget:
     clock: Callable[[], float] = time.monotonic
     started: float | None = None
     plans: list[dict[str, Any]] = field(default_factory=list)
+    patience: int = PLATEAU_PATIENCE
 
     def reserve(self, seconds_per_image: float) -> float:
         """Seconds kept for evaluation and export, given the training time per image."""
@@ -79,7 +99,11 @@ class TimeBudget:
         return {"budget_seconds": self.seconds, "elapsed_seconds": round(self.elapsed(), 1),
                 "reserved_after_training_seconds": self.plans[0].get(
                     "reserved_after_training_seconds") if self.plans else None,
-                "phases": self.plans}
+                "plateau_patience": self.patience, "phases": self.plans}
+
+    def over(self) -> bool:
+        """Whether the run has used more than its budget."""
+        return self.elapsed() > self.seconds
 
 
 class BudgetPlanner(keras.callbacks.Callback):
@@ -102,13 +126,18 @@ class BudgetPlanner(keras.callbacks.Callback):
             plan to follow: under several workers the chief's
             (`kcls.train.cluster.broadcast_from_chief`, a collective every worker makes at
             the same step). None: the process's own.
+        log: receives the planner's messages (a share shorter than one epoch); None
+            drops them.
     """
 
     def __init__(self, budget: TimeBudget, schedule: WarmupCosine, first_epoch: int,
                  steps_per_epoch: int, batch_size: int, share: float, name: str,
-                 agree: Callable[[int], float] | None = None) -> None:
+                 agree: Callable[[int], float] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.agree = agree or (lambda planned: planned)
+        self.log = log or (lambda message: None)
+        self.name = name
         self.budget = budget
         self.schedule = schedule
         self.first_epoch = first_epoch
@@ -197,16 +226,32 @@ class BudgetPlanner(keras.callbacks.Callback):
         in_progress = 1 if steps_into_epoch else 0
         rest_of_epoch = in_progress * (epoch_seconds - steps_into_epoch * step)
         more = math.floor(max(self._phase_end_by - now - rest_of_epoch, 0.0) / epoch_seconds)
-        planned = int(self.agree(min(max(epochs_done + in_progress + more, 1), MAX_EPOCHS)))
+        fits = epochs_done + in_progress + more
+        if self.planned_epochs is None and now + rest_of_epoch > self._phase_end_by:
+            self.log(f"warning: the {self.name} phase's share of the time budget "
+                     f"({self._phase_end_by - self._phase_start:.0f} s) is shorter than one of "
+                     f"its epochs (~{epoch_seconds:.0f} s measured): it trains {max(fits, 1)} "
+                     "epoch, the least a phase trains, and the run takes longer than its budget "
+                     "(raise train.time_budget, or lower train.steps_per_epoch)")
+        planned = int(self.agree(min(max(self._stable(fits), 1), MAX_EPOCHS)))
         if planned != self.planned_epochs:
             self.planned_epochs = planned
             self.schedule.total_steps.assign(float(planned * self.steps_per_epoch))
         self.plan.setdefault("first_planned_epochs", planned)
         self.plan.update(planned_epochs=planned, step_seconds=round(step, 4))
 
+    def _stable(self, fits: int) -> int:
+        """The epochs to plan when `fits` fit: fewer at once (the deadline), more only
+        when at least `PLAN_SLACK` more (one epoch or more) fit than planned."""
+        planned = self.planned_epochs
+        if planned is None or fits < planned:
+            return fits
+        return fits if fits >= planned + max(1, math.ceil(PLAN_SLACK * planned)) else planned
+
 
 class BudgetProgress(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, showing the planned epochs of a budgeted phase (`?` until planned)."""
+    """Keras' progress bar, headed by the epoch of the budgeted phase and its plan
+    (`epoch_header`)."""
 
     def __init__(self, planner: BudgetPlanner) -> None:
         super().__init__()
@@ -216,6 +261,18 @@ class BudgetProgress(keras.callbacks.ProgbarLogger):
         self._reset_progbar()
         self._maybe_init_progbar()
         if self.verbose:
-            planned = self.planner.planned_epochs
-            total = "?" if planned is None else self.planner.first_epoch + planned
-            print(f"Epoch {epoch + 1}/{total}", flush=True)
+            print(epoch_header(self.planner, epoch), flush=True)
+
+
+def epoch_header(planner: BudgetPlanner, epoch: int) -> str:
+    """The line above a budgeted epoch's progress: the epoch within its phase over the
+    phase's plan, and the run's epoch counter (`unfrozen epoch 3/40 (run epoch 5)`).
+
+    A phase's epochs are counted on their own: the run's total is not known before the
+    later phases have timed their steps.
+    """
+    within = epoch + 1 - planner.first_epoch
+    planned = planner.planned_epochs
+    plan = (f"/{planned}" if planned is not None else
+            f" (its epochs are planned after its first {CALIBRATION_STEPS + 1} steps)")
+    return f"{planner.name} epoch {within}{plan} (run epoch {epoch + 1})"

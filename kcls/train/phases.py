@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ class _PhaseRun:
     resumed: bool
     monitor: str  # the log the best checkpoint and early stopping watch
     best_checkpoint: ClassifierCheckpoint | None  # one for all phases: it keeps the best
+    log: Callable[[str], None]  # the phases' announcements and the planner's warnings
 
 
 def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
@@ -156,7 +158,8 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
                verbose: int | str = "auto", *, run_dir: str | Path | None = None,
                strategy: tf.distribute.Strategy | None = None,
                time_budget: TimeBudget | None = None,
-               objective: Objective | None = None) -> TrainingResult:
+               objective: Objective | None = None,
+               log: Callable[[str], None] | None = None) -> TrainingResult:
     """Runs the frozen and unfrozen phases with `fit()`, continuing one epoch counter.
 
     Args:
@@ -181,11 +184,15 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         strategy: the strategy `classifier` was built under; None for the current one.
         time_budget: plan each phase's epochs from the measured step time to fit this
             budget (see `kcls.train.budget`); the configured epochs then only set the
-            phases' shares. A budgeted run is planned for one sitting: it does not resume.
+            phases' shares, and a phase stops early on a plateau of its validation loss
+            (`TimeBudget.patience`, unless `train.early_stopping_patience` is set). A
+            budgeted run is planned for one sitting: it does not resume.
         objective: called once per compile (in the strategy's scope), returns a fresh
             loss on logits and fresh training metrics, `(keras.losses.Loss,
             list[keras.metrics.Metric])`; None for single-label softmax cross-entropy on
             one-hot labels with `config.label_smoothing`, and accuracy.
+        log: receives a line when each phase starts (`phase_line`), when one stops
+            early, and the time budget's warnings; None drops them.
 
     Returns:
         TrainingResult: the history over all phases, one PhaseRecord per phase, what
@@ -203,7 +210,7 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
     objective = objective or _default_objective(config)
     run = _open_run(classifier, train_batches, validation_batches, steps_per_epoch, config,
                     device_augment, callbacks or [], verbose, strategy, time_budget,
-                    objective, run_dir)
+                    objective, run_dir, log)
     records: list[PhaseRecord] = []
     jit_compile, compiled = config.jit_compile, None
     for index, phase in enumerate(phases):
@@ -217,11 +224,14 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         trainer, schedule = _compile_trainer(run, phase, learning_rate)
         phase_callbacks, epochs = _phase_callbacks(run, phase, phases[index:], schedule,
                                                    first_epoch)
+        run.log(phase_line(phase, index, len(phases), first_epoch, epochs, learning_rate,
+                           run.config, run.time_budget, _patience(run)))
         _fit(run, trainer, phase_callbacks, first_epoch, epochs)
         jit_compile = jit_compile and bool(trainer.jit_compile)
         if trainer.train_graph is not None:  # None when a resumed phase had no epoch left
             compiled = trainer.compiled_functions()
-        records.append(_finish_phase(run, phase, first_epoch, epochs, learning_rate))
+        records.append(_finish_phase(run, phase, first_epoch, epochs, learning_rate,
+                                     _stopped_early(run, phase, phase_callbacks)))
     return _finish(run, records, jit_compile, compiled)
 
 
@@ -253,7 +263,8 @@ def _open_run(classifier: keras.Model, train_batches: tf.data.Dataset,
               config: TrainConfig, device_augment: Augmentation | None,
               extra_callbacks: list[keras.callbacks.Callback], verbose: int | str,
               strategy: tf.distribute.Strategy, time_budget: TimeBudget | None,
-              objective: Objective, run_dir: str | Path | None) -> _PhaseRun:
+              objective: Objective, run_dir: str | Path | None,
+              log: Callable[[str], None] | None = None) -> _PhaseRun:
     """The run's inputs with its saved progress (empty when nothing is saved) and checkpoint.
 
     Args: as `fit_phases` takes them, `strategy` and `objective` resolved.
@@ -283,7 +294,59 @@ def _open_run(classifier: keras.Model, train_batches: tf.data.Dataset,
         verbose=verbose if worker.is_chief else 0, strategy=strategy, worker=worker,
         time_budget=time_budget, objective=objective, run_dir=run_dir,
         backup_dir=backup_dir, progress=progress, resumed=progress.started, monitor=monitor,
-        best_checkpoint=best_checkpoint)
+        best_checkpoint=best_checkpoint,
+        log=(log or (lambda message: None)) if worker.is_chief else (lambda message: None))
+
+
+def _patience(run: _PhaseRun) -> int:
+    """Epochs without a better `run.monitor` after which a phase stops: the configured
+    `train.early_stopping_patience`, else with a time budget its plateau rule, else 0 (off)."""
+    if run.config.early_stopping_patience:
+        return run.config.early_stopping_patience
+    return run.time_budget.patience if run.time_budget is not None else 0
+
+
+def phase_line(phase: Phase, index: int, count: int, first_epoch: int, epochs: int,
+               learning_rate: float, config: TrainConfig, time_budget: TimeBudget | None,
+               patience: int) -> str:
+    """The line announcing a phase as it starts: what trains, its epochs and peak rate
+    (`phase 2/2, unfrozen: the backbone trains too (...), epochs 3-10, peak learning rate ...`)."""
+    if phase.backbone_trainable:
+        what = ("the backbone trains too (" + ("all its layers" if config.unfreeze == "all"
+                                                else f"its top {config.unfreeze} blocks")
+                + ", BatchNorm " + ("training" if config.train_batchnorm else "in inference mode")
+                + ")")
+    else:
+        what = "the head trains on the frozen backbone"
+    if time_budget is None:
+        span = f"epochs {first_epoch + 1}-{first_epoch + epochs}"
+    else:
+        span = (f"from epoch {first_epoch + 1}, its epochs planned from the time budget after "
+                "its first steps")
+    stop = (f"; stops after {patience} epochs without a better validation loss, keeping the "
+            "best" if patience else "")
+    return (f"phase {index + 1}/{count}, {phase.name}: {what}, {span}, peak learning rate "
+            f"{learning_rate:.2e}{stop}")
+
+
+def _stopped_early(run: _PhaseRun, phase: Phase,
+                   callbacks: list[keras.callbacks.Callback]) -> str | None:
+    """Why early stopping ended the phase that just ran (logged, and in the budget's plan
+    with a time budget), or None when it ran its epochs."""
+    stopper = next((callback for callback in callbacks
+                    if isinstance(callback, keras.callbacks.EarlyStopping)), None)
+    if stopper is None or not stopper.stopped_epoch:
+        return None
+    restored = "; its weights restored" if stopper.restore_best_weights else ""
+    reason = (f"{stopper.monitor} did not improve for {stopper.patience} epochs (best "
+              f"{float(stopper.best):.4g} at epoch {stopper.best_epoch + 1}{restored})")
+    run.log(f"{phase.name} phase stopped early after epoch {stopper.stopped_epoch + 1}: "
+            f"{reason}")
+    planner = next((callback for callback in callbacks
+                    if isinstance(callback, BudgetPlanner)), None)
+    if planner is not None:
+        planner.plan["stopped_early"] = reason
+    return reason
 
 
 def _start_phase(run: _PhaseRun, phase: Phase, records: list[PhaseRecord]) -> None:
@@ -382,11 +445,11 @@ def _phase_callbacks(run: _PhaseRun, phase: Phase, phases_left: list[Phase],
             and run.validation_batches is not None):
         callbacks.append(PreciseBatchNorm(run.classifier, run.train_batches,
                                           run.steps_per_epoch, run.strategy))
-    if config.early_stopping_patience:
+    patience = _patience(run)
+    if patience:
         # With EMA the phase ends on the averaged weights, not on one epoch's raw ones.
         callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=run.monitor, patience=config.early_stopping_patience,
-            restore_best_weights=not config.ema))
+            monitor=run.monitor, patience=patience, restore_best_weights=not config.ema))
     callbacks += run.extra_callbacks
     if run.time_budget is None:
         return callbacks, phase.epochs
@@ -395,7 +458,7 @@ def _phase_callbacks(run: _PhaseRun, phase: Phase, phases_left: list[Phase],
         run.time_budget, schedule, first_epoch, run.steps_per_epoch,
         _batch_size(run.train_batches),
         share=phase.epochs / sum(later.epochs for later in phases_left), name=phase.name,
-        agree=lambda planned: broadcast_from_chief(run.strategy, planned))
+        agree=lambda planned: broadcast_from_chief(run.strategy, planned), log=run.log)
     return callbacks + [BudgetProgress(planner), planner], MAX_EPOCHS
 
 
@@ -415,13 +478,14 @@ def _fit(run: _PhaseRun, trainer: Trainer, callbacks: list[keras.callbacks.Callb
 
 
 def _finish_phase(run: _PhaseRun, phase: Phase, first_epoch: int, epochs: int,
-                  learning_rate: float) -> PhaseRecord:
+                  learning_rate: float, stopped_early: str | None = None) -> PhaseRecord:
     """Re-estimates BatchNorm, records the phase and backs up its end weights.
 
     Args:
         first_epoch: int, the epoch index the phase started at.
         epochs: int, the `epochs` its `fit()` got (an upper bound of what it trained).
         learning_rate: float, its peak rate.
+        stopped_early: why early stopping ended it, or None.
     """
     config, classifier = run.config, run.classifier
     # Early stopping or a budget may end a phase early: the next starts after its last epoch.
@@ -437,7 +501,7 @@ def _finish_phase(run: _PhaseRun, phase: Phase, first_epoch: int, epochs: int,
         unfreeze=config.unfreeze if phase.backbone_trainable else "none",
         trainable_params=_count(classifier.trainable_weights),
         batchnorm_recalibrated_on=recalibrated,
-        learning_rate_search=run.progress.searches.get(phase.name))
+        learning_rate_search=run.progress.searches.get(phase.name), stopped_early=stopped_early)
     if run.backup_dir is not None and run.worker.is_chief:
         classifier.save_weights(_phase_weights(run.backup_dir, phase.name))
     run.progress.complete(record)

@@ -60,6 +60,8 @@ class PhaseRecord:
         learning_rate_search: under `train.learning_rate=auto`, the range test's summary
             (`kcls.train.lr_find.LearningRateSearch.summary`), whose suggestion is
             `learning_rate`; else None.
+        stopped_early: why the phase stopped before its configured or planned epochs
+            (early stopping on a plateau of the validation loss), or None.
     """
 
     name: str
@@ -71,6 +73,7 @@ class PhaseRecord:
     batchnorm_recalibrated_on: int
     skipped_on_resume: bool = False
     learning_rate_search: dict[str, Any] | None = None
+    stopped_early: str | None = None
 
     @property
     def end_epoch(self) -> int:
@@ -78,10 +81,12 @@ class PhaseRecord:
         return self.first_epoch + self.epochs
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as run.json holds it: every field, `learning_rate_search` only when set."""
+        """The record as run.json holds it: every field, `learning_rate_search` and
+        `stopped_early` only when set."""
         record = dataclasses.asdict(self)
-        if self.learning_rate_search is None:
-            del record["learning_rate_search"]
+        for optional in ("learning_rate_search", "stopped_early"):
+            if record[optional] is None:
+                del record[optional]
         return record
 
 

@@ -329,7 +329,7 @@ def train(prepared: Prepared, run_dir: Path, time_budget: TimeBudget | None,
             prepared.classifier, prepared.train_batches, prepared.validation_batches,
             prepared.steps_per_epoch, prepared.train_config, prepared.device_augmentation,
             callbacks, verbose=verbose, run_dir=run_dir, strategy=prepared.strategy,
-            time_budget=time_budget, objective=prepared.objective())
+            time_budget=time_budget, objective=prepared.objective(), log=log)
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
         # A collective aborted: under several workers, one of them is gone.
         if prepared.worker.count == 1:
@@ -495,10 +495,13 @@ def budget_line(budget: TimeBudget) -> str:
     """One line: planned vs actual epochs per phase, and the time used of the budget."""
     phases = ", ".join(
         f"{plan['phase']} {plan.get('actual_epochs')} epochs (first planned "
-        f"{plan.get('first_planned_epochs')}, {1000 * plan.get('step_seconds', 0):.0f} ms/step)"
-        for plan in budget.plans)
+        f"{plan.get('first_planned_epochs')}, {1000 * plan.get('step_seconds', 0):.0f} ms/step"
+        + ("; stopped early on a validation plateau" if plan.get("stopped_early") else "")
+        + ")" for plan in budget.plans)
+    over = (": over the budget, which is shorter than the least the run does (an epoch per "
+            "phase, the evaluation and the export)" if budget.over() else "")
     return (f"time budget {budget.seconds:.0f} s from the first training step: {phases}; "
-            f"used {budget.elapsed():.0f} s")
+            f"used {budget.elapsed():.0f} s{over}")
 
 
 def mistake_images(splits: Splits, recipe: Recipe,
