@@ -109,6 +109,11 @@ class DataConfig:
         validation_fraction: share of the training split carved off (stratified,
             seeded) for validation.
         test_fraction: share held out for testing by sources that have no test split.
+        test_source: a separate test set, `folder:PATH` or `manifest:PATH.csv`, with the
+            classes of `source`: every image of it is the test split, and none is carved
+            from `source` (a `folder:` or `manifest:` source without its own test split),
+            which gives training and validation only. `None`: the test split comes from
+            `source`.
         image_size: side of the square model input, in pixels: 16 to 2048 (larger
             inputs exhaust a device's memory; downscale or tile large images).
         resize: how images become squares: `resize` (stretch), `center_crop` (keep the
@@ -135,6 +140,7 @@ class DataConfig:
     test_split: str = "test"
     validation_fraction: float = 0.1
     test_fraction: float = 0.2
+    test_source: Optional[str] = None
     image_size: int = 32
     resize: ResizeMode = "resize"
     batch_size: int = 64
@@ -154,6 +160,14 @@ class DataConfig:
                  and bool(separator), "data.source", self.source,
                  "one of 'sklearn:digits', 'tfds:NAME', 'folder:PATH', "
                  "'manifest:PATH.csv' or 'tfrecord:DIR' (a pack, kcls data pack)")
+        _require(self.test_source is None
+                 or (self.test_source.partition(":")[0] in ("folder", "manifest")
+                     and bool(self.test_source.partition(":")[2])), "data.test_source",
+                 self.test_source, "'folder:PATH' or 'manifest:PATH.csv' (or none)")
+        _require(self.test_source is None
+                 or self.source.partition(":")[0] in ("folder", "manifest"), "data.test_source",
+                 self.test_source, f"none with data.source={self.source} (a separate test "
+                 "source goes with a folder: or manifest: source; TFDS has data.test_split)")
         _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction",
                  self.validation_fraction, "a number in [0, 1)")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction,

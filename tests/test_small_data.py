@@ -4,6 +4,7 @@ separate test source."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from kcls.config import ModelConfig, TrainConfig
@@ -146,3 +147,120 @@ def test_a_budget_shorter_than_one_epoch_says_so_and_what_it_does():
     assert "the run takes longer than its budget" in line
     run_epoch(planner, clock, 3, 1.0)
     assert len(lines) == 1  # said once
+
+
+def add_images(folder, count: int, classes=("cat", "dog"), start: int = 0):
+    """`count` tiny PNGs per class under `folder/<class>/` (a colour per class)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(start + len(str(folder)))
+    for channel, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for index in range(start, start + count):
+            image = rng.integers(0, 90, (8, 8, 3)).astype(np.uint8)
+            image[..., channel % 3] = 200
+            Image.fromarray(image).save(folder / name / f"{index:03d}.png")
+    return folder
+
+
+def test_a_test_source_is_the_test_split_and_nothing_is_carved_from_the_source(tmp_path):
+    from kcls.config import DataConfig
+    from kcls.data.sources import file_splits, load_splits, test_examples
+
+    train, test = add_images(tmp_path / "photos", 10), add_images(tmp_path / "held", 4)
+    config = DataConfig(source=f"folder:{train}", test_source=f"folder:{test}",
+                        validation_fraction=0.2)
+    splits = load_splits(config)
+    assert splits.sizes == {"train": 16, "validation": 4, "test": 8}
+    assert sorted(splits.test_files) == sorted(str(path) for path in test.rglob("*.png"))
+    files = file_splits(config)
+    trained = set(files.paths[files.indices["train"]]) | set(
+        files.paths[files.indices["validation"]])
+    assert all(path.startswith(str(train)) for path in trained) and len(trained) == 20
+    assert [label for _, label in splits.test.as_numpy_iterator()] == [0] * 4 + [1] * 4
+    # The run's recorded test files are read back from the test source.
+    held_out = test_examples(config, ["cat", "dog"], test_files=splits.test_files)
+    assert held_out.files == splits.test_files
+    # Without it the same folder carves its test split: another fingerprint (no cache
+    # of one replays the other, no resume mixes them).
+    assert load_splits(DataConfig(source=f"folder:{train}")).fingerprint != splits.fingerprint
+
+
+def test_a_test_source_of_other_classes_or_beside_a_given_test_split_is_one_line(tmp_path):
+    from kcls.config import ConfigError, DataConfig
+    from kcls.data.sources import load_splits
+
+    train = add_images(tmp_path / "photos", 10)
+    other = add_images(tmp_path / "other", 3, classes=("cat", "fox"))
+    with pytest.raises(ConfigError) as error:
+        load_splits(DataConfig(source=f"folder:{train}", test_source=f"folder:{other}"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert (f"data.test_source=folder:{other} has classes ['cat', 'fox'] and data.source="
+            f"folder:{train} has ['cat', 'dog']") in message
+    split = tmp_path / "split"
+    add_images(split / "train", 6), add_images(split / "test", 2)
+    with pytest.raises(ConfigError, match="has its own test split .*keep one of them"):
+        load_splits(DataConfig(source=f"folder:{split}", test_source=f"folder:{train}"))
+    with pytest.raises(ConfigError, match="is a folder of split folders"):
+        load_splits(DataConfig(source=f"folder:{train}", test_source=f"folder:{split}"))
+    with pytest.raises(ConfigError, match="data.test_source"):
+        DataConfig(source="sklearn:digits", test_source=f"folder:{train}")
+    with pytest.raises(ConfigError, match="data.test_source"):
+        DataConfig(source=f"folder:{train}", test_source="tfds:mnist")
+
+
+@pytest.mark.slow
+def test_a_small_budgeted_run_stops_on_plateaus_and_names_its_small_splits(tmp_path,
+                                                                          monkeypatch, capsys):
+    import functools
+    import json
+
+    import kcls.workflows.run as run_module
+    from kcls.config import apply_overrides
+    from kcls.recipes import load_recipe
+    from kcls.workflows.run import run_recipe
+
+    # The budget reads a clock ticking 10 ms per reading: a plan of tens of epochs
+    # whatever the machine's load; a learning rate too small to move a weight makes the
+    # frozen phase's validation loss flat (the unfrozen phase's BatchNorm statistics
+    # would move it: the phases' own tests are above).
+    monkeypatch.setattr(run_module, "TimeBudget",
+                        functools.partial(run_module.TimeBudget, clock=TickingClock(0.01)))
+    recipe = apply_overrides(load_recipe("quickstart"), [
+        "train.time_budget=60s", "train.learning_rate=1e-12", "train.steps_per_epoch=2",
+        "train.frozen_epochs=1", "train.unfrozen_epochs=0",
+        "train.jit_compile=false", "data.batch_size=16", "data.validation_fraction=0.02",
+        "data.test_fraction=0.02", "export.enabled=false"])
+    lines: list[str] = []
+    result = run_recipe(recipe, tmp_path / "run", log=lines.append, verbose=2)
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["splits"] == {"train": 1725, "validation": 36, "test": 36}
+    for phase, plan in zip(record["phases"], record["time_budget"]["phases"]):
+        assert phase["epochs"] == 11 < plan["first_planned_epochs"]
+        assert phase["stopped_early"].startswith("val_loss did not improve for 10 epochs")
+        assert plan["stopped_early"] == phase["stopped_early"]
+    assert record["time_budget"]["plateau_patience"] == 10
+    # The 36 test images and the 30 validation images are named as too few.
+    test_warning, temperature_warning = record["small_splits"]
+    assert test_warning.startswith("the test split has 36 images (under 50): its score is "
+                                   "known to about +-16 points")
+    assert temperature_warning.startswith("the validation split has 36 images, under 50: ")
+    assert record["temperature"] == 1.0
+    assert record["calibration"] == {"method": "none", "skipped": temperature_warning}
+    assert f"warning: {test_warning}" in lines and f"warning: {temperature_warning}" in lines
+    report = (result.run_dir / "report.md").read_text()
+    assert f"> **Warning:** {test_warning}" in report
+    assert ("- recipe `quickstart`, data `sklearn:digits`: train 1725, validation 36, test 36 "
+            "images, 10 classes") in report
+    assert "- image size 32 px (resize), backbone `resnet_v2_tiny`" in report
+    assert "- epochs: frozen 11 (stopped early) (time budget 60s)" in report
+    assert "- duration: " in report
+    assert [line.split(":")[0] for line in lines if line.startswith("phase ")] == [
+        "phase 1/1, frozen"]
+    # Epoch headers count within the phase, never "?".
+    printed = capsys.readouterr().out
+    headers = [line for line in printed.splitlines() if "(run epoch" in line]
+    assert len(headers) == 11
+    assert headers[0].startswith("frozen epoch 1 (its epochs are planned after")
+    assert headers[1].startswith("frozen epoch 2/") and "/?" not in printed

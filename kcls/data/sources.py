@@ -183,8 +183,10 @@ def test_examples(config: DataConfig, class_names: list[str], source: str | None
         held_out = HeldOut(decode_files(paths, files.labels[selected], files.skipped),
                            files.skipped, paths)
     else:
-        splits = load_splits(dataclasses.replace(config, source=source or config.source),
-                             label_format)
+        # Another source is scored on its own test split, never the model's test_source.
+        other = (dataclasses.replace(config, source=source, test_source=None) if source
+                 else config)
+        splits = load_splits(other, label_format)
         found = splits.class_names
         held_out = HeldOut(splits.test, splits.skipped, splits.test_files)
     if found != class_names:
@@ -254,7 +256,11 @@ def has_files(config: DataConfig) -> bool:
 
 def _source_files(config: DataConfig, label_format: LabelFormat
                   ) -> tuple[list[str], np.ndarray, list[str], list[str]]:
-    """`(paths, labels, class_names, unreadable files)` of a folder or manifest source."""
+    """`(paths, labels, class_names, unreadable files)` of a folder or manifest source,
+    and of its `data.test_source` (whose files are its test split)."""
+    if config.test_source:
+        files = file_splits(config, label_format)
+        return list(files.paths), files.labels, files.class_names, files.skipped
     kind, _, argument = config.source.partition(":")
     if kind == "folder":
         from kcls.data.folder import scan_folder
@@ -343,25 +349,36 @@ def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
     `kcls.data.folder`) and splits it: for folders, the split folders they give with the
     missing splits carved stratified by class (`folder_split_indices`), for manifests
     (read with `label_format`, see `load_splits`), the `split` column or seeded splits
-    (stratified for class labels, random for label sets).
+    (stratified for class labels, random for label sets). With `data.test_source`, every
+    file of that source is the test split and none is carved from `data.source`
+    (`_with_test_source`).
 
     Raises:
         ConfigError: another kind of source, or data that cannot be split.
     """
+    if config.test_source:
+        return _with_test_source(config, label_format)
+    return _split_source(config, label_format)
+
+
+def _split_source(config: DataConfig, label_format: LabelFormat,
+                  test_fraction: float | None = None) -> FileSplits:
+    """`file_splits` of `config.source` alone, carving `test_fraction` (default
+    `config.test_fraction`; 0 carves no test split) where the source gives none."""
     kind, _, argument = config.source.partition(":")
     if kind == "folder":
         from kcls.data.folder import scan_folder
 
         files = scan_folder(argument)
         paths, labels, class_names = files.paths, files.labels, files.class_names
-        indices = folder_split_indices(files, config)
+        indices = folder_split_indices(files, config, test_fraction)
         split_names = files.splits
     elif kind == "manifest":
         from kcls.data.manifest import read_manifest
 
         files = read_manifest(argument, label_format)
         paths, labels, class_names = files.paths, files.targets, files.class_names
-        indices = _manifest_split_indices(argument, files, config)
+        indices = _manifest_split_indices(argument, files, config, test_fraction)
         split_names = files.splits
     else:
         raise ConfigError(f"data.source={config.source!r} is not a folder:PATH or "
@@ -373,6 +390,58 @@ def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
         fingerprint(paths, labels.tobytes(), split_names, class_names, stamps,
                     [index.tolist() for index in indices]),
         np.asarray([size for size, _ in stamps], np.int64))
+
+
+def _with_test_source(config: DataConfig, label_format: LabelFormat) -> FileSplits:
+    """The training and validation splits of `data.source` (no test split carved) and
+    every file of `data.test_source` as the test split.
+
+    Raises:
+        ConfigError: `data.source` gives its own test split, or the two sources' classes
+            differ (one line naming both).
+    """
+    main = _split_source(config, label_format, test_fraction=0.0)
+    if len(main.indices["test"]):
+        raise ConfigError(
+            f"data.source={config.source} has its own test split ({len(main.indices['test'])} "
+            f"images: a test/ folder or split column) and data.test_source={config.test_source} "
+            "gives another: keep one of them.")
+    paths, labels, class_names, skipped, stamps = _all_files(config.test_source, label_format)
+    if class_names != main.class_names:
+        raise ConfigError(
+            f"data.test_source={config.test_source} has classes {class_names} and data.source="
+            f"{config.source} has {main.class_names}: a test set must have the training "
+            "classes (the same class folders or labels).")
+    offset = len(main.paths)
+    indices = {**main.indices, "test": np.arange(offset, offset + len(paths))}
+    return FileSplits(
+        np.concatenate([main.paths, np.asarray(paths, dtype=str)]),
+        np.concatenate([main.labels, np.asarray(labels, main.labels.dtype)]), class_names,
+        indices, main.skipped + skipped,
+        fingerprint(main.fingerprint, config.test_source, paths, np.asarray(labels).tobytes(),
+                    stamps),
+        np.concatenate([main.sizes, np.asarray([size for size, _ in stamps], np.int64)]))
+
+
+def _all_files(source: str, label_format: LabelFormat
+               ) -> tuple[list[str], np.ndarray, list[str], list[str], list[Any]]:
+    """Every file of a folder or manifest source, unsplit: `(paths, labels, class_names,
+    skipped, stamps)`; a folder of split folders is refused (which split would it be?)."""
+    kind, _, argument = source.partition(":")
+    if kind == "folder":
+        from kcls.data.folder import scan_folder
+
+        files = scan_folder(argument)
+        if files.splits is not None:
+            raise ConfigError(
+                f"data.test_source={source} is a folder of split folders (train/, val/, "
+                "test/): point it at the folder of class folders to test on, e.g. "
+                f"folder:{Path(argument) / 'test'}.")
+        return list(files.paths), files.labels, files.class_names, files.skipped, files.stamps
+    from kcls.data.manifest import read_manifest
+
+    files = read_manifest(argument, label_format)
+    return list(files.paths), files.targets, files.class_names, files.skipped, files.stamps
 
 
 def _decoded_splits(files: FileSplits) -> Splits:
@@ -425,7 +494,8 @@ def _indexed_splits(indices: tuple[np.ndarray, np.ndarray, np.ndarray],
                   test_files=None if files is None else files[test].tolist())
 
 
-def _manifest_split_indices(manifest: str, files: Any, config: DataConfig
+def _manifest_split_indices(manifest: str, files: Any, config: DataConfig,
+                            test_fraction: float | None = None
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The manifest's own splits (its `split` column, `ManifestFiles.splits`), else
     stratified seeded splits of class labels (as for folders) or seeded random ones of
@@ -436,33 +506,36 @@ def _manifest_split_indices(manifest: str, files: Any, config: DataConfig
                                    for name in ("train", "validation", "test"))
         train = np.random.default_rng(config.seed).permutation(train)
     elif files.targets.ndim == 1:  # class indices
-        return checked_split_indices(files.targets, files.class_names, config)
+        return checked_split_indices(files.targets, files.class_names, config, test_fraction)
     else:
         order = np.random.default_rng(config.seed).permutation(len(files.paths))
-        test_count = int(np.ceil(config.test_fraction * len(order)))
+        fraction = config.test_fraction if test_fraction is None else test_fraction
+        test_count = int(np.ceil(fraction * len(order)))
         validation_count = int(np.ceil(config.validation_fraction * (len(order) - test_count)))
         test, validation, train = (np.sort(order[:test_count]),
                                    np.sort(order[test_count:test_count + validation_count]),
                                    order[test_count + validation_count:])
-    if not len(train) or not len(test):
+    if not len(train) or (not len(test) and test_fraction != 0.0):
         raise ConfigError(
             f"Manifest {manifest!r} leaves {len(train)} training and {len(test)} test "
             "images; both need at least one (check its split column or data.test_fraction).")
     return train, validation, test
 
 
-def folder_split_indices(files: Any, config: DataConfig
+def folder_split_indices(files: Any, config: DataConfig, test_fraction: float | None = None
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `(train, validation, test)` indices of a folder's files (`FolderFiles`): its
     split folders (`given_split_indices`), else stratified seeded splits
-    (`checked_split_indices`)."""
+    (`checked_split_indices`); `test_fraction` instead of `config`'s (0: none carved)."""
     if files.splits is None:
-        return checked_split_indices(files.labels, files.class_names, config)
-    return given_split_indices(files.labels, files.class_names, files.splits, config)
+        return checked_split_indices(files.labels, files.class_names, config, test_fraction)
+    return given_split_indices(files.labels, files.class_names, files.splits, config,
+                               test_fraction)
 
 
 def given_split_indices(labels: np.ndarray, class_names: list[str], named: list[str],
-                        config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        config: DataConfig, test_fraction: float | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The splits a folder of split folders gives, the missing ones carved from its
     training split the way `checked_split_indices` carves a folder.
 
@@ -477,17 +550,19 @@ def given_split_indices(labels: np.ndarray, class_names: list[str], named: list[
         class_names: list[str], one per class.
         named: the split of each example, `train`, `validation` or `test`.
         config: DataConfig, for the fractions and `seed`.
+        test_fraction: instead of `config.test_fraction` (0: no test split carved).
 
     Returns:
         `(train, validation, test)` int arrays: the training indices in a seeded random
         order, the others sorted.
     """
+    test_fraction = config.test_fraction if test_fraction is None else test_fraction
     named = np.asarray(named)
     given = {split: np.flatnonzero(named == split) for split in ("train", "validation", "test")}
     train = given["train"]
     carved = checked_split_indices(
         labels[train], class_names, config,
-        test_fraction=0.0 if len(given["test"]) else config.test_fraction,
+        test_fraction=0.0 if len(given["test"]) else test_fraction,
         validation_fraction=0.0 if len(given["validation"]) else config.validation_fraction)
     train_kept, validation, test = (train[part] for part in carved)
     return (train_kept, given["validation"] if len(given["validation"]) else validation,

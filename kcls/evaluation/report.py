@@ -33,7 +33,8 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                  class_names: list[str], history: dict[str, list[float]] | None = None,
                  phases: list[dict[str, Any]] | None = None,
                  images: Mapping[int, np.ndarray] | None = None,
-                 mistakes: int = 16) -> list[Path]:
+                 mistakes: int = 16, about: list[str] | None = None,
+                 warnings: list[str] | None = None) -> list[Path]:
     """Writes `metrics.json`, `report.md`, the plots and, for a task with the confident
     mistakes plot, `confident_mistakes.csv` (`evaluation.files` names the images) into
     `run_dir`.
@@ -50,6 +51,9 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
             of `confident_mistakes(evaluation, mistakes)`, for the mistakes grid
             (skipped if None).
         mistakes: how many confident mistakes to show.
+        about: lines saying what was evaluated (data, image size, epochs, duration),
+            listed under the title; none for an evaluation outside a run.
+        warnings: lines the report puts first (held-out splits too small to judge).
 
     Returns:
         Paths of the files written.
@@ -71,16 +75,22 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                                            run_dir / CONFIDENT_MISTAKES_FILE))
     report = write_text(run_dir / REPORT_FILE, markdown_report(
         task, evaluation.metrics, [path.name for path in written[1:]], evaluation.skipped,
-        [path.name for path in tables]))
+        [path.name for path in tables], about, warnings))
     return [*written, *tables, report]
 
 
 def markdown_report(task: Task, metrics: dict[str, Any], plots: list[str],
-                    skipped: list[str] | None = None, tables: list[str] | None = None) -> str:
-    """The task's metric sections under its title, links to the `tables` (CSV files),
-    the `skipped` files of the data that did not reach the model (when there are any)
-    and the plots embedded."""
-    lines = [f"# {task.report_title}", "", *task.report_sections(metrics)]
+                    skipped: list[str] | None = None, tables: list[str] | None = None,
+                    about: list[str] | None = None, warnings: list[str] | None = None) -> str:
+    """Under the task's title the `about` lines and the `warnings`, then its metric
+    sections, links to the `tables` (CSV files), the `skipped` files of the data that
+    did not reach the model (when there are any) and the plots embedded."""
+    lines = [f"# {task.report_title}", ""]
+    if about:
+        lines += [f"- {line}" for line in about] + [""]
+    if warnings:
+        lines += [f"> **Warning:** {line}" for line in warnings] + [""]
+    lines += task.report_sections(metrics)
     if tables:
         lines += ["", "Every wrong prediction, most confident first, with its file: "
                   + ", ".join(f"[{name}]({name})" for name in tables) + "."]

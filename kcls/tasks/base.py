@@ -77,11 +77,14 @@ class CalibrationPlan:
         carve_out: whether to hold training images out to fit on (no validation split).
         reject_coverage: the coverage of the rejection rule to fit (`RejectionRule`), or
             None for none (`export.reject_coverage`, `auto` resolved).
+        skipped: why a calibration `auto` would have fitted was not fitted (too few
+            held-out images, `kcls.workflows.prepare.plan_calibration`), or None.
     """
 
     method: str
     carve_out: bool = False
     reject_coverage: float | None = None
+    skipped: str | None = None
 
     @property
     def fits_anything(self) -> bool:

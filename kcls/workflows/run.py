@@ -89,7 +89,7 @@ from kcls.train.compute import describe_devices, describe_strategy
 from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
 from kcls.train.schedule import describe_normalization
-from kcls.workflows.prepare import Prepared, prepare
+from kcls.workflows.prepare import Calibration, Prepared, prepare
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 from kcls.workflows.run_state import (
     check_same_run,
@@ -227,7 +227,8 @@ def evaluate_and_publish(prepared: Prepared, training: TrainingResult, run_dir: 
     seconds = {"training": round(time.time() - started, 1)}
     task = fit_task(prepared)
     if prepared.recipe.evaluate.test:
-        evaluation = evaluate_test_split(prepared, task, training, run_dir, log)
+        evaluation = evaluate_test_split(prepared, task, training, run_dir, log,
+                                         seconds["training"])
         export_dir = publish(prepared, task, evaluation.metrics, run_dir, log)
     else:  # e.g. a tuning trial: scored on validation, the test split never read
         evaluation, export_dir = evaluate_validation_split(prepared, task, log), None
@@ -267,6 +268,8 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
     weights = prepared.loss_weights.describe(prepared.class_names)
     if weights:
         log(weights)
+    for warning in prepared.small_splits:
+        log(f"warning: {warning}")
 
 
 def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
@@ -362,8 +365,10 @@ def fit_task(prepared: Prepared) -> Task:
 
 
 def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult,
-                        run_dir: Path, log: Callable[[str], None]) -> Evaluation:
-    """Scores the test split with the fitted task, writes the report, logs the summary."""
+                        run_dir: Path, log: Callable[[str], None],
+                        training_seconds: float | None = None) -> Evaluation:
+    """Scores the test split with the fitted task, writes the report (with `report_about`
+    and the small splits' warnings), logs the summary."""
     recipe, splits = prepared.recipe, prepared.splits
     evaluation = evaluate_classifier(prepared.classifier, test_batches(prepared),
                                      splits.class_names, recipe.evaluate.flip_tta, task)
@@ -375,12 +380,36 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
               if "confident_mistakes" in task.plots else None)
     write_report(run_dir, evaluation, task, splits.class_names, training.history,
                  [phase.to_dict() for phase in training.phases], images,
-                 mistakes=recipe.evaluate.mistakes)
+                 mistakes=recipe.evaluate.mistakes,
+                 about=report_about(prepared, training, training_seconds),
+                 warnings=prepared.small_splits)
     log(f"{task.summary_line(evaluation.metrics, 1 / len(splits.class_names))}; report "
         f"{run_dir / REPORT_FILE}")
     if splits.skipped:
         log(skipped_files_line(splits.skipped))
     return evaluation
+
+
+def report_about(prepared: Prepared, training: TrainingResult,
+                 training_seconds: float | None) -> list[str]:
+    """What report.md says the run was: its data, image size, epochs and duration."""
+    recipe, sizes = prepared.recipe, prepared.splits.sizes
+    test_source = recipe.data.test_source
+    lines = [f"recipe `{recipe.name}`, data `{recipe.data.source}`"
+             + (f", test data `{test_source}`" if test_source else "")
+             + f": train {sizes['train']}, validation {sizes['validation']}, test "
+             f"{sizes['test']} images, {len(prepared.class_names)} classes",
+             f"image size {recipe.data.image_size} px ({recipe.data.resize}), backbone "
+             f"`{recipe.model.backbone}`",
+             "epochs: " + ", ".join(f"{phase.name} {phase.epochs}"
+                                    + (" (stopped early)" if phase.stopped_early else "")
+                                    for phase in training.phases)
+             + (f" (time budget {recipe.train.time_budget})" if recipe.train.time_budget
+                else "")]
+    if training_seconds is not None:
+        lines.append(f"duration: {training_seconds:.0f} s from the start of the run to the end "
+                     "of training (the whole run's: `seconds` in run.json)")
+    return lines
 
 
 def evaluate_validation_split(prepared: Prepared, task: Task,
@@ -457,7 +486,8 @@ def run_record(prepared: Prepared, training: TrainingResult, task: Task,
     """run.json: versions, the resolved settings (`Prepared.record`), the training, the
     fitted task, the test metrics, the data's skipped files, the export and timings."""
     record = {**software_versions(), **prepared.record(), **training_record(training, prepared),
-              "metrics": evaluation.metrics, **task_record(task, evaluation.metrics),
+              "metrics": evaluation.metrics, **task_record(task, evaluation.metrics,
+                                                           prepared.calibration),
               "class_names": prepared.class_names, "skipped_files": prepared.splits.skipped,
               "test_files": prepared.splits.test_files,  # what `kcls evaluate` scores
               "evaluated_split": "test" if prepared.recipe.evaluate.test else "validation",
@@ -483,9 +513,13 @@ def training_record(training: TrainingResult, prepared: Prepared) -> dict[str, A
             "best_weights": training.best_weights}
 
 
-def task_record(task: Task, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What run.json records of the fitted task: the temperature, the calibration and the
-    rejection rule."""
+def task_record(task: Task, metrics: dict[str, Any],
+                calibration: Calibration | None = None) -> dict[str, Any]:
+    """What run.json records of the fitted task: the temperature, the calibration (with
+    why none was fitted when too few images were held out: T=1) and the rejection rule."""
+    if calibration is not None and calibration.plan.skipped:
+        return {"temperature": 1.0, "calibration": calibration.record(),
+                "rejection": task.metadata()["rejection"]}
     return {"temperature": task.metadata()["temperature"],
             "calibration": metrics.get("calibration", {"method": "none"}),
             "rejection": task.metadata()["rejection"]}
