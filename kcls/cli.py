@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -130,9 +131,16 @@ def recipe_show(name: str, overrides: tuple[str, ...]) -> None:
               help="Train on N local worker processes (train.strategy=multiworker, TF_CONFIG "
                    "on free 127.0.0.1 ports), streaming the chief's output; all stop if one "
                    "fails. See docs/distributed.md.")
+@click.option("--resume", is_flag=True,
+              help="Resume the latest unfinished run of NAME under runs/NAME/ with the same "
+                   "settings and data (without it, such a run is named, not resumed).")
 def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
-               workers: int | None) -> None:
+               workers: int | None, resume: bool) -> None:
     """Train, evaluate and export recipe NAME (a name or a path to a recipe .py file)."""
+    if resume and (run_dir is not None or workers):
+        raise click.UsageError("--resume finds the run to resume under runs/NAME/; with "
+                               "--out DIR (or --workers, which needs --out), DIR resumes: "
+                               "pass one of them.")
     resolved = _resolve(name, overrides)
     if workers:
         from kcls.workflows.launch import launch_local_workers
@@ -144,7 +152,10 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
 
     # A log file or a CI console gets every frame of a progress bar: one line per epoch.
     verbose = "auto" if sys.stdout.isatty() else 2
-    result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose)
+    command = shlex.join(["kcls", "recipe", "run", name,
+                          *(part for override in overrides for part in ("--set", override))])
+    result = run_recipe(resolved, run_dir, log=click.echo, verbose=verbose, resume=resume,
+                        command=command)
     click.echo(result.summary_line("test" if resolved.evaluate.test else "validation"))
 
 

@@ -170,3 +170,47 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path):
                    observers=[Interrupter(1)])
     assert lines[-1].startswith("interrupted: "), lines
     assert f"--out {tmp_path / 'run'}" in lines[-1]
+
+
+@pytest.mark.slow
+def test_a_rerun_without_out_names_the_unfinished_same_run_and_resume_takes_it(tmp_path,
+                                                                              monkeypatch):
+    from kcls.workflows.prepare import prepare
+    from kcls.workflows.run import same_unfinished_run
+
+    monkeypatch.chdir(tmp_path)  # runs/quickstart/ of "the same place"
+    recipe = apply_overrides(load_recipe("quickstart"), [
+        *TINY, "export.enabled=false", "evaluate.test=false"])
+    command = "kcls recipe run quickstart --set data.batch_size=16"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, log=lambda line: None, verbose=0, observers=[Interrupter(1)],
+                   command=command)
+    (killed,) = (tmp_path / "runs" / "quickstart").iterdir()
+    killed = Path("runs") / "quickstart" / killed.name
+    # Other settings are another run: never offered.
+    assert same_unfinished_run(prepare(apply_overrides(recipe, ["model.dropout=0.5"]))) is None
+
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):  # the same command again: named, not resumed
+        run_recipe(recipe, log=lines.append, verbose=0, observers=[Interrupter(0)],
+                   command=command)
+    (offer,) = [line for line in lines if "unfinished run" in line]
+    assert offer == (f"{killed} is an unfinished run of quickstart with the same settings and "
+                     "data; this run starts afresh in a new folder. To resume that one "
+                     f"instead: {command} --resume (or {command} --out {killed})")
+    (second,) = {Path("runs") / "quickstart" / path.name
+                 for path in (tmp_path / "runs" / "quickstart").iterdir()} - {killed}
+    assert lines[-1] == (f"interrupted: run `{command} --out {second}` to resume from its last "
+                         "finished epoch (or stage, once trained)")
+
+    lines.clear()  # --resume takes the latest of the two
+    resumed = run_recipe(recipe, log=lines.append, verbose=0, resume=True, command=command)
+    assert resumed.run_dir == second and (second / RUN_INFO_FILE).is_file()
+    assert lines[0] == f"resuming the unfinished run {second} (the same recipe, settings and data)"
+    assert same_unfinished_run(prepare(recipe)) == killed  # the older one is still there
+
+
+def test_resume_with_out_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["recipe", "run", "quickstart", "--resume", "--out",
+                                       str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--resume finds the run to resume" in result.output

@@ -68,6 +68,7 @@ from kcls.layout import (
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     RUN_REFERENCE_FILE,
+    RUNS_DIR,
     SAMPLES_DIR,
     WEIGHTS_FILE,
 )
@@ -90,7 +91,7 @@ from kcls.train.phases import TrainingResult, fit_phases
 from kcls.train.progress import check_resumable
 from kcls.train.schedule import describe_normalization
 from kcls.workflows.prepare import Calibration, Prepared, prepare
-from kcls.workflows.run_directory import check_run_dir, claim_run_dir
+from kcls.workflows.run_directory import check_run_dir, claim_run_dir, unfinished_runs
 from kcls.workflows.run_state import (
     check_same_run,
     exported_version,
@@ -151,7 +152,8 @@ class RunResult:
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                log: Callable[[str], None] = print, verbose: int | str = "auto",
                splits: Splits | None = None,
-               observers: Iterable[RunObserver] = ()) -> RunResult:
+               observers: Iterable[RunObserver] = (), resume: bool = False,
+               command: str | None = None) -> RunResult:
     """Trains, evaluates and exports `recipe`.
 
     Args:
@@ -164,6 +166,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
             `kcls.data.sources.splits_from_arrays` in a notebook.
         observers: `kcls.tracking.RunObserver`s told of the run's steps, after those
             `track.*` asks for (`kcls.tracking.observers_for`).
+        resume: without `run_dir`, resume the latest unfinished run of the recipe under
+            `runs/<recipe>/` with the same settings and data (`same_unfinished_run`);
+            without `resume` such a run is only named, with the command resuming it.
+        command: the command line that started the run, without `--out` and `--resume`,
+            for the lines saying how to resume (`kcls recipe run NAME --set ...`).
 
     Returns:
         RunResult with the metrics (of the validation split with `evaluate.test=false`)
@@ -190,12 +197,12 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None,
     if recipe.export.enabled:  # a version of other classes is refused: before training
         check_model_labels(Path(recipe.export.base_dir) / recipe.model_name,
                            prepared.class_names)
+    if run_dir is None:
+        run_dir = offer_unfinished_run(prepared, resume, command, log)
     if run_dir is not None:  # an interrupted run there resumes only as the same run
-        if recipe.train.time_budget is None:
-            check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
-        check_same_run(run_dir, recipe, prepared.splits.fingerprint)
+        check_same_run_dir(prepared, run_dir)
     with (claim_run_dir(run_dir, recipe.name, log, lock=worker.is_chief) as run_dir,
-          observers.watching(run_dir), resume_hint(run_dir, log)):
+          observers.watching(run_dir), resume_hint(run_dir, log, command)):
         if worker.is_chief:
             write_text(run_dir / RUN_CONFIG_FILE, to_json(recipe))
             if not read_state(run_dir):
@@ -291,14 +298,58 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
         else AFTER_TRAINING_SECONDS / 2)
 
 
+def check_same_run_dir(prepared: Prepared, run_dir: str | Path) -> None:
+    """Raises unless an interrupted run in `run_dir` (if any) is the run `prepared`
+    makes: the same training schedule and the same weight-shaping settings and data."""
+    if prepared.recipe.train.time_budget is None:
+        check_resumable(run_dir, prepared.train_config, prepared.steps_per_epoch)
+    check_same_run(run_dir, prepared.recipe, prepared.splits.fingerprint)
+
+
+def same_unfinished_run(prepared: Prepared) -> Path | None:
+    """The latest unfinished run of the recipe under `runs/<recipe>/` that is the run
+    `prepared` makes (`check_same_run_dir`), or None."""
+    for run_dir in unfinished_runs(prepared.recipe.name):
+        try:
+            check_same_run_dir(prepared, run_dir)
+        except ConfigError:
+            continue
+        return run_dir
+    return None
+
+
+def offer_unfinished_run(prepared: Prepared, resume: bool, command: str | None,
+                         log: Callable[[str], None]) -> Path | None:
+    """Without `--out`: the same unfinished run to resume with `resume`, else None (a
+    new run directory), after a line naming it and the command that resumes it."""
+    found = same_unfinished_run(prepared)
+    name = prepared.recipe.name
+    if found is None:
+        if resume:
+            log(f"--resume: no unfinished run of {name} with these settings and data under "
+                f"{Path(RUNS_DIR) / name}; starting a new run")
+        return None
+    if resume:
+        log(f"resuming the unfinished run {found} (the same recipe, settings and data)")
+        return found
+    rerun = command or "the same command with"
+    log(f"{found} is an unfinished run of {name} with the same settings and data; this run "
+        f"starts afresh in a new folder. To resume that one instead: {rerun} --resume "
+        f"(or {rerun} --out {found})")
+    return None
+
+
 @contextlib.contextmanager
-def resume_hint(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+def resume_hint(run_dir: Path, log: Callable[[str], None],
+                command: str | None = None) -> Iterator[None]:
     """On Ctrl-C, says how to resume the run before the interruption goes on."""
     try:
         yield
     except KeyboardInterrupt:
-        log(f"interrupted: run the same command with --out {run_dir} to resume from its last "
-            "finished epoch (or stage, once trained)")
+        rerun = f"`{command} --out {run_dir}`" if command else (
+            f"the same command with --out {run_dir}")
+        log(f"interrupted: run {rerun} to resume from its last finished epoch (or stage, "
+            "once trained)")
         raise
 
 

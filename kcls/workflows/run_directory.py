@@ -38,7 +38,14 @@ from typing import Any
 
 from kcls.config import ConfigError
 from kcls.files import process_exists
-from kcls.layout import RUN_INFO_FILE, RUN_LOCK_FILE, RUN_STATE_FILE, RUNS_DIR, WEIGHTS_FILE
+from kcls.layout import (
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    RUN_LOCK_FILE,
+    RUN_STATE_FILE,
+    RUNS_DIR,
+    WEIGHTS_FILE,
+)
 
 MAX_SUFFIX = 1000  # runs of one recipe started in the same second
 
@@ -116,6 +123,32 @@ def claim_run_dir(run_dir: str | Path | None, recipe_name: str,
         yield path
     finally:
         lock.unlink(missing_ok=True)
+
+
+def unfinished_runs(recipe_name: str, parent: str | Path = RUNS_DIR) -> list[Path]:
+    """The default run directories of `recipe_name` under `parent` that a run may resume,
+    newest first: begun (`config.json`), unfinished (no `run.json`) and not held by a
+    live process. Whether one is the *same* run is `kcls.workflows.run_state.check_same_run`'s
+    question."""
+    recipe_dir = Path(parent) / recipe_name
+    if not recipe_dir.is_dir():
+        return []
+    found = []
+    for path in recipe_dir.iterdir():
+        if not (path / RUN_CONFIG_FILE).is_file() or (path / RUN_INFO_FILE).exists():
+            continue
+        try:
+            check_run_dir(path)
+        except ConfigError:  # running, or a result of an older kcls
+            continue
+        found.append(path)
+    return sorted(found, key=_started_order, reverse=True)
+
+
+def _started_order(path: Path) -> tuple[str, int]:
+    """`<timestamp>[-N]` in the order the runs started (`-10` after `-9`)."""
+    stamp, _, suffix = path.name.partition("-")[2].partition("-")
+    return path.name.partition("-")[0] + stamp, int(suffix) if suffix.isdigit() else 1
 
 
 def new_run_dir(recipe_name: str, parent: str | Path = RUNS_DIR) -> Path:
@@ -207,4 +240,4 @@ def _locked_message(run_dir: Path, owner: dict[str, Any]) -> str:
             f"{run_dir / RUN_LOCK_FILE}.")
 
 
-__all__ = ["check_run_dir", "claim_run_dir", "new_run_dir"]
+__all__ = ["check_run_dir", "claim_run_dir", "new_run_dir", "unfinished_runs"]
