@@ -201,8 +201,10 @@ def _serving_archive(model: keras.Model, class_names: list[str], task: Task,
         served = serve_image_bytes(features[IMAGE_INPUT])
         return {"classes": served["labels"], "scores": served["scores"]}
 
+    # No `archive.track(model)`: the endpoints track the variables they use, and tracking
+    # the model too saved its Keras variables beside them, every weight twice in
+    # variables/ (Keras 3.15; tests/test_run_details.py pins one copy).
     archive = keras.export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint("serving_default", serve_image_bytes,
                          input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_INPUT)])
     archive.add_endpoint("predict_images", predict_images,

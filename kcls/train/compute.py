@@ -177,10 +177,27 @@ def resolve_jit_compile(setting: JitCompile, backbone: str,
 
 
 def describe_devices() -> str:
-    """A short description of the accelerators TensorFlow sees, for logs and run.json."""
+    """A short description of the devices TensorFlow sees, for logs and run.json:
+    `CPU (2 cores)`, `CPU (8 cores), 2 GPU`.
+
+    TensorFlow shows all the cores of a machine as one logical CPU device; the cores
+    this process may run on (`cpu_cores`) are what a reader wants to know.
+    """
     devices = [d.device_type for d in tf.config.list_logical_devices()]
     counts = {kind: devices.count(kind) for kind in dict.fromkeys(devices)}
-    return ", ".join(f"{count} {kind}" for kind, count in counts.items())
+    cores = cpu_cores()
+    return ", ".join(
+        (f"CPU ({cores} core{'s' if cores != 1 else ''})" if kind == "CPU" and count == 1
+         else f"{count} {kind}") for kind, count in counts.items())
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or `taskset`'s
+    share), else all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _configured_tpu() -> str | None:

@@ -10,6 +10,13 @@ checked before the run directory is written or a step runs. The run directory
                           `--set model.weights=<run_dir>/backbone.weights.h5`
     pretrain_curves.png   loss (and kNN accuracy) per epoch
     run.json              versions, choices, per-epoch history, timings
+    backup/               while it trains (without a time budget): the per-epoch logs
+                          (`kcls.train.progress.TrainingProgress`) and Keras'
+                          BackupAndRestore state (`pretrain/`), deleted at the end
+
+A pretraining killed and started again with the same `--out` and settings resumes from
+its last finished epoch, with the history of the epochs before the kill; other settings
+are refused, naming them. A budgeted one is planned for one sitting and starts again.
 
 Example:
 
@@ -21,6 +28,7 @@ PosixPath('runs/pretrain/20260101-120000/backbone.weights.h5')
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +48,7 @@ from kcls.environment import software_versions
 from kcls.files import save_weights, write_json
 from kcls.layout import (
     BACKBONE_WEIGHTS_FILE,
+    BACKUP_DIR,
     PRETRAIN_CONFIG_FILE,
     PRETRAIN_CURVES_PLOT,
     RUN_INFO_FILE,
@@ -49,6 +58,7 @@ from kcls.ssl.augment import ContrastiveAugment
 from kcls.ssl.simclr import KnnMonitor, SimCLR
 from kcls.train.budget import MAX_EPOCHS, BudgetPlanner, BudgetProgress, TimeBudget
 from kcls.train.compute import describe_devices, resolve_jit_compile
+from kcls.train.progress import TrainingProgress
 from kcls.train.schedule import WarmupCosine, make_optimizer
 from kcls.workflows.run_directory import check_run_dir, claim_run_dir
 
@@ -148,11 +158,12 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
     """
     started = time.time()
     check_backbone(config.backbone)
+    data = data or load_pretrain_data(config)
+    steps_per_epoch = max(data.count // config.batch_size, 1)
     if run_dir is not None:
         check_run_dir(run_dir)
-    data = data or load_pretrain_data(config)
+        pretrain_progress(config, steps_per_epoch, run_dir, write=False)  # same settings?
     jit_compile, jit_reason = resolve_jit_compile(config.jit_compile, config.backbone)
-    steps_per_epoch = max(data.count // config.batch_size, 1)
     model, schedule = build_simclr(config, steps_per_epoch, jit_compile)
     with claim_run_dir(run_dir, RUN_NAME, log) as run_dir:
         write_json(run_dir / PRETRAIN_CONFIG_FILE, dataclasses.asdict(config))
@@ -160,14 +171,23 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
             f"{config.weights or 'random initialisation'}) | {describe_devices()} | XLA "
             f"{'on' if jit_compile else 'off'} ({jit_reason}) | {data.count} images, "
             f"{steps_per_epoch} steps of {config.batch_size} per epoch | run dir {run_dir}")
+        progress = pretrain_progress(config, steps_per_epoch, run_dir)
+        if progress.started:
+            log(f"resuming the interrupted pretraining in {run_dir} after its epoch "
+                f"{progress.last_epoch(0, MAX_EPOCHS) + 1}")
         callbacks, epochs, budget = pretraining_callbacks(config, data, schedule,
                                                           steps_per_epoch)
-        history = model.fit(_image_batches(data, config), steps_per_epoch=steps_per_epoch,
-                            epochs=epochs, verbose=verbose, shuffle=False,
-                            callbacks=callbacks).history
+        if progress.path is not None:  # first the epoch's logs, then Keras' backup
+            callbacks += [progress.recorder(), keras.callbacks.BackupAndRestore(
+                str(run_dir / BACKUP_DIR / RUN_NAME))]
+        fitted = model.fit(_image_batches(data, config), steps_per_epoch=steps_per_epoch,
+                           epochs=epochs, verbose=verbose, shuffle=False,
+                           callbacks=callbacks).history
         seconds = {"training": round(time.time() - started, 1)}
         weights_path = save_weights(model.backbone, run_dir / BACKBONE_WEIGHTS_FILE)
-        history = {name: [float(value) for value in values] for name, values in history.items()}
+        history = {name: [float(value) for value in values] for name, values in (
+            progress.history() if progress.path is not None else fitted).items()}
+        shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
         plot_pretrain_curves(history, run_dir / PRETRAIN_CURVES_PLOT)
         run_info: dict[str, Any] = {
             **software_versions(), "devices": describe_devices(),
@@ -175,13 +195,26 @@ def pretrain(config: PretrainConfig, run_dir: str | Path | None = None,
             "jit_compile_reason": jit_reason, "images": data.count,
             "steps_per_epoch": steps_per_epoch, "epochs": len(history.get("loss", [])),
             "history": history, "skipped_files": data.skipped,
-            "backbone_weights": str(weights_path),
+            "backbone_weights": str(weights_path), "resumed": progress.started,
             "seconds": {**seconds, "total": round(time.time() - started, 1)}}
         if budget is not None:
             run_info["time_budget"] = budget.summary()
         write_json(run_dir / RUN_INFO_FILE, run_info)
         log_result(config, data, run_info, weights_path, log)
         return PretrainResult(run_dir, weights_path, history, model)
+
+
+def pretrain_progress(config: PretrainConfig, steps_per_epoch: int, run_dir: Path,
+                      write: bool = True) -> TrainingProgress:
+    """The per-epoch logs of an interrupted pretraining in `run_dir` (empty when there are
+    none, or with a time budget: a budgeted run is planned for one sitting).
+
+    Raises:
+        ConfigError: the interrupted pretraining had other settings (named).
+    """
+    backup_dir = Path(run_dir) / BACKUP_DIR if config.time_budget is None else None
+    return TrainingProgress.load(backup_dir, {**dataclasses.asdict(config),
+                                              "steps_per_epoch": steps_per_epoch}, write)
 
 
 def build_simclr(config: PretrainConfig, steps_per_epoch: int, jit_compile: bool

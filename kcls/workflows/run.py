@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -600,15 +601,25 @@ def mistake_images(splits: Splits, recipe: Recipe,
 
 
 def write_samples(splits: Splits, recipe: Recipe, task: Task, folder: Path) -> None:
-    """Saves the first test images as `<index>_<class>.png`, resized to the model input
-    (the class name escaped by `kcls.files.safe_file_name`)."""
+    """Saves `SAMPLE_IMAGES` test images as `<index>_<class>.png`, resized to the model
+    input (the class name escaped by `kcls.files.safe_file_name`), drawn across the
+    classes: at most `ceil(SAMPLE_IMAGES / classes)` of each (a folder's test split is
+    listed class by class), in one pass that stops when they are found."""
     folder.mkdir(parents=True, exist_ok=True)
-    for index, (image, label) in enumerate(splits.test.take(SAMPLE_IMAGES)):
+    quota = math.ceil(SAMPLE_IMAGES / max(len(splits.class_names), 1))
+    taken: dict[str, int] = {}
+    for index, (image, label) in enumerate(splits.test.as_numpy_iterator()):
+        names = task.label_names(label, splits.class_names)
+        key = "+".join(names)
+        if taken.get(key, 0) >= quota:
+            continue
+        taken[key] = taken.get(key, 0) + 1
         resized = tf.cast(tf.round(prepare_image(image, recipe.data.image_size,
                                                  recipe.data.resize)), tf.uint8)
-        names = task.label_names(label.numpy(), splits.class_names)
-        name = f"{index}_{safe_file_name('+'.join(names))}.png"
-        write_bytes(folder / name, tf.io.encode_png(resized).numpy())
+        write_bytes(folder / f"{index}_{safe_file_name(key)}.png",
+                    tf.io.encode_png(resized).numpy())
+        if sum(taken.values()) == SAMPLE_IMAGES:
+            break
 
 
 __all__ = ["RunResult", "run_recipe"]

@@ -9,6 +9,8 @@ A run owns its directory from the moment it writes `config.json` to its end:
   also on errors. A second run with the same `--out` is refused while the first is
   alive; a lock left by a process that died (killed, out of memory) is taken over
   with a warning, and the run resumes from the directory's backup.
+- Once locked, the temporary files of writers that were killed mid-write (their
+  process is gone) are removed.
 - A directory that holds a finished run (`run.json`) or a trained model
   (`model.weights.h5`) is refused: kcls never trains over a result. A trained model
   whose run was killed after training (its `state.json` holds the training) is not a
@@ -46,6 +48,7 @@ from kcls.layout import (
     RUNS_DIR,
     WEIGHTS_FILE,
 )
+from kcls.serving.publish import clean_stale_temporaries
 
 MAX_SUFFIX = 1000  # runs of one recipe started in the same second
 
@@ -120,6 +123,9 @@ def claim_run_dir(run_dir: str | Path | None, recipe_name: str,
     _acquire(lock, log)
     try:
         check_run_dir(path)  # a run that finished while this one loaded its data
+        # Temporaries of a writer killed mid-write (`kcls.files.atomic_path`), e.g. a
+        # `.tmp-<host>-<pid>-...-backbone.weights.h5` of a killed pretraining.
+        clean_stale_temporaries(path)
         yield path
     finally:
         lock.unlink(missing_ok=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import textwrap
 import time
 from collections.abc import Callable
@@ -358,7 +357,7 @@ def search_summary(recipe: Recipe, study: Any, best: Any, test_metrics: dict[str
             "test_metrics": {key: value for key, value in test_metrics.items()
                              if isinstance(value, (int, float))},
             "best_recipe_file": str(tune_dir / BEST_RECIPE_FILE),
-            "machine": f"{describe_devices()}, {os.cpu_count()} CPU cores",
+            "machine": describe_devices(),
             "date": datetime.now().strftime("%Y-%m-%d")}
 
 
