@@ -184,15 +184,13 @@ def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
         strategy: the strategy `classifier` was built under; None for the current one.
         time_budget: plan each phase's epochs from the measured step time to fit this
             budget (see `kcls.train.budget`); the configured epochs then only set the
-            phases' shares, and a phase stops early on a plateau of its validation loss
-            (`TimeBudget.patience`, unless `train.early_stopping_patience` is set). A
+            phases' shares, and a phase stops on a validation plateau (`_patience`). A
             budgeted run is planned for one sitting: it does not resume.
         objective: called once per compile (in the strategy's scope), returns a fresh
             loss on logits and fresh training metrics, `(keras.losses.Loss,
             list[keras.metrics.Metric])`; None for single-label softmax cross-entropy on
             one-hot labels with `config.label_smoothing`, and accuracy.
-        log: receives a line when each phase starts (`phase_line`), when one stops
-            early, and the time budget's warnings; None drops them.
+        log: receives each phase's `phase_line`, early stops and budget warnings.
 
     Returns:
         TrainingResult: the history over all phases, one PhaseRecord per phase, what
