@@ -156,6 +156,19 @@ def untrained_models(tmp_path_factory) -> tuple[Path, Path, Path]:
     return run_dir, export_dir, incoming
 
 
+def add_images(folder: Path, count: int, classes: tuple[str, ...] = ("cat", "dog"),
+               start: int = 0) -> Path:
+    """`count` tiny PNGs per class under `folder/<class>/` (a colour per class, with noise)."""
+    rng = np.random.default_rng(start + len(str(folder)))
+    for channel, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for index in range(start, start + count):
+            image = rng.integers(0, 90, (8, 8, 3)).astype(np.uint8)
+            image[..., channel % 3] = 200
+            Image.fromarray(image).save(folder / name / f"{index:03d}.png")
+    return folder
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + kind + data
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import add_images
 
 from kcls.config import ModelConfig, TrainConfig
 from kcls.models.classifier import build_classifier
@@ -147,20 +148,6 @@ def test_a_budget_shorter_than_one_epoch_says_so_and_what_it_does():
     assert "the run takes longer than its budget" in line
     run_epoch(planner, clock, 3, 1.0)
     assert len(lines) == 1  # said once
-
-
-def add_images(folder, count: int, classes=("cat", "dog"), start: int = 0):
-    """`count` tiny PNGs per class under `folder/<class>/` (a colour per class)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(start + len(str(folder)))
-    for channel, name in enumerate(classes):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for index in range(start, start + count):
-            image = rng.integers(0, 90, (8, 8, 3)).astype(np.uint8)
-            image[..., channel % 3] = 200
-            Image.fromarray(image).save(folder / name / f"{index:03d}.png")
-    return folder
 
 
 def test_a_test_source_is_the_test_split_and_nothing_is_carved_from_the_source(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from conftest import add_images
 
 from kcls.cli import main
 from kcls.config import ConfigError, DataConfig
@@ -18,19 +18,6 @@ from kcls.data.pack import pack_source
 from kcls.data.sources import file_splits, load_splits
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def add_images(folder: Path, count: int, classes: tuple[str, ...] = ("cat", "dog"),
-               start: int = 0) -> Path:
-    """`count` tiny PNGs per class under `folder/<class>/` (a colour per class, with noise)."""
-    rng = np.random.default_rng(start + len(str(folder)))
-    for channel, name in enumerate(classes):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for index in range(start, start + count):
-            image = rng.integers(0, 90, (8, 8, 3)).astype(np.uint8)
-            image[..., channel % 3] = 200
-            Image.fromarray(image).save(folder / name / f"{index:03d}.png")
-    return folder
 
 
 def split_root(root: Path, **counts: int) -> Path:
