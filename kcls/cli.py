@@ -16,6 +16,7 @@
     kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
     kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
     kcls data pack SOURCE OUT_DIR [--recipe NAME] [--set data.KEY=VALUE] [--shard-size 128MB]
+    kcls data check SOURCE [--recipe NAME] [--set data.KEY=VALUE] [--out DIR]
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
 
 @main.group()
 def data() -> None:
-    """Prepare data: pack a folder or a manifest into sharded TFRecords."""
+    """Prepare and check data: pack a folder or a manifest into sharded TFRecords, find
+    duplicates and leaks."""
 
 
 @data.command("pack")
@@ -174,14 +176,7 @@ def data_pack(source: str, out_dir: Path, recipe_name: str | None, overrides: tu
     The splits are made once, here, and frozen in the pack; train on it with
     --set data.source=tfrecord:OUT_DIR. Packing an unchanged source again does nothing.
     """
-    other = [override for override in overrides
-             if not override.strip().startswith(("data.", "model.task="))]
-    if other:
-        raise click.UsageError(f"kcls data pack takes data.KEY=VALUE overrides only (and "
-                               f"model.task=TASK, which says how a manifest's labels are "
-                               f"read), not {', '.join(other)}.")
-    recipe = load_recipe(recipe_name) if recipe_name else Recipe(name="pack")
-    recipe = apply_overrides(recipe, [f"data.source={source}", *overrides])
+    recipe = _data_recipe(source, recipe_name, overrides, "pack")
     config = recipe.data
     start_tensorflow()
     from kcls.data.folder import skipped_files_line
@@ -196,6 +191,49 @@ def data_pack(source: str, out_dir: Path, recipe_name: str | None, overrides: tu
             f"{name} {result.examples[name]:,} ({result.shards[name]} shards)"
             for name in result.examples)
             + f"; train on it with --set data.source=tfrecord:{out_dir}")
+
+
+@data.command("check")
+@click.argument("source")
+@click.option("--recipe", "recipe_name", metavar="NAME",
+              help="Split like this recipe's data section (seed, fractions) and read a "
+                   "manifest's labels for its model.task; default: kcls's defaults.")
+@click.option("--set", "overrides", multiple=True, metavar="data.KEY=VALUE",
+              help="Override a data setting, e.g. --set data.seed=1 (repeatable).")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for data_check.json, data_check.md and duplicate_groups.png.")
+def data_check(source: str, recipe_name: str | None, overrides: tuple[str, ...],
+               out_dir: Path) -> None:
+    """Check SOURCE (folder:PATH, manifest:PATH.csv or tfrecord:DIR): images per class and
+    split, sizes and modes, unreadable files, exact and near duplicates within a class,
+    across classes and across the splits (leaks)."""
+    from kcls.files import check_output_dir
+
+    recipe = _data_recipe(source, recipe_name, overrides, "check")
+    check_output_dir(out_dir)
+    start_tensorflow()
+    from kcls.data.check import check_source
+    from kcls.data.check_report import summary_line, write_data_check
+
+    check = check_source(recipe.data, recipe.label_format)
+    written = write_data_check(check, out_dir)
+    click.echo(summary_line(check))
+    click.echo("report: " + ", ".join(str(path) for path in written))
+
+
+def _data_recipe(source: str, recipe_name: str | None, overrides: tuple[str, ...],
+                 command: str) -> Recipe:
+    """The recipe whose data section a `kcls data` command reads: `--recipe` or kcls's
+    defaults, with `data.source=SOURCE` and the `data.` (and `model.task=`) overrides."""
+    other = [override for override in overrides
+             if not override.strip().startswith(("data.", "model.task="))]
+    if other:
+        raise click.UsageError(f"kcls data {command} takes data.KEY=VALUE overrides only "
+                               f"(and model.task=TASK, which says how a manifest's labels "
+                               f"are read), not {', '.join(other)}.")
+    recipe = load_recipe(recipe_name) if recipe_name else Recipe(name=command)
+    return apply_overrides(recipe, [f"data.source={source}", *overrides])
 
 
 @main.command("lr-find")
