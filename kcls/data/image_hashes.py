@@ -42,6 +42,7 @@ THUMBNAIL_SIDE = 32  # pixels: the pHash's DCT input
 HASH_SIDE = 8  # the lowest HASH_SIDE x HASH_SIDE frequencies: 64 bits
 HASH_THREADS = 4  # Pillow releases the GIL while decoding
 DIGEST_BYTES = 16
+FLAT_COEFFICIENT = 1e-2  # DCT coefficients (gray levels) below this are zero
 
 
 @dataclass
@@ -185,6 +186,8 @@ def perceptual_hashes(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     [0, 0]
     """
     low = np.einsum("uh,nhw,vw->nuv", _DCT, np.asarray(thumbnails, np.float32), _DCT)
+    # Rounding noise of a flat image's (zero) frequencies would otherwise set random bits.
+    low[np.abs(low) < FLAT_COEFFICIENT] = 0.0
     return _bits(low), _bits(low * _FLIP_SIGNS)
 
 

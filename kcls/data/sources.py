@@ -140,7 +140,7 @@ def load_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
     if kind == "tfds":
         return _tfds_splits(argument, config)
     if kind in ("folder", "manifest"):
-        return _decoded_splits(file_splits(config, label_format))
+        return decoded_splits(file_splits(config, label_format))
     if kind == "tfrecord":
         return _pack_splits(argument)
     raise ConfigError(f"Unknown data source {config.source!r}.")
@@ -375,7 +375,7 @@ def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
         np.asarray([size for size, _ in stamps], np.int64))
 
 
-def _decoded_splits(files: FileSplits) -> Splits:
+def decoded_splits(files: FileSplits) -> Splits:
     """The splits of `files` as datasets that decode the images when read."""
     from kcls.data.folder import decode_files
 

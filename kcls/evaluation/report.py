@@ -33,7 +33,7 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                  class_names: list[str], history: dict[str, list[float]] | None = None,
                  phases: list[dict[str, Any]] | None = None,
                  images: Mapping[int, np.ndarray] | None = None,
-                 mistakes: int = 16) -> list[Path]:
+                 mistakes: int = 16, sections: list[str] | None = None) -> list[Path]:
     """Writes `metrics.json`, `report.md`, the plots and, for a task with the confident
     mistakes plot, `confident_mistakes.csv` (`evaluation.files` names the images) into
     `run_dir`.
@@ -50,6 +50,8 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
             of `confident_mistakes(evaluation, mistakes)`, for the mistakes grid
             (skipped if None).
         mistakes: how many confident mistakes to show.
+        sections: Markdown lines about the data to add before the plots (the run's data
+            leaks, `kcls.data.leaks.LeakCheck.report_section`).
 
     Returns:
         Paths of the files written.
@@ -71,15 +73,16 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                                            run_dir / CONFIDENT_MISTAKES_FILE))
     report = write_text(run_dir / REPORT_FILE, markdown_report(
         task, evaluation.metrics, [path.name for path in written[1:]], evaluation.skipped,
-        [path.name for path in tables]))
+        [path.name for path in tables], sections))
     return [*written, *tables, report]
 
 
 def markdown_report(task: Task, metrics: dict[str, Any], plots: list[str],
-                    skipped: list[str] | None = None, tables: list[str] | None = None) -> str:
+                    skipped: list[str] | None = None, tables: list[str] | None = None,
+                    sections: list[str] | None = None) -> str:
     """The task's metric sections under its title, links to the `tables` (CSV files),
-    the `skipped` files of the data that did not reach the model (when there are any)
-    and the plots embedded."""
+    the `skipped` files of the data that did not reach the model (when there are any),
+    the data's `sections` (Markdown lines) and the plots embedded."""
     lines = [f"# {task.report_title}", "", *task.report_sections(metrics)]
     if tables:
         lines += ["", "Every wrong prediction, most confident first, with its file: "
@@ -88,5 +91,6 @@ def markdown_report(task: Task, metrics: dict[str, Any], plots: list[str],
         lines += ["", f"## Skipped files ({len(skipped)})", "",
                   "Unreadable or undecodable; not among the examples above.", ""]
         lines += [f"- `{name}`" for name in skipped]
+    lines += sections or []
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

@@ -5,7 +5,9 @@
 1. the tf.distribute strategy, first: connecting to a TPU and configuring multi-worker
    collectives must happen before TensorFlow runs anything else; with it, which worker
    this process is (`kcls.train.cluster`);
-2. the data splits (`kcls.data.sources`), checked against the problem type (the task,
+2. the data splits (`kcls.data.sources`) with the leak check of sources of files
+   (`kcls.data.leaks`: held-out images with a copy in training, whose training copies
+   `data.drop_leaks=true` leaves out), checked against the problem type (the task,
    `kcls.tasks`), and what the task fits after training on held-out data: a calibration
    temperature or per-label thresholds and the rejection rule's coverage, with a
    carve-out of the training split when there is no validation split and the task
@@ -38,8 +40,9 @@ import tensorflow as tf
 
 from kcls.config import Recipe, TrainConfig, check_global_batch
 from kcls.data.augment import Augmentation, build_augmentation, place_augmentation
+from kcls.data.leaks import LeakCheck, load_checked_splits
 from kcls.data.pipeline import check_cache_writable, eval_pipeline, train_pipeline
-from kcls.data.sources import Splits, carve_calibration_split, load_splits, train_class_counts
+from kcls.data.sources import Splits, carve_calibration_split, train_class_counts
 from kcls.models.classifier import build_classifier
 from kcls.tasks import CalibrationPlan, LossWeights, Objective, Task, get_task
 from kcls.train.cluster import (
@@ -105,6 +108,8 @@ class Prepared:
             `train.strategy=multiworker`).
         input_sharding: under several workers, how the pipelines are split between them
             (`input_sharding`); None for one process.
+        leaks: the leak check of the data (`kcls.data.leaks`), or None when not made
+            (`data.check_leaks=false`, a source without files, or splits given).
     """
 
     recipe: Recipe
@@ -124,6 +129,7 @@ class Prepared:
     validation_batches: tf.data.Dataset | None
     worker: Worker = dataclasses.field(default_factory=Worker)
     input_sharding: dict[str, Any] | None = None
+    leaks: LeakCheck | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -154,7 +160,8 @@ class Prepared:
                                                         self.train_config.train_batchnorm),
                 "seed": self.recipe.train.seed, "steps_per_epoch": self.steps_per_epoch,
                 "global_batch_size": self.recipe.data.batch_size, "task": self.task.name,
-                **self.loss_weights.record(self.class_names)}
+                **self.loss_weights.record(self.class_names),
+                "data_leaks": self.leaks.record() if self.leaks else None}
 
 
 def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
@@ -174,7 +181,9 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     check_cache_writable(recipe.data)
     if is_multiworker(strategy):
         check_global_batch(recipe.data.batch_size, strategy.num_replicas_in_sync)
-    splits = splits or load_splits(recipe.data, recipe.label_format)
+    leaks = None
+    if splits is None:
+        splits, leaks = load_checked_splits(recipe.data, recipe.label_format)
     task = get_task(recipe.model.task)
     task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
     splits, calibration = plan_calibration(task, recipe, splits)
@@ -198,7 +207,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     return Prepared(recipe, strategy, splits, task, calibration,
                     steps_per_epoch(recipe, splits), precision, train_config, jit_compile_reason,
                     classifier, host_augmentation, device_augmentation, loss_weights,
-                    train_batches, validation_batches, worker, sharding)
+                    train_batches, validation_batches, worker, sharding, leaks)
 
 
 def input_sharding(recipe: Recipe, strategy: tf.distribute.Strategy) -> dict[str, Any] | None:

@@ -267,6 +267,9 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
     weights = prepared.loss_weights.describe(prepared.class_names)
     if weights:
         log(weights)
+    leaks = prepared.leaks and prepared.leaks.warning()
+    if leaks:
+        log(f"warning: {leaks}")
 
 
 def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
@@ -375,7 +378,8 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
               if "confident_mistakes" in task.plots else None)
     write_report(run_dir, evaluation, task, splits.class_names, training.history,
                  [phase.to_dict() for phase in training.phases], images,
-                 mistakes=recipe.evaluate.mistakes)
+                 mistakes=recipe.evaluate.mistakes,
+                 sections=prepared.leaks.report_section() if prepared.leaks else None)
     log(f"{task.summary_line(evaluation.metrics, 1 / len(splits.class_names))}; report "
         f"{run_dir / REPORT_FILE}")
     if splits.skipped:
