@@ -17,6 +17,7 @@
     kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
     kcls data pack SOURCE OUT_DIR [--recipe NAME] [--set data.KEY=VALUE] [--shard-size 128MB]
     kcls data check SOURCE [--recipe NAME] [--set data.KEY=VALUE] [--out DIR]
+    kcls data label-issues SOURCE [--recipe NAME] [--set KEY=VALUE] [--folds K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ USER_ERRORS = (
     ("kcls.serving.predict", "PredictionError", click.ClickException),
     ("kcls.load", "DamagedFileError", click.ClickException),
     ("kcls.serving.onnx", "MissingOnnxError", click.UsageError),
+    ("kcls.data.label_issues", "MissingCleanlabError", click.UsageError),
     ("kcls.serving.onnx", "OnnxError", click.ClickException),
     ("kcls.workflows.predict", "PredictInputError", click.UsageError),
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
@@ -220,6 +222,36 @@ def data_check(source: str, recipe_name: str | None, overrides: tuple[str, ...],
     written = write_data_check(check, out_dir)
     click.echo(summary_line(check))
     click.echo("report: " + ", ".join(str(path) for path in written))
+
+
+@data.command("label-issues")
+@click.argument("source")
+@click.option("--recipe", "recipe_name", default="finetune", show_default=True, metavar="NAME",
+              help="The recipe whose pretrained backbone embeds the images (model.backbone, "
+                   "model.weights, data.image_size, data.resize) and whose data section "
+                   "splits the source.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting, e.g. --set data.image_size=96 (repeatable).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Cross-validation folds of the out-of-fold probabilities.")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for label_issues.csv, label_issues.json and label_issues.png.")
+def data_label_issues(source: str, recipe_name: str, overrides: tuple[str, ...], folds: int,
+                      out_dir: Path) -> None:
+    """Likely label errors in the training split of SOURCE (folder:PATH or
+    manifest:PATH.csv): out-of-fold probabilities of a logistic regression on pretrained
+    embeddings, through cleanlab's find_label_issues (pip install "kcls[quality]")."""
+    recipe = apply_overrides(load_recipe(recipe_name), [f"data.source={source}", *overrides])
+    start_tensorflow()
+    from kcls.workflows.label_issues import find_label_issues_of_source
+
+    result = find_label_issues_of_source(recipe, out_dir, folds, log=click.echo)
+    click.echo(f"{len(result.issues.indices):,} of {len(result.files):,} training images "
+               f"flagged as likely label errors (out-of-fold accuracy "
+               f"{result.issues.out_of_fold_accuracy(result.labels):.3f}; "
+               f"{result.seconds['total']:.0f} s)")
+    click.echo("report: " + ", ".join(str(path) for path in result.written))
 
 
 def _data_recipe(source: str, recipe_name: str | None, overrides: tuple[str, ...],
