@@ -37,9 +37,7 @@ from kcls.data.label_issues import (
 from kcls.data.label_issues_report import write_label_issues
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import evaluated_files, file_splits
-from kcls.evaluation.evaluate import predict_embeddings
 from kcls.files import check_output_dir
-from kcls.models.classifier import build_classifier
 
 
 @dataclass
@@ -122,6 +120,10 @@ def embed(recipe: Recipe, paths: list[str], labels: np.ndarray, num_classes: int
           skipped: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The pooled backbone embeddings of `paths` (float32 `(N, D)`) and their int64 labels,
     for the images that decode (the others are appended to `skipped`)."""
+    # Imported here: bad inputs are refused before the models (KerasCV) are imported.
+    from kcls.evaluation.evaluate import predict_embeddings
+    from kcls.models.classifier import build_classifier
+
     classifier = build_classifier(recipe.model, num_classes, recipe.data.image_size)
     data = dataclasses.replace(recipe.data, cache="none")
     batches = eval_pipeline(decode_files(paths, labels, skipped), num_classes, data)
