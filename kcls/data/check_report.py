@@ -59,7 +59,8 @@ def markdown(check: DataCheck, plot: str | None) -> str:
                      + " |")
     summary = check.image_summary()
     lines += ["", "## Images", "",
-              f"- width {summary['width']}, height {summary['height']} (pixels)",
+              f"- width {_spread(summary['width'])}, height {_spread(summary['height'])} "
+              "pixels",
               f"- {summary['distinct_sizes']} distinct sizes; most common: "
               + ", ".join(f"{size} ({count})" for size, count in
                           summary["common_sizes"].items()),
@@ -72,6 +73,13 @@ def markdown(check: DataCheck, plot: str | None) -> str:
         lines += [f"- `{name}`" for name in images.skipped]
     lines += _group_lines(check, plot)
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: dict[str, int]) -> str:
+    """`32-500 (median 375)`, or `none` without readable images."""
+    if not values:
+        return "none"
+    return f"{values['min']}-{values['max']} (median {values['median']})"
 
 
 def _group_lines(check: DataCheck, plot: str | None) -> list[str]:
