@@ -57,6 +57,11 @@ class SourceImages:
     class_names: list[str]
     skipped: list[str]
 
+    def describe(self, index: int) -> dict[str, str]:
+        """Image `index` as reports name it: `{"file", "split", "label"}`."""
+        return {"file": self.files[index], "split": self.splits[index],
+                "label": label_text(self.labels[index], self.class_names)}
+
 
 @dataclass
 class DataCheck:
@@ -124,11 +129,9 @@ class DataCheck:
                 "across_splits": sum(group.across_splits for group in groups),
                 "images_in_groups": sum(len(group.members) for group in groups)}
 
-    def member(self, index: int) -> dict[str, Any]:
+    def member(self, index: int) -> dict[str, str]:
         """One image of a group as the report names it: file, split and label(s)."""
-        images = self.images
-        return {"file": images.files[index], "split": images.splits[index],
-                "label": label_text(images.labels[index], images.class_names)}
+        return self.images.describe(index)
 
     def to_dict(self) -> dict[str, Any]:
         """`data_check.json`: everything above, every group with its members."""

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from kcls.config import DataConfig, LabelFormat
-from kcls.data.check import file_images, label_keys, label_text
+from kcls.data.check import file_images, label_keys
 from kcls.data.duplicates import DuplicateGroup, duplicate_groups, leaked_training_copies
 from kcls.data.image_hashes import hash_files
 from kcls.data.sources import (
@@ -130,13 +130,9 @@ def find_leaks(files: FileSplits) -> tuple[list[DuplicateGroup], LeakCheck]:
     groups = [group for group in duplicate_groups(
         hashes.digests, hashes.perceptual, hashes.flipped, label_keys(images.labels),
         images.splits, hashes.readable, rows=held_out) if group.across_splits]
-
-    def member(index: int) -> dict[str, str]:
-        return {"file": images.files[index], "split": images.splits[index],
-                "label": label_text(images.labels[index], images.class_names)}
-
     recorded = [{"exact": group.exact, "distance": group.distance,
-                 "members": [member(index) for index in group.members]} for group in groups]
+                 "members": [images.describe(index) for index in group.members]}
+                for group in groups]
     copied = sum(1 for group in groups if "train" in group.splits
                  for index in group.members if images.splits[index] != "train")
     return groups, LeakCheck(recorded, copied, seconds=time.perf_counter() - started)
