@@ -131,7 +131,8 @@ class DataConfig:
             before training (one decode of every image: ~2.5 s per 10,000 small JPEGs;
             `kcls.data.leaks`), warns about them and names them in run.json and the report.
         drop_leaks: remove the training copies of leaked validation and test images from
-            the training split (needs `check_leaks`).
+            the training split, for every command that reads it (runs, `kcls optimize`,
+            `kcls data pack`); needs `check_leaks`.
     """
 
     source: str = "sklearn:digits"

@@ -227,6 +227,9 @@ def test_drop_leaks_removes_the_training_copies_and_keeps_the_test_split(tmp_pat
     assert leaks.record()["dropped_from_training"] == [str(original)]
     assert any("## Data leaks (1 groups)" in line for line in leaks.report_section())
     assert file_splits(config).indices["train"].size == plain.sizes["train"]
+    # Every reader of the training split (kcls optimize, packs) drops the same copies.
+    again = load_splits(DataConfig(**{**config.__dict__, "drop_leaks": True}))
+    assert again.fingerprint == dropped.fingerprint and again.sizes == dropped.sizes
 
 
 def test_drop_leaks_needs_the_leak_check():

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,9 @@ def check_source(config: DataConfig, label_format: LabelFormat = "class_index",
     if kind == "tfrecord":
         images, hashes = _pack_images(argument)
     elif kind in ("folder", "manifest"):
-        images = file_images(file_splits(config, label_format))
+        # The leaks are what is checked: none dropped.
+        images = file_images(file_splits(dataclasses.replace(config, drop_leaks=False),
+                                         label_format))
         hashes = hash_files(images.files, images.skipped)
     else:
         raise ConfigError(f"kcls data check reads image files: folder:PATH, manifest:PATH.csv "

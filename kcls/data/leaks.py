@@ -10,7 +10,8 @@ hashes every image once (`kcls.data.image_hashes`, ~2.5 s per 10,000 small JPEGs
 returns the splits with a `LeakCheck` that the run logs as a warning, records in
 run.json (`data_leaks`) and lists in report.md. With `drop_leaks` the training copies
 leave the training split (the held-out images stay, so the test split is the same with
-and without it), and the source's fingerprint changes with them.
+and without it), and the source's fingerprint changes with them; `file_splits` drops
+them the same way for every other command that reads the training split.
 
 Example:
 
@@ -113,9 +114,9 @@ def load_checked_splits(config: DataConfig, label_format: LabelFormat = "class_i
     training copies of leaked images are left out of the training split."""
     if not (config.check_leaks and has_files(config)):
         return load_splits(config, label_format), None
-    files = file_splits(config, label_format)
+    files = file_splits(dataclasses.replace(config, drop_leaks=False), label_format)
     groups, leaks = find_leaks(files)
-    if config.drop_leaks and groups:
+    if config.drop_leaks:  # as `file_splits` drops them, without a second check
         files, leaks.dropped = drop_leaked(files, groups)
     return decoded_splits(files), leaks
 
@@ -144,12 +145,15 @@ def drop_leaked(files: FileSplits, groups: list[DuplicateGroup]
 
     The training order of the rest is kept; the fingerprint covers the change, so an
     on-disk cache or a run of the full training split is never taken for this one.
+    Without a training copy to drop, `files` is returned as it is.
     """
     splits = file_images(files).splits
     dropped = set(leaked_training_copies(groups, splits))
     train = files.indices["train"]
     kept = train[~np.isin(train, sorted(dropped))]
     names = sorted(files.paths[index] for index in dropped)
+    if not names:
+        return files, []
     return dataclasses.replace(
         files, indices={**files.indices, "train": kept},
         fingerprint=fingerprint(files.fingerprint, "drop_leaks", names)), names

@@ -343,11 +343,24 @@ def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
     `kcls.data.folder`) and splits it: for folders, the split folders they give with the
     missing splits carved stratified by class (`folder_split_indices`), for manifests
     (read with `label_format`, see `load_splits`), the `split` column or seeded splits
-    (stratified for class labels, random for label sets).
+    (stratified for class labels, random for label sets). With `data.drop_leaks` the
+    training copies of held-out images leave the training split (`kcls.data.leaks`),
+    so every command that reads the training split (runs, `kcls optimize`, packs) reads
+    the same one.
 
     Raises:
         ConfigError: another kind of source, or data that cannot be split.
     """
+    files = _scanned_file_splits(config, label_format)
+    if not config.drop_leaks:
+        return files
+    from kcls.data.leaks import drop_leaked, find_leaks  # it imports this module
+
+    return drop_leaked(files, find_leaks(files)[0])[0]
+
+
+def _scanned_file_splits(config: DataConfig, label_format: LabelFormat) -> FileSplits:
+    """`file_splits` before any leak is dropped."""
     kind, _, argument = config.source.partition(":")
     if kind == "folder":
         from kcls.data.folder import scan_folder
