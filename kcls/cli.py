@@ -154,7 +154,7 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
 @main.group()
 def data() -> None:
     """Prepare and check data: pack a folder or a manifest into sharded TFRecords, find
-    duplicates and leaks."""
+    duplicates and leaks, list likely label errors."""
 
 
 @data.command("pack")
