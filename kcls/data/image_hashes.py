@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,18 +136,18 @@ def _decode(data: bytes | None) -> _Decoded | None:
     """One image's digest, gray thumbnail and properties, or None when it does not decode."""
     if data is None:
         return None
+    # No `warnings.catch_warnings` around Pillow's notes (palette transparency): it
+    # changes process-wide state, and this runs in threads.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's notes on palette transparency
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            mode, image_format = image.mode, image.format or ""
-            if width * height > MAX_IMAGE_PIXELS:  # the folder scan's bomb limit
-                return None
-            # JPEG: decode at 1/2, 1/4 or 1/8 scale (no smaller than the thumbnail).
-            image.draft("L", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            thumbnail = image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE),
-                                                  Image.Resampling.BILINEAR)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        mode, image_format = image.mode, image.format or ""
+        if width * height > MAX_IMAGE_PIXELS:  # the folder scan's bomb limit
+            return None
+        # JPEG: decode at 1/2, 1/4 or 1/8 scale (no smaller than the thumbnail).
+        image.draft("L", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        thumbnail = image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE),
+                                              Image.Resampling.BILINEAR)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
     digest = hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()
