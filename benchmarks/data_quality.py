@@ -40,8 +40,13 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from kcls.config import DataConfig  # noqa: E402
-from kcls.data.check import check_source, label_keys  # noqa: E402
-from kcls.data.duplicates import NEAR_DUPLICATE_DISTANCE, duplicate_groups, near_pairs  # noqa: E402
+from kcls.data.check import check_source  # noqa: E402
+from kcls.data.duplicates import (  # noqa: E402
+    NEAR_DUPLICATE_DISTANCE,
+    duplicate_groups,
+    label_keys,
+    near_pairs,
+)
 from kcls.data.image_hashes import hash_files  # noqa: E402
 
 KINDS = ("exact", "reencoded", "resized", "flipped", "other_class", "across_split")

@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from kcls.config import ConfigError, DataConfig, LabelFormat
-from kcls.data.duplicates import NEAR_DUPLICATE_DISTANCE, DuplicateGroup, duplicate_groups
+from kcls.data.duplicates import (
+    NEAR_DUPLICATE_DISTANCE,
+    DuplicateGroup,
+    duplicate_groups,
+    label_keys,
+    split_names,
+)
 from kcls.data.folder import SPLIT_NAMES
 from kcls.data.image_hashes import ImageHashes, concatenate_hashes, hash_encoded, hash_files
 from kcls.data.sources import FileSplits, file_splits
@@ -185,11 +191,9 @@ def check_source(config: DataConfig, label_format: LabelFormat = "class_index",
 
 def file_images(files: FileSplits) -> SourceImages:
     """The images of a folder's or a manifest's `FileSplits`, each with its split."""
-    splits = np.empty(len(files.paths), dtype=object)
-    for split, indices in files.indices.items():
-        splits[indices] = split
-    return SourceImages(files.paths.tolist(), files.labels, splits.tolist(),
-                        files.class_names, files.skipped)
+    return SourceImages(files.paths.tolist(), files.labels,
+                        split_names(files.indices, len(files.paths)), files.class_names,
+                        files.skipped)
 
 
 def _pack_images(folder: str) -> tuple[SourceImages, ImageHashes]:
@@ -217,14 +221,6 @@ def _pack_images(folder: str) -> tuple[SourceImages, ImageHashes]:
     empty = np.zeros((0, len(pack.class_names)) if pack.multi_label else 0)
     return (SourceImages(files, np.concatenate(labels) if labels else empty, splits,
                          pack.class_names, skipped), concatenate_hashes(parts))
-
-
-def label_keys(labels: np.ndarray) -> list[object]:
-    """A hashable label per image: the class index, or the tuple of a multi-hot row's
-    classes."""
-    if labels.ndim == 1:
-        return labels.tolist()
-    return [tuple(np.flatnonzero(row).tolist()) for row in labels]
 
 
 def label_text(label: np.ndarray, class_names: list[str]) -> str:

@@ -24,12 +24,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from kcls.data.image_hashes import hamming
+from kcls.data.image_hashes import hamming, hash_files
 
 # Bits (of 64) in which a near duplicate's pHash may differ, chosen by measurement
 # (`benchmarks/data_quality.py`, docs/data_quality.md): on 2,000 CIFAR-10 images with 300
@@ -181,3 +181,36 @@ def leaked_training_copies(groups: list[DuplicateGroup], splits: Sequence[str]) 
     copies `data.drop_leaks=true` removes from training, sorted."""
     return sorted(index for group in groups if group.across_splits
                   for index in group.members if splits[index] == "train")
+
+
+def leak_groups(paths: Sequence[str], labels: np.ndarray, splits: Sequence[str]
+                ) -> list[DuplicateGroup]:
+    """The groups of exact and near copies across splits among image files: every file
+    hashed once (`hash_files`; one that does not decode is left out here and named by
+    the pipeline when it reads it), the held-out ones compared with all.
+
+    Args:
+        paths: N image files; labels: int64 `(N,)` or multi-hot `(N, C)`; splits: N
+            split names.
+    """
+    hashes = hash_files(list(paths))
+    held_out = np.flatnonzero(np.asarray(splits, dtype=object) != "train")
+    return [group for group in duplicate_groups(
+        hashes.digests, hashes.perceptual, hashes.flipped, label_keys(labels), splits,
+        hashes.readable, rows=held_out) if group.across_splits]
+
+
+def split_names(indices: Mapping[str, np.ndarray], count: int) -> list[str]:
+    """The split of each of `count` examples from the split's indices (`FileSplits.indices`)."""
+    names = np.empty(count, dtype=object)
+    for split, chosen in indices.items():
+        names[chosen] = split
+    return names.tolist()
+
+
+def label_keys(labels: np.ndarray) -> list[object]:
+    """A hashable label per image: the class index, or the tuple of a multi-hot row's
+    classes."""
+    if labels.ndim == 1:
+        return labels.tolist()
+    return [tuple(np.flatnonzero(row).tolist()) for row in labels]

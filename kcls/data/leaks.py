@@ -27,18 +27,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from kcls.config import DataConfig, LabelFormat
-from kcls.data.check import file_images, label_keys
-from kcls.data.duplicates import DuplicateGroup, duplicate_groups, leaked_training_copies
-from kcls.data.image_hashes import hash_files
+from kcls.data.check import file_images
+from kcls.data.duplicates import DuplicateGroup, leak_groups
 from kcls.data.sources import (
     FileSplits,
     Splits,
     decoded_splits,
+    drop_leaked,
     file_splits,
-    fingerprint,
     has_files,
     load_splits,
 )
@@ -122,38 +119,14 @@ def load_checked_splits(config: DataConfig, label_format: LabelFormat = "class_i
 
 
 def find_leaks(files: FileSplits) -> tuple[list[DuplicateGroup], LeakCheck]:
-    """The groups of copies across the splits of `files` (validation and test images
-    compared with all images) and their `LeakCheck`."""
+    """The groups of copies across the splits of `files` (`leak_groups`: the validation
+    and test images compared with all images) and their `LeakCheck`."""
     started = time.perf_counter()
     images = file_images(files)
-    hashes = hash_files(images.files)  # undecodable files: named when the pipeline reads them
-    held_out = np.concatenate([files.indices["validation"], files.indices["test"]])
-    groups = [group for group in duplicate_groups(
-        hashes.digests, hashes.perceptual, hashes.flipped, label_keys(images.labels),
-        images.splits, hashes.readable, rows=held_out) if group.across_splits]
+    groups = leak_groups(images.files, images.labels, images.splits)
     recorded = [{"exact": group.exact, "distance": group.distance,
                  "members": [images.describe(index) for index in group.members]}
                 for group in groups]
     copied = sum(1 for group in groups if "train" in group.splits
                  for index in group.members if images.splits[index] != "train")
     return groups, LeakCheck(recorded, copied, seconds=time.perf_counter() - started)
-
-
-def drop_leaked(files: FileSplits, groups: list[DuplicateGroup]
-                ) -> tuple[FileSplits, list[str]]:
-    """`files` without the training copies of `groups`' held-out images, and those files.
-
-    The training order of the rest is kept; the fingerprint covers the change, so an
-    on-disk cache or a run of the full training split is never taken for this one.
-    Without a training copy to drop, `files` is returned as it is.
-    """
-    splits = file_images(files).splits
-    dropped = set(leaked_training_copies(groups, splits))
-    train = files.indices["train"]
-    kept = train[~np.isin(train, sorted(dropped))]
-    names = sorted(files.paths[index] for index in dropped)
-    if not names:
-        return files, []
-    return dataclasses.replace(
-        files, indices={**files.indices, "train": kept},
-        fingerprint=fingerprint(files.fingerprint, "drop_leaks", names)), names

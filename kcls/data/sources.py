@@ -46,6 +46,12 @@ import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from kcls.config import ConfigError, DataConfig, DownloadPolicy, LabelFormat, require_choice
+from kcls.data.duplicates import (
+    DuplicateGroup,
+    leak_groups,
+    leaked_training_copies,
+    split_names,
+)
 
 
 @dataclass
@@ -352,11 +358,34 @@ def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
         ConfigError: another kind of source, or data that cannot be split.
     """
     files = _scanned_file_splits(config, label_format)
-    if not config.drop_leaks:
-        return files
-    from kcls.data.leaks import drop_leaked, find_leaks  # it imports this module
+    return drop_leaked(files)[0] if config.drop_leaks else files
 
-    return drop_leaked(files, find_leaks(files)[0])[0]
+
+def drop_leaked(files: FileSplits, groups: list[DuplicateGroup] | None = None
+                ) -> tuple[FileSplits, list[str]]:
+    """`files` without the training copies of held-out images (`data.drop_leaks`), and
+    those files.
+
+    Args:
+        files: FileSplits.
+        groups: the groups of copies across its splits (`kcls.data.duplicates.leak_groups`,
+            found here when None).
+
+    The training order of the rest is kept; the fingerprint covers the change, so an
+    on-disk cache or a run of the full training split is never taken for this one.
+    Without a training copy to drop, `files` is returned as it is.
+    """
+    splits = split_names(files.indices, len(files.paths))
+    if groups is None:
+        groups = leak_groups(files.paths.tolist(), files.labels, splits)
+    dropped = leaked_training_copies(groups, splits)
+    if not dropped:
+        return files, []
+    train = files.indices["train"]
+    names = sorted(files.paths[index] for index in dropped)
+    return dataclasses.replace(
+        files, indices={**files.indices, "train": train[~np.isin(train, dropped)]},
+        fingerprint=fingerprint(files.fingerprint, "drop_leaks", names)), names
 
 
 def _scanned_file_splits(config: DataConfig, label_format: LabelFormat) -> FileSplits:
