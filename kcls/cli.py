@@ -16,6 +16,8 @@
     kcls lr-find RECIPE [--set key=value ...] [--phase frozen|unfrozen] [--out DIR]
     kcls tune RECIPE --budget 2h [--space finetune|FILE.py] [--trial-budget 10m] [--out DIR]
     kcls data pack SOURCE OUT_DIR [--recipe NAME] [--set data.KEY=VALUE] [--shard-size 128MB]
+    kcls data check SOURCE [--recipe NAME] [--set data.KEY=VALUE] [--out DIR]
+    kcls data label-issues SOURCE [--recipe NAME] [--set KEY=VALUE] [--folds K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ USER_ERRORS = (
     ("kcls.serving.predict", "PredictionError", click.ClickException),
     ("kcls.load", "DamagedFileError", click.ClickException),
     ("kcls.serving.onnx", "MissingOnnxError", click.UsageError),
+    ("kcls.data.label_issues", "MissingCleanlabError", click.UsageError),
     ("kcls.serving.onnx", "OnnxError", click.ClickException),
     ("kcls.workflows.predict", "PredictInputError", click.UsageError),
     ("kcls.monitoring.prediction_log", "PredictionLogError", click.ClickException),
@@ -161,7 +164,8 @@ def recipe_run(name: str, overrides: tuple[str, ...], run_dir: Path | None,
 
 @main.group()
 def data() -> None:
-    """Prepare data: pack a folder or a manifest into sharded TFRecords."""
+    """Prepare and check data: pack a folder or a manifest into sharded TFRecords, find
+    duplicates and leaks, list likely label errors."""
 
 
 @data.command("pack")
@@ -185,14 +189,7 @@ def data_pack(source: str, out_dir: Path, recipe_name: str | None, overrides: tu
     The splits are made once, here, and frozen in the pack; train on it with
     --set data.source=tfrecord:OUT_DIR. Packing an unchanged source again does nothing.
     """
-    other = [override for override in overrides
-             if not override.strip().startswith(("data.", "model.task="))]
-    if other:
-        raise click.UsageError(f"kcls data pack takes data.KEY=VALUE overrides only (and "
-                               f"model.task=TASK, which says how a manifest's labels are "
-                               f"read), not {', '.join(other)}.")
-    recipe = load_recipe(recipe_name) if recipe_name else Recipe(name="pack")
-    recipe = apply_overrides(recipe, [f"data.source={source}", *overrides])
+    recipe = _data_recipe(source, recipe_name, overrides, "pack")
     config = recipe.data
     start_tensorflow()
     from kcls.data.folder import skipped_files_line
@@ -207,6 +204,79 @@ def data_pack(source: str, out_dir: Path, recipe_name: str | None, overrides: tu
             f"{name} {result.examples[name]:,} ({result.shards[name]} shards)"
             for name in result.examples)
             + f"; train on it with --set data.source=tfrecord:{out_dir}")
+
+
+@data.command("check")
+@click.argument("source")
+@click.option("--recipe", "recipe_name", metavar="NAME",
+              help="Split like this recipe's data section (seed, fractions) and read a "
+                   "manifest's labels for its model.task; default: kcls's defaults.")
+@click.option("--set", "overrides", multiple=True, metavar="data.KEY=VALUE",
+              help="Override a data setting, e.g. --set data.seed=1 (repeatable).")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for data_check.json, data_check.md and duplicate_groups.png.")
+def data_check(source: str, recipe_name: str | None, overrides: tuple[str, ...],
+               out_dir: Path) -> None:
+    """Check SOURCE (folder:PATH, manifest:PATH.csv or tfrecord:DIR): images per class and
+    split, sizes and modes, unreadable files, exact and near duplicates within a class,
+    across classes and across the splits (leaks)."""
+    from kcls.files import check_output_dir
+
+    recipe = _data_recipe(source, recipe_name, overrides, "check")
+    check_output_dir(out_dir)
+    start_tensorflow()
+    from kcls.data.check import check_source
+    from kcls.data.check_report import summary_line, write_data_check
+
+    check = check_source(recipe.data, recipe.label_format)
+    written = write_data_check(check, out_dir)
+    click.echo(summary_line(check))
+    click.echo("report: " + ", ".join(str(path) for path in written))
+
+
+@data.command("label-issues")
+@click.argument("source")
+@click.option("--recipe", "recipe_name", default="finetune", show_default=True, metavar="NAME",
+              help="The recipe whose pretrained backbone embeds the images (model.backbone, "
+                   "model.weights, data.image_size, data.resize) and whose data section "
+                   "splits the source.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting, e.g. --set data.image_size=96 (repeatable).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Cross-validation folds of the out-of-fold probabilities.")
+@click.option("--out", "out_dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for label_issues.csv, label_issues.json and label_issues.png.")
+def data_label_issues(source: str, recipe_name: str, overrides: tuple[str, ...], folds: int,
+                      out_dir: Path) -> None:
+    """Likely label errors in the training split of SOURCE (folder:PATH or
+    manifest:PATH.csv): out-of-fold probabilities of a logistic regression on pretrained
+    embeddings, through cleanlab's find_label_issues (pip install "kcls[quality]")."""
+    recipe = apply_overrides(load_recipe(recipe_name), [f"data.source={source}", *overrides])
+    start_tensorflow()
+    from kcls.workflows.label_issues import find_label_issues_of_source
+
+    result = find_label_issues_of_source(recipe, out_dir, folds, log=click.echo)
+    click.echo(f"{len(result.issues.indices):,} of {len(result.files):,} training images "
+               f"flagged as likely label errors (out-of-fold accuracy "
+               f"{result.issues.out_of_fold_accuracy(result.labels):.3f}; "
+               f"{result.seconds['total']:.0f} s)")
+    click.echo("report: " + ", ".join(str(path) for path in result.written))
+
+
+def _data_recipe(source: str, recipe_name: str | None, overrides: tuple[str, ...],
+                 command: str) -> Recipe:
+    """The recipe whose data section a `kcls data` command reads: `--recipe` or kcls's
+    defaults, with `data.source=SOURCE` and the `data.` (and `model.task=`) overrides."""
+    other = [override for override in overrides
+             if not override.strip().startswith(("data.", "model.task="))]
+    if other:
+        raise click.UsageError(f"kcls data {command} takes data.KEY=VALUE overrides only "
+                               f"(and model.task=TASK, which says how a manifest's labels "
+                               f"are read), not {', '.join(other)}.")
+    recipe = load_recipe(recipe_name) if recipe_name else Recipe(name=command)
+    return apply_overrides(recipe, [f"data.source={source}", *overrides])
 
 
 @main.command("lr-find")

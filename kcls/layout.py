@@ -75,6 +75,10 @@ A pack (`kcls data pack SOURCE OUT_DIR`, `kcls.data.pack`; read as
 (`PACK_MANIFEST_FILE`: splits, class names, counts, skipped files, the source's
 fingerprint) and the shards `<split>-NNNNN-of-NNNNN.tfrecord` (`PACK_SHARD_NAME`).
 
+`kcls data check SOURCE --out DIR` writes `data_check.json`, `data_check.md` and
+`duplicate_groups.png` (`DATA_CHECK_FILE`, ...); `kcls data label-issues` writes
+`label_issues.csv`, `label_issues.json` and `label_issues.png` (`LABEL_ISSUES_FILE`, ...).
+
 Example:
 
 >>> resolve_export_dir("saved_models/quickstart")  # doctest: +SKIP
@@ -131,6 +135,13 @@ PR_CURVES_PLOT = "pr_curves.png"  # multi-label runs (`kcls.metrics.multilabel`)
 LR_FIND_PLOT = "lr_find.png"
 LR_FIND_FILE = "lr_find.json"
 LR_FIND_PHASE_PLOT = "lr_find_{phase}.png"
+# Data checks (`kcls data check`, `kcls data label-issues`).
+DATA_CHECK_FILE = "data_check.json"
+DATA_CHECK_REPORT_FILE = "data_check.md"
+DUPLICATE_GROUPS_PLOT = "duplicate_groups.png"
+LABEL_ISSUES_FILE = "label_issues.csv"
+LABEL_ISSUES_SUMMARY_FILE = "label_issues.json"
+LABEL_ISSUES_PLOT = "label_issues.png"
 # Exports.
 SAVED_MODEL_FILE = "saved_model.pb"
 LABELS_FILE = "assets/labels.txt"

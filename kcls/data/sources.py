@@ -46,6 +46,12 @@ import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from kcls.config import ConfigError, DataConfig, DownloadPolicy, LabelFormat, require_choice
+from kcls.data.duplicates import (
+    DuplicateGroup,
+    leak_groups,
+    leaked_training_copies,
+    split_names,
+)
 
 
 @dataclass
@@ -140,7 +146,7 @@ def load_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
     if kind == "tfds":
         return _tfds_splits(argument, config)
     if kind in ("folder", "manifest"):
-        return _decoded_splits(file_splits(config, label_format))
+        return decoded_splits(file_splits(config, label_format))
     if kind == "tfrecord":
         return _pack_splits(argument)
     raise ConfigError(f"Unknown data source {config.source!r}.")
@@ -351,14 +357,45 @@ def file_splits(config: DataConfig, label_format: LabelFormat = "class_index") -
     (read with `label_format`, see `load_splits`), the `split` column or seeded splits
     (stratified for class labels, random for label sets). With `data.test_source`, every
     file of that source is the test split and none is carved from `data.source`
-    (`_with_test_source`).
+    (`_with_test_source`). With `data.drop_leaks` the training copies of held-out images
+    leave the training split (`kcls.data.leaks`), so every command that reads the
+    training split (runs, `kcls optimize`, packs) reads the same one.
 
     Raises:
         ConfigError: another kind of source, or data that cannot be split.
     """
     if config.test_source:
-        return _with_test_source(config, label_format)
-    return _split_source(config, label_format)
+        files = _with_test_source(config, label_format)
+    else:
+        files = _split_source(config, label_format)
+    return drop_leaked(files)[0] if config.drop_leaks else files
+
+
+def drop_leaked(files: FileSplits, groups: list[DuplicateGroup] | None = None
+                ) -> tuple[FileSplits, list[str]]:
+    """`files` without the training copies of held-out images (`data.drop_leaks`), and
+    those files.
+
+    Args:
+        files: FileSplits.
+        groups: the groups of copies across its splits (`kcls.data.duplicates.leak_groups`,
+            found here when None).
+
+    The training order of the rest is kept; the fingerprint covers the change, so an
+    on-disk cache or a run of the full training split is never taken for this one.
+    Without a training copy to drop, `files` is returned as it is.
+    """
+    splits = split_names(files.indices, len(files.paths))
+    if groups is None:
+        groups = leak_groups(files.paths.tolist(), files.labels, splits)
+    dropped = leaked_training_copies(groups, splits)
+    if not dropped:
+        return files, []
+    train = files.indices["train"]
+    names = sorted(files.paths[index] for index in dropped)
+    return dataclasses.replace(
+        files, indices={**files.indices, "train": train[~np.isin(train, dropped)]},
+        fingerprint=fingerprint(files.fingerprint, "drop_leaks", names)), names
 
 
 def _split_source(config: DataConfig, label_format: LabelFormat,
@@ -444,7 +481,7 @@ def _all_files(source: str, label_format: LabelFormat
     return list(files.paths), files.targets, files.class_names, files.skipped, files.stamps
 
 
-def _decoded_splits(files: FileSplits) -> Splits:
+def decoded_splits(files: FileSplits) -> Splits:
     """The splits of `files` as datasets that decode the images when read."""
     from kcls.data.folder import decode_files
 

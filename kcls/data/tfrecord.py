@@ -161,7 +161,7 @@ def split_examples(pack: Pack, split: str, failed: list[str]) -> tf.data.Dataset
     blocks = files.interleave(read, cycle_length=min(len(shards), MAX_OPEN_SHARDS),
                               block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)  # the pack's order (module docstring)
-    parse = _block_parser(pack)
+    parse = block_parser(pack)
     parsed = blocks.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     examples = decode_batches(parsed, failed, read_files=False, chunk_size=block)
     options = tf.data.Options()
@@ -209,7 +209,7 @@ def _shard_reader(expected: tf.Tensor, block: int, failed: list[str]):
     return read
 
 
-def _block_parser(pack: Pack):
+def block_parser(pack: Pack):
     """`serialized string [K] -> (image_bytes [K], labels [K] or [K, C], file_names [K])`."""
     label = (tf.io.FixedLenFeature([len(pack.class_names)], tf.float32) if pack.multi_label
              else tf.io.FixedLenFeature([], tf.int64))

@@ -34,7 +34,8 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                  phases: list[dict[str, Any]] | None = None,
                  images: Mapping[int, np.ndarray] | None = None,
                  mistakes: int = 16, about: list[str] | None = None,
-                 warnings: list[str] | None = None) -> list[Path]:
+                 warnings: list[str] | None = None,
+                 sections: list[str] | None = None) -> list[Path]:
     """Writes `metrics.json`, `report.md`, the plots and, for a task with the confident
     mistakes plot, `confident_mistakes.csv` (`evaluation.files` names the images) into
     `run_dir`.
@@ -54,6 +55,8 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
         about: lines saying what was evaluated (data, image size, epochs, duration),
             listed under the title; none for an evaluation outside a run.
         warnings: lines the report puts first (held-out splits too small to judge).
+        sections: Markdown lines about the data to add before the plots (the run's data
+            leaks, `kcls.data.leaks.LeakCheck.report_section`).
 
     Returns:
         Paths of the files written.
@@ -75,16 +78,18 @@ def write_report(run_dir: str | Path, evaluation: Evaluation, task: Task,
                                            run_dir / CONFIDENT_MISTAKES_FILE))
     report = write_text(run_dir / REPORT_FILE, markdown_report(
         task, evaluation.metrics, [path.name for path in written[1:]], evaluation.skipped,
-        [path.name for path in tables], about, warnings))
+        [path.name for path in tables], about, warnings, sections))
     return [*written, *tables, report]
 
 
 def markdown_report(task: Task, metrics: dict[str, Any], plots: list[str],
                     skipped: list[str] | None = None, tables: list[str] | None = None,
-                    about: list[str] | None = None, warnings: list[str] | None = None) -> str:
+                    about: list[str] | None = None, warnings: list[str] | None = None,
+                    sections: list[str] | None = None) -> str:
     """Under the task's title the `about` lines and the `warnings`, then its metric
     sections, links to the `tables` (CSV files), the `skipped` files of the data that
-    did not reach the model (when there are any) and the plots embedded."""
+    did not reach the model (when there are any), the data's `sections` (Markdown
+    lines) and the plots embedded."""
     lines = [f"# {task.report_title}", ""]
     if about:
         lines += [f"- {line}" for line in about] + [""]
@@ -98,5 +103,6 @@ def markdown_report(task: Task, metrics: dict[str, Any], plots: list[str],
         lines += ["", f"## Skipped files ({len(skipped)})", "",
                   "Unreadable or undecodable; not among the examples above.", ""]
         lines += [f"- `{name}`" for name in skipped]
+    lines += sections or []
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

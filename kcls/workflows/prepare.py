@@ -5,7 +5,9 @@
 1. the tf.distribute strategy, first: connecting to a TPU and configuring multi-worker
    collectives must happen before TensorFlow runs anything else; with it, which worker
    this process is (`kcls.train.cluster`);
-2. the data splits (`kcls.data.sources`), checked against the problem type (the task,
+2. the data splits (`kcls.data.sources`) with the leak check of sources of files
+   (`kcls.data.leaks`: held-out images with a copy in training, whose training copies
+   `data.drop_leaks=true` leaves out), checked against the problem type (the task,
    `kcls.tasks`), and what the task fits after training on held-out data: a calibration
    temperature or per-label thresholds and the rejection rule's coverage, with a
    carve-out of the training split when there is no validation split and the task
@@ -39,8 +41,9 @@ import tensorflow as tf
 
 from kcls.config import Recipe, TrainConfig, check_global_batch
 from kcls.data.augment import Augmentation, build_augmentation, place_augmentation
+from kcls.data.leaks import LeakCheck, load_checked_splits
 from kcls.data.pipeline import check_cache_writable, eval_pipeline, train_pipeline
-from kcls.data.sources import Splits, carve_calibration_split, load_splits, train_class_counts
+from kcls.data.sources import Splits, carve_calibration_split, train_class_counts
 from kcls.models.classifier import build_classifier
 from kcls.tasks import CalibrationPlan, LossWeights, Objective, Task, get_task
 from kcls.train.cluster import (
@@ -122,6 +125,8 @@ class Prepared:
             (`input_sharding`); None for one process.
         small_splits: one warning per held-out split too small for what it is used for
             (`small_split_warnings`), for the log, run.json and report.md.
+        leaks: the leak check of the data (`kcls.data.leaks`), or None when not made
+            (`data.check_leaks=false`, a source without files, or splits given).
     """
 
     recipe: Recipe
@@ -142,6 +147,7 @@ class Prepared:
     worker: Worker = dataclasses.field(default_factory=Worker)
     input_sharding: dict[str, Any] | None = None
     small_splits: list[str] = dataclasses.field(default_factory=list)
+    leaks: LeakCheck | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -174,7 +180,8 @@ class Prepared:
                 "global_batch_size": self.recipe.data.batch_size, "task": self.task.name,
                 "splits": self.splits.sizes, "test_source": self.recipe.data.test_source
                 or self.recipe.data.source, "small_splits": self.small_splits,
-                **self.loss_weights.record(self.class_names)}
+                **self.loss_weights.record(self.class_names),
+                "data_leaks": self.leaks.record() if self.leaks else None}
 
 
 def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
@@ -194,7 +201,9 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     check_cache_writable(recipe.data)
     if is_multiworker(strategy):
         check_global_batch(recipe.data.batch_size, strategy.num_replicas_in_sync)
-    splits = splits or load_splits(recipe.data, recipe.label_format)
+    leaks = None
+    if splits is None:
+        splits, leaks = load_checked_splits(recipe.data, recipe.label_format)
     task = get_task(recipe.model.task)
     task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
     splits, calibration = plan_calibration(task, recipe, splits)
@@ -219,7 +228,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
                     steps_per_epoch(recipe, splits), precision, train_config, jit_compile_reason,
                     classifier, host_augmentation, device_augmentation, loss_weights,
                     train_batches, validation_batches, worker, sharding,
-                    small_split_warnings(recipe, splits, calibration))
+                    small_split_warnings(recipe, splits, calibration), leaks)
 
 
 def input_sharding(recipe: Recipe, strategy: tf.distribute.Strategy) -> dict[str, Any] | None:

@@ -278,6 +278,9 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
         log(weights)
     for warning in prepared.small_splits:
         log(f"warning: {warning}")
+    leaks = prepared.leaks and prepared.leaks.warning()
+    if leaks:
+        log(f"warning: {leaks}")
 
 
 def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
@@ -434,7 +437,8 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
                  [phase.to_dict() for phase in training.phases], images,
                  mistakes=recipe.evaluate.mistakes,
                  about=report_about(prepared, training, training_seconds),
-                 warnings=prepared.small_splits)
+                 warnings=prepared.small_splits,
+                 sections=prepared.leaks.report_section() if prepared.leaks else None)
     log(f"{task.summary_line(evaluation.metrics, 1 / len(splits.class_names))}; report "
         f"{run_dir / REPORT_FILE}")
     if splits.skipped:
