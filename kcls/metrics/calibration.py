@@ -60,6 +60,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
+def confidence_bin(confidence: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """int64 `[N]`: the equal-width bin in `[0, bins)` of each top-1 probability `[N]`."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bins are (lower, upper]; confidence 0 cannot happen for a top-1 probability.
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+
+
 def calibration_bins(probabilities: np.ndarray, labels: np.ndarray,
                      bins: int = CALIBRATION_BINS) -> dict[str, np.ndarray]:
     """Equal-width confidence bins of the top-1 prediction (for ECE and reliability plots).
@@ -71,8 +78,7 @@ def calibration_bins(probabilities: np.ndarray, labels: np.ndarray,
     confidence = probabilities.max(axis=1)
     correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # Bins are (lower, upper]; confidence 0 cannot happen for a top-1 probability.
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    index = confidence_bin(confidence, bins)
     count = np.bincount(index, minlength=bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_confidence = np.bincount(index, confidence, minlength=bins) / count
