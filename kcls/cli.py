@@ -9,7 +9,7 @@
     kcls predict --server URL --model NAME --log FILE.jsonl IMAGE...  (and log the answers)
     kcls export RUN_DIR [--base-dir DIR] [--model-name NAME] [--format saved_model|onnx]
     kcls explain MODEL_DIR IMAGE... [--out DIR]
-    kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta]
+    kcls evaluate MODEL_DIR [--data SOURCE] [--out DIR] [--flip-tta] [--slice-by COLUMN|path:N]
     kcls optimize RUN_OR_MODEL --method ptq-int8 [--io-type int8] [--per-tensor] [--out DIR]
     kcls monitor MODEL_DIR (--data FOLDER | --predictions FILE.jsonl) [--out DIR] [--alpha A]
     kcls pretrain FOLDER [--backbone NAME] [--knn LABELLED_FOLDER] [--set pretrain.KEY=VALUE]
@@ -524,14 +524,18 @@ def export(run_dir: Path, base_dir: Path | None, model_name: str | None,
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.json, report.md and plots (default: print only).")
 @click.option("--flip-tta", is_flag=True, help="Also report flip test-time augmentation.")
+@click.option("--slice-by", metavar="COLUMN|path:N",
+              help="Also score slices of the images: by a manifest column (site) or by "
+                   "the N-th folder of their path below the root (path:1; path:-1 the "
+                   "file's folder): slices.json, slices.png, a report section.")
 def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
-             flip_tta: bool) -> None:
+             flip_tta: bool, slice_by: str | None) -> None:
     """Evaluate an export or a run directory (MODEL_DIR) on held-out data."""
     start_tensorflow()
     from kcls.evaluation.evaluate import evaluate_model
 
     metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
-                             log=click.echo).metrics
+                             log=click.echo, slice_by=slice_by).metrics
     summary = {key: metrics[key] for key in ("examples", "accuracy", "top5_accuracy", "nll",
                                              "ece", "mAP", "micro_f1", "macro_f1",
                                              "label_cardinality") if key in metrics}

@@ -129,6 +129,9 @@ PLOT_FILES = (TRAINING_CURVES_PLOT, CONFUSION_MATRIX_PLOT, RELIABILITY_PLOT,
               CONFIDENT_MISTAKES_PLOT)
 RUN_REFERENCE_FILE = "reference.json"
 PR_CURVES_PLOT = "pr_curves.png"  # multi-label runs (`kcls.metrics.multilabel`)
+# Metrics per slice (`kcls evaluate --slice-by`, `kcls.evaluation.slices`).
+SLICES_FILE = "slices.json"
+SLICES_PLOT = "slices.png"
 # The learning-rate range test: `kcls lr-find` writes LR_FIND_PLOT and LR_FIND_FILE (the
 # curve); a run with train.learning_rate=auto writes one plot per phase into its run
 # directory (`LR_FIND_PHASE_PLOT.format(phase="frozen")`).

@@ -25,8 +25,10 @@ import tensorflow as tf
 from kcls.config import ConfigError
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
+from kcls.data.slices import slice_values
 from kcls.data.sources import HeldOut, Splits, has_files, split_folders_note, test_examples
 from kcls.evaluation.report import write_report
+from kcls.evaluation.slices import score_slices, write_slices
 from kcls.files import check_output_dir
 from kcls.load import LoadedClassifier, load_classifier
 from kcls.models.classifier import embedding_model, inference_function
@@ -146,7 +148,7 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
 def evaluate_model(model_path: str, data_source: str | None = None,
                    out_dir: str | None = None, flip_tta: bool = False,
                    log: Callable[[str], None] = print,
-                   splits: Splits | None = None) -> Evaluation:
+                   splits: Splits | None = None, slice_by: str | None = None) -> Evaluation:
     """Evaluates an export or a run directory and writes the report (what `kcls evaluate` does).
 
     The model's task scores it as it serves (its calibration temperature or per-label
@@ -168,13 +170,16 @@ def evaluate_model(model_path: str, data_source: str | None = None,
             (unreadable or undecodable images of a folder), when there are any.
         splits: evaluate on `splits.test` (the data the model was trained with, e.g.
             in-memory arrays) instead of loading `data_source` or the recipe's source.
+        slice_by: also score slices of the images, by a manifest column (`site`) or a
+            folder of their path (`path:1`; `kcls.data.slices`): `slices.json`,
+            `slices.png` and a report section in `out_dir`, a summary line to `log`.
 
     Returns:
         The Evaluation; its `skipped` lists those files (also in `report.md`).
 
     Raises:
-        ConfigError: unusable data, class names that differ from the model's, or flip
-            TTA for a task without it.
+        ConfigError: unusable data, class names that differ from the model's, flip
+            TTA for a task without it, or a `slice_by` that cannot apply.
         FileNotFoundError: `model_path` is neither an export nor a run directory.
         OutputFolderError: `out_dir` cannot be written.
     """
@@ -186,6 +191,9 @@ def evaluate_model(model_path: str, data_source: str | None = None,
                           f"(model.task={loaded.task.name}); evaluate without it.")
     held_out = (HeldOut(splits.test, splits.skipped, splits.test_files) if splits is not None
                 else recorded_or_given(loaded, model_path, data_source, log))
+    slice_source = data_source or loaded.recipe.data.test_source or loaded.recipe.data.source
+    if slice_by:  # an unknown column fails here, before the model's pass
+        check_slicing(loaded.task, slice_by, held_out.files, slice_source)
     batches = eval_pipeline(held_out.examples, len(loaded.class_names),
                             dataclasses.replace(loaded.recipe.data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, loaded.class_names, flip_tta,
@@ -194,9 +202,24 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     evaluation.skipped, evaluation.files = list(held_out.skipped), held_out.evaluated_files()
     if held_out.skipped:
         log(skipped_files_line(held_out.skipped))
+    sliced = score_slices(evaluation, slice_by, slice_source) if slice_by else None
+    if sliced:
+        log(sliced.summary_line())
     if out_dir:
-        write_report(out_dir, evaluation, loaded.task, loaded.class_names)
+        if sliced:
+            write_slices(out_dir, sliced)
+        write_report(out_dir, evaluation, loaded.task, loaded.class_names,
+                     sections=sliced.report_section() if sliced else None)
     return evaluation
+
+
+def check_slicing(task: Task, slice_by: str, files: list[str] | None, source: str) -> None:
+    """Raises `ConfigError` unless `slice_by` can group `files` of `source` and `task`
+    supports slices (`Task.supports_slices`), naming the fix."""
+    if not task.supports_slices:
+        raise ConfigError(f"--slice-by is not supported for {task.description} models "
+                          f"(model.task={task.name}) yet; evaluate without it.")
+    slice_values(slice_by, files, source)
 
 
 def recorded_or_given(loaded: LoadedClassifier, model_path: str, data_source: str | None,

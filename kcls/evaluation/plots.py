@@ -10,6 +10,8 @@
                             in confident_mistakes.csv)
     pr_curves.png           one precision-recall curve per label, thresholds marked
                             (multi-label)
+    slices.png              accuracy per slice with its bootstrap interval, the overall
+                            accuracy marked (`kcls evaluate --slice-by`, `plot_slices`)
 
 A task names the plots of its report (`kcls.tasks.Task.plots`); `PLOTS` maps each name to
 its file and drawing function, which all take `(evaluation, class_names, path, images,
@@ -40,6 +42,7 @@ from kcls.layout import (
 )
 from kcls.metrics.calibration import calibration_bins
 from kcls.metrics.multilabel import precision_recall_curves
+from kcls.metrics.slices import SliceResults
 from kcls.tasks import Evaluation
 
 Images = Mapping[int, np.ndarray]
@@ -67,6 +70,29 @@ def plot_precision_recall(probabilities: np.ndarray, targets: np.ndarray,
     axis.set_ylim(0, 1.02)
     axis.set_title("Precision-recall per label (dots: tuned thresholds)")
     axis.legend(fontsize="small", loc="lower left")
+    return save_figure(figure, path)
+
+
+def plot_slices(results: SliceResults, overall_accuracy: float, title: str,
+                path: Path) -> Path:
+    """Accuracy per slice (worst at the top) with its bootstrap interval as error bars,
+    the number of images beside each, and a dashed line at the `overall_accuracy`."""
+    slices = results.slices
+    figure, axis = plt.subplots(figsize=(7, max(2.5, 0.4 * len(slices) + 1.5)))
+    rows = np.arange(len(slices))[::-1]  # worst first, from the top
+    values = np.array([scores.accuracy.value for scores in slices])
+    errors = np.array([[scores.accuracy.value - scores.accuracy.low,
+                        scores.accuracy.high - scores.accuracy.value] for scores in slices]).T
+    axis.errorbar(values, rows, xerr=errors, fmt="o", capsize=4)
+    axis.axvline(overall_accuracy, color="gray", linestyle="--",
+                 label=f"all images {overall_accuracy:.3f}")
+    axis.set_yticks(rows, [f"{_shortened(scores.name)} (n={scores.images})"
+                           for scores in slices])
+    axis.set_xlim(0, 1.02)
+    axis.set_xlabel(f"accuracy ({results.confidence_level:.0%} bootstrap interval, "
+                    f"{results.resamples} resamples)")
+    axis.set_title(title)
+    axis.legend(loc="lower left", fontsize="small")
     return save_figure(figure, path)
 
 

@@ -103,6 +103,8 @@ class Task(abc.ABC):
         training_score: the training metric the curves plot beside the loss.
         headline_metrics: the test metrics a model is judged by, first the main one.
         supports_monitoring: whether `kcls monitor` can compare its predictions.
+        supports_slices: whether `kcls evaluate --slice-by` scores its slices
+            (`kcls.metrics.slices`: accuracy, macro F1 and ECE of top-1 predictions).
         explains_each_label: whether `kcls explain` writes one overlay per label.
         agreement_kind: what "same prediction" means between two models (`top-1`).
         report_title: the report's heading; plots: the report's plots
@@ -120,6 +122,7 @@ class Task(abc.ABC):
     training_score: ClassVar[str]
     headline_metrics: ClassVar[tuple[str, ...]]
     supports_monitoring: ClassVar[bool]
+    supports_slices: ClassVar[bool]
     explains_each_label: ClassVar[bool]
     agreement_kind: ClassVar[str]
     report_title: ClassVar[str]

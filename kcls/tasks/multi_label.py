@@ -99,6 +99,7 @@ class MultiLabelTask(Task):
     training_score: ClassVar[str] = "pr_auc"
     headline_metrics: ClassVar[tuple[str, ...]] = ("mAP", "micro_f1")
     supports_monitoring: ClassVar[bool] = False
+    supports_slices: ClassVar[bool] = False  # per-slice mAP: not yet
     explains_each_label: ClassVar[bool] = True
     agreement_kind: ClassVar[str] = "label-set"
     report_title: ClassVar[str] = "Multi-label evaluation on the held-out split"

@@ -73,6 +73,7 @@ class SingleLabelTask(Task):
     training_score: ClassVar[str] = "accuracy"
     headline_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     supports_monitoring: ClassVar[bool] = True
+    supports_slices: ClassVar[bool] = True
     explains_each_label: ClassVar[bool] = False
     agreement_kind: ClassVar[str] = "top-1"
     report_title: ClassVar[str] = "Evaluation on the held-out split"
