@@ -55,6 +55,16 @@ def test_worst_slice_gap_and_intervals_on_a_known_case():
     assert not same.gap_excludes_zero  # two halves of one slice: no clear gap
 
 
+def test_slices_too_small_to_rank_are_listed_but_never_named_worst_or_best():
+    labels = np.zeros(66, int)
+    predictions = np.r_[np.zeros(27, int), np.ones(3, int), np.zeros(24, int), np.ones(6, int),
+                        np.ones(6, int)]
+    groups = ["a"] * 30 + ["b"] * 30 + ["tiny"] * 6
+    result = slice_metrics(np.eye(2)[predictions], labels, groups, resamples=200)
+    assert result.ranked == ["b", "a"] and result.worst.name == "b"
+    assert result.slices[0].name == "tiny" and result.slices[0].accuracy.value == 0.0
+
+
 def test_one_image_slices_and_bad_shapes():
     result = slice_metrics(np.array([[0.9, 0.1]]), np.array([0]), ["only"])
     assert result.worst == result.best and not result.gap_excludes_zero

@@ -77,6 +77,10 @@ class SlicedEvaluation:
                   f"{_interval(results.gap)}; the interval "
                   + ("excludes 0." if results.gap_excludes_zero
                      else "includes 0: no clear difference on this many images.")]
+        unranked = len(results.slices) - len(results.ranked)
+        if unranked:
+            lines.append(f"- {unranked} slices of under {results.min_images} images are "
+                         "listed but not ranked: their intervals are too optimistic.")
         if self.missing:
             lines.append(f"- {self.missing} images had no `{self.slice_by}`: the slice "
                          f"`{MISSING_SLICE}`.")

@@ -6,11 +6,16 @@ A slice is the images sharing one value of an attribute (a manifest column such 
 15-bin ECE (`kcls.metrics.calibration`), each with a percentile bootstrap interval:
 `BOOTSTRAP_RESAMPLES` resamples of the slice's images with replacement, drawn from a
 seeded generator, the metric computed for all resamples at once (vectorised numpy, in
-chunks of at most `_CHUNK_ELEMENTS` drawn indices). The worst and best slices are ranked
-by accuracy; the gap is best minus worst, its interval from the difference of the two
-slices' independent resamples (both slices chosen after looking, so read it as
-optimistic: it excludes 0 a little more often than a pre-registered comparison would).
-Arrays in, numbers out.
+chunks of at most `_CHUNK_ELEMENTS` drawn indices).
+
+The worst and best slices are ranked by accuracy among the slices of at least
+`MIN_RANKED_IMAGES` images (all slices when fewer than two are that large): a slice of
+6 images all right has the interval [1, 1], since resampling cannot invent the mistakes
+it never saw, and would otherwise be "best" with false certainty. The gap is best minus
+worst, its interval from the difference of the two slices' independent resamples (both
+slices chosen after looking, so read it as optimistic: it excludes 0 a little more often
+than a comparison chosen in advance would). ECE is biased upwards on small slices (few
+images per bin), and so are its resamples. Arrays in, numbers out.
 
 Example:
 
@@ -32,6 +37,7 @@ from kcls.metrics.calibration import CALIBRATION_BINS, confidence_bin, expected_
 BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE_LEVEL = 0.95
 BOOTSTRAP_SEED = 0
+MIN_RANKED_IMAGES = 20
 # At most this many drawn indices (int64, 8 bytes each) are held at once: 32 MB.
 _CHUNK_ELEMENTS = 4_000_000
 
@@ -62,9 +68,11 @@ class SliceResults:
 
     Attributes:
         slices: list[SliceScores], by accuracy ascending (ties by name).
-        worst, best: the slices of lowest and highest accuracy.
+        worst, best: the ranked slices of lowest and highest accuracy.
         gap: best minus worst accuracy, with its bootstrap interval.
         gap_excludes_zero: whether that interval lies above 0 (False with one slice).
+        ranked: list[str], the slices worst and best were chosen among.
+        min_images: the size a slice needs to be ranked (unless under two are).
         resamples, confidence_level, seed: how the intervals were drawn.
     """
 
@@ -73,6 +81,8 @@ class SliceResults:
     best: SliceScores
     gap: Interval
     gap_excludes_zero: bool
+    ranked: list[str]
+    min_images: int
     resamples: int
     confidence_level: float
     seed: int
@@ -158,7 +168,8 @@ def _score_slice(name: str, labels: np.ndarray, probabilities: np.ndarray,
 
 def slice_metrics(probabilities: np.ndarray, labels: np.ndarray, groups: list[str],
                   resamples: int = BOOTSTRAP_RESAMPLES, level: float = CONFIDENCE_LEVEL,
-                  seed: int = BOOTSTRAP_SEED) -> SliceResults:
+                  seed: int = BOOTSTRAP_SEED, min_images: int = MIN_RANKED_IMAGES
+                  ) -> SliceResults:
     """Accuracy, macro F1 and ECE per slice with bootstrap intervals (module docstring).
 
     Args:
@@ -168,6 +179,7 @@ def slice_metrics(probabilities: np.ndarray, labels: np.ndarray, groups: list[st
         resamples: bootstrap resamples per slice.
         level: the intervals' confidence level (0.95: the 2.5th and 97.5th percentiles).
         seed: the generator's seed; the same seed gives the same intervals.
+        min_images: the images a slice needs to be ranked worst or best.
 
     Raises:
         ValueError: no images, or `groups` or `labels` not of length N.
@@ -187,8 +199,11 @@ def slice_metrics(probabilities: np.ndarray, labels: np.ndarray, groups: list[st
                                    resampled, level))
         resampled_accuracies[name] = resampled["accuracy"]
     scored.sort(key=lambda scores: (scores.accuracy.value, scores.name))
-    worst, best = scored[0], scored[-1]
+    large = [scores for scores in scored if scores.images >= min_images]
+    ranked = large if len(large) >= 2 else scored
+    worst, best = ranked[0], ranked[-1]
     gap = _interval(best.accuracy.value - worst.accuracy.value,
                     resampled_accuracies[best.name] - resampled_accuracies[worst.name], level)
-    return SliceResults(scored, worst, best, gap, len(scored) > 1 and gap.low > 0,
-                        resamples, level, seed)
+    return SliceResults(scored, worst, best, gap, len(ranked) > 1 and gap.low > 0,
+                        [scores.name for scores in ranked], min_images, resamples, level,
+                        seed)
