@@ -79,8 +79,9 @@ class SlicedEvaluation:
                      else "includes 0: no clear difference on this many images.")]
         unranked = len(results.slices) - len(results.ranked)
         if unranked:
-            lines.append(f"- {unranked} slices of under {results.min_images} images are "
-                         "listed but not ranked: their intervals are too optimistic.")
+            lines.append(f"- {unranked} slice(s) of under {results.min_images} images: "
+                         "listed, never ranked worst or best (their intervals are too "
+                         "narrow to trust).")
         if self.missing:
             lines.append(f"- {self.missing} images had no `{self.slice_by}`: the slice "
                          f"`{MISSING_SLICE}`.")
