@@ -68,7 +68,7 @@ class SlicedEvaluation:
                  f"{results.seed}). Accuracy on all images: {self.overall_accuracy:.4f}.", "",
                  "| slice | images | accuracy | macro F1 | ECE |",
                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {scores.name} | {scores.images} | {_interval(scores.accuracy)} | "
+        lines += [f"| {_cell(scores.name)} | {scores.images} | {_interval(scores.accuracy)} | "
                   f"{_interval(scores.macro_f1)} | {_interval(scores.ece)} |"
                   for scores in results.slices]
         lines += ["", f"- Worst slice: **{results.worst.name}** ({results.worst.images} "
@@ -86,6 +86,11 @@ class SlicedEvaluation:
             lines.append(f"- {self.missing} images had no `{self.slice_by}`: the slice "
                          f"`{MISSING_SLICE}`.")
         return lines + (["", f"![{plot}]({plot})"] if plot else [])
+
+
+def _cell(text: str) -> str:
+    """`text` for a Markdown table cell: a `|` would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _interval(interval: Interval) -> str:
