@@ -143,3 +143,17 @@ def test_the_benchmark_rows_keep_the_validation_threshold_and_the_accuracy_of_th
     assert rows[0].in_kept == 0.75 and rows[0].accuracy_kept == pytest.approx(2 / 3)
     assert rows[0].out_kept == 0.5 and rows[0].auroc == pytest.approx(7 / 8)
     assert rows[0].markdown().startswith("| far | max logit | 0.875 | 0.500 | 0.750 | 0.667 |")
+
+
+def test_the_proxy_picks_the_served_score_that_best_separates_corrupted_copies():
+    benchmark = _rejection_benchmark()
+    validation = benchmark.Outputs(np.zeros((3, 2)), np.array([[3.0], [4.0], [5.0]]),
+                                   np.zeros(3, int))
+    corrupted = benchmark.Outputs(np.zeros((3, 2)), np.array([[0.0], [4.5], [1.0]]),
+                                  np.zeros(3, int))
+    functions = {"max_logit": lambda o: o.logits[:, 0], "energy": lambda o: -o.logits[:, 0],
+                 "knn": lambda o: o.logits[:, 0] * 10}
+    aurocs, chosen = benchmark.proxy_choice(functions, validation, corrupted,
+                                            candidates=("max_logit", "energy"))
+    assert chosen == "max_logit" and aurocs["max_logit"] == pytest.approx(7 / 9)
+    assert aurocs["energy"] == pytest.approx(2 / 9) and set(aurocs) == set(functions)
