@@ -2,6 +2,10 @@
 metadata, the setting's checks, and (slow) its coverage on held-out images of a trained
 run, in the export and in `kcls evaluate`."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -111,3 +115,45 @@ def test_the_rule_keeps_close_to_its_coverage_on_held_out_images(trained_quickst
     served = tf.saved_model.load(str(result.export_dir)).signatures["predict_images"]
     known = served(images=tf.constant(np.concatenate([noise, flat])))["known"].numpy()
     assert known.mean() < 0.25, known
+
+
+def _rejection_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rejection.py"
+    spec = importlib.util.spec_from_file_location("rejection_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_rows_keep_the_validation_threshold_and_the_accuracy_of_the_kept():
+    benchmark = _rejection_benchmark()
+    embeddings = np.zeros((1, 2))
+
+    def outputs(logits, labels=None):
+        logits = np.asarray(logits, float)[:, None] * [1.0, 0.0]
+        labels = np.zeros(len(logits), int) if labels is None else np.asarray(labels)
+        return benchmark.Outputs(np.repeat(embeddings, len(logits), 0), logits, labels)
+
+    validation = outputs(np.arange(1.0, 41.0))  # 40 scores: the 95% threshold is the 2nd
+    held_out = outputs([1.0, 3.0, 5.0, 7.0], labels=[0, 0, 1, 0])  # 5.0: a wrong answer
+    rows = benchmark.score_rows({"max logit": lambda o: o.logits.max(-1)}, validation,
+                                held_out, {"far": outputs([0.0, 2.5])}, 0.95)
+    assert len(rows) == 1 and rows[0].score == "max logit" and rows[0].ood_set == "far"
+    assert rows[0].in_kept == 0.75 and rows[0].accuracy_kept == pytest.approx(2 / 3)
+    assert rows[0].out_kept == 0.5 and rows[0].auroc == pytest.approx(7 / 8)
+    assert rows[0].markdown().startswith("| far | max logit | 0.875 | 0.500 | 0.750 | 0.667 |")
+
+
+def test_the_proxy_picks_the_served_score_that_best_separates_corrupted_copies():
+    benchmark = _rejection_benchmark()
+    validation = benchmark.Outputs(np.zeros((3, 2)), np.array([[3.0], [4.0], [5.0]]),
+                                   np.zeros(3, int))
+    corrupted = benchmark.Outputs(np.zeros((3, 2)), np.array([[0.0], [4.5], [1.0]]),
+                                  np.zeros(3, int))
+    functions = {"max_logit": lambda o: o.logits[:, 0], "energy": lambda o: -o.logits[:, 0],
+                 "knn": lambda o: o.logits[:, 0] * 10}
+    aurocs, chosen = benchmark.proxy_choice(functions, validation, corrupted,
+                                            candidates=("max_logit", "energy"))
+    assert chosen == "max_logit" and aurocs["max_logit"] == pytest.approx(7 / 9)
+    assert aurocs["energy"] == pytest.approx(2 / 9) and set(aurocs) == set(functions)

@@ -6,7 +6,9 @@ training images' embeddings (evaluation mode, no augmentation); the threshold is
 one that keeps `coverage` of the held-out validation images (`export.reject_coverage`).
 `benchmarks/rejection.py` chose this score over the maximum calibrated probability,
 energy, the largest logit, the Mahalanobis distance and k-nearest-neighbour similarity
-(docs/serving.md, "Rejecting unknown images"): on the quickstart model it separated
+(docs/serving.md, "Rejecting unknown images"): among the scores a graph serves cheaply
+it had the highest AUROC on all three models measured (digits, CIFAR-10, ants and bees)
+and each of their OOD sets; on the quickstart model it separated
 out-of-distribution photos almost as well as the best score (AUROC 0.997-0.998) while
 keeping its coverage on held-out images (Mahalanobis fell to 91% for a 95% target), and
 it needs only the C x D unit-length means, which the graph holds as a constant (k-NN
