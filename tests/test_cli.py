@@ -149,3 +149,12 @@ def test_tune_refuses_budgets_and_spaces_it_cannot_use(tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "tune").exists()
+
+
+def test_python_dash_m_kcls_is_the_kcls_command():
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "kcls", "recipe", "list"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "quickstart" in result.stdout

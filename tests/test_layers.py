@@ -16,6 +16,7 @@ PACKAGE = ROOT / "kcls"
 
 # Top to bottom (docs/architecture.md explains each).
 LAYERS = [
+    ["kcls.__main__"],
     ["kcls.cli"],
     ["kcls.workflows"],
     ["kcls.evaluation", "kcls.serving", "kcls.monitoring", "kcls.optimize", "kcls.ssl",
