@@ -5,6 +5,10 @@
     python benchmarks/transfer.py --rows d --set train.unfrozen_lr_factor=0.1
     python benchmarks/transfer.py --rows d --same-budget \
         --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
+    python benchmarks/transfer.py --rows d --set train.time_budget=150 \
+        --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
+    python benchmarks/transfer.py --inference-only \
+        --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
 
 Every row starts from the same backbone (EfficientNet-Lite0 unless `--backbones` lists
 others; ImageNet weights converted from the pip-shipped checkpoints, or random for row
@@ -40,13 +44,18 @@ The backbone axis (`--backbones A,B,...`) repeats every row with each backbone (
 recipe's image size and schedule unchanged). `--same-budget` adds, for every backbone
 after the first, a run with `train.time_budget` set to the seconds the first backbone's
 run took: the accuracy a larger network reaches in the smaller one's time.
+`--set train.time_budget=600` gives every backbone (and row) the same budget instead:
+accuracy at equal wall-clock time, each run planning its own epochs.
+`--inference-only` trains nothing: it times every backbone's classifier at each dataset's
+image size in interleaved rounds in one process (ratios to the first backbone).
 
 Prints one row per (dataset, backbone, row): test accuracy, wall-clock seconds (training
-and the final evaluation), epochs trained, inference milliseconds per image (the Keras
+and the final evaluation) and CPU seconds of the process (user + system, all
+threads), epochs trained, inference milliseconds per image (the Keras
 classifier on random images at the recipe's size, warm, median of repeated calls, at
-batch 1 and per image of a batch of 32) and backbone parameters, then the table in
-Markdown. The first line names the CPU, its core count and flags. Measured results are
-in docs/transfer.md.
+batch 1 and per image of a batch of 32), backbone parameters and the 1-minute load
+average at the run's start and end, then the table in Markdown. The first line names
+the CPU, its core count and flags. Measured results are in docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -67,12 +77,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kcls.config import DataConfig, Recipe, apply_overrides  # noqa: E402
+from kcls.config import DataConfig, Recipe, apply_overrides, parse_duration  # noqa: E402
 from kcls.data.folder import decode_image_file, scan_folder  # noqa: E402
 from kcls.data.pipeline import prepare_image  # noqa: E402
 from kcls.data.sources import Splits, split_indices  # noqa: E402
 from kcls.layout import RUN_INFO_FILE  # noqa: E402
 from kcls.models.backbones import build_backbone  # noqa: E402
+from kcls.models.classifier import build_classifier  # noqa: E402
 from kcls.recipes import load_recipe  # noqa: E402
 from kcls.workflows.run import run_recipe  # noqa: E402
 
@@ -103,6 +114,7 @@ DATASET_OVERRIDES = {
 }
 KERAS_IO_TOP_LAYERS = 20
 INFERENCE_REPEATS = 20  # timed calls per batch size, after one warm-up call
+INFERENCE_ROUNDS = 5  # `--inference-only`: interleaved rounds over the backbones
 
 
 @dataclass
@@ -115,9 +127,11 @@ class Measured:
     budget: float | None = None
     accuracies: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     milliseconds: tuple[float, float] = (float("nan"), float("nan"))
     parameters: int = 0
+    loads: list[tuple[float, float]] = field(default_factory=list)
 
 
 def folder_examples(paths: list[str], labels: np.ndarray) -> tf.data.Dataset:
@@ -215,6 +229,31 @@ def inference_milliseconds(classifier: keras.Model, image_size: int) -> tuple[fl
     return milliseconds[0], milliseconds[1]
 
 
+def compare_inference(backbones: list[str], recipe: Recipe, dataset: str,
+                      rounds: int = INFERENCE_ROUNDS) -> None:
+    """Prints each backbone's inference milliseconds per image at batch 1 and 32 and its
+    ratio to the first backbone's: the classifiers (ImageNet backbone, new head) timed in
+    `rounds` interleaved rounds in this process, so that load from other jobs falls on
+    every backbone alike; the median of the rounds."""
+    size = recipe.data.image_size
+    classes = 10 if dataset == "cifar10" else 2
+    classifiers = {backbone: build_classifier(dataclasses.replace(
+        recipe.model, backbone=backbone), classes, size) for backbone in backbones}
+    times: dict[str, list[tuple[float, float]]] = {backbone: [] for backbone in backbones}
+    for _ in range(rounds):
+        for backbone, classifier in classifiers.items():
+            times[backbone].append(inference_milliseconds(classifier, size))
+    print(f"\n{dataset} at {size} px, median of {rounds} interleaved rounds, load average "
+          f"{_load_averages()}\n\n| backbone | ms/image, batch 1 | ms/image, batch 32 | "
+          f"batch 1 vs {backbones[0]} | batch 32 vs {backbones[0]} |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    first = np.median(times[backbones[0]], axis=0)
+    for backbone in backbones:
+        batch_1, batch_32 = np.median(times[backbone], axis=0)
+        print(f"| {backbone} | {batch_1:.1f} | {batch_32:.1f} | {batch_1 / first[0]:.2f}x | "
+              f"{batch_32 / first[1]:.2f}x |", flush=True)
+
+
 def run_keras_io_row(recipe: Recipe, splits: Splits) -> tuple[float, float, int, keras.Model]:
     """The keras.io "fine-tuning with EfficientNet" recipe, written plainly, same weights:
     test accuracy, seconds, epochs and the model."""
@@ -272,6 +311,9 @@ def main() -> None:
                         help="comma-separated model.backbone values, each run for every row")
     parser.add_argument("--same-budget", action="store_true",
                         help="also run the later backbones in the first one's measured time")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="no training: each backbone's inference time at each dataset's "
+                             "image size, the backbones interleaved in one process")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per row with train.seed 0, 1, ...; the table shows the mean")
     parser.add_argument("--first-seed", type=int, default=0,
@@ -281,6 +323,12 @@ def main() -> None:
     arguments = parser.parse_args()
     print(f"{_cpu_model()}, {os.cpu_count()} cores, flags: {_cpu_flags()}; "
           f"TensorFlow {tf.__version__}, Keras {keras.__version__}", flush=True)
+    if arguments.inference_only:
+        for dataset in arguments.datasets.split(","):
+            recipe = apply_overrides(load_recipe("finetune"),
+                                     DATASET_OVERRIDES[dataset] + arguments.overrides)
+            compare_inference(arguments.backbones.split(","), recipe, dataset)
+        return
     results: list[Measured] = []
     with tempfile.TemporaryDirectory() as work:
         for dataset in arguments.datasets.split(","):
@@ -318,9 +366,13 @@ def measure_backbones(dataset: str, row: str, recipe: Recipe, splits: Splits,
 def measure(measured: Measured, recipe: Recipe, splits: Splits, work: Path) -> None:
     """Runs `recipe` as row `measured.row` and appends its accuracy, time and epochs."""
     seed = recipe.train.seed
+    if measured.budget is None and recipe.train.time_budget:
+        # `--set train.time_budget=...`: every backbone gets the same budget.
+        measured.budget = parse_duration(recipe.train.time_budget)
     label = (f"{measured.dataset} {measured.backbone} {measured.row} ({ROWS[measured.row]})"
              + (f", budget {measured.budget:.0f} s" if measured.budget else ""))
-    print(f"-- {label}, seed {seed}", flush=True)
+    load_before, cpu_before = os.getloadavg()[0], _cpu_seconds()
+    print(f"-- {label}, seed {seed}, load average {_load_averages()}", flush=True)
     if measured.row == "e":
         accuracy, seconds, epochs, classifier = run_keras_io_row(recipe, splits)
     else:
@@ -328,31 +380,51 @@ def measure(measured: Measured, recipe: Recipe, splits: Splits, work: Path) -> N
             row_recipe(recipe, measured.row), splits,
             work / f"{measured.dataset}_{measured.backbone}_{measured.row}_{seed}"
             f"_{measured.budget or 0:.0f}")
+    measured.cpu_seconds.append(_cpu_seconds() - cpu_before)
     measured.milliseconds = inference_milliseconds(classifier, recipe.data.image_size)
     measured.parameters = _backbone_parameters(classifier)
     keras.backend.clear_session()
     measured.accuracies.append(accuracy)
     measured.seconds.append(seconds)
     measured.epochs.append(epochs)
-    print(f"{label} seed {seed}: accuracy {accuracy:.4f}, {seconds:.0f} s, {epochs} epochs, "
+    measured.loads.append((load_before, os.getloadavg()[0]))
+    print(f"{label} seed {seed}: accuracy {accuracy:.4f}, {seconds:.0f} s "
+          f"({measured.cpu_seconds[-1]:.0f} CPU s), {epochs} epochs, "
           f"{measured.milliseconds[0]:.1f} ms/image at batch 1, "
-          f"{measured.milliseconds[1]:.1f} at batch 32", flush=True)
+          f"{measured.milliseconds[1]:.1f} at batch 32, "
+          f"load average {_load_averages()}", flush=True)
 
 
 def print_table(results: list[Measured]) -> None:
     """The Markdown table of every measured row."""
     print("\n| dataset | backbone | row | time budget | test top-1 (mean) | runs | seconds "
-          "per run | epochs | ms/image, batch 1 | ms/image, batch 32 | backbone parameters |\n"
-          "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+          "per run | CPU seconds per run | epochs | ms/image, batch 1 | ms/image, batch 32 "
+          "| backbone parameters | 1-min load, start-end |\n"
+          "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| --- |")
     for measured in results:
         runs = ", ".join(f"{accuracy:.4f}" for accuracy in measured.accuracies)
         budget = f"{measured.budget:.0f} s" if measured.budget else "none"
         epochs = "-".join(sorted({str(epochs) for epochs in measured.epochs}))
         print(f"| {measured.dataset} | {measured.backbone} | {measured.row}: "
               f"{ROWS[measured.row]} | {budget} | {np.mean(measured.accuracies):.4f} | "
-              f"{runs} | {np.mean(measured.seconds):.0f} | {epochs} | "
+              f"{runs} | {np.mean(measured.seconds):.0f} | {np.mean(measured.cpu_seconds):.0f} | "
+              f"{epochs} | "
               f"{measured.milliseconds[0]:.1f} | {measured.milliseconds[1]:.1f} | "
-              f"{measured.parameters:,} |")
+              f"{measured.parameters:,} | "
+              + ", ".join(f"{start:.1f}-{end:.1f}" for start, end in measured.loads) + " |")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads): what a run
+    cost when other jobs share the CPU and its wall-clock seconds stretch."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_averages() -> str:
+    """The 1, 5 and 15-minute load averages: other jobs on the CPU slow every timing."""
+    return " ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def _backbone_parameters(classifier: keras.Model) -> int:

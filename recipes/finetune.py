@@ -16,6 +16,11 @@ downloaded. 224 px is what the weights were trained at. On a CPU-only machine wi
 many images, 160 px is ~2x cheaper per image (CIFAR-10, 1 + 5 epochs: 0.892 in 7.4
 minutes at 160 px, 0.890 in 13.5 at 224 px; docs/transfer.md); 128 px costs ~3x less
 and loses little on small or low-resolution images (CIFAR measured below).
+`--set model.backbone=efficientnet_lite1` (or `lite2`) ships too; given the same time
+budget on the shared 2-core CPU they scored within noise of Lite0 (hymenoptera, 150 s, 3
+seeds: 0.928, 0.939, 0.898; CIFAR-10, 128 px, 9 minutes, seed 0: 0.849, 0.850, 0.853;
+seed 1: Lite0 0.865, Lite2 0.872) and infer
+1.2-1.3x slower (docs/transfer.md), so Lite0 stays the default.
 
 Schedule: 2 epochs of the new head on the frozen network at 3e-3, then every block for 8
 epochs at 3e-4, BatchNorm in inference mode (kcls's `auto` for pretrained weights).
