@@ -24,11 +24,23 @@ class NetworkBlockedError(OSError):
     """Raised by any socket connection attempt during a test."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Network tests run only when `-m` names them (`-m network`), whatever else it selects.
+    """Groups the tests for pytest-xdist and keeps network tests offline.
 
-    So `pytest -m "not slow"`, which replaces the default `-m`, still runs offline.
+    Under `--dist loadgroup` (pyproject.toml) a module's tests share one worker, so each
+    module-scoped fixture (a trained or exported model) is built once; the modules that
+    use the session's `trained_quickstart` share one worker too.
+
+    Network tests run only when `-m` names them (`-m network`), whatever else it selects,
+    so `pytest -m "not slow"`, which replaces the default `-m`, still runs offline.
     """
+    shared = {item.module.__name__ for item in items
+              if "trained_quickstart" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("trained_quickstart" if module in shared
+                                                else module))
     if "network" in (config.getoption("markexpr") or ""):
         return
     offline = pytest.mark.skip(reason="needs the network: run with -m network")
@@ -167,6 +179,21 @@ def add_images(folder: Path, count: int, classes: tuple[str, ...] = ("cat", "dog
             image[..., channel % 3] = 200
             Image.fromarray(image).save(folder / name / f"{index:03d}.png")
     return folder
+
+
+def write_digit_folder(root: Path, per_class: int = 12, classes: int = 3) -> Path:
+    """`root/<digit>/<n>.png|jpg`: real scikit-learn digits at 16x16, PNG and JPEG mixed."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for digit in range(classes):
+        (root / str(digit)).mkdir(parents=True, exist_ok=True)
+        images = digits.images[digits.target == digit][:per_class]
+        for index, image in enumerate(images):
+            gray = np.kron(np.round(image * 255 / 16).astype(np.uint8), np.ones((2, 2), np.uint8))
+            Image.fromarray(gray).convert("RGB").save(
+                root / str(digit) / f"{index:03d}.{'png' if index % 2 else 'jpg'}")
+    return root
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -18,8 +18,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_digit_folder
 
-from kcls.config import ConfigError, apply_overrides, check_global_batch
+from kcls.config import ConfigError, DataConfig, apply_overrides, check_global_batch
+from kcls.data.pack import pack_source
 from kcls.layout import BACKUP_DIR, PROGRESS_FILE, RUN_INFO_FILE, WEIGHTS_FILE
 from kcls.recipes import load_recipe
 from kcls.train import compute
@@ -107,11 +109,18 @@ def test_global_batch_must_split_equally_between_replicas():
         check_global_batch(30, 4)
 
 
-def test_training_input_is_split_by_file_only_where_there_are_files():
+def test_training_input_is_split_by_file_only_where_each_worker_has_files(tmp_path):
     policy = tf.data.experimental.AutoShardPolicy
-    assert shard_policy("tfrecord:/data/packed") == policy.FILE
-    assert shard_policy("folder:/data/photos") == policy.DATA
-    assert shard_policy("sklearn:digits") == policy.DATA
+    digits = write_digit_folder(tmp_path / "digits", per_class=30, classes=3)
+    pack_source(DataConfig(source=f"folder:{digits}"), tmp_path / "pack", shard_bytes=5_000,
+                log=lambda line: None)
+    shards = len(list(tmp_path.glob("pack/train-*.tfrecord")))
+    assert shards >= 2
+    assert shard_policy(f"tfrecord:{tmp_path / 'pack'}", shards) == policy.FILE
+    # A worker without a shard would fail in tf.data: those read by element.
+    assert shard_policy(f"tfrecord:{tmp_path / 'pack'}", shards + 1) == policy.DATA
+    assert shard_policy(f"folder:{digits}", 2) == policy.DATA
+    assert shard_policy("sklearn:digits", 2) == policy.DATA
 
 
 def test_xla_is_off_under_multiworker_on_cpus(monkeypatch):
@@ -345,10 +354,15 @@ def test_two_workers_killed_and_restarted_finish_one_run(tmp_path):
     # One scenario for the slow part (each launch costs two TensorFlow start-ups and
     # traces): a worker killed mid-run, both started again, and the finished run checked.
     # The range test's rate and early stopping are decisions both workers must share.
+    # On a pack of real digit images in four training shards: each worker reads its own.
+    digits = write_digit_folder(tmp_path / "digits", per_class=180, classes=10)
+    pack_source(DataConfig(source=f"folder:{digits}"), tmp_path / "pack", shard_bytes=200_000,
+                log=lambda line: None)
     run_dir = tmp_path / "runs" / "two"
+    settings = [*TINY, "train.learning_rate=auto", "train.early_stopping_patience=5",
+                f"data.source=tfrecord:{tmp_path / 'pack'}"]
     command = launch.worker_command("quickstart", [
-        *TINY, "train.learning_rate=auto", "train.early_stopping_patience=5",
-        f"export.base_dir={tmp_path / 'saved_models'}"], run_dir)
+        *settings, f"export.base_dir={tmp_path / 'saved_models'}"], run_dir)
     first = launch.start_workers(command, 2, outputs=_outputs(tmp_path / "first", 2))
     deadline = time.monotonic() + WORKER_TIMEOUT
     while _recorded_epochs(run_dir) < 1 and time.monotonic() < deadline:
@@ -370,11 +384,17 @@ def test_two_workers_killed_and_restarted_finish_one_run(tmp_path):
     assert "resumed an interrupted run" in (tmp_path / "second" / "worker0.out").read_text()
     assert record["strategy"] == "MultiWorkerMirroredStrategy x 2 replicas"
     assert record["workers"] == 2
-    assert record["input_sharding"] == {"train": "DATA", "validation": "DATA",
-                                        "deterministic": True, "replica_batch_size": 16}
+    assert record["input_sharding"] == {"train": "FILE", "validation": "DATA",
+                                        "deterministic": False, "replica_batch_size": 16}
     assert not record["jit_compile"] and "CPU" in record["jit_compile_reason"]
     assert record["phases"][0]["learning_rate_search"]["steps"] >= 5  # kept for the resume
-    assert record["metrics"]["accuracy"] > 0.5, record["metrics"]  # chance: 0.1
+    # As accurate as one process given the same global batch (32) and settings: measured
+    # 0.881 and 0.872 for one process with seeds 0 and 1 (this test's run: seed 0).
+    one_process = run_recipe(apply_overrides(load_recipe("quickstart"),
+                                             [*settings, "export.enabled=false"]),
+                             tmp_path / "one_process", log=lambda line: None, verbose=0)
+    assert abs(record["metrics"]["accuracy"] - one_process.metrics["accuracy"]) <= 0.08, (
+        record["metrics"]["accuracy"], one_process.metrics["accuracy"])
     # The same weights, bit for bit, on both workers and in the export.
     worker_line = (tmp_path / "second" / "worker1.out").read_text()
     assert f"weights digest {record['weights_digest']}" in worker_line

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from conftest import write_truncated_jpeg
+from conftest import write_digit_folder, write_truncated_jpeg
 from PIL import Image
 
 from kcls.cli import main
@@ -24,21 +24,6 @@ from kcls.data.tfrecord import serialize_example
 from kcls.layout import PACK_MANIFEST_FILE, RUN_INFO_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_digit_folder(root: Path, per_class: int = 12, classes: int = 3) -> Path:
-    """`root/<digit>/<n>.png|jpg`: real scikit-learn digits at 16x16, PNG and JPEG mixed."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for digit in range(classes):
-        (root / str(digit)).mkdir(parents=True, exist_ok=True)
-        images = digits.images[digits.target == digit][:per_class]
-        for index, image in enumerate(images):
-            gray = np.kron(np.round(image * 255 / 16).astype(np.uint8), np.ones((2, 2), np.uint8))
-            Image.fromarray(gray).convert("RGB").save(
-                root / str(digit) / f"{index:03d}.{'png' if index % 2 else 'jpg'}")
-    return root
 
 
 def examples(dataset: tf.data.Dataset) -> list[tuple[np.ndarray, np.ndarray]]:

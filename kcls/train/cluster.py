@@ -46,10 +46,11 @@ from kcls.config import ConfigError
 from kcls.layout import WORKER_SCRATCH_DIR
 
 TRAINING_TASK_TYPES = ("chief", "worker")
-# Sources whose training input is split by file: each worker reads its own files (it
-# needs at least as many files as workers). Every other source is split by element
-# (tf.data's DATA policy): each worker reads everything and keeps its share of every
-# global batch, which needs the same element order on every worker.
+# Sources whose training input is split by file: each worker reads its own files (a
+# pack with at least as many training shards as workers; see `shard_policy`). Every
+# other source is split by element (tf.data's DATA policy): each worker reads everything
+# and keeps its share of every global batch, which needs the same element order on
+# every worker.
 FILE_SHARDED_SOURCES = ("tfrecord",)
 
 
@@ -204,12 +205,23 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
     all_reduce_sum(strategy, [np.zeros(1)])
 
 
-def shard_policy(source: str) -> tf.data.experimental.AutoShardPolicy:
-    """How the training input of `data.source` is split between workers (see
-    `FILE_SHARDED_SOURCES`)."""
-    kind = source.partition(":")[0]
+def shard_policy(source: str, workers: int = 1) -> tf.data.experimental.AutoShardPolicy:
+    """How the training input of `data.source` is split between `workers` (see
+    `FILE_SHARDED_SOURCES`): by file for a pack with a training shard or more per
+    worker, by element otherwise (tf.data's FILE policy fails when a worker would get no
+    file, as a pack smaller than one shard, 128 MB by default, would give it).
+
+    Raises:
+        ConfigError: a `tfrecord:` source that is not a readable pack.
+    """
+    kind, _, argument = source.partition(":")
     policy = tf.data.experimental.AutoShardPolicy
-    return policy.FILE if kind in FILE_SHARDED_SOURCES else policy.DATA
+    if kind not in FILE_SHARDED_SOURCES:
+        return policy.DATA
+    from kcls.data.tfrecord import read_pack
+
+    shards = len(read_pack(argument).split("train")["shards"])
+    return policy.FILE if shards >= workers else policy.DATA
 
 
 def worker_cache(cache: str, worker: Worker) -> str:

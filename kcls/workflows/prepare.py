@@ -234,8 +234,8 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
 def input_sharding(recipe: Recipe, strategy: tf.distribute.Strategy) -> dict[str, Any] | None:
     """How the pipelines are split between the workers of `strategy`, or None for one process.
 
-    The training input by file where the source has files to split
-    (`kcls.train.cluster.shard_policy`), by element otherwise; the validation input by
+    The training input by file where the source has a file per worker to split (a pack:
+    `kcls.train.cluster.shard_policy`), by element otherwise; the validation input by
     element. Splitting by element keeps each worker's share of a global batch, so every
     worker must read the same examples in the same order: the pipelines are then ordered
     (`deterministic`), and the seeded shuffle does the rest.
@@ -246,7 +246,7 @@ def input_sharding(recipe: Recipe, strategy: tf.distribute.Strategy) -> dict[str
     """
     if not is_multiworker(strategy):
         return None
-    train = shard_policy(recipe.data.source).name
+    train = shard_policy(recipe.data.source, worker_of(strategy).count).name
     return {"train": train, "validation": "DATA",
             "deterministic": recipe.data.deterministic or train == "DATA",
             "replica_batch_size": recipe.data.batch_size // strategy.num_replicas_in_sync}
