@@ -36,6 +36,7 @@ Task = Literal["multiclass", "multilabel"]
 LabelFormat = Literal["class_index", "multi_hot"]
 DownloadPolicy = Literal["auto", "never"]
 JitCompile = Union[bool, Literal["auto"]]
+CheckLeaks = Union[bool, Literal["auto"]]
 LearningRate = Union[float, Literal["auto"]]
 RejectCoverage = Union[float, Literal["auto"]]
 
@@ -134,7 +135,10 @@ class DataConfig:
         check_leaks: whether a run of a `folder:` or `manifest:` source looks for
             validation and test images that have an exact or near copy in another split
             before training (one decode of every image: ~2.5 s per 10,000 small JPEGs;
-            `kcls.data.leaks`), warns about them and names them in run.json and the report.
+            `kcls.data.leaks`), warns about them and names them in run.json and the report:
+            `true`, `false`, or `auto` (the default): up to 20,000 images
+            (`kcls.data.leaks.LEAK_CHECK_MAX_IMAGES`; larger sources are checked once
+            with `kcls data check`, and the run says so).
         drop_leaks: remove the training copies of leaked validation and test images from
             the training split, for every command that reads it (runs, `kcls optimize`,
             `kcls data pack`); needs `check_leaks`.
@@ -159,7 +163,7 @@ class DataConfig:
     shuffle_buffer: int = 10_000
     deterministic: bool = False
     seed: int = 0
-    check_leaks: bool = True
+    check_leaks: CheckLeaks = "auto"
     drop_leaks: bool = False
 
     def __post_init__(self) -> None:
@@ -190,7 +194,8 @@ class DataConfig:
                  "probabilities data.mixup and data.cutmix >= 0 with a sum of at most 1")
         _require(bool(self.cache.strip()), "data.cache", self.cache,
                  "'memory', 'none' or a file prefix for an on-disk cache")
-        _require(self.check_leaks or not self.drop_leaks, "data.drop_leaks", self.drop_leaks,
+        _require(self.check_leaks is not False or not self.drop_leaks, "data.drop_leaks",
+                 self.drop_leaks,
                  "false when data.check_leaks=false (drop_leaks drops the leaks the check "
                  "finds: set data.check_leaks=true)")
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from kcls.cli import main
 from kcls.config import ConfigError, DataConfig
+from kcls.data import leaks as leak_check
 from kcls.data.check import check_source
 from kcls.data.check_report import write_data_check
 from kcls.data.duplicates import NEAR_DUPLICATE_DISTANCE
@@ -230,6 +231,26 @@ def test_drop_leaks_removes_the_training_copies_and_keeps_the_test_split(tmp_pat
     # Every reader of the training split (kcls optimize, packs) drops the same copies.
     again = load_splits(DataConfig(**{**config.__dict__, "drop_leaks": True}))
     assert again.fingerprint == dropped.fingerprint and again.sizes == dropped.sizes
+
+
+@needs_cifar
+def test_auto_checks_at_run_start_only_up_to_a_size_and_says_how_to_check_more(
+        tmp_path, monkeypatch):
+    # Above the size the check would cost the run its first step in seconds (#30).
+    root = cifar_split_root(tmp_path / "cifar", train=6, test=2)
+    original = sorted((root / "train" / "airplane").iterdir())[0]
+    (root / "test/airplane/leaked.jpg").write_bytes(jpeg(Image.open(original), 85))
+    config = DataConfig(source=f"folder:{root}", validation_fraction=0.0)
+    assert config.check_leaks == "auto"
+    monkeypatch.setattr(leak_check, "LEAK_CHECK_MAX_IMAGES", 10)
+    splits, skipped = load_checked_splits(config)
+    assert splits.sizes == load_splits(config).sizes and not skipped.groups
+    assert "kcls data check" in skipped.warning() and "data.check_leaks=true" in skipped.warning()
+    assert skipped.record()["skipped"] and skipped.report_section() == []
+    _, checked = load_checked_splits(DataConfig(**{**config.__dict__, "check_leaks": True}))
+    assert checked.held_out == 1 and not checked.skipped
+    _, dropped = load_checked_splits(DataConfig(**{**config.__dict__, "drop_leaks": True}))
+    assert dropped.dropped == [str(original)]  # dropping leaks always looks for them
 
 
 def test_drop_leaks_needs_the_leak_check():

@@ -41,6 +41,10 @@ from kcls.data.sources import (
 )
 
 RECORDED_GROUPS = 1000  # groups run.json names (all are counted)
+# `data.check_leaks=auto` checks at run start up to this many images (about 10 s on a
+# 2-core CPU); above it hashing and comparing would cost the first training step its
+# seconds (100,000 images: about two minutes), so the run names `kcls data check`.
+LEAK_CHECK_MAX_IMAGES = 20_000
 NAMED_IN_WARNING = 3
 
 
@@ -55,22 +59,28 @@ class LeakCheck:
         held_out: validation and test images with a copy in the training split.
         dropped: the training files removed by `data.drop_leaks=true` (else empty).
         seconds: wall-clock time of the check.
+        skipped: why the check was not made (`data.check_leaks=auto` on a large source),
+            or None when it was.
     """
 
     groups: list[dict[str, Any]] = field(default_factory=list)
     held_out: int = 0
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: str | None = None
 
     def record(self) -> dict[str, Any]:
         """What run.json records (`data_leaks`)."""
         return {"groups": len(self.groups), "held_out_with_training_copy": self.held_out,
                 "exact": sum(group["exact"] for group in self.groups),
                 "dropped_from_training": self.dropped, "seconds": round(self.seconds, 2),
-                "leaks": self.groups[:RECORDED_GROUPS]}
+                "leaks": self.groups[:RECORDED_GROUPS], "skipped": self.skipped}
 
     def warning(self) -> str | None:
-        """One line naming the leaks and the fix, or None without any."""
+        """One line naming the leaks and the fix (or why none were looked for), or None
+        without any."""
+        if self.skipped:
+            return self.skipped
         if not self.groups:
             return None
         named = "; ".join(" = ".join(f"{member['file']} ({member['split']})"
@@ -107,11 +117,19 @@ class LeakCheck:
 def load_checked_splits(config: DataConfig, label_format: LabelFormat = "class_index"
                         ) -> tuple[Splits, LeakCheck | None]:
     """`load_splits(config)` with the leak check of the module docstring for sources of
-    files when `config.check_leaks` (else `(splits, None)`); with `config.drop_leaks` the
-    training copies of leaked images are left out of the training split."""
+    files when `config.check_leaks` (else `(splits, None)`; with `auto`, a source of over
+    `LEAK_CHECK_MAX_IMAGES` gets a `LeakCheck` saying why it was skipped); with
+    `config.drop_leaks` the training copies of leaked images are left out of the
+    training split (always checked)."""
     if not (config.check_leaks and has_files(config)):
         return load_splits(config, label_format), None
     files = file_splits(dataclasses.replace(config, drop_leaks=False), label_format)
+    if config.check_leaks == "auto" and not config.drop_leaks \
+            and len(files.paths) > LEAK_CHECK_MAX_IMAGES:
+        return decoded_splits(files), LeakCheck(skipped=(
+            f"no leak check at the start of this run: {len(files.paths):,} images is above "
+            f"the {LEAK_CHECK_MAX_IMAGES:,} data.check_leaks=auto checks; run `kcls data "
+            f"check {config.source}` once, or set data.check_leaks=true to check every run"))
     groups, leaks = find_leaks(files)
     if config.drop_leaks:  # as `file_splits` drops them, without a second check
         files, leaks.dropped = drop_leaked(files, groups)
