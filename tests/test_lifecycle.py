@@ -55,9 +55,10 @@ def kill_run_at(run_dir: Path, marker: str, overrides: list[str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("marker, finish", [
-    ("; report ", "kcls export"),  # killed after evaluation, before the export
+    ("temperature scaling: T", "run again"),  # killed after calibration, before the test
+    ("; report ", "kcls export"),  # after evaluation, before the export
     ("exported float32 SavedModel", "run again"),  # after the export, before run.json
-], ids=["after-evaluation", "after-export"])
+], ids=["after-calibration", "after-evaluation", "after-export"])
 def test_a_run_killed_after_training_is_finished_with_nothing_trained_or_exported_twice(
         tmp_path, marker, finish):
     run_dir, exports = tmp_path / "run", tmp_path / "saved_models"
