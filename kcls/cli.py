@@ -524,25 +524,30 @@ def export(run_dir: Path, base_dir: Path | None, model_name: str | None,
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.json, report.md and plots (default: print only).")
 @click.option("--flip-tta", is_flag=True, help="Also report flip test-time augmentation.")
+@click.option("--shift-tta", is_flag=True,
+              help="Also report flip+shift test-time augmentation: six views, the image and "
+                   "its mirror each shifted a pixel up-left and down-right (implies --flip-tta).")
 @click.option("--slice-by", metavar="COLUMN|path:N",
               help="Also score slices of the images: by a manifest column (site) or by "
                    "the N-th folder of their path below the root (path:1; path:-1 the "
                    "file's folder): slices.json, slices.png, a report section.")
 def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
-             flip_tta: bool, slice_by: str | None) -> None:
+             flip_tta: bool, shift_tta: bool, slice_by: str | None) -> None:
     """Evaluate an export or a run directory (MODEL_DIR) on held-out data."""
     start_tensorflow()
+    from kcls.data.tta import tta_name
     from kcls.evaluation.evaluate import evaluate_model
 
     metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
-                             log=click.echo, slice_by=slice_by).metrics
+                             log=click.echo, slice_by=slice_by, shift_tta=shift_tta).metrics
     summary = {key: metrics[key] for key in ("examples", "accuracy", "top5_accuracy", "nll",
                                              "ece", "mAP", "micro_f1", "macro_f1",
                                              "label_cardinality") if key in metrics}
     click.echo("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in summary.items()))
     if "tta" in metrics:
-        click.echo(f"flip TTA accuracy {metrics['tta']['accuracy']:.4f}")
+        click.echo(f"{tta_name(metrics.get('tta_views', 2) > 2)} TTA accuracy "
+                   f"{metrics['tta']['accuracy']:.4f}")
     for name, row in metrics.get("per_class", metrics.get("per_label", {})).items():
         click.echo(f"  {name}: precision {row['precision']:.3f} recall {row['recall']:.3f} "
                    f"f1 {row['f1']:.3f} support {row['support']}")

@@ -282,7 +282,11 @@ class TrainConfig:
             shares of the time (see `kcls.train.budget`). `None`: epochs as configured.
         early_stopping_patience: end a phase after this many epochs without a better
             validation loss, keeping the best weights; 0 turns early stopping off.
-        precision: `auto` picks mixed precision where the device has fast low-precision math.
+        precision: `auto` picks mixed precision where the device has fast low-precision
+            math: TPUs and GPUs, and CPUs with AVX512-BF16 or AMX-BF16 for the backbones
+            measured faster in `mixed_bfloat16` there (`kcls.train.compute.BF16_CPU_SPEEDUP`;
+            the compact ResNets, not EfficientNet-Lite0); `run.json` records the choice and
+            why (`precision_reason`).
         jit_compile: compile the training step with XLA: `true`, `false`, or `auto`: XLA on
             GPUs and TPUs, and on CPUs only for the backbones measured faster with it
             there (`kcls.train.compute.XLA_CPU_SPEEDUP`; none so far: on a 2-core CPU
@@ -357,6 +361,8 @@ class EvaluateConfig:
     Attributes:
         flip_tta: also report metrics with horizontal-flip test-time augmentation
             (averaged probabilities of each image and its mirror), beside the plain ones.
+        shift_tta: with `flip_tta`, also average the image and its mirror shifted by one
+            pixel up-left and down-right (six views; `kcls.data.tta`).
         mistakes: how many of the most confident mistakes the report shows.
         calibrate: `temperature` fits one temperature T on held-out data after training
             (the validation split; without one, 10% of the training split is held out
@@ -373,12 +379,14 @@ class EvaluateConfig:
     """
 
     flip_tta: bool = False
+    shift_tta: bool = False
     mistakes: int = 16
     calibrate: Calibrate = "auto"
     test: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "evaluate")
+        _require_flip_for_shifts(self.flip_tta, self.shift_tta, "evaluate")
         _require(self.mistakes >= 0, "evaluate.mistakes", self.mistakes, "0 or more")
 
 
@@ -396,6 +404,9 @@ class ExportConfig:
         top_k: number of classes the signatures return.
         flip_tta: serve the average of the probabilities of each image and its mirror
             (what `evaluate.flip_tta` measures), at twice the inference cost.
+        shift_tta: with `flip_tta`, serve the average over six views (the image and its
+            mirror, each also shifted by one pixel up-left and down-right: what
+            `evaluate.shift_tta` measures), at six times the inference cost.
         reject_coverage: the share of in-distribution images the rejection rule keeps
             as known: after training, a threshold on the cosine similarity of an image's
             embedding to the nearest class mean (means of the training images) is chosen
@@ -415,6 +426,7 @@ class ExportConfig:
     model_name: Optional[str] = None
     top_k: int = 5
     flip_tta: bool = False
+    shift_tta: bool = False
     reject_coverage: Optional[RejectCoverage] = "auto"
     onnx: bool = False
 
@@ -423,6 +435,7 @@ class ExportConfig:
         if self.model_name is not None:
             check_name(self.model_name, "export.model_name")
         _require(self.top_k >= 1, "export.top_k", self.top_k, "a positive integer")
+        _require_flip_for_shifts(self.flip_tta, self.shift_tta, "export")
         _require(self.reject_coverage in ("auto", None) or 0.0 < self.reject_coverage < 1.0,
                  "export.reject_coverage", self.reject_coverage,
                  "a share of images in (0, 1), e.g. 0.95, auto or none")
@@ -921,6 +934,12 @@ def _expected(annotation: Any) -> str:
         else:
             described.append(words[arm])
     return " or ".join(described)
+
+
+def _require_flip_for_shifts(flip_tta: bool, shift_tta: bool, section: str) -> None:
+    _require(flip_tta or not shift_tta, f"{section}.shift_tta", shift_tta,
+             f"false unless {section}.flip_tta=true (the shifted views are added to the "
+             "mirror)")
 
 
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:

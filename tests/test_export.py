@@ -394,6 +394,23 @@ def test_flip_tta_export_serves_the_mean_of_each_image_and_its_mirror(classifier
                                atol=1e-5)
 
 
+def test_shift_tta_export_serves_the_mean_of_six_views_computed_by_hand(classifier, tmp_path):
+    recipe = apply_overrides(tiny_recipe(tmp_path), ["export.flip_tta=true",
+                                                     "export.shift_tta=true"])
+    loaded = tf.saved_model.load(str(export_saved_model(classifier, recipe, CLASS_NAMES)))
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    floats = images.astype(np.float32)
+    padded = np.pad(floats, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, 2:, 2:], padded[:, :-2, :-2]
+    views = [floats, up_left, down_right]
+    views += [view[:, :, ::-1] for view in views]
+    expected = np.mean([tf.nn.softmax(classifier(view, training=False)).numpy()
+                        for view in views], axis=0)
+    served = loaded.signatures["predict_images"](images=tf.constant(images))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+
+
 def test_an_export_reloads_every_weight_by_name_with_moved_batchnorm(tmp_path):
     """BatchNorm statistics away from their initial values, so no two `[C]` vectors agree."""
     from kcls.load import load_classifier

@@ -27,6 +27,7 @@ from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.slices import slice_values
 from kcls.data.sources import HeldOut, Splits, has_files, split_folders_note, test_examples
+from kcls.data.tta import View, tta_transforms
 from kcls.evaluation.report import write_report
 from kcls.evaluation.slices import score_slices, write_slices
 from kcls.files import check_output_dir
@@ -36,14 +37,15 @@ from kcls.tasks import CalibrationPlan, Evaluation, SingleLabelTask, Task
 
 
 def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
-                    flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    view: View | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Runs `classifier` in inference mode over `batches`.
 
     Args:
         classifier: keras.Model, images -> float32 logits `[B, C]`.
         batches: finite dataset of `(float32 images, float32 labels [B, C])` (one-hot or
             multi-hot).
-        flip: bool, predict on horizontally mirrored images instead.
+        view: predict on this view of the images instead (`kcls.data.tta`: the mirror,
+            a shift), or None.
 
     Returns:
         `(logits float32 [N, C], labels float32 [N, C])`.
@@ -58,7 +60,7 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
     predict = inference_function(classifier)
     logits, labels = [], []
     for images, batch_labels in batches:
-        logits.append(predict(images[:, :, ::-1] if flip else images))
+        logits.append(predict(images if view is None else view(images)))
         labels.append(batch_labels.numpy())
     logits = np.concatenate(logits).astype(np.float32)
     broken = int(np.count_nonzero(~np.isfinite(logits).all(axis=1)))
@@ -112,17 +114,17 @@ def fit_after_training(classifier: keras.Model, task: Task, plan: CalibrationPla
                               fitted_on, labels.shape[1])
 
 
-def predict_logits(classifier: keras.Model, batches: tf.data.Dataset,
-                   flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(classifier: keras.Model, batches: tf.data.Dataset
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """`predict_batches` with one-hot labels read as classes: `(logits float32 [N, C],
     labels int64 [N])`."""
-    logits, one_hot = predict_batches(classifier, batches, flip)
+    logits, one_hot = predict_batches(classifier, batches)
     return logits, np.argmax(one_hot, axis=-1).astype(np.int64)
 
 
 def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
                         class_names: list[str] | None = None, flip_tta: bool = False,
-                        task: Task | None = None) -> Evaluation:
+                        task: Task | None = None, shift_tta: bool = False) -> Evaluation:
     """All metrics of `classifier` on `batches`, as `task` scores them.
 
     Args:
@@ -133,6 +135,8 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
             mirror (under `metrics["tta"]`, never in place of the plain ones).
         task: the fitted Task (its temperature or thresholds apply, and its rejection
             rule's coverage is measured); default a single-label task without calibration.
+        shift_tta: with `flip_tta`, average six views: the image and its mirror, each also
+            shifted by a pixel up-left and down-right (`kcls.data.tta`).
     """
     task = task or SingleLabelTask()
     embeddings = None
@@ -141,14 +145,16 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
     else:
         logits, labels = predict_batches(classifier, batches)
     class_names = class_names or [str(index) for index in range(logits.shape[1])]
-    flipped = predict_batches(classifier, batches, flip=True)[0] if flip_tta else None
-    return task.evaluate(logits, labels, class_names, flipped, embeddings)
+    views = ([predict_batches(classifier, batches, view)[0] for view in tta_transforms(shift_tta)]
+             if flip_tta else None)
+    return task.evaluate(logits, labels, class_names, views, embeddings)
 
 
 def evaluate_model(model_path: str, data_source: str | None = None,
                    out_dir: str | None = None, flip_tta: bool = False,
                    log: Callable[[str], None] = print,
-                   splits: Splits | None = None, slice_by: str | None = None) -> Evaluation:
+                   splits: Splits | None = None, slice_by: str | None = None,
+                   shift_tta: bool = False) -> Evaluation:
     """Evaluates an export or a run directory and writes the report (what `kcls evaluate` does).
 
     The model's task scores it as it serves (its calibration temperature or per-label
@@ -173,6 +179,7 @@ def evaluate_model(model_path: str, data_source: str | None = None,
         slice_by: also score slices of the images, by a manifest column (`site`) or a
             folder of their path (`path:1`; `kcls.data.slices`): `slices.json`,
             `slices.png` and a report section in `out_dir`, a summary line to `log`.
+        shift_tta: the six-view flip+shift TTA metrics instead (implies `flip_tta`).
 
     Returns:
         The Evaluation; its `skipped` lists those files (also in `report.md`).
@@ -186,6 +193,7 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     if out_dir:
         check_output_dir(out_dir)  # before the model and the data are read
     loaded = load_classifier(model_path)
+    flip_tta = flip_tta or shift_tta  # the shifted views are added to the mirror
     if flip_tta and not loaded.task.supports_flip_tta:
         raise ConfigError(f"--flip-tta is not supported for {loaded.task.description} models "
                           f"(model.task={loaded.task.name}); evaluate without it.")
@@ -197,7 +205,7 @@ def evaluate_model(model_path: str, data_source: str | None = None,
     batches = eval_pipeline(held_out.examples, len(loaded.class_names),
                             dataclasses.replace(loaded.recipe.data, cache="none"))
     evaluation = evaluate_classifier(loaded.classifier, batches, loaded.class_names, flip_tta,
-                                     loaded.task)
+                                     loaded.task, shift_tta)
     # Read after the pass: files failing to decode during it were appended to `skipped`.
     evaluation.skipped, evaluation.files = list(held_out.skipped), held_out.evaluated_files()
     if held_out.skipped:

@@ -28,7 +28,7 @@ from kcls.metrics.evaluation import Evaluation
 
 def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,
                          class_names: list[str] | None = None,
-                         flipped_logits: np.ndarray | None = None,
+                         view_logits: list[np.ndarray] | None = None,
                          temperature: float | None = None) -> Evaluation:
     """Every metric of one set of predictions, and the predictions reports need.
 
@@ -36,9 +36,11 @@ def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,
         logits: float `[N, C]` logits.
         labels: int `[N]` true classes.
         class_names: list[str] of length C; defaults to "0".."C-1".
-        flipped_logits: float `[N, C]` logits of the horizontally mirrored images; their
-            flip-TTA metrics (mean probabilities of each image and its mirror) go under
-            `metrics["tta"]`, never in place of the plain ones.
+        view_logits: float `[N, C]` logits of each test-time augmentation view of the
+            images (`kcls.data.tta`: the mirror, and with shift TTA the shifted ones);
+            the TTA metrics (mean probabilities over the image and its views) go under
+            `metrics["tta"]`, never in place of the plain ones, and the number of views
+            averaged (the image included) under `metrics["tta_views"]`.
         temperature: T > 0 of temperature scaling: every metric is then computed from
             `softmax(logits / T)` (accuracy is unchanged) and `metrics["calibration"]`
             holds T with the NLL and ECE `before` and `after` it. None: no scaling.
@@ -49,11 +51,12 @@ def evaluate_predictions(logits: np.ndarray, labels: np.ndarray,
         uncalibrated = softmax(logits, axis=1).astype(np.float32)
         before = summary_metrics(logits, labels)
         logits = logits / temperature
-        flipped_logits = None if flipped_logits is None else (
-            np.asarray(flipped_logits, np.float64) / temperature)
+        view_logits = None if view_logits is None else [
+            np.asarray(view, np.float64) / temperature for view in view_logits]
     metrics = classification_metrics(logits, labels, class_names)
-    if flipped_logits is not None:
-        metrics["tta"] = summary_metrics(mean_probability_logits(logits, flipped_logits), labels)
+    if view_logits:
+        metrics["tta"] = summary_metrics(mean_probability_logits(logits, *view_logits), labels)
+        metrics["tta_views"] = 1 + len(view_logits)
     if temperature is not None:
         metrics["calibration"] = {
             "method": "temperature", "temperature": float(temperature),

@@ -178,6 +178,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     # kcls.models.compact_resnet). No pretrained weights.
     "compact_resnet": BackboneSpec(CompactResNet, dict(widths=[16, 32, 64, 128]),
                                    image_size=32),
+    # The same with airbench's frozen patch-whitening first layer, fitted to the training
+    # images before the first step (kcls.models.whitening).
+    "compact_resnet_whitened": BackboneSpec(
+        CompactResNet, dict(widths=[24, 32, 64, 128], stem="whitening"), image_size=32),
     "efficientnetv2_b0": _efficientnet_v2_spec("b0", 224, True, width=1.0, depth=1.0),
     "efficientnetv2_b1": _efficientnet_v2_spec("b1", 240, True, width=1.0, depth=1.1),
     "efficientnetv2_b2": _efficientnet_v2_spec("b2", 260, True, width=1.1, depth=1.2),

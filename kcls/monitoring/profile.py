@@ -29,13 +29,15 @@ import tensorflow as tf
 from kcls.config import ConfigError, Recipe
 from kcls.data.pipeline import eval_pipeline
 from kcls.data.sources import load_splits
+from kcls.data.tta import tta_views
 from kcls.models.classifier import embedding_model, inference_function
 from kcls.monitoring.drift import build_profile
 from kcls.tasks import SingleLabelTask, Task
 
 
 def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset, task: Task,
-                    flip_tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    flip_tta: bool = False, shift_tta: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Served probabilities, embeddings and labels of `classifier` over `batches`.
 
     Args:
@@ -45,6 +47,7 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset, task: Tas
             the export serves.
         flip_tta: average the probabilities of each image and its mirror, as an export
             with `export.flip_tta` serves them (the embedding is the plain image's).
+        shift_tta: with `flip_tta`, average six views, as `export.shift_tta` serves.
 
     Returns:
         `(probabilities float64 [N, C], embeddings float32 [N, D], labels int64 [N])`.
@@ -55,8 +58,9 @@ def profile_outputs(classifier: keras.Model, batches: tf.data.Dataset, task: Tas
         embedding, logits = predict(images)
         batch_probabilities = task.probabilities(logits)
         if flip_tta:
-            mirrored = predict(images[:, :, ::-1])[1]
-            batch_probabilities = (batch_probabilities + task.probabilities(mirrored)) / 2
+            views = [task.probabilities(predict(view)[1])
+                     for view in tta_views(images, shift_tta)]
+            batch_probabilities = (batch_probabilities + sum(views)) / (1 + len(views))
         probabilities.append(batch_probabilities)
         embeddings.append(np.asarray(embedding, np.float32))
         labels.append(np.argmax(one_hot, axis=-1))
@@ -70,14 +74,18 @@ REFERENCE_SPLITS = "validation+test"
 
 def reference_profile(classifier: keras.Model, batches: tf.data.Dataset,
                       class_names: list[str], task: Task | None = None,
-                      flip_tta: bool = False, split: str = "test") -> dict[str, Any]:
+                      flip_tta: bool = False, split: str = "test", shift_tta: bool = False
+                      ) -> dict[str, Any]:
     """The reference profile (`kcls.monitoring.drift.build_profile`) of `classifier` on
-    `batches`, with the temperature (`task`'s; default none) and `flip_tta` it was
-    computed under, and the name of the held-out `split` (`REFERENCE_SPLITS` for runs)."""
+    `batches`, with the temperature (`task`'s; default none) and `flip_tta` / `shift_tta`
+    it was computed under, and the name of the held-out `split` (`REFERENCE_SPLITS` for
+    runs)."""
     task = task or SingleLabelTask()
-    probabilities, embeddings, labels = profile_outputs(classifier, batches, task, flip_tta)
+    probabilities, embeddings, labels = profile_outputs(classifier, batches, task, flip_tta,
+                                                        shift_tta)
     profile = build_profile(probabilities, embeddings, labels, class_names)
-    profile.update(temperature=task.metadata()["temperature"], flip_tta=flip_tta, split=split)
+    profile.update(temperature=task.metadata()["temperature"], flip_tta=flip_tta,
+                   shift_tta=shift_tta, split=split)
     return profile
 
 
@@ -102,4 +110,4 @@ def recipe_reference_profile(classifier: keras.Model, recipe: Recipe,
     batches = eval_pipeline(examples, len(class_names),
                             dataclasses.replace(recipe.data, cache="none"))
     return reference_profile(classifier, batches, class_names, task, recipe.export.flip_tta,
-                             REFERENCE_SPLITS)
+                             REFERENCE_SPLITS, recipe.export.shift_tta)

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from kcls.config import Recipe, ResizeMode
 from kcls.data.pipeline import prepare_image
+from kcls.data.tta import tta_views
 from kcls.models.classifier import embedding_model
 from kcls.tasks import Task
 
@@ -34,7 +35,7 @@ def served_outputs(model: keras.Model, class_names: list[str], task: Task, recip
         class_names: list[str], the `labels` served.
         task: the fitted Task: probabilities, its outputs (`serving_outputs`) and, with a
             rejection rule, `known` and `known_score` (`rejection_outputs`).
-        recipe: its `export.top_k` and `export.flip_tta` apply.
+        recipe: its `export.top_k`, `export.flip_tta` and `export.shift_tta` apply.
 
     Returns:
         A function of float32 images `[N, S, S, 3]` returning the task's outputs and
@@ -46,8 +47,9 @@ def served_outputs(model: keras.Model, class_names: list[str], task: Task, recip
         embedding, logits = with_embedding(images, training=False)
         probabilities = task.probabilities_graph(logits)
         if recipe.export.flip_tta:
-            mirrored = model(tf.reverse(images, axis=[2]), training=False)
-            probabilities = (probabilities + task.probabilities_graph(mirrored)) / 2.0
+            views = [task.probabilities_graph(model(view, training=False))
+                     for view in tta_views(images, recipe.export.shift_tta)]
+            probabilities = tf.add_n([probabilities, *views]) / float(1 + len(views))
         # Made inside the function: a constant of the graph, not a captured input (which
         # an ONNX converter would turn into a model input).
         label_table = tf.constant(class_names)

@@ -225,11 +225,12 @@ class Task(abc.ABC):
     # Metrics and reports.
     @abc.abstractmethod
     def evaluate(self, logits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 flipped_logits: np.ndarray | None = None,
+                 view_logits: list[np.ndarray] | None = None,
                  embeddings: np.ndarray | None = None) -> Evaluation:
-        """Every test metric of `logits` `[N, C]` against `labels`; with `flipped_logits`
-        (of the mirrored images) the flip-TTA metrics too; with `embeddings` `[N, D]` and
-        a rejection rule, the rule's coverage and accuracy on the known images."""
+        """Every test metric of `logits` `[N, C]` against `labels`; with `view_logits`
+        (of each test-time augmentation view, `kcls.data.tta`) the TTA metrics too; with
+        `embeddings` `[N, D]` and a rejection rule, the rule's coverage and accuracy on
+        the known images."""
 
     @abc.abstractmethod
     def edge_metrics(self, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

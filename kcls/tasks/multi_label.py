@@ -165,7 +165,7 @@ class MultiLabelTask(Task):
                 ][:top_k]
 
     def evaluate(self, logits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 flipped_logits: np.ndarray | None = None,
+                 view_logits: list[np.ndarray] | None = None,
                  embeddings: np.ndarray | None = None) -> Evaluation:
         """Multi-label metrics at the thresholds; `labels` multi-hot `[N, C]`."""
         probabilities = self.probabilities(logits)

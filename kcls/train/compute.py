@@ -8,7 +8,7 @@ looks at the devices the strategy brought up.
 Example:
 
 >>> strategy = make_strategy("auto")
->>> precision = resolve_precision("auto")  # "float32" on a CPU
+>>> precision, reason = resolve_precision("auto", "compact_resnet")  # doctest: +SKIP
 >>> with strategy.scope():
 ...     classifier = build_classifier(model_config, num_classes, 32, precision)  # doctest: +SKIP
 """
@@ -31,7 +31,18 @@ XLA_CPU_SPEEDUP = {
     "efficientnetv2_b0": 0.41,  # 64x64, batch 32, BatchNorm frozen
     "resnet_v2_tiny": 0.77,  # 32x32, batch 64, BatchNorm trained: 0.54-0.77 (frozen: 0.50)
     "compact_resnet": 0.72,  # 32x32, batch 128, BatchNorm trained: 0.56-0.72 (frozen: 0.32-0.50)
+    "compact_resnet_whitened": 0.50,  # the same, BatchNorm trained
 }
+# Training images/s in mixed_bfloat16 over float32 (XLA off, the whole backbone trained),
+# measured by benchmarks/train_step.py on this project's 2-core Xeon, which has AVX512-BF16
+# and AMX-BF16: `train.precision=auto` trains in mixed_bfloat16 on such a CPU only where
+# this is above 1.
+BF16_CPU_SPEEDUP = {
+    "compact_resnet": 1.17,  # 32x32, batch 128, BatchNorm trained
+    "compact_resnet_whitened": 1.46,  # the same
+    "efficientnet_lite0": 0.40,  # 160x160, batch 32, BatchNorm frozen (depthwise convolutions)
+}
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # XLA compiles the gradient all-reduce into the step, and has no CPU collectives (TF 2.21:
 # "Collectives are not yet implemented for CPU devices when compiling with XLA").
 XLA_MULTIWORKER_CPU_REASON = ("MultiWorkerMirroredStrategy on CPUs: XLA cannot compile "
@@ -107,28 +118,68 @@ def describe_strategy(strategy: tf.distribute.Strategy) -> str:
     return f"{name} x {strategy.num_replicas_in_sync} replicas"
 
 
-def resolve_precision(precision: Precision) -> str:
-    """The Keras dtype policy for `precision`.
+def resolve_precision(precision: Precision, backbone: str) -> tuple[str, str]:
+    """The Keras dtype policy for `train.precision`, and why.
 
     `auto` picks `mixed_bfloat16` on TPUs and on GPUs with compute capability 8.0+
     (Ampere and newer), `mixed_float16` on older GPUs (7.0+; `fit_phases` adds loss
-    scaling), and `float32` on CPUs and anything else. Call it after `make_strategy`:
-    TPUs are only listed once the strategy has initialised them.
+    scaling). On a CPU it picks `mixed_bfloat16` only where the CPU has bfloat16 matrix
+    instructions (`BF16_CPU_FLAGS`: AVX512-BF16 or AMX-BF16; without them bfloat16 is
+    emulated, 0.30x float32's speed) and `BF16_CPU_SPEEDUP` measured the backbone faster
+    in it; else `float32`. Call it after `make_strategy`: TPUs are only listed once the
+    strategy has initialised them.
+
+    Args:
+        precision: `auto` or a Keras dtype policy name.
+        backbone: the `model.backbone` name.
+
+    Returns:
+        `(policy, reason)`, the reason one line for `run.json`.
     """
     require_choice(precision, Precision, "train.precision")
     if precision != "auto":
-        return precision
+        return precision, f"train.precision={precision}"
     if tf.config.list_logical_devices("TPU"):
-        return "mixed_bfloat16"
+        return "mixed_bfloat16", "auto: TPU"
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
-        major, _ = tf.config.experimental.get_device_details(gpus[0]).get(
+        major, minor = tf.config.experimental.get_device_details(gpus[0]).get(
             "compute_capability", (0, 0))
         if major >= 8:
-            return "mixed_bfloat16"
+            return "mixed_bfloat16", f"auto: GPU with compute capability {major}.{minor}"
         if major >= 7:
-            return "mixed_float16"
-    return "float32"
+            return "mixed_float16", f"auto: GPU with compute capability {major}.{minor}"
+        return "float32", f"auto: GPU with compute capability {major}.{minor} (below 7.0)"
+    return cpu_precision(cpu_flags(), backbone)
+
+
+def cpu_precision(flags: set[str], backbone: str) -> tuple[str, str]:
+    """`train.precision=auto` on a CPU with instruction-set `flags` (`cpu_flags()`):
+    `(policy, reason)`, `mixed_bfloat16` only with a `BF16_CPU_FLAGS` flag and a
+    `BF16_CPU_SPEEDUP` above 1 for `backbone`."""
+    bfloat16_flags = sorted(BF16_CPU_FLAGS & flags)
+    if not bfloat16_flags:
+        return "float32", "auto: CPU without AVX512-BF16 or AMX-BF16 (bfloat16 is emulated)"
+    cpu = f"auto: CPU ({', '.join(bfloat16_flags)})"
+    speedup = BF16_CPU_SPEEDUP.get(backbone)
+    if speedup is None:
+        return "float32", f"{cpu}, {backbone} not measured in bfloat16"
+    return ("mixed_bfloat16" if speedup > 1.0 else "float32",
+            f"{cpu}, {backbone} trained at {speedup:.2f}x the speed in mixed_bfloat16 "
+            "(benchmarks/train_step.py)")
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (`/proc/cpuinfo`), empty where
+    that file does not exist (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
 
 
 def resolve_jit_compile(setting: JitCompile, backbone: str,

@@ -13,7 +13,8 @@
    carve-out of the training split when there is no validation split and the task
    needs one;
 3. steps per epoch, precision, XLA and BatchNorm (each `auto` with its reason);
-4. the classifier, built in the strategy's scope, seeded;
+4. the classifier, built in the strategy's scope, seeded, and its layers that are fitted
+   to the training images before the first step (a patch-whitening stem);
 5. where augmentation runs (the device, or the TPU host), the loss weights
    (`train.class_weights`) and the training and validation pipelines, under several
    workers with how they are split between them (`input_sharding`).
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kcls.config import Recipe, TrainConfig, check_global_batch
@@ -45,6 +47,7 @@ from kcls.data.leaks import LeakCheck, load_checked_splits
 from kcls.data.pipeline import check_cache_writable, eval_pipeline, train_pipeline
 from kcls.data.sources import Splits, carve_calibration_split, train_class_counts
 from kcls.models.classifier import build_classifier
+from kcls.models.whitening import fit_patch_whitening, patch_whitening_layers
 from kcls.tasks import CalibrationPlan, LossWeights, Objective, Task, get_task
 from kcls.train.cluster import (
     Worker,
@@ -66,6 +69,8 @@ from kcls.train.schedule import describe_normalization, resolve_train_batchnorm
 # The most training images whose embeddings give the rejection rule's class means
 # (`export.reject_coverage`): the means of a few thousand images are already stable.
 STATISTICS_IMAGES = 10_000
+# Enough for a stable 12x12 patch covariance (64 patches per image), in a few seconds.
+DATA_INIT_IMAGES = 5_000
 # Held-out splits of fewer images are named as too small in the log, run.json and
 # report.md: a test score of 49 images is known to about +-14 points (95% interval at
 # 50% accuracy), and thresholds or a temperature fitted on them move from run to run.
@@ -114,6 +119,7 @@ class Prepared:
         precision: the Keras dtype policy name.
         train_config: `recipe.train` with `jit_compile` and `train_batchnorm` resolved.
         jit_compile_reason: why XLA is on or off (for logs and run.json).
+        precision_reason: why training runs in `precision` (for logs and run.json).
         classifier: the keras.Model to train (pretrained backbone, new head).
         host_augmentation: augmentation run in the tf.data pipeline (TPU hosts), or None.
         device_augmentation: augmentation run on the device before the model step, or None.
@@ -138,6 +144,7 @@ class Prepared:
     precision: str
     train_config: TrainConfig
     jit_compile_reason: str
+    precision_reason: str
     classifier: keras.Model
     host_augmentation: Augmentation | None
     device_augmentation: Augmentation | None
@@ -171,7 +178,8 @@ class Prepared:
         """The resolved settings as run.json records them."""
         return {"devices": describe_devices(), "strategy": describe_strategy(self.strategy),
                 "workers": self.worker.count, "input_sharding": self.input_sharding,
-                "precision": self.precision, "jit_compile": self.train_config.jit_compile,
+                "precision": self.precision, "precision_reason": self.precision_reason,
+                "jit_compile": self.train_config.jit_compile,
                 "jit_compile_reason": self.jit_compile_reason,
                 "train_batchnorm": self.train_config.train_batchnorm,
                 "normalization": describe_normalization(self.classifier,
@@ -207,7 +215,8 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     task = get_task(recipe.model.task)
     task.check_labels(len(splits.train.element_spec[1].shape), recipe.data.source)
     splits, calibration = plan_calibration(task, recipe, splits)
-    precision = resolve_precision(recipe.train.precision)
+    precision, precision_reason = resolve_precision(recipe.train.precision,
+                                                    recipe.model.backbone)
     jit_compile, jit_compile_reason = resolve_jit_compile(recipe.train.jit_compile,
                                                           recipe.model.backbone, strategy)
     train_config = dataclasses.replace(
@@ -217,6 +226,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     with strategy.scope():
         classifier = build_classifier(recipe.model, len(splits.class_names),
                                       recipe.data.image_size, precision)
+    fit_data_dependent_layers(classifier, splits, recipe)
     host_augmentation, device_augmentation = place_augmentation(build_augmentation(
         recipe.data.augment, recipe.data.horizontal_flip, recipe.data.seed, recipe.data.mixup,
         recipe.data.cutmix), strategy)
@@ -226,9 +236,21 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
                                                   host_augmentation, sharding, worker)
     return Prepared(recipe, strategy, splits, task, calibration,
                     steps_per_epoch(recipe, splits), precision, train_config, jit_compile_reason,
-                    classifier, host_augmentation, device_augmentation, loss_weights,
-                    train_batches, validation_batches, worker, sharding,
+                    precision_reason, classifier, host_augmentation, device_augmentation,
+                    loss_weights, train_batches, validation_batches, worker, sharding,
                     small_split_warnings(recipe, splits, calibration), leaks)
+
+
+def fit_data_dependent_layers(classifier: keras.Model, splits: Splits, recipe: Recipe) -> int:
+    """Fits the classifier's layers that are set from the training images before the first
+    step (the patch-whitening stem of `compact_resnet_whitened`), on up to
+    `DATA_INIT_IMAGES` of them as evaluation sees them; returns how many were fitted."""
+    if not patch_whitening_layers(classifier):
+        return 0
+    data = dataclasses.replace(recipe.data, cache="none")
+    batches = eval_pipeline(splits.train.take(DATA_INIT_IMAGES), len(splits.class_names), data)
+    images = np.concatenate([images for images, *_ in batches.as_numpy_iterator()])
+    return fit_patch_whitening(classifier, images, recipe.train.seed)
 
 
 def input_sharding(recipe: Recipe, strategy: tf.distribute.Strategy) -> dict[str, Any] | None:

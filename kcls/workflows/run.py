@@ -58,6 +58,7 @@ from kcls.config import ConfigError, Recipe, parse_duration, to_json
 from kcls.data.folder import skipped_files_line
 from kcls.data.pipeline import eval_pipeline, prepare_image
 from kcls.data.sources import Splits
+from kcls.data.tta import view_count
 from kcls.environment import software_versions
 from kcls.evaluation.evaluate import evaluate_classifier, fit_after_training
 from kcls.evaluation.plots import confident_mistakes
@@ -256,7 +257,8 @@ def log_start(prepared: Prepared, run_dir: Path, log: Callable[[str], None]) -> 
     recipe, splits, sizes = prepared.recipe, prepared.splits, prepared.splits.sizes
     workers = f" | {prepared.worker.name}" if prepared.worker.count > 1 else ""
     log(f"kcls {__version__} | recipe {recipe.name} | {describe_devices()} | "
-        f"{describe_strategy(prepared.strategy)}{workers} | {prepared.precision} | XLA "
+        f"{describe_strategy(prepared.strategy)}{workers} | {prepared.precision} "
+        f"({prepared.precision_reason}) | XLA "
         f"{'on' if prepared.train_config.jit_compile else 'off'} "
         f"({prepared.jit_compile_reason}) | {len(splits.class_names)} classes | train "
         f"{sizes['train']}, validation {sizes['validation']}, test {sizes['test']} | "
@@ -290,9 +292,10 @@ def plan_time_budget(prepared: Prepared) -> TimeBudget | None:
         return None
     calibration = prepared.calibration
     tested = test if recipe.evaluate.test else 0  # evaluate.test=false never reads it
-    evaluated = (test * (2 if recipe.evaluate.flip_tta else 1) if recipe.evaluate.test
-                 else prepared.splits.sizes["validation"])
-    reference = (tested + calibration.count) * (2 if recipe.export.flip_tta else 1)
+    evaluated = (test * view_count(recipe.evaluate.flip_tta, recipe.evaluate.shift_tta)
+                 if recipe.evaluate.test else prepared.splits.sizes["validation"])
+    reference = (tested + calibration.count) * view_count(recipe.export.flip_tta,
+                                                          recipe.export.shift_tta)
     return TimeBudget(
         parse_duration(recipe.train.time_budget),
         evaluation_images=evaluated + reference
@@ -426,7 +429,8 @@ def evaluate_test_split(prepared: Prepared, task: Task, training: TrainingResult
     and the small splits' warnings), logs the summary."""
     recipe, splits = prepared.recipe, prepared.splits
     evaluation = evaluate_classifier(prepared.classifier, test_batches(prepared),
-                                     splits.class_names, recipe.evaluate.flip_tta, task)
+                                     splits.class_names, recipe.evaluate.flip_tta, task,
+                                     recipe.evaluate.shift_tta)
     for line in task.notes(evaluation.metrics):
         log(line)
     evaluation.skipped = list(splits.skipped)  # the report names them too
@@ -496,7 +500,7 @@ def publish(prepared: Prepared, task: Task, metrics: dict[str, Any], run_dir: Pa
         reference = reference_profile(prepared.classifier, reference_batches(prepared),
                                       prepared.class_names, task, recipe.export.flip_tta,
                                       split=REFERENCE_SPLITS if recipe.evaluate.test
-                                      else "validation")
+                                      else "validation", shift_tta=recipe.export.shift_tta)
         write_json(run_dir / RUN_REFERENCE_FILE, reference, indent=None)
         warning = small_reference_warning(reference["examples"])
         if warning:
