@@ -85,6 +85,7 @@ from kcls.layout import RUN_INFO_FILE  # noqa: E402
 from kcls.models.backbones import build_backbone  # noqa: E402
 from kcls.models.classifier import build_classifier  # noqa: E402
 from kcls.recipes import load_recipe  # noqa: E402
+from kcls.train.compute import cpu_flags  # noqa: E402
 from kcls.workflows.run import run_recipe  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -448,12 +449,9 @@ def _cpu_model() -> str:
 
 def _cpu_flags() -> str:
     """The CPU features that decide TensorFlow's speed here (AVX512, VNNI, BF16, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return " ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
 

@@ -54,22 +54,42 @@ def predict_batches(classifier: keras.Model, batches: tf.data.Dataset,
         ConfigError: a logit is NaN or infinite (training diverged; the message says
             what to change).
     """
+    (logits,), labels = _predict_views(classifier, batches, [view])
+    return logits, labels
+
+
+def predict_views(classifier: keras.Model, batches: tf.data.Dataset,
+                  views: list[View]) -> list[np.ndarray]:
+    """`predict_batches`' logits `[N, C]` for each of `views`, in one pass over `batches`
+    (each batch read and decoded once, however many views)."""
+    return _predict_views(classifier, batches, views)[0]
+
+
+def _predict_views(classifier: keras.Model, batches: tf.data.Dataset,
+                   views: list[View | None]) -> tuple[list[np.ndarray], np.ndarray]:
     # One pass, batch by batch: `predict()` would read the data twice (images, then
     # labels) and warn that a dataset of unknown length "ran out of data". Run here alone
     # (`inference_function`), so that the chief of several workers can evaluate.
     predict = inference_function(classifier)
-    logits, labels = [], []
+    logits: list[list[np.ndarray]] = [[] for _ in views]
+    labels = []
     for images, batch_labels in batches:
-        logits.append(predict(images if view is None else view(images)))
+        for view_logits, view in zip(logits, views):
+            view_logits.append(predict(images if view is None else view(images)))
         labels.append(batch_labels.numpy())
-    logits = np.concatenate(logits).astype(np.float32)
+    return ([_finite(np.concatenate(each).astype(np.float32)) for each in logits],
+            np.concatenate(labels).astype(np.float32))
+
+
+def _finite(logits: np.ndarray) -> np.ndarray:
+    """`logits`, or a ConfigError when one of them is NaN or infinite."""
     broken = int(np.count_nonzero(~np.isfinite(logits).all(axis=1)))
     if broken:  # every metric, the temperature and scikit-learn would fail on them
         raise ConfigError(
             f"The classifier outputs NaN or infinite logits for {broken} of {len(logits)} "
             "images: its training diverged (a NaN loss). Train again with a lower "
             "train.learning_rate (`kcls lr-find NAME` suggests one) or with train.clipnorm=1.")
-    return logits, np.concatenate(labels).astype(np.float32)
+    return logits
 
 
 def predict_embeddings(classifier: keras.Model, batches: tf.data.Dataset
@@ -145,8 +165,7 @@ def evaluate_classifier(classifier: keras.Model, batches: tf.data.Dataset,
     else:
         logits, labels = predict_batches(classifier, batches)
     class_names = class_names or [str(index) for index in range(logits.shape[1])]
-    views = ([predict_batches(classifier, batches, view)[0] for view in tta_transforms(shift_tta)]
-             if flip_tta else None)
+    views = predict_views(classifier, batches, tta_transforms(shift_tta)) if flip_tta else None
     return task.evaluate(logits, labels, class_names, views, embeddings)
 
 
