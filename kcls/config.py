@@ -124,6 +124,8 @@ class DataConfig:
         horizontal_flip: whether mirror images are still the same class (False for digits, text).
         mixup: probability that a `strong` batch is mixed with MixUp.
         cutmix: probability that a `strong` batch is mixed with CutMix (mixup + cutmix <= 1).
+        cutout: side of the square erased from every training image (`kcls.data.augment.
+            Cutout`), as a fraction of the image side, in [0, 0.9]; 0 erases nothing.
         cache: `memory` keeps decoded examples in RAM after the first epoch, `none`
             decodes every epoch, any other value is a file prefix for an on-disk cache
             (a file per split, named after a digest of the data and of the settings that
@@ -159,6 +161,7 @@ class DataConfig:
     horizontal_flip: bool = True
     mixup: float = 0.5
     cutmix: float = 0.5
+    cutout: float = 0.0
     cache: str = "memory"
     shuffle_buffer: int = 10_000
     deterministic: bool = False
@@ -192,6 +195,10 @@ class DataConfig:
         _require(0.0 <= self.mixup and 0.0 <= self.cutmix and self.mixup + self.cutmix <= 1.0,
                  "data.mixup", (self.mixup, self.cutmix),
                  "probabilities data.mixup and data.cutmix >= 0 with a sum of at most 1")
+        _require(0.0 <= self.cutout <= 0.9, "data.cutout", self.cutout,
+                 "a fraction of the image side in [0, 0.9] (0: no Cutout)")
+        _require(self.cutout == 0.0 or self.augment != "none", "data.cutout", self.cutout,
+                 "0 with data.augment=none (Cutout is a stage of an augmentation policy)")
         _require(bool(self.cache.strip()), "data.cache", self.cache,
                  "'memory', 'none' or a file prefix for an on-disk cache")
         _require(self.check_leaks is not False or not self.drop_leaks, "data.drop_leaks",

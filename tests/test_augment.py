@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from kcls.config import DataConfig, ModelConfig, TrainConfig
 from kcls.data.augment import (
+    Cutout,
     RandAugment,
     RandomShift,
     build_augmentation,
@@ -39,6 +40,31 @@ def test_policies_stack_their_stages():
     assert build_augmentation("light", horizontal_flip=False).stage_names == ["RandomShift"]
     assert compiles_with_xla(build_augmentation("light"))
     assert not compiles_with_xla(build_augmentation("randaugment"))
+
+
+def test_cutout_erases_one_square_per_image_to_the_batch_mean():
+    assert build_augmentation("light", cutout=0.25).stage_names == [
+        "RandomFlip", "RandomShift", "Cutout"]
+    data = batch()
+    images = data["images"].numpy() + 1000.0  # no pixel equals the fill by chance
+    erased = Cutout(0.25, seed=2).augment({**data, "images": tf.constant(images)},
+                                          Cutout(0.25, seed=2).seed_generator)["images"]
+    changed = np.any(erased.numpy() != images, axis=-1)  # [B, 32, 32]
+    centres = set()
+    for mask in changed:
+        rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        # A filled rectangle, an 8x8 square cut by the border at most.
+        assert mask.sum() == len(rows) * len(columns)
+        assert 4 <= len(rows) <= 8 and 4 <= len(columns) <= 8
+        assert rows[-1] - rows[0] == len(rows) - 1
+        centres.add((rows[0], columns[0]))
+    assert len(centres) > 8  # drawn per image
+    fill = images.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(erased.numpy()[changed], np.broadcast_to(
+        fill, (changed.sum(), 3)), rtol=1e-5)
+    layer = Cutout(0.25, seed=2)
+    compiled = tf.function(lambda x: layer({**data, "images": x}), jit_compile=True)
+    assert compiled(data["images"])["images"].shape == data["images"].shape
 
 
 def test_random_shift_moves_whole_images_by_at_most_the_factor():

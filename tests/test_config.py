@@ -68,6 +68,7 @@ def test_bad_value_names_the_key_and_the_expected_type(override, expected):
 @pytest.mark.parametrize("override", [
     "train.frozen_epochs=-1", "data.image_size=4", "data.batch_size=0",
     "data.validation_fraction=1.5", "data.source=s3://bucket", "model.dropout=1",
+    "data.cutout=0.95", "data.cutout=nan",
 ])
 def test_values_that_parse_but_are_invalid_are_rejected(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):

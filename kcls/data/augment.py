@@ -16,6 +16,7 @@ Policies (`DataConfig.augment`):
     randaugment: light + RandAugment (2 ops, factor 0.3), ops and magnitudes per image.
     strong:      randaugment + per batch MixUp (probability `mixup`) or CutMix
                  (probability `cutmix`), which make soft labels.
+Any policy but `none` ends with `Cutout` when `DataConfig.cutout` > 0.
 
 Randomness: every stage draws from a `BatchSeeds`, stateless random streams derived
 from one int seed per call. The training function draws that seed once per step from
@@ -44,7 +45,8 @@ from kcls.config import AugmentPolicy, require_choice
 
 
 def build_augmentation(policy: AugmentPolicy, horizontal_flip: bool = True, seed: int = 0,
-                       mixup: float = 0.5, cutmix: float = 0.5) -> Augmentation | None:
+                       mixup: float = 0.5, cutmix: float = 0.5,
+                       cutout: float = 0.0) -> Augmentation | None:
     """Builds the stages of `policy` for float images in [0, 255].
 
     Args:
@@ -53,6 +55,8 @@ def build_augmentation(policy: AugmentPolicy, horizontal_flip: bool = True, seed
         seed: int, base seed of the random draws.
         mixup: float, probability of MixUp per batch (`strong` only).
         cutmix: float, probability of CutMix per batch (`strong` only).
+        cutout: float in [0, 1), side of the square `Cutout` erases from every image,
+            as a fraction of the image side; 0 erases nothing.
 
     Returns:
         Augmentation taking and returning `{"images": float [B, H, W, 3], "labels":
@@ -69,6 +73,8 @@ def build_augmentation(policy: AugmentPolicy, horizontal_flip: bool = True, seed
         stages.append(RandAugment(num_ops=2, factor=0.3, seed=seed + 2))
     if policy == "strong" and mixup + cutmix > 0:
         stages.append(MixUpOrCutMix(mixup, cutmix, seed=seed + 3))
+    if cutout > 0:
+        stages.append(Cutout(cutout, seed=seed + 4))
     return Augmentation(stages, seed=seed)
 
 
@@ -247,6 +253,48 @@ class RandomShift(BatchAugmentation):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "factor": self.factor}
+
+
+class Cutout(BatchAugmentation):
+    """Erases one square of every image (DeVries & Taylor, arXiv:1708.04552).
+
+    The square's centre is uniform over the image, so near a border part of the square
+    falls outside and less is erased, as in the paper. Erased pixels take the batch's
+    mean colour, which the model's normalisation maps to about zero (the paper erases to
+    zero after normalising). Masks are comparisons against a pixel grid: XLA compiles it.
+
+    Args:
+        size: float in (0, 1), side of the square as a fraction of the image side.
+        seed: int, seed of the layer's own generator.
+    """
+
+    def __init__(self, size: float, seed: int | None = None, **kwargs) -> None:
+        super().__init__(seed, **kwargs)
+        self.size = size
+
+    def augment(self, data, seeds):
+        images = data["images"]
+        _, height, width, _ = images.shape
+        batch = tf.shape(images)[:1]
+        centre_rows = keras.random.randint(batch, 0, height, seed=seeds)
+        centre_columns = keras.random.randint(batch, 0, width, seed=seeds)
+        side_rows = max(round(self.size * height), 1)
+        side_columns = max(round(self.size * width), 1)
+        in_rows = _in_span(tf.range(height), centre_rows - side_rows // 2, side_rows)  # [B, H]
+        in_columns = _in_span(tf.range(width), centre_columns - side_columns // 2,
+                              side_columns)  # [B, W]
+        erased = in_rows[:, :, None, None] & in_columns[:, None, :, None]  # [B, H, W, 1]
+        mean_colour = tf.reduce_mean(images, axis=[0, 1, 2], keepdims=True)
+        return {**data, "images": tf.where(erased, mean_colour, images)}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "size": self.size}
+
+
+def _in_span(positions: tf.Tensor, starts: tf.Tensor, length: int) -> tf.Tensor:
+    """bool `[B, N]`: whether `positions` `[N]` lie in `[starts[b], starts[b] + length)`."""
+    offsets = positions[None, :] - tf.cast(starts, positions.dtype)[:, None]
+    return (offsets >= 0) & (offsets < length)
 
 
 class RandAugment(BatchAugmentation):

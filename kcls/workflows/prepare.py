@@ -229,7 +229,7 @@ def prepare(recipe: Recipe, splits: Splits | None = None) -> Prepared:
     fit_data_dependent_layers(classifier, splits, recipe)
     host_augmentation, device_augmentation = place_augmentation(build_augmentation(
         recipe.data.augment, recipe.data.horizontal_flip, recipe.data.seed, recipe.data.mixup,
-        recipe.data.cutmix), strategy)
+        recipe.data.cutmix, recipe.data.cutout), strategy)
     loss_weights = balanced_loss_weights(task, recipe, splits)
     sharding = input_sharding(recipe, strategy)
     train_batches, validation_batches = pipelines(recipe, splits, loss_weights,
