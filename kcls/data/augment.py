@@ -55,7 +55,7 @@ def build_augmentation(policy: AugmentPolicy, horizontal_flip: bool = True, seed
         seed: int, base seed of the random draws.
         mixup: float, probability of MixUp per batch (`strong` only).
         cutmix: float, probability of CutMix per batch (`strong` only).
-        cutout: float in [0, 1), side of the square `Cutout` erases from every image,
+        cutout: float in [0, 0.9], side of the square `Cutout` erases from every image,
             as a fraction of the image side; 0 erases nothing.
 
     Returns:
@@ -264,7 +264,7 @@ class Cutout(BatchAugmentation):
     zero after normalising). Masks are comparisons against a pixel grid: XLA compiles it.
 
     Args:
-        size: float in (0, 1), side of the square as a fraction of the image side.
+        size: float in (0, 0.9], side of the square as a fraction of the image side.
         seed: int, seed of the layer's own generator.
     """
 
