@@ -124,8 +124,9 @@ class DataConfig:
         horizontal_flip: whether mirror images are still the same class (False for digits, text).
         mixup: probability that a `strong` batch is mixed with MixUp.
         cutmix: probability that a `strong` batch is mixed with CutMix (mixup + cutmix <= 1).
-        cutout: side of the square erased from every training image (`kcls.data.augment.
-            Cutout`), as a fraction of the image side, in [0, 0.9]; 0 erases nothing.
+        cutout: side of the square erased from every training image
+            (`kcls.data.augment.Cutout`), as a fraction of the image side, in [0, 0.9];
+            0 erases nothing.
         cache: `memory` keeps decoded examples in RAM after the first epoch, `none`
             decodes every epoch, any other value is a file prefix for an on-disk cache
             (a file per split, named after a digest of the data and of the settings that

@@ -47,8 +47,9 @@ def test_cutout_erases_one_square_per_image_to_the_batch_mean():
         "RandomFlip", "RandomShift", "Cutout"]
     data = batch()
     images = data["images"].numpy() + 1000.0  # no pixel equals the fill by chance
-    erased = Cutout(0.25, seed=2).augment({**data, "images": tf.constant(images)},
-                                          Cutout(0.25, seed=2).seed_generator)["images"]
+    layer = Cutout(0.25, seed=2)
+    erased = layer.augment({**data, "images": tf.constant(images)},
+                           layer.seed_generator)["images"]
     changed = np.any(erased.numpy() != images, axis=-1)  # [B, 32, 32]
     centres = set()
     for mask in changed:
@@ -57,12 +58,12 @@ def test_cutout_erases_one_square_per_image_to_the_batch_mean():
         assert mask.sum() == len(rows) * len(columns)
         assert 4 <= len(rows) <= 8 and 4 <= len(columns) <= 8
         assert rows[-1] - rows[0] == len(rows) - 1
+        assert columns[-1] - columns[0] == len(columns) - 1
         centres.add((rows[0], columns[0]))
     assert len(centres) > 8  # drawn per image
     fill = images.mean(axis=(0, 1, 2))
     np.testing.assert_allclose(erased.numpy()[changed], np.broadcast_to(
         fill, (changed.sum(), 3)), rtol=1e-5)
-    layer = Cutout(0.25, seed=2)
     compiled = tf.function(lambda x: layer({**data, "images": x}), jit_compile=True)
     assert compiled(data["images"])["images"].shape == data["images"].shape
 
