@@ -535,7 +535,7 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
              flip_tta: bool, shift_tta: bool, slice_by: str | None) -> None:
     """Evaluate an export or a run directory (MODEL_DIR) on held-out data."""
     start_tensorflow()
-    from kcls.data.tta import tta_name
+    from kcls.data.tta import measured_tta_name
     from kcls.evaluation.evaluate import evaluate_model
 
     metrics = evaluate_model(str(model_dir), data_source, out_dir, flip_tta,
@@ -546,7 +546,7 @@ def evaluate(model_dir: Path, data_source: str | None, out_dir: Path | None,
     click.echo("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in summary.items()))
     if "tta" in metrics:
-        click.echo(f"{tta_name(metrics.get('tta_views', 2) > 2)} TTA accuracy "
+        click.echo(f"{measured_tta_name(metrics)} TTA accuracy "
                    f"{metrics['tta']['accuracy']:.4f}")
     for name, row in metrics.get("per_class", metrics.get("per_label", {})).items():
         click.echo(f"  {name}: precision {row['precision']:.3f} recall {row['recall']:.3f} "

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -64,6 +64,12 @@ def view_count(flip_tta: bool, shift_tta: bool) -> int:
 def tta_name(shifts: bool) -> str:
     """`flip` or `flip+shift`, as logs and reports name the TTA."""
     return "flip+shift" if shifts else "flip"
+
+
+def measured_tta_name(metrics: Mapping[str, Any]) -> str:
+    """The TTA behind an evaluation's `metrics["tta"]` (`kcls.metrics.classification`):
+    `flip` for 2 views (and runs from before `tta_views` was recorded), else `flip+shift`."""
+    return tta_name(shifts=metrics.get("tta_views", 2) > 2)
 
 
 def _shift(offset: int) -> View:

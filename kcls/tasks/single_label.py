@@ -28,7 +28,7 @@ from scipy.special import softmax
 from kcls.config import Calibrate as CalibrateSetting
 from kcls.config import RejectCoverage, require_choice
 from kcls.data.pipeline import balanced_class_weights
-from kcls.data.tta import tta_name
+from kcls.data.tta import measured_tta_name
 from kcls.metrics.calibration import fit_temperature
 from kcls.metrics.classification import (
     class_balance_warning,
@@ -182,8 +182,8 @@ class SingleLabelTask(Task):
         return lines + ([f"warning: {imbalance}"] if imbalance else [])
 
     def summary_line(self, metrics: dict[str, Any], chance: float) -> str:
-        tta = (f"; {_tta_name(metrics)} TTA accuracy {metrics['tta']['accuracy']:.4f}"
-               if "tta" in metrics else "")
+        tta = (f"; {measured_tta_name(metrics)} TTA accuracy "
+               f"{metrics['tta']['accuracy']:.4f}" if "tta" in metrics else "")
         return (f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} held-out "
                 f"images (chance {chance:.4f}), nll {metrics['nll']:.4f}, ece "
                 f"{metrics['ece']:.4f}{tta}")
@@ -194,7 +194,8 @@ class SingleLabelTask(Task):
             if key in metrics:
                 lines.append(f"| {key} | {format_value(metrics[key])} |")
         for key, value in metrics.get("tta", {}).items():
-            lines.append(f"| {key} ({_tta_name(metrics)} TTA) | {format_value(value)} |")
+            lines.append(
+                f"| {key} ({measured_tta_name(metrics)} TTA) | {format_value(value)} |")
         return (lines + _calibration_section(metrics.get("calibration"))
                 + _rejection_section(metrics.get("rejection")) + _per_class_section(metrics))
 
@@ -264,8 +265,3 @@ def _per_class_section(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"| *{average.replace('_', ' ')}* | {row['precision']:.3f} | "
                      f"{row['recall']:.3f} | {row['f1']:.3f} | |")
     return lines
-
-
-def _tta_name(metrics: dict[str, Any]) -> str:
-    """`flip` (2 views, and runs from before `tta_views` was recorded) or `flip+shift`."""
-    return tta_name(shifts=metrics.get("tta_views", 2) > 2)
