@@ -4,7 +4,8 @@
 backbone) as named steps: check the settings, open the resume state, then per phase
 start it (weights, trainable layers), find its learning rate (`train.learning_rate=auto`),
 compile the `kcls.train.trainer.Trainer`, build the callbacks, fit, and finish it
-(BatchNorm re-estimation, its `PhaseRecord`, its end weights); then finish the run.
+(`train.wise_ft`'s interpolation, BatchNorm re-estimation, its `PhaseRecord`, its end
+weights); then finish the run.
 
 With a run directory, `fit_phases` writes
 
@@ -69,6 +70,7 @@ from kcls.train.cluster import (
     is_multiworker,
     worker_of,
 )
+from kcls.train.interpolate import interpolate_weights, snapshot_weights
 from kcls.train.layerwise import layer_decay_multipliers
 from kcls.train.lr_find import (
     STEPS,
@@ -149,6 +151,9 @@ class _PhaseRun:
     monitor: str  # the log the best checkpoint and early stopping watch
     best_checkpoint: ClassifierCheckpoint | None  # one for all phases: it keeps the best
     log: Callable[[str], None]  # the phases' announcements and the planner's warnings
+    # With train.wise_ft: the weights the frozen phase ended with, taken as the
+    # backbone-training phase starts (`kcls.train.interpolate`).
+    frozen_end_weights: list[np.ndarray] | None = None
 
 
 def fit_phases(classifier: keras.Model, train_batches: tf.data.Dataset,
@@ -348,8 +353,16 @@ def _stopped_early(run: _PhaseRun, phase: Phase,
 
 
 def _start_phase(run: _PhaseRun, phase: Phase, records: list[PhaseRecord]) -> None:
-    """Loads the end weights of a phase skipped on resume, then freezes or unfreezes."""
+    """Loads the end weights of a phase skipped on resume, then freezes or unfreezes.
+
+    With `train.wise_ft`, a backbone-training phase after the frozen one first keeps a
+    copy of the weights it starts from: the frozen phase's end (trained in this process
+    or, on resume, loaded from its backup).
+    """
     _load_skipped_phase_weights(run, records)
+    if (run.config.wise_ft is not None and phase.backbone_trainable and records
+            and records[-1].unfreeze == "none"):
+        run.frozen_end_weights = snapshot_weights(run.classifier)
     set_backbone_trainable(run.classifier, phase.backbone_trainable, run.config.unfreeze,
                            bool(run.config.train_batchnorm))
 
@@ -477,7 +490,8 @@ def _fit(run: _PhaseRun, trainer: Trainer, callbacks: list[keras.callbacks.Callb
 
 def _finish_phase(run: _PhaseRun, phase: Phase, first_epoch: int, epochs: int,
                   learning_rate: float, stopped_early: str | None = None) -> PhaseRecord:
-    """Re-estimates BatchNorm, records the phase and backs up its end weights.
+    """Interpolates the weights (`train.wise_ft`), re-estimates BatchNorm, records the
+    phase and backs up its end weights.
 
     Args:
         first_epoch: int, the epoch index the phase started at.
@@ -486,6 +500,11 @@ def _finish_phase(run: _PhaseRun, phase: Phase, first_epoch: int, epochs: int,
         stopped_early: why early stopping ended it, or None.
     """
     config, classifier = run.config, run.classifier
+    if phase.backbone_trainable and run.frozen_end_weights is not None:
+        interpolate_weights(classifier, run.frozen_end_weights, config.wise_ft)
+        run.frozen_end_weights = None
+        run.log(f"{phase.name} phase ends on {config.wise_ft:g} x its fine-tuned weights + "
+                f"{1 - config.wise_ft:g} x the frozen phase's (train.wise_ft)")
     # Early stopping or a budget may end a phase early: the next starts after its last epoch.
     end = max(run.progress.last_epoch(first_epoch, first_epoch + epochs) + 1, first_epoch)
     recalibrated = 0
