@@ -16,7 +16,6 @@ the cost of one training instead of one per A. The results are in docs/transfer.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -29,13 +28,13 @@ from kcls.data.pipeline import eval_pipeline
 from kcls.recipes import load_recipe
 from kcls.train import phases
 from kcls.train.interpolate import interpolate_weights, snapshot_weights
-from kcls.workflows.run import run_recipe
 
 ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 
 
 def train_keeping_phase_ends(recipe, splits, work: Path) -> tuple[keras.Model, list]:
-    """Runs `recipe` (no export); returns its classifier and each phase's end weights."""
+    """Runs `recipe` as transfer.py runs a row (no export); returns its classifier and the
+    weights each phase ended with."""
     ends: list[list[np.ndarray]] = []
     finish_phase = phases._finish_phase
 
@@ -48,13 +47,10 @@ def train_keeping_phase_ends(recipe, splits, work: Path) -> tuple[keras.Model, l
     # finishes a phase for this benchmark's process only.
     phases._finish_phase = finish_and_keep
     try:
-        recipe = dataclasses.replace(
-            recipe, export=dataclasses.replace(recipe.export, enabled=False))
-        result = run_recipe(recipe, run_dir=work, splits=splits, verbose=2,
-                            log=lambda line: print("   ", line, flush=True))
+        *_, classifier = transfer.run_kcls_row(recipe, splits, work)
     finally:
         phases._finish_phase = finish_phase
-    return result.classifier, ends
+    return classifier, ends
 
 
 def main() -> None:

@@ -360,8 +360,8 @@ def _start_phase(run: _PhaseRun, phase: Phase, records: list[PhaseRecord]) -> No
     or, on resume, loaded from its backup).
     """
     _load_skipped_phase_weights(run, records)
-    if (run.config.wise_ft is not None and phase.backbone_trainable and records
-            and records[-1].unfreeze == "none"):
+    # TrainConfig allows wise_ft only with a frozen phase, which comes first.
+    if run.config.wise_ft is not None and phase.backbone_trainable:
         run.frozen_end_weights = snapshot_weights(run.classifier)
     set_backbone_trainable(run.classifier, phase.backbone_trainable, run.config.unfreeze,
                            bool(run.config.train_batchnorm))
