@@ -4,10 +4,12 @@ search killed with SIGKILL resuming without running a finished trial again."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -201,16 +203,25 @@ def wait_for_a_finished_and_a_running_trial(search, storage: str, tmp_path: Path
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert search.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        if (tmp_path / "search" / "study.db").is_file():
-            try:
-                trials = optuna.load_study(study_name="kcls-tune", storage=storage).trials
-            except KeyError:  # the study is not created yet
-                trials = []
-            states = [trial.state.name for trial in trials]
-            if "COMPLETE" in states and states[-1] == "RUNNING":
-                return [trial for trial in trials if trial.state.name == "COMPLETE"]
+        states = trial_states(tmp_path / "search" / "study.db")
+        if "COMPLETE" in states and states[-1] == "RUNNING":
+            trials = optuna.load_study(study_name="kcls-tune", storage=storage).trials
+            return [trial for trial in trials if trial.state.name == "COMPLETE"]
         time.sleep(0.5)
     raise AssertionError("the search did not start a second trial in time")
+
+
+def trial_states(database: Path) -> list[str]:
+    """The trials' states, read without writing to the database.
+
+    optuna.load_study would create the tables when they are missing, racing the search that is
+    creating them (sqlite3.IntegrityError on alembic_version, seen in CI).
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return [state for (state,) in db.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.OperationalError:  # no file, or no table yet
+        return []
 
 
 def run_info_stamp(tmp_path: Path, number: int) -> int:
