@@ -286,13 +286,14 @@ def _data_recipe(source: str, recipe_name: str | None, overrides: tuple[str, ...
               help="The phase to test: its trainable layers and optimizer (default: the "
                    "recipe's first phase). 'unfrozen' starts from the new, untrained head; "
                    "train.learning_rate=auto tests it after the frozen phase instead.")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=5),
-              help="The most training steps of the test (it stops when the loss diverges).")
+@click.option("--steps", type=click.IntRange(min=5),
+              help="The most training steps of the test (it stops when the loss diverges; "
+                   "default: the recipe's train.lr_find_steps, 100 unless set).")
 @click.option("--out", "out_dir", default=".", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Folder for lr_find.png and lr_find.json.")
 @click.option("--overwrite", is_flag=True, help="Replace lr_find.png and lr_find.json there.")
-def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int,
+def lr_find(name: str, overrides: tuple[str, ...], phase: str | None, steps: int | None,
             out_dir: Path, overwrite: bool) -> None:
     """The learning-rate range test of RECIPE: which peak learning rate to train at.
 

@@ -268,6 +268,10 @@ class TrainConfig:
             learning-rate range test (`kcls lr-find`, `kcls.train.lr_find`) runs on the
             phase's model and data, and its suggestion is the phase's peak rate
             (`unfrozen_lr_factor` is then unused); `run.json` records the rates chosen.
+        lr_find_steps: with `learning_rate=auto`, the most steps each phase's range test
+            takes (it stops sooner when the loss diverges; at least 5). Each is a training
+            step, all-reduced between workers under `strategy=multiworker`: fewer save
+            time on slow steps, at the price of a coarser curve.
         unfrozen_lr_factor: phase 2 peak learning rate as a fraction of phase 1's.
         layer_decay: layer-wise learning rates: backbone block `k` counted from the top
             (the last block `k = 1`, the stem `k = n`) trains at the phase's rate times
@@ -325,6 +329,7 @@ class TrainConfig:
     train_batchnorm: Optional[bool] = None
     optimizer: Optimizer = "adamw"
     learning_rate: LearningRate = 1e-3
+    lr_find_steps: int = 100
     unfrozen_lr_factor: float = 0.1
     layer_decay: Optional[float] = None
     warmup_fraction: float = 0.1
@@ -351,6 +356,8 @@ class TrainConfig:
                  self.frozen_epochs, "at least one epoch in one of the two phases")
         _require(self.learning_rate == "auto" or self.learning_rate > 0, "train.learning_rate",
                  self.learning_rate, "a positive number or auto (the learning-rate finder)")
+        _require(self.lr_find_steps >= 5, "train.lr_find_steps", self.lr_find_steps,
+                 "5 or more")
         _require(self.layer_decay is None or 0.0 < self.layer_decay <= 1.0, "train.layer_decay",
                  self.layer_decay, "a number in (0, 1], e.g. 0.75, or none")
         _require(self.wise_ft is None or 0.0 <= self.wise_ft <= 1.0, "train.wise_ft",

@@ -110,7 +110,7 @@ class KillAt(keras.callbacks.Callback):
 @pytest.mark.slow
 def test_automatic_rates_are_found_per_phase_recorded_and_kept_on_resume(tmp_path):
     config = TrainConfig(frozen_epochs=1, unfrozen_epochs=2, unfreeze="1", learning_rate="auto",
-                         train_batchnorm=False, jit_compile=False)
+                         lr_find_steps=20, train_batchnorm=False, jit_compile=False)
     with pytest.raises(KilledError):  # killed in the unfrozen phase, after its search
         fit_phases(tiny_classifier(), batches(), None, 2, config, callbacks=[KillAt(2)],
                    verbose=0, run_dir=tmp_path)
@@ -118,6 +118,7 @@ def test_automatic_rates_are_found_per_phase_recorded_and_kept_on_resume(tmp_pat
     found = {name: search["suggestion"]
              for name, search in progress["learning_rate_searches"].items()}
     assert sorted(found) == ["frozen", "unfrozen"]
+    assert all(search["steps"] <= 20 for search in progress["learning_rate_searches"].values())
     for name in found:
         plot = tmp_path / LR_FIND_PHASE_PLOT.format(phase=name)
         assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -139,8 +140,9 @@ def invoke(*args):
 
 @pytest.mark.slow
 def test_cli_lr_find_writes_the_plot_and_never_overwrites_it(tmp_path):
-    arguments = ("lr-find", "quickstart", "--steps", "8", "--out", str(tmp_path),
-                 "--set", "data.batch_size=16")
+    # Without --steps, the recipe's own setting.
+    arguments = ("lr-find", "quickstart", "--set", "train.lr_find_steps=8", "--out",
+                 str(tmp_path), "--set", "data.batch_size=16")
     result = invoke(*arguments)
     assert result.exit_code == 0, result.output
     assert "suggested learning rate (minimum/10):" in result.output

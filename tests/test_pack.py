@@ -312,7 +312,7 @@ def test_a_recipe_trains_on_a_pack_as_on_its_folder(tmp_path, tiny_recipe):
     write_truncated_jpeg(root / "3" / "cut.jpg", np.random.default_rng(0))
     pack_source(DataConfig(source=f"folder:{root}"), tmp_path / "pack", log=lambda line: None)
     settings = ["data.deterministic=true", "data.image_size=16", "train.steps_per_epoch=none",
-                "train.frozen_epochs=1", "train.unfrozen_epochs=2", "export.enabled=false"]
+                "train.frozen_epochs=0", "train.unfrozen_epochs=2", "export.enabled=false"]
     results = {}
     for source in (f"folder:{root}", f"tfrecord:{tmp_path / 'pack'}"):
         recipe = apply_overrides(tiny_recipe, [*settings, f"data.source={source}"])

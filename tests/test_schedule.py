@@ -67,7 +67,7 @@ def test_new_keys_parse_and_validate():
     assert train_config.clipnorm == 1.5 and train_config.early_stopping_patience == 2
     for bad in ("train.unfreeze=0", "train.unfreeze=top", "train.clipnorm=0",
                 "train.early_stopping_patience=-1", "train.optimizer=adam",
-                "train.strategy=tpu"):
+                "train.strategy=tpu", "train.lr_find_steps=4"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             apply_overrides(Recipe(name="r"), [bad])
 

@@ -388,6 +388,7 @@ def _peak_learning_rate(run: _PhaseRun, phase: Phase) -> float:
             time_budget.started = time_budget.clock()  # the search spends the budget too
         search = find_phase_learning_rate(run.classifier, run.train_batches, run.config, phase,
                                           run.device_augment, run.strategy,
+                                          steps=run.config.lr_find_steps,
                                           objective=run.objective)
         if run.run_dir is not None and run.worker.is_chief:
             plot_learning_rate_search(

@@ -17,7 +17,6 @@ from kcls.config import ConfigError, Recipe
 from kcls.data.sources import Splits
 from kcls.files import check_output_dir, write_json
 from kcls.layout import LR_FIND_FILE, LR_FIND_PLOT
-from kcls.train.lr_find import STEPS as LR_FIND_STEPS
 from kcls.train.lr_find import LearningRateSearch, plot_learning_rate_search
 from kcls.train.phases import find_phase_learning_rate
 from kcls.train.schedule import plan_phases
@@ -25,7 +24,7 @@ from kcls.workflows.prepare import prepare
 
 
 def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
-                              out_dir: str | Path = ".", steps: int = LR_FIND_STEPS,
+                              out_dir: str | Path = ".", steps: int | None = None,
                               overwrite: bool = False, log: Callable[[str], None] = print,
                               verbose: int | str = 0,
                               splits: Splits | None = None) -> LearningRateSearch:
@@ -44,7 +43,8 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
         recipe: Recipe, the resolved configuration.
         phase: `frozen` or `unfrozen`; None: the recipe's first phase.
         out_dir: folder for the plot and the JSON.
-        steps: int, the most steps the test takes (one batch each).
+        steps: int, the most steps the test takes (one batch each); None: the recipe's
+            `train.lr_find_steps`.
         overwrite: replace an existing plot and JSON in `out_dir`.
         log: receives one-line progress messages.
         verbose: `fit()` verbosity.
@@ -74,6 +74,8 @@ def find_recipe_learning_rate(recipe: Recipe, phase: str | None = None,
         raise ConfigError(f"{', '.join(existing)} already exist: pass --overwrite to replace "
                           "them, or another --out folder.")
     prepared = prepare(recipe, splits)
+    if steps is None:
+        steps = recipe.train.lr_find_steps
     log(f"learning-rate range test | recipe {recipe.name} | {phase} phase | at most {steps} "
         f"steps of batch {recipe.data.batch_size} | {prepared.precision} | train "
         f"{prepared.splits.sizes['train']}")
