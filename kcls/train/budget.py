@@ -101,9 +101,21 @@ class TimeBudget:
                     "reserved_after_training_seconds") if self.plans else None,
                 "plateau_patience": self.patience, "phases": self.plans}
 
-    def over(self) -> bool:
-        """Whether the run has used more than its budget."""
-        return self.elapsed() > self.seconds
+    def overrun(self) -> str:
+        """What made the run take longer than its budget, for the log ('' if it did not)."""
+        over = self.elapsed() - self.seconds
+        if over <= 0:
+            return ""
+        if all(plan.get("actual_epochs") == 1 for plan in self.plans):
+            return ("over the budget, which is shorter than the least the run does (an epoch "
+                    "per phase, the evaluation and the export)")
+        # Between and after the phases: the evaluation, the export, and the little between.
+        after = self.elapsed() - sum(plan.get("actual_seconds", 0.0) for plan in self.plans)
+        reserved = self.plans[-1].get("reserved_after_training_seconds", 0.0)
+        if after > reserved:
+            return (f"{over:.0f} s over the budget: the evaluation and the export took "
+                    f"{after:.0f} s, {reserved:.0f} s were reserved for them")
+        return f"{over:.0f} s over the budget: the epochs ran slower than planned"
 
 
 class BudgetPlanner(keras.callbacks.Callback):

@@ -592,10 +592,9 @@ def budget_line(budget: TimeBudget) -> str:
         f"{plan.get('first_planned_epochs')}, {1000 * plan.get('step_seconds', 0):.0f} ms/step"
         + ("; stopped early on a validation plateau" if plan.get("stopped_early") else "")
         + ")" for plan in budget.plans)
-    over = (": over the budget, which is shorter than the least the run does (an epoch per "
-            "phase, the evaluation and the export)" if budget.over() else "")
+    overrun = budget.overrun()
     return (f"time budget {budget.seconds:.0f} s from the first training step: {phases}; "
-            f"used {budget.elapsed():.0f} s{over}")
+            f"used {budget.elapsed():.0f} s" + (f": {overrun}" if overrun else ""))
 
 
 def mistake_images(splits: Splits, recipe: Recipe,
