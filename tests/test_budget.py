@@ -99,7 +99,6 @@ class TickingClock:
         return self.now
 
 
-@pytest.mark.slow
 def test_an_overrun_says_what_took_the_time_not_that_the_budget_was_too_short():
     # Measured on 2026-12-04: finetune with a 20-minute budget planned 3 + 6 epochs, ended
     # 42 s late, and the log said the budget was shorter than one epoch per phase.
@@ -120,6 +119,7 @@ def test_an_overrun_says_what_took_the_time_not_that_the_budget_was_too_short():
     assert "shorter than the least the run does" in budget.overrun()
 
 
+@pytest.mark.slow
 def test_budgeted_run_sets_the_epochs_from_the_budget_not_the_config(tmp_path, monkeypatch):
     # Measured on the wall clock, a loaded CI machine fitted fewer epochs than configured
     # and failed this test: the run's budget reads a clock that ticks per reading.

@@ -73,7 +73,6 @@ from kcls.train.cluster import (
 from kcls.train.interpolate import interpolate_weights, snapshot_weights
 from kcls.train.layerwise import layer_decay_multipliers
 from kcls.train.lr_find import (
-    STEPS,
     LearningRateSearch,
     find_learning_rate,
     plot_learning_rate_search,
@@ -388,7 +387,6 @@ def _peak_learning_rate(run: _PhaseRun, phase: Phase) -> float:
             time_budget.started = time_budget.clock()  # the search spends the budget too
         search = find_phase_learning_rate(run.classifier, run.train_batches, run.config, phase,
                                           run.device_augment, run.strategy,
-                                          steps=run.config.lr_find_steps,
                                           objective=run.objective)
         if run.run_dir is not None and run.worker.is_chief:
             plot_learning_rate_search(
@@ -558,7 +556,7 @@ def find_phase_learning_rate(classifier: keras.Model, train_batches: tf.data.Dat
                              config: TrainConfig, phase: Phase,
                              device_augment: keras.Layer | None = None,
                              strategy: tf.distribute.Strategy | None = None,
-                             steps: int = STEPS, verbose: int | str = 0,
+                             steps: int | None = None, verbose: int | str = 0,
                              objective: Objective | None = None) -> LearningRateSearch:
     """The learning-rate range test (`kcls.train.lr_find`) for one phase of `config`.
 
@@ -573,7 +571,7 @@ def find_phase_learning_rate(classifier: keras.Model, train_batches: tf.data.Dat
         phase: the phase to test (from `plan_phases`).
         device_augment: the augmentation run inside the step, or None.
         strategy: the strategy `classifier` was built under; None for the current one.
-        steps: int, the most steps the test takes.
+        steps: int, the most steps the test takes; None: `config.lr_find_steps`.
         verbose: `fit()` verbosity.
         objective: the loss (and metrics, unused here), as `fit_phases` takes it.
 
@@ -588,7 +586,8 @@ def find_phase_learning_rate(classifier: keras.Model, train_batches: tf.data.Dat
         trainer = Trainer(classifier, device_augment)
         return find_learning_rate(
             trainer, train_batches, lambda ramp: _optimizer(classifier, ramp, config),
-            objective()[0], steps=steps, jit_compile=bool(config.jit_compile), verbose=verbose)
+            objective()[0], steps=config.lr_find_steps if steps is None else steps,
+            jit_compile=bool(config.jit_compile), verbose=verbose)
 
 
 def _default_objective(config: TrainConfig) -> Objective:
